@@ -1,0 +1,108 @@
+"""Weights: a validated RWKV-7(a) state dict plus its ModelConfig, with the load-time folding.
+
+Tensors stay as they came (often zero-copy bf16 views of a memory-mapped file) until a
+consumer asks for one in a float dtype; conversion then happens one tensor at a time, so a
+2.9B bf16 file never needs two float copies of itself in memory.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from rwkv_opt.config import SQUEEZABLE, ModelConfig, config_from_shapes, expected_shapes
+from rwkv_opt.errors import CheckpointError
+
+LN_EPS = 1e-5
+# Layer 0 computes v_first itself: its v0/v1/v2 are unused and some files omit them.
+_OPTIONAL = {"blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2"}
+
+
+@dataclass
+class Weights:
+    """A validated state dict. `raw` maps key -> array in the checkpoint's own dtype."""
+
+    raw: Mapping[str, np.ndarray]
+    config: ModelConfig
+    source: str = "synthetic"
+    digest: str = ""
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def f32(self, key: str, dtype=np.float32) -> np.ndarray:
+        """The tensor as float (squeezed for the [1,1,C] vectors)."""
+        a = np.asarray(self.raw[key])
+        if SQUEEZABLE.search(key):
+            a = a.reshape(-1)
+        return a.astype(dtype)
+
+    def emb_ln0(self, dtype=np.float32) -> np.ndarray:
+        """emb <- LayerNorm(emb; blocks.0.ln0), folded once (as the official package does)."""
+        key = ("emb_ln0", np.dtype(dtype).str)
+        if key not in self._cache:
+            self._cache[key] = layer_norm(self.f32("emb.weight", dtype), self.f32("blocks.0.ln0.weight", dtype),
+                                          self.f32("blocks.0.ln0.bias", dtype))
+        return self._cache[key]
+
+    def s_emb_folded(self, layer: int, dtype=np.float32) -> np.ndarray:
+        """DeepEmbed: s_emb + emb_ln0 @ s_emb_x^T, folded once per layer -> [V, d_semb]."""
+        p = f"blocks.{layer}.ffn."
+        return self.f32(p + "s_emb.weight", dtype) + self.emb_ln0(dtype) @ self.f32(p + "s_emb_x.weight", dtype).T
+
+
+def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float = LN_EPS) -> np.ndarray:
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps) * w + b
+
+
+def validate(raw: Mapping[str, np.ndarray], source: str) -> ModelConfig:
+    """Check every key and shape against the derived config; name the first problem."""
+    shapes = {k: tuple(np.shape(v)) for k, v in raw.items()}
+    cfg = config_from_shapes(shapes, source)
+    want = expected_shapes(cfg)
+    for key, shape in want.items():
+        if key not in shapes:
+            if key in _OPTIONAL:
+                continue
+            raise CheckpointError(f"{source} is missing key '{key}' (expected shape {shape}).")
+        got = shapes[key]
+        same = got == shape or (SQUEEZABLE.search(key) and int(np.prod(got)) == int(np.prod(shape)))
+        if not same:
+            raise CheckpointError(f"{source}: '{key}' has shape {got}, expected {shape} for this model "
+                                  f"(n_embd={cfg.n_embd}, vocab={cfg.vocab}, n_layer={cfg.n_layer}).")
+    unexpected = sorted(set(shapes) - set(want))
+    if unexpected:
+        raise CheckpointError(f"{source} has an unexpected key '{unexpected[0]}' for an "
+                              f"{cfg.variant.value} model; is it an RWKV-7 state dict?")
+    for key, arr in raw.items():
+        if np.dtype(arr.dtype).kind != "f" and str(arr.dtype) != "bfloat16":
+            raise CheckpointError(f"{source}: '{key}' has dtype {arr.dtype}; expected bf16, fp16 or fp32 weights.")
+    return cfg
+
+
+def file_digest(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+def load_weights(path: str | os.PathLike, *, digest: bool = True) -> Weights:
+    """Read and validate a BlinkDL .pth checkpoint (no torch needed)."""
+    from rwkv_opt.checkpoint.torchzip import read_pth
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist or is not a file; pass a BlinkDL RWKV-7 .pth checkpoint.")
+    raw = read_pth(path)
+    cfg = validate(raw, path.name)
+    return Weights(raw, cfg, source=str(path), digest=file_digest(path) if digest else "")
+
+
+def from_state_dict(raw: Mapping[str, np.ndarray], source: str = "synthetic", digest: str = "") -> Weights:
+    return Weights(raw, validate(raw, source), source=source, digest=digest)
