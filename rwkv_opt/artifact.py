@@ -1,0 +1,105 @@
+"""Artifact directories: model.onnx (+ model.onnx.data) and manifest.json, written atomically.
+
+Everything is written into a temporary sibling directory which is renamed into place at the
+end, so a failure never leaves a half-written artifact behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+
+from rwkv_opt.errors import RwkvOptError
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+MANIFEST_FILE = "manifest.json"
+# protobuf cannot serialise a message over 2 GiB; go external well before that.
+EXTERNAL_THRESHOLD = 1 << 30
+
+
+def initializer_bytes(model: onnx.ModelProto) -> int:
+    total = 0
+    for t in model.graph.initializer:
+        if t.raw_data:
+            total += len(t.raw_data)
+        else:
+            total += onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize * max(1, _numel(t))
+    return total
+
+
+def _numel(t: onnx.TensorProto) -> int:
+    n = 1
+    for d in t.dims:
+        n *= d
+    return n
+
+
+def save_model(model: onnx.ModelProto, path: Path, external: bool | None = None) -> None:
+    """Save `model` to `path`; weights go to model.onnx.data beside it when large (or asked)."""
+    if external is None:
+        external = initializer_bytes(model) > EXTERNAL_THRESHOLD
+    if external:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+
+
+@contextlib.contextmanager
+def staging_dir(out: Path):
+    """Yield a temp dir next to `out`; on success it replaces `out`, on failure it is removed."""
+    out = Path(out).absolute()
+    if out.exists() and not out.is_dir():
+        raise RwkvOptError(f"output path {out} exists and is not a directory; choose a directory path.")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_FILE).exists():
+        raise RwkvOptError(f"output directory {out} is not empty and is not an rwkv-opt artifact; "
+                           "choose a new or empty directory.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def read_manifest(artifact: Path) -> dict:
+    p = Path(artifact) / MANIFEST_FILE
+    if not p.is_file():
+        raise RwkvOptError(f"{artifact} has no {MANIFEST_FILE}; pass a directory made by `rwkv-opt pipeline` or `build`.")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise RwkvOptError(f"{p} is not valid JSON ({e.msg} at line {e.lineno}).") from None
+
+
+def model_path(artifact: Path) -> Path:
+    artifact = Path(artifact)
+    p = artifact / MODEL_FILE if artifact.is_dir() else artifact
+    if not p.is_file():
+        raise RwkvOptError(f"{artifact} holds no {MODEL_FILE}; pass an artifact directory or a .onnx file.")
+    return p
+
+
+def artifact_size(artifact: Path) -> int:
+    artifact = Path(artifact)
+    return sum(f.stat().st_size for f in artifact.glob("model.onnx*") if f.is_file())
