@@ -1,0 +1,37 @@
+"""Teacher-forced accuracy of an artifact against the numpy reference on the same tokens.
+
+Protocol: a prompt of `prompt_len` tokens as one sequence, then `decode_len` tokens fed one
+at a time carrying the state (teacher forced: the same token stream for both). Logits are
+compared at every decode step and at the prompt's last position (all positions when the model
+emits them); the final WKV states are compared too ("state drift").
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from rwkv_opt.bench.metrics import compare_logits, rel_err
+from rwkv_opt.graph import contract
+from rwkv_opt.reference import ReferenceModel
+from rwkv_opt.runtime import Session
+
+
+def fixed_tokens(vocab: int, batch: int, length: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab, (batch, length), dtype=np.int64)
+
+
+def teacher_forced(session: Session, ref: ReferenceModel, tokens: np.ndarray, prompt_len: int) -> dict:
+    """Run both models over `tokens` (B, prompt_len + decode_len); return the metrics dict."""
+    prompt, rest = tokens[:, :prompt_len], tokens[:, prompt_len:]
+    got_p, st = session.forward(prompt)
+    ref_p, rst = ref.forward(prompt, full_output=got_p.shape[1] > 1)
+    got, want = [got_p], [ref_p]
+    for t in range(rest.shape[1]):
+        g, st = session.forward(rest[:, t:t + 1], st)
+        r, rst = ref.forward(rest[:, t:t + 1], rst)
+        got.append(g)
+        want.append(r)
+    m = compare_logits(np.concatenate(want, 1), np.concatenate(got, 1).astype(np.float32))
+    wkv_got = np.stack([st[contract.state_inputs(i)[1]] for i in range(ref.cfg.n_layer)])
+    m["state_drift"] = rel_err(rst.wkv, wkv_got)
+    m["positions"] = int(np.concatenate(want, 1).shape[1] * tokens.shape[0])
+    return m
