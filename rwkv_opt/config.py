@@ -101,7 +101,7 @@ def config_from_shapes(shapes: Mapping[str, tuple], source: str = "checkpoint") 
     """Derive the ModelConfig from a name -> shape mapping (raises CheckpointError)."""
     gen = detect_generation(shapes)
     if gen is not None:
-        raise CheckpointError(f"{source} is an {gen} checkpoint; rwkv-opt supports RWKV-7 (and RWKV-7a).")
+        raise CheckpointError(f"{source}: this is an {gen} checkpoint; rwkv-opt supports RWKV-7 (and RWKV-7a).")
     for key in ("emb.weight", "blocks.0.att.r_k", "blocks.0.ffn.key.weight", "blocks.0.att.w1"):
         if key not in shapes:
             raise CheckpointError(f"{source} has no '{key}': it is not an RWKV-7 state dict.")

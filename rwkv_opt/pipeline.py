@@ -113,6 +113,8 @@ def run_pipeline(target: Target, weights: Weights, out: Path, *, heads=(), logit
                  do_verify: bool = True, progress: Progress = _stderr) -> dict:
     t_start = time.perf_counter()
     logits = logits or target.logits
+    for name, _ in list(target.passes) + list(heads):
+        get_pass(name)  # an unknown pass or head is refused before any work
     progress(f"[1/4] build base fp32 graph ({weights.config.n_layer} layers, C={weights.config.n_embd}, "
              f"V={weights.config.vocab}, {weights.config.variant.value})")
     t0 = time.perf_counter()

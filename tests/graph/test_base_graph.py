@@ -1,0 +1,100 @@
+"""The base fp32 graph against the numpy reference: sequence, token by token, two chunks;
+batch 1 and 3 with different prompts; logits for all positions or the last only."""
+import numpy as np
+import onnx
+import pytest
+
+from conftest import ort_session, zero_feed
+from rwkv_opt.graph import contract
+from rwkv_opt.graph.model import BuildOptions, LogitsMode, build_model
+from rwkv_opt.reference import ReferenceModel
+
+TOL = 1e-4
+
+
+def rel(a, b):
+    return np.abs(np.asarray(a, np.float64) - b).max() / np.std(b)
+
+
+def run(sess, cfg, tokens, feed):
+    names = [o.name for o in sess.get_outputs()]
+    out = dict(zip(names, sess.run(None, {"x": tokens, **feed})))
+    nxt = {}
+    for i in range(cfg.n_layer):
+        for src, dst in zip(contract.state_outputs(i), contract.state_inputs(i)):
+            nxt[dst] = out[src]
+    return out, nxt
+
+
+@pytest.fixture(scope="module")
+def built(tiny_weights):
+    m = build_model(tiny_weights)
+    onnx.checker.check_model(m, full_check=True)
+    return tiny_weights, ort_session(m, optimize=False), ReferenceModel(tiny_weights)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_sequence_tokens_and_chunks(built, batch):
+    w, sess, ref = built
+    cfg = w.config
+    tokens = np.random.default_rng(batch).integers(0, cfg.vocab, (batch, 64))
+    want, wst = ref.forward(tokens)
+
+    out, st = run(sess, cfg, tokens, zero_feed(cfg, batch))
+    assert rel(out["head"], want) <= TOL
+    assert (out["head"].argmax(-1) == want.argmax(-1)).all()
+    for i in range(cfg.n_layer):
+        assert rel(out[f"wkv_next_{i}"], wst.wkv[i]) <= TOL
+        assert rel(out[f"x_tmix_next_{i}"][:, 0], wst.att[i]) <= TOL
+        assert rel(out[f"x_cmix_next_{i}"][:, 0], wst.ffn[i]) <= TOL
+
+    feed, outs = zero_feed(cfg, batch), []
+    for t in range(tokens.shape[1]):
+        o, feed = run(sess, cfg, tokens[:, t:t + 1], feed)
+        outs.append(o["head"])
+    assert rel(np.concatenate(outs, 1), want) <= TOL
+    assert rel(feed["wkv_state_1"], wst.wkv[1]) <= TOL
+
+    o1, feed = run(sess, cfg, tokens[:, :29], zero_feed(cfg, batch))
+    o2, feed = run(sess, cfg, tokens[:, 29:], feed)
+    assert rel(np.concatenate([o1["head"], o2["head"]], 1), want) <= TOL
+    assert rel(feed["wkv_state_0"], wst.wkv[0]) <= TOL
+
+
+def test_last_logits_mode(tiny7):
+    m = build_model(tiny7, BuildOptions(logits=LogitsMode.LAST))
+    sess = ort_session(m)
+    tokens = np.array([[5, 9, 200, 3], [7, 7, 7, 1000]])
+    out, _ = run(sess, tiny7.config, tokens, zero_feed(tiny7.config, 2))
+    want, _ = ReferenceModel(tiny7).forward(tokens)
+    assert out["head"].shape == (2, 1, tiny7.config.vocab)
+    assert rel(out["head"], want[:, -1:]) <= TOL
+
+
+def test_contract_io_and_metadata(tiny7):
+    m = build_model(tiny7)
+    ins = [i.name for i in m.graph.input]
+    outs = [o.name for o in m.graph.output]
+    assert ins[0] == "x" and outs[0] == "head"
+    for i in range(tiny7.config.n_layer):
+        assert set(contract.state_inputs(i)) <= set(ins)
+        assert set(contract.state_outputs(i)) <= set(outs)
+    meta = {p.key: p.value for p in m.metadata_props}
+    assert meta["rwkv_opt.n_layer"] == "2" and meta["rwkv_opt.variant"] == "rwkv7"
+    assert all(k in meta for k in contract.META_KEYS)
+    # no Transpose of a weight at run time: linears are stored [in, out]
+    assert not [n for n in m.graph.node if n.op_type == "Transpose"]
+    assert all(n.name.startswith("/") for n in m.graph.node)
+    assert any(n.name.startswith("/blocks.1/att/wkv/") for n in m.graph.node)
+
+
+def test_key_order_does_not_matter(tiny7):
+    """Keys looked up by name: a shuffled state dict gives the same graph weights."""
+    from rwkv_opt.checkpoint.weights import from_state_dict
+
+    items = list(tiny7.raw.items())
+    np.random.default_rng(0).shuffle(items)
+    shuffled = from_state_dict(dict(items))
+    a = {t.name: t.raw_data for t in build_model(tiny7).graph.initializer}
+    b = {t.name: t.raw_data for t in build_model(shuffled).graph.initializer}
+    assert a == b
