@@ -1,0 +1,201 @@
+"""The WKV recurrence without a per-token Scan: a direct single step (T == 1) and a chunked form.
+
+Both have the contract of `blocks.wkv_scan`: inputs r, w, k, v, kk, b are (B,T,H,N) with
+b = kk * a, the state S (B,H,N,N) is [value, key], and they return (y_BTHN, s_out):
+
+    S_t = S_{t-1} diag(w_t) - (S_{t-1} kk_t^T) b_t + v_t^T k_t         (row vectors of length N)
+    y_t = S_t r_t^T
+
+The chunked form (shared/docs/wkv7-chunked.md) splits T into C chunks of L tokens. Inside a chunk,
+with the log decay lw = log w and positions t = 1..L:
+
+    G  = cumsum(lw)   Gx = G - lw   g = G_L   Ge = g - G (reverse exclusive cumsum)
+    D  = G - G_{L/2}  (two half-chunk cumsums outward from the midpoint)   Dx = D - lw
+    A_kk = tril<(KK e^Dx (K e^-D)^T)   A_kb = tril<(KK e^Dx (B e^-D)^T)
+    A_rk = tril<=(R e^D (K e^-D)^T)    A_rb = tril<=(R e^D (B e^-D)^T)
+    [W | U~] = (I + A_kb)^-1 [KK e^Gx | A_kk V]       blocked forward substitution, 16 x 16 blocks
+    Yq = R e^G - A_rb W      Yi = A_rk V - A_rb U~
+    P  = diag(e^g) - W^T (B e^Ge)        E = V^T (K e^Ge) - U~^T (B e^Ge)
+    per chunk c (the only sequential part, a Scan over C), carrying S^T so nothing transposes:
+        y_c = Yq_c S^T + Yi_c ;   S^T <- P_c^T S^T + E_c^T       (i.e. S <- S P_c + E_c)
+
+Every exponent is a partial sum over only the tokens it spans (§3.2 of the note), the decays are
+split at the chunk midpoint so no factor exceeds e^(0.61 L / 2) (§3.1), the masks are Trilu (a
+select, so the large masked triangle never meets a 0 * inf), and the inverse is forward
+substitution, never the nilpotent product (§3.3). T is padded in the graph to a multiple of L with
+no-op tokens (lw = 0, i.e. w = 1, and zeros), so any T >= 1 and any batch work.
+
+Layout letters: B batch, T time, H heads, N head size, C chunks, L chunk length, Q blocks of the
+inverse per chunk, K block size. Inside the chunked form every tensor is (C,B,H,L,N) so that the
+Scan runs over axis 0 with no transposes.
+"""
+from __future__ import annotations
+
+import numpy as np
+from onnx import numpy_helper
+
+from rwkv_opt.graph.builder import FLOAT, GraphBuilder, Value
+
+INV_BLOCK = 16  # diagonal block size of the blocked triangular inverse
+MAX_CHUNK = 64  # beyond this the masked triangle of the A matrices can overflow fp32
+
+
+def check_chunk(chunk: int) -> str | None:
+    """Why `chunk` is not a usable chunk length, or None."""
+    if not isinstance(chunk, int) or chunk < 2 or chunk % 2 or chunk > MAX_CHUNK:
+        return f"chunk must be an even int in [2, {MAX_CHUNK}], got {chunk!r}"
+    if chunk > INV_BLOCK and chunk % INV_BLOCK:
+        return f"chunk above {INV_BLOCK} must be a multiple of {INV_BLOCK}, got {chunk}"
+    return None
+
+
+def wkv_step(g: GraphBuilder, H: int, N: int, r, w, k, v, kk, b, s0_BHNN) -> tuple[Value, Value]:
+    """One token (T == 1 exactly) with no Scan: the recurrence above applied once.
+
+        u = S kk^T;  S' = S diag(w) - u b + v^T k;  y = S' r^T
+    """
+    col = lambda t: g.Reshape(t, g.ints(-1, H, N, 1))  # noqa: E731  (B,H,N,1)
+    row = lambda t: g.Reshape(t, g.ints(-1, H, 1, N))  # noqa: E731  (B,H,1,N)
+    u = g.MatMul(s0_BHNN, col(kk))                                             # (B,H,N,1)
+    s1 = g.Add(g.Sub(g.Mul(s0_BHNN, row(w)), g.Mul(u, row(b))), g.Mul(col(v), row(k)))
+    y = g.Reshape(g.MatMul(s1, col(r)), g.ints(-1, 1, H, N))                   # (B,1,H,N)
+    return y, s1
+
+
+def wkv_chunked(g: GraphBuilder, H: int, N: int, r, w, k, v, kk, b, s0_BHNN, chunk: int = 64,
+                logw=None) -> tuple[Value, Value]:
+    """The chunked WKV for any T >= 1 (see the module docstring). Pass `logw` = log w (B,T,H,N)
+    when the model has it (it does: -0.606531 * sigmoid(.)); then `w` is not used.
+    """
+    reason = check_chunk(chunk)
+    if reason:
+        raise ValueError(reason)
+    L = chunk
+    with g.scope("pad"):
+        T = g.Shape(r, start=1, end=2)                                          # (1,) int64
+        pad = g.Mod(g.Sub(g.ints(L), g.Mod(T, g.ints(L))), g.ints(L))
+        pads = g.Concat(g.ints(0), pad, axis=0)
+    lw = logw if logw is not None else g.Log(w)
+    lw, r, k, v, kk, b = (_to_chunks(g, x, pads, H, N, L) for x in (lw, r, k, v, kk, b))
+    with g.scope("decay"):
+        G, Gx, gL, Ge, D, Dx = _log_decay_sums(g, lw, L)
+    with g.scope("intra"):
+        Yq, Yi, Pt, Et = _chunk_pieces(g, N, L, r, k, v, kk, b, G, Gx, gL, Ge, D, Dx)
+    with g.scope("scan"):
+        s_out, y = _chunk_scan(g, H, N, L, s0_BHNN, Pt, Et, Yq, Yi)
+    with g.scope("unpad"):
+        y = g.Reshape(g.Transpose(y, perm=[1, 0, 3, 2, 4]), g.ints(0, -1, H, N))   # (B,C*L,H,N)
+        y = g.Slice(y, g.ints(0), T, g.ints(1))
+    return y, s_out
+
+
+def _to_chunks(g: GraphBuilder, x_BTHN, pads, H: int, N: int, L: int) -> Value:
+    """(B,T,H,N) -> zero-padded (C,B,H,L,N). Zero is the no-op token for every input (lw = 0)."""
+    x = g.Pad(x_BTHN, pads, None, g.ints(1))
+    x = g.Reshape(x, g.ints(0, -1, L, H, N))                                    # (B,C,L,H,N)
+    return g.Transpose(x, perm=[1, 0, 3, 2, 4])                                 # (C,B,H,L,N)
+
+
+def _log_decay_sums(g: GraphBuilder, lw, L: int):
+    """Prefix sums of the log decay along the chunk (axis 3), each as a direct partial sum.
+
+        G = sum_{s<=t} lw_s,  Gx = G - lw,  gL = G_L,  Ge = sum_{s>t} lw_s,
+        D = G - G_m (m = L/2): -sum_{t<s<=m} lw_s for t <= m, sum_{m<s<=t} lw_s for t > m.
+    """
+    ax, m = g.const(3, np.int64), L // 2
+    G = g.CumSum(lw, ax)
+    Gx = g.Sub(G, lw)
+    gL = g.Slice(G, g.ints(L - 1), g.ints(L), g.ints(3))                      # (C,B,H,1,N)
+    Ge = g.CumSum(lw, ax, reverse=1, exclusive=1)
+    lo = g.Slice(lw, g.ints(0), g.ints(m), g.ints(3))
+    hi = g.Slice(lw, g.ints(m), g.ints(L), g.ints(3))
+    D = g.Concat(g.Neg(g.CumSum(lo, ax, reverse=1, exclusive=1)), g.CumSum(hi, ax), axis=3)
+    return G, Gx, gL, Ge, D, g.Sub(D, lw)
+
+
+def _tril(g: GraphBuilder, x, k: int) -> Value:
+    """Lower triangle from diagonal k (Trilu selects, so inf/NaN above it cannot leak through)."""
+    kc = g.Constant(value=numpy_helper.from_array(np.array(k, np.int64)))  # a 0-D k, as Trilu wants
+    return g.Trilu(x, kc, upper=0)
+
+
+def _t(g: GraphBuilder, x) -> Value:
+    """Swap the last two axes (ORT folds this into FusedMatMul)."""
+    return g.Transpose(x, perm=[0, 1, 2, 4, 3])
+
+
+def _chunk_pieces(g: GraphBuilder, N: int, L: int, r, k, v, kk, b, G, Gx, gL, Ge, D, Dx):
+    """Everything that does not depend on the incoming state, for all chunks at once: the output
+    pieces Yq, Yi (C,B,H,L,N) and the transposed chunk transition P^T, E^T (C,B,H,N,N), which
+    act on the transposed state: S^T <- P^T S^T + E^T (no transposes inside the Scan)."""
+    eD = g.Exp(D)
+    eDn = g.Reciprocal(eD)                                   # e^-D <= e^(0.61 L/2): finite
+    r_, kk_ = g.Mul(r, eD), g.Mul(kk, g.Exp(Dx))             # R e^D, KK e^Dx
+    b_ = g.Mul(b, eDn)                                       # B e^-D
+    kT, bT = _t(g, g.Mul(k, eDn)), _t(g, b_)                 # (K e^-D)^T, (B e^-D)^T
+    lower = lambda x, diag: _tril(g, x, 0 if diag else -1)  # noqa: E731
+    A_kk, A_rk = lower(g.MatMul(kk_, kT), False), lower(g.MatMul(r_, kT), True)
+    A_rb = lower(g.MatMul(r_, bT), True)
+    with g.scope("inverse"):
+        Tdiag = _diag_block_inverse(g, L, kk_, b_)
+        A_kb = lower(g.MatMul(kk_, bT), False)
+        rhs = g.Concat(g.Mul(kk, g.Exp(Gx)), g.MatMul(A_kk, v), axis=-1)     # (C,B,H,L,2N)
+        W, U = g.Split(_block_solve(g, L, A_kb, Tdiag, rhs), g.ints(N, N), axis=-1, outputs=2)
+    Yq = g.Sub(g.Mul(r, g.Exp(G)), g.MatMul(A_rb, W))
+    Yi = g.Sub(g.MatMul(A_rk, v), g.MatMul(A_rb, U))
+    eGe = g.Exp(Ge)
+    beT = _t(g, g.Mul(b, eGe))                                   # (B e^Ge)^T
+    Pt = g.Sub(g.Mul(g.const(np.eye(N)), g.Exp(gL)), g.MatMul(beT, W))          # P^T (P - diag is 0)
+    Et = g.Sub(g.MatMul(_t(g, g.Mul(k, eGe)), v), g.MatMul(beT, U))           # E^T
+    return Yq, Yi, Pt, Et
+
+def _diag_block_inverse(g: GraphBuilder, L: int, kk_, b_) -> Value:
+    """(I + A_kb)^-1 of the K x K diagonal blocks of every chunk, all blocks batched together:
+    A_qq = tril<(KK~_q B~_q^T) from the factors, then forward substitution row by row,
+        T_0 = e_0,   T_t = e_t - A_qq[t, :t] T_{:t}        -> (C,B,H,Q,K,K)
+    """
+    K = min(L, INV_BLOCK)
+    blocks = lambda x: g.Reshape(x, g.ints(0, 0, 0, L // K, K, -1))  # noqa: E731  (C,B,H,Q,K,N)
+    A = _tril(g, g.MatMul(blocks(kk_), g.Transpose(blocks(b_), perm=[0, 1, 2, 3, 5, 4])), -1)
+    eye = np.eye(K, dtype=np.float32)
+    Tm = g.Sub(g.const(eye[:1]), g.Slice(A, g.ints(0), g.ints(1), g.ints(-2)))  # = e_0 (row 0 of A is 0)
+    for t in range(1, K):
+        a_t = g.Slice(A, g.ints(t, 0), g.ints(t + 1, t), g.ints(-2, -1))        # (...,1,t)
+        Tm = g.Concat(Tm, g.Sub(g.const(eye[t:t + 1]), g.MatMul(a_t, Tm)), axis=-2)
+    return Tm
+
+
+def _block_solve(g: GraphBuilder, L: int, A, Tdiag, X) -> Value:
+    """Z = (I + A)^-1 X by block forward substitution with the inverted diagonal blocks:
+        Z_q = T_qq (X_q - A[q, <q] Z_{<q})          X, Z: (C,B,H,L,M)
+    """
+    K = min(L, INV_BLOCK)
+    Z = None
+    for q in range(L // K):
+        Xq = X if L == K else g.Slice(X, g.ints(q * K), g.ints((q + 1) * K), g.ints(3))
+        if q:
+            Aq = g.Slice(A, g.ints(q * K, 0), g.ints((q + 1) * K, q * K), g.ints(3, 4))
+            Xq = g.Sub(Xq, g.MatMul(Aq, Z))
+        Tq = g.Squeeze(g.Slice(Tdiag, g.ints(q), g.ints(q + 1), g.ints(3)), g.ints(3))  # (C,B,H,K,K)
+        Zq = g.MatMul(Tq, Xq)
+        Z = Zq if Z is None else g.Concat(Z, Zq, axis=3)
+    return Z
+
+
+def _chunk_scan(g: GraphBuilder, H: int, N: int, L: int, s0_BHNN, Pt, Et, Yq, Yi):
+    """Scan over the chunk axis 0 carrying the transposed state S^T [key, value]:
+        y_c = Yq_c S^T + Yi_c ;   S^T <- P^T_c S^T + E^T_c        -> (s_out (B,H,N,N), y (C,B,H,L,N))
+    """
+    body = GraphBuilder("wkv_chunk_step")
+    prefix = g.path("body")
+    inp = lambda n, rows: body.input(f"{prefix}/{n}", FLOAT, ["B", H, rows, N])  # noqa: E731
+    St, Ptc, Etc, Yqc, Yic = inp("St", N), inp("Pt", N), inp("Et", N), inp("Yq", L), inp("Yi", L)
+    with body.scope(prefix[1:]):
+        St1 = body.Add(body.MatMul(Ptc, St), Etc)
+        y = body.Add(body.MatMul(Yqc, St), Yic)
+    body.output(St1, f"{prefix}/St_out", FLOAT, ["B", H, N, N])
+    body.output(y, f"{prefix}/y", FLOAT, ["B", H, L, N])
+    swap = [0, 1, 3, 2]
+    st_out, y = g.op("Scan", g.Transpose(s0_BHNN, perm=swap), Pt, Et, Yq, Yi, outputs=2,
+                     body=body.graph(), num_scan_inputs=4)
+    return g.Transpose(st_out, perm=swap), y

@@ -1,0 +1,380 @@
+"""fuse_wkv: give every per-token WKV Scan a faster form, chosen per call from the sequence length.
+
+    before  r,w,k,v,kk,b (B,T,H,N) ─ Unsqueeze ─┐
+            S0 (B,H,N,N) ───────────────────────┴─ Scan[step body] ─┬─ y (B,T,H,N,1) ─ Squeeze ─ y
+                                                                    └─ S (B,H,N,N)
+    after   T = Shape(r)[1]
+            If(T == 1)   then  wkv_step: one direct state update, no Scan
+                         else  If(T < min_chunked_len)  then  the original Scan (+ Squeeze)
+                                                        else  wkv_chunked: Scan over chunks of `chunk`
+                                                              (reads log w directly when w = Exp(x))
+            ─┬─ y (B,T,H,N)       the Squeeze is absorbed; consumers read the If's output
+             └─ S (B,H,N,N)       same tensor name as before (often a graph output)
+    mode = chunked: the chunked form alone, no If (T == 1 then costs a padded chunk).
+
+The Scan is found by structure, not by name: 6 scan inputs along axis 1 and a body that is exactly
+    u = S @ kk;  S' = S * w - u * b + v * k;  y = S' @ r          (2 MatMul, 3 Mul, Sub, Add)
+with the roles read from the dataflow and the column/row shapes of the body inputs. The new nodes
+are named under the Scan's scope (`/blocks.{i}/att/wkv/fused/...`, the original Scan keeps its
+name inside the Scan branch), so precision passes can still address the WKV, which stays fp32.
+Every branch keeps the graph valid for any batch and T >= 1. Needs opset >= 18 (Pad with axes).
+"""
+from __future__ import annotations
+
+import enum
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from rwkv_opt.graph.builder import FLOAT, GraphBuilder, Value
+from rwkv_opt.graph.wkv_chunked import check_chunk, wkv_chunked, wkv_step
+from rwkv_opt.passes.base import Pass, PassConfig, PassResult, mark_applied, register
+
+ROLES = ("r", "w", "k", "v", "kk", "b")
+COLUMNS = {"r", "v", "kk"}      # body inputs shaped (B,H,N,1); the others are (B,H,1,N)
+MIN_OPSET = 18
+SHAPE_OPS = {"Reshape", "Unsqueeze", "Squeeze", "Identity"}
+
+
+class FuseMode(str, enum.Enum):
+    AUTO = "auto"          # If on T: step (T == 1), original Scan (T < min_chunked_len), chunked
+    CHUNKED = "chunked"    # the chunked form for every T
+
+
+@dataclass(frozen=True)
+class FuseWkvConfig(PassConfig):
+    chunk: int = 64              # chunk length L of the chunked form (even, <= 64, multiple of 16 above 16)
+    min_chunked_len: int = 32    # shortest T that takes the chunked form; shorter T > 1 keeps the Scan
+    mode: FuseMode = FuseMode.AUTO
+
+
+@dataclass(frozen=True)
+class WkvScan:
+    """A matched WKV Scan: the node, its scan inputs by role, and the head shape."""
+
+    node: onnx.NodeProto
+    inputs: dict[str, str]   # role -> outer tensor fed to the Scan ((B,T,H,N,1) or (B,T,H,1,N))
+    H: int
+    N: int
+
+
+def find_wkv_scans(graph: onnx.GraphProto) -> list[WkvScan]:
+    """Every Scan node of `graph` (top level) whose body is the WKV step."""
+    found = []
+    for node in graph.node:
+        if node.op_type == "Scan" and node.domain in ("", "ai.onnx"):
+            m = _match_scan(node)
+            if m is not None:
+                found.append(m)
+    return found
+
+
+def _attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _match_scan(node: onnx.NodeProto) -> WkvScan | None:
+    if _attr(node, "num_scan_inputs") != 6 or len(node.input) != 7 or len(node.output) != 2:
+        return None
+    if list(_attr(node, "scan_input_axes", [0] * 6)) != [1] * 6 or list(_attr(node, "scan_output_axes", [0])) != [1]:
+        return None
+    if any(_attr(node, k) and any(_attr(node, k)) for k in ("scan_input_directions", "scan_output_directions")):
+        return None
+    body = _attr(node, "body")
+    roles = _match_body(body)
+    if roles is None:
+        return None
+    dims = [d.dim_value for d in body.input[0].type.tensor_type.shape.dim]
+    if len(dims) != 4 or not dims[1] or not dims[2] or dims[2] != dims[3]:
+        return None
+    return WkvScan(node, {role: node.input[j + 1] for role, j in roles.items()}, dims[1], dims[2])
+
+
+def _match_body(body: onnx.GraphProto) -> dict[str, int] | None:
+    """Role -> scan-input index if `body` is exactly the WKV step, else None."""
+    if len(body.input) != 7 or len(body.output) != 2 or len(body.node) != 7:
+        return None
+    if Counter(n.op_type for n in body.node) != Counter(MatMul=2, Mul=3, Sub=1, Add=1):
+        return None
+    prod = {o: n for n in body.node for o in n.output}
+    idx = {i.name: j - 1 for j, i in enumerate(body.input)}
+    S = body.input[0].name
+    op = lambda name, t: prod[name] if name in prod and prod[name].op_type == t else None  # noqa: E731
+    y, s1 = op(body.output[1].name, "MatMul"), op(body.output[0].name, "Add")
+    if y is None or s1 is None or y.input[0] != s1.output[0]:
+        return None
+    sub = next((op(i, "Sub") for i in s1.input if op(i, "Sub")), None)
+    vk = next((op(i, "Mul") for i in s1.input if op(i, "Mul")), None)
+    if sub is None or vk is None:
+        return None
+    sw, ub = op(sub.input[0], "Mul"), op(sub.input[1], "Mul")
+    if sw is None or ub is None or S not in sw.input:
+        return None
+    u = next((op(i, "MatMul") for i in ub.input if op(i, "MatMul")), None)
+    if u is None or u.input[0] != S:
+        return None
+    other = lambda n, x: n.input[1] if n.input[0] == x else n.input[0]  # noqa: E731
+    roles = {"r": y.input[1], "kk": u.input[1], "w": other(sw, S), "b": other(ub, u.output[0])}
+    is_col = {i.name: _is_column(i) for i in body.input}
+    vk_col = [i for i in vk.input if is_col.get(i)]
+    if len(vk_col) != 1:
+        return None
+    roles["v"], roles["k"] = vk_col[0], other(vk, vk_col[0])
+    if any(n not in idx or idx[n] < 0 or is_col[n] != (role in COLUMNS) for role, n in roles.items()):
+        return None
+    if len({roles[r] for r in ROLES}) != 6:
+        return None
+    return {role: idx[n] for role, n in roles.items()}
+
+
+def _is_column(vi: onnx.ValueInfoProto) -> bool | None:
+    dims = [d.dim_value for d in vi.type.tensor_type.shape.dim]
+    if len(dims) != 4:
+        return None
+    return True if dims[3] == 1 and dims[2] != 1 else False if dims[2] == 1 and dims[3] != 1 else None
+
+
+class _Pool(GraphBuilder):
+    """One shared store for the small constants of every new (sub)graph: main-graph initializers,
+    named under `prefix`, which subgraphs read from the outer scope."""
+
+    def __init__(self, prefix: str, opset: int):
+        super().__init__("fuse_wkv_consts", opset)
+        self.prefix = prefix
+
+    def weight(self, name: str, array: np.ndarray) -> Value:
+        return super().weight(self.prefix + name, array)
+
+
+class _Scoped(GraphBuilder):
+    """A builder for new nodes (main graph or a branch) under one scope, constants in the pool."""
+
+    def __init__(self, pool: _Pool, scope: str):
+        super().__init__(scope.replace("/", "_"), pool.opset)
+        self.pool = pool
+        self._scope.append(scope)
+
+    def const(self, value, dtype=np.float32) -> Value:
+        return self.pool.const(value, dtype)
+
+    def branch(self, outputs: list[tuple[Value, str, list]]) -> onnx.GraphProto:
+        """This builder as an If branch returning `outputs` (value, name, shape)."""
+        for value, name, shape in outputs:
+            self.output(value, name, FLOAT, shape)
+        return self.graph()
+
+
+@dataclass
+class _Site:
+    """What one rewrite needs: the match, the (B,T,H,N) inputs and the names to produce."""
+
+    scan: WkvScan
+    prefix: str
+    x: dict[str, str]            # role -> (B,T,H,N) tensor
+    logw: tuple | None           # (Exp input, shape-only nodes to replay on it) when w = Exp(.)
+    y_name: str
+    s_name: str
+
+
+def _names(graph: onnx.GraphProto, acc: set) -> set:
+    acc.update(i.name for i in graph.initializer)
+    acc.update(i.name for i in graph.input)
+    for n in graph.node:
+        acc.add(n.name)
+        acc.update(n.output)
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                _names(a.g, acc)
+    return acc
+
+
+def _fresh_prefix(node: onnx.NodeProto, taken: set) -> str:
+    parent = node.name.rsplit("/", 1)[0].strip("/") if node.name.startswith("/") else ""
+    base = f"{parent}/fused" if parent else "wkv_fused"
+    cand, i = base, 0
+    while cand in taken or any(t.startswith(f"/{cand}/") for t in taken):
+        i += 1
+        cand = f"{base}_{i}"
+    taken.add(cand)
+    return cand
+
+
+def _axes(graph_consts: dict, node: onnx.NodeProto) -> list[int] | None:
+    if len(node.input) > 1 and node.input[1] in graph_consts:
+        return [int(a) for a in np.ravel(graph_consts[node.input[1]])]
+    axes = _attr(node, "axes")
+    return list(axes) if axes is not None else None
+
+
+def _log_decay(prod: dict, w_BTHN: str) -> tuple | None:
+    """(x, chain) when w = shape-only ops applied to Exp(x): then log w = the same ops on x."""
+    chain, t = [], w_BTHN
+    while t in prod and prod[t].op_type in SHAPE_OPS:
+        chain.append(prod[t])
+        t = prod[t].input[0]
+    if t not in prod or prod[t].op_type != "Exp":
+        return None
+    return prod[t].input[0], chain[::-1]
+
+
+def _bthn(scan: WkvScan, role: str, main: _Scoped, prod: dict, consts: dict) -> str:
+    """The (B,T,H,N) tensor the Scan input was unsqueezed from, or a new Squeeze of it."""
+    t, axes = scan.inputs[role], ([-1], [4]) if role in COLUMNS else ([-2], [3])
+    p = prod.get(t)
+    if p is not None and p.op_type == "Unsqueeze" and _axes(consts, p) in axes:
+        return p.input[0]
+    return main.Squeeze(t, main.ints(axes[0][0]))
+
+
+def _site(graph: onnx.GraphProto, scan: WkvScan, main: _Scoped, prefix: str, prod: dict, consts: dict) -> _Site:
+    """Find (or make) the (B,T,H,N) inputs, the log decay and the names the rewrite must produce.
+    The Squeeze that turns the Scan's (B,T,H,N,1) y into (B,T,H,N) is absorbed when it is y's
+    only reader; then the new y takes the Squeeze's output name."""
+    x = {role: _bthn(scan, role, main, prod, consts) for role in ROLES}
+    y5 = scan.node.output[1]
+    users = [n for n in graph.node if y5 in n.input]
+    absorb = (len(users) == 1 and users[0].op_type == "Squeeze" and _axes(consts, users[0]) in ([-1], [4])
+              and y5 not in {o.name for o in graph.output})
+    y_name = users[0].output[0] if absorb else _unabsorbed_y(prefix)
+    return _Site(scan, prefix, x, _log_decay(prod, x["w"]), y_name, scan.node.output[0])
+
+
+def _step_branch(pool: _Pool, site: _Site) -> onnx.GraphProto:
+    b, sc, x = _Scoped(pool, f"{site.prefix}/step"), site.scan, site.x
+    y, s = wkv_step(b, sc.H, sc.N, *(x[r] for r in ROLES), sc.node.input[0])
+    return b.branch([(y, f"/{site.prefix}/step/y", [None, 1, sc.H, sc.N]),
+                     (s, f"/{site.prefix}/step/s", [None, sc.H, sc.N, sc.N])])
+
+
+def _scan_branch(pool: _Pool, site: _Site) -> onnx.GraphProto:
+    """The original Scan, unchanged (same name, same body), plus the Squeeze it fed."""
+    b, sc = _Scoped(pool, f"{site.prefix}/scan"), site.scan
+    attrs = {a.name: helper.get_attribute_value(a) for a in sc.node.attribute}
+    s, y5 = b.op("Scan", *sc.node.input, outputs=2, **attrs)
+    b.nodes[-1].name = sc.node.name
+    y = b.Squeeze(y5, b.ints(-1))
+    return b.branch([(y, f"/{site.prefix}/scan/y", [None, None, sc.H, sc.N]),
+                     (s, f"/{site.prefix}/scan/s", [None, sc.H, sc.N, sc.N])])
+
+
+def _chunked(b: GraphBuilder, site: _Site, chunk: int) -> tuple[Value, Value]:
+    """wkv_chunked on the site's inputs, fed log w (the shape ops replayed on Exp's input) if known."""
+    sc, x, logw = site.scan, site.x, None
+    if site.logw is not None:
+        logw, chain = site.logw
+        for n in chain:
+            attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+            logw = b.op(n.op_type, logw, *n.input[1:], **attrs)
+    return wkv_chunked(b, sc.H, sc.N, *(x[r] for r in ROLES), sc.node.input[0], chunk=chunk, logw=logw)
+
+
+def _chunked_branch(pool: _Pool, site: _Site, chunk: int) -> onnx.GraphProto:
+    b, sc = _Scoped(pool, f"{site.prefix}/chunked"), site.scan
+    y, s = _chunked(b, site, chunk)
+    return b.branch([(y, f"/{site.prefix}/chunked/y", [None, None, sc.H, sc.N]),
+                     (s, f"/{site.prefix}/chunked/s", [None, sc.H, sc.N, sc.N])])
+
+
+def _dispatch(main: _Scoped, pool: _Pool, site: _Site, cfg: FuseWkvConfig) -> tuple[Value, Value]:
+    """The If tree on T = Shape(r)[1] (see the module docstring) -> (y, s)."""
+    sc = site.scan
+    T = main.Shape(site.x["r"], start=1, end=2)                                  # (1,) int64
+    longer = _chunked_branch(pool, site, cfg.chunk)
+    if cfg.min_chunked_len > 2:
+        inner = _Scoped(pool, f"{site.prefix}/multi")
+        short = main.Less(T, main.ints(cfg.min_chunked_len))
+        y, s = inner.If(short, then_branch=_scan_branch(pool, site), else_branch=longer, outputs=2)
+        longer = inner.branch([(y, f"/{site.prefix}/multi/y", [None, None, sc.H, sc.N]),
+                               (s, f"/{site.prefix}/multi/s", [None, sc.H, sc.N, sc.N])])
+    one = main.Equal(T, main.ints(1))
+    return main.If(one, then_branch=_step_branch(pool, site), else_branch=longer, outputs=2)
+
+
+def _rewrite(graph: onnx.GraphProto, scan: WkvScan, pool: _Pool, taken: set, cfg: FuseWkvConfig,
+             prod: dict, consts: dict) -> tuple[list, _Site]:
+    """The nodes that replace `scan` (they produce its state output and y under the site's names)."""
+    prefix = _fresh_prefix(scan.node, taken)
+    main = _Scoped(pool, prefix)
+    site = _site(graph, scan, main, prefix, prod, consts)
+    if FuseMode(cfg.mode) is FuseMode.CHUNKED:
+        y, s = _chunked(main, site, cfg.chunk)
+    else:
+        y, s = _dispatch(main, pool, site, cfg)
+    main.output(s, site.s_name, FLOAT, None)
+    main.output(y, site.y_name, FLOAT, None)
+    if site.y_name == _unabsorbed_y(site.prefix):   # y's other readers get the 5-D tensor they had
+        main.nodes.append(helper.make_node("Unsqueeze", [site.y_name, main.ints(-1)], [scan.node.output[1]],
+                                           name=f"/{prefix}/Unsqueeze_y"))
+    return main.nodes, site
+
+
+def _unabsorbed_y(prefix: str) -> str:
+    """The new y's name when the Scan's Squeeze could not be absorbed."""
+    return f"/{prefix}/y_BTHN"
+
+
+@register
+class FuseWkv(Pass):
+    name = "fuse_wkv"
+    Config = FuseWkvConfig
+    description = "Per call: direct WKV step for T == 1, the Scan for short T, the chunked WKV for long T."
+
+    def check(self, model: onnx.ModelProto) -> str | None:
+        cfg = self.config
+        reason = check_chunk(cfg.chunk)
+        if reason:
+            return reason
+        if not isinstance(cfg.min_chunked_len, int) or cfg.min_chunked_len < 1:
+            return f"min_chunked_len must be an int >= 1, got {cfg.min_chunked_len!r}"
+        if cfg.mode not in [m.value for m in FuseMode]:
+            return f"mode must be one of {', '.join(m.value for m in FuseMode)}, got {cfg.mode!r}"
+        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        if opset < MIN_OPSET:
+            return f"the model's opset {opset} is below {MIN_OPSET} (the chunked WKV pads with Pad axes)"
+        if not find_wkv_scans(model.graph):
+            return "no WKV Scan found"
+        return None
+
+    def run(self, model: onnx.ModelProto) -> PassResult:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        g = out.graph
+        taken = _names(g, set())
+        pool_prefix = "fuse_wkv."
+        while any(t.startswith(pool_prefix) for t in taken):
+            pool_prefix = "_" + pool_prefix
+        pool = _Pool(pool_prefix, next(o.version for o in out.opset_import if o.domain in ("", "ai.onnx")))
+        prod = {o: n for n in g.node for o in n.output}
+        consts = {i.name: numpy_helper.to_array(i) for i in g.initializer if i.data_type == onnx.TensorProto.INT64}
+        plans = {}
+        for scan in find_wkv_scans(g):
+            plans[scan.node.output[0]] = _rewrite(g, scan, pool, taken, self.config, prod, consts)
+        absorbed = {site.y_name for _, site in plans.values() if site.y_name != _unabsorbed_y(site.prefix)}
+        new = []
+        for n in g.node:
+            if n.op_type == "Scan" and n.output[0] in plans:
+                new.extend(plans[n.output[0]][0])
+            elif not (n.op_type == "Squeeze" and n.output[0] in absorbed):
+                new.append(onnx.NodeProto())
+                new[-1].CopyFrom(n)
+        gone = {site.scan.node.output[1] for _, site in plans.values()} - {o for n in new for o in n.output}
+        keep_vi = [onnx.ValueInfoProto() for vi in g.value_info if vi.name not in gone]
+        for dst, src in zip(keep_vi, [vi for vi in g.value_info if vi.name not in gone]):
+            dst.CopyFrom(src)
+        del g.node[:], g.value_info[:]
+        g.node.extend(new)
+        g.value_info.extend(keep_vi)
+        g.initializer.extend(pool.initializers.values())
+        mark_applied(out, self.name)
+        sites = [site for _, site in plans.values()]
+        notes = [f"fused {len(sites)} WKV Scan(s) (mode {FuseMode(self.config.mode).value}, chunk "
+                 f"{self.config.chunk}, min_chunked_len {self.config.min_chunked_len}) under "
+                 f"{', '.join('/' + s.prefix for s in sites)}",
+                 f"log decay read before its Exp in {sum(s.logw is not None for s in sites)} of {len(sites)}"]
+        return PassResult(out, True, notes)

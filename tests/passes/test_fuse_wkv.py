@@ -1,0 +1,214 @@
+"""fuse_wkv on the tiny synthetic model: the op types it leaves, agreement with the unfused graph
+(ORT with its graph optimizations off, so we test OUR graph) and with the numpy reference for
+T in (1, 2, 63, 64, 65, 200) and batch 1 and 3 from a carried state, the full onnx check, the
+structural match (names stripped) and the models it must refuse."""
+from __future__ import annotations
+
+import functools
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from conftest import ort_session
+from rwkv_opt.checkpoint.synth import synthetic_state_dict
+from rwkv_opt.checkpoint.weights import from_state_dict
+from rwkv_opt.graph import contract
+from rwkv_opt.graph.builder import FLOAT, GraphBuilder
+from rwkv_opt.graph.model import build_model
+from rwkv_opt.passes import PassRefused, get_pass
+from rwkv_opt.passes.base import applied_passes
+from rwkv_opt.passes.fuse_wkv import FuseMode, find_wkv_scans
+from rwkv_opt.reference import ReferenceModel
+from rwkv_opt.reference.model import State
+
+TOL = 2e-5
+LENGTHS = (1, 2, 63, 64, 65, 200)
+CONFIGS = {
+    "auto": {},                                        # T == 1 step, T < 32 Scan, else chunked
+    "auto-min2": {"min_chunked_len": 2, "chunk": 32},  # T == 1 step, else chunked
+    "chunked": {"mode": FuseMode.CHUNKED, "chunk": 16},
+}
+
+
+@functools.lru_cache(maxsize=None)
+def weights():
+    return from_state_dict(synthetic_state_dict("tiny").materialize())
+
+
+@functools.lru_cache(maxsize=None)
+def base():
+    return build_model(weights())
+
+
+@functools.lru_cache(maxsize=None)
+def reference_model():
+    return ReferenceModel(weights())
+
+
+@functools.lru_cache(maxsize=None)
+def fused(name: str):
+    P = get_pass("fuse_wkv")
+    return P(P.Config(**CONFIGS[name]))(base())
+
+
+@functools.lru_cache(maxsize=None)
+def session(name: str | None, optimize: bool = False):
+    return ort_session(base() if name is None else fused(name).model, optimize=optimize)
+
+
+def all_ops(graph: onnx.GraphProto) -> Counter:
+    ops = Counter(n.op_type for n in graph.node)
+    for n in graph.node:
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                ops += all_ops(a.g)
+    return ops
+
+
+def carried_feed(cfg, B: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for i in range(cfg.n_layer):
+        att, wkv, ffn = contract.state_inputs(i)
+        feed[att] = rng.standard_normal((B, 1, cfg.n_embd)).astype(np.float32)
+        feed[wkv] = 0.3 * rng.standard_normal((B, cfg.n_head, cfg.head_size, cfg.head_size)).astype(np.float32)
+        feed[ffn] = rng.standard_normal((B, 1, cfg.n_embd)).astype(np.float32)
+    return feed
+
+
+def run(sess, feed):
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed)))
+
+
+def rel(a, b):
+    return np.abs(np.asarray(a, np.float64) - b).max() / np.std(b)
+
+
+@pytest.mark.parametrize("T", LENGTHS)
+@pytest.mark.parametrize("name", CONFIGS)
+def test_matches_unfused_and_reference(name, T):
+    cfg = weights().config
+    ref = reference_model()
+    for B in (1, 3):
+        feed = carried_feed(cfg, B, seed=10 * T + B)
+        feed["x"] = np.random.default_rng(T + B).integers(0, cfg.vocab, (B, T))
+        got, want = run(session(name), feed), run(session(None), feed)
+        assert got.keys() == want.keys()
+        for k in want:
+            assert got[k].shape == want[k].shape, k
+            assert rel(got[k], want[k]) <= TOL, f"{k} vs unfused: {rel(got[k], want[k]):.2e}"
+        L = cfg.n_layer
+        state = State(*(np.stack([feed[contract.state_inputs(i)[j]] for i in range(L)]).astype(np.float64)
+                        for j in range(3)))
+        state.att, state.ffn = state.att[:, :, 0], state.ffn[:, :, 0]
+        logits, st = ref.forward(feed["x"], state)
+        assert rel(got["head"], logits) <= TOL
+        for i in range(L):
+            att, wkv, ffn = contract.state_outputs(i)
+            assert rel(got[wkv], st.wkv[i]) <= TOL, f"{wkv}: {rel(got[wkv], st.wkv[i]):.2e}"
+            assert rel(got[att][:, 0], st.att[i]) <= TOL and rel(got[ffn][:, 0], st.ffn[i]) <= TOL
+
+
+def test_ort_optimized_session_agrees():
+    cfg = weights().config
+    for T in (1, 5, 70):
+        feed = {**carried_feed(cfg, 2, T), "x": np.arange(2 * T).reshape(2, T) % cfg.vocab}
+        got, want = run(session("auto", optimize=True), feed), run(session(None), feed)
+        assert max(rel(got[k], want[k]) for k in want) <= TOL
+
+
+@pytest.mark.parametrize("name,top,nested", [
+    ("auto", {"If": 2, "Scan": 0}, {"If": 4, "Scan": 4}),
+    ("auto-min2", {"If": 2, "Scan": 0}, {"If": 2, "Scan": 2}),
+    ("chunked", {"If": 0, "Scan": 2}, {"If": 0, "Scan": 2}),
+])
+def test_op_types_and_checker(name, top, nested):
+    res = fused(name)
+    m = res.model
+    onnx.checker.check_model(m, full_check=True)
+    assert res.changed and applied_passes(m) == ["fuse_wkv"]
+    ops, deep = Counter(n.op_type for n in m.graph.node), all_ops(m.graph)
+    assert {k: ops[k] for k in top} == top and {k: deep[k] for k in nested} == nested
+    assert deep["Log"] == 0, "log w should be read before its Exp, not recomputed"
+    top_names = {n.name for n in m.graph.node}
+    assert not top_names & {"/blocks.0/att/wkv/Squeeze", "/blocks.1/att/wkv/Squeeze"}, "y's Squeeze is absorbed"
+    assert not find_wkv_scans(m.graph)
+    assert [o.name for o in m.graph.output] == [o.name for o in base().graph.output]
+    if name == "auto":   # the original Scan survives, under its name, inside the short-T branch
+        names = {n.name for b in _subgraphs(m.graph) for n in b.node}
+        assert {"/blocks.0/att/wkv/Scan", "/blocks.1/att/wkv/Scan"} <= names
+
+
+def _subgraphs(graph):
+    for n in graph.node:
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield a.g
+                yield from _subgraphs(a.g)
+
+
+def test_matches_by_structure_not_names():
+    """Names stripped everywhere (nodes and Scan bodies): the pass still finds both Scans."""
+    m = onnx.ModelProto()
+    m.CopyFrom(base())
+    for n in m.graph.node:
+        n.name = ""
+    assert len(find_wkv_scans(m.graph)) == 2
+    out = get_pass("fuse_wkv")()(m).model
+    onnx.checker.check_model(out, full_check=True)
+    cfg = weights().config
+    feed = {**carried_feed(cfg, 1, 0), "x": np.arange(40).reshape(1, 40)}
+    got, want = run(ort_session(out, optimize=False), feed), run(session(None), feed)
+    assert max(rel(got[k], want[k]) for k in want) <= TOL
+
+
+def test_bare_scan_without_unsqueeze_or_squeeze():
+    """A Scan fed 5-D inputs directly, its 5-D y a graph output: Squeezes in, an Unsqueeze out."""
+    H, N = 2, 64
+    base_scan = next(n for n in base().graph.node if n.op_type == "Scan")
+    g = GraphBuilder("bare")
+    col, row = ["B", "T", H, N, 1], ["B", "T", H, 1, N]
+    ins = [g.input(n, FLOAT, col if n in ("r", "v", "kk") else row) for n in ("r", "w", "k", "v", "kk", "b")]
+    s0 = g.input("s0", FLOAT, ["B", H, N, N])
+    attrs = {a.name: helper.get_attribute_value(a) for a in base_scan.attribute}
+    s, y = g.op("Scan", s0, *ins, outputs=2, **attrs)
+    g.output(y, "y", FLOAT, col)
+    g.output(s, "s", FLOAT, ["B", H, N, N])
+    m = g.model()
+    out = get_pass("fuse_wkv")(get_pass("fuse_wkv").Config(min_chunked_len=8))(m).model
+    onnx.checker.check_model(out, full_check=True)
+    rng = np.random.default_rng(0)
+    for T in (1, 4, 40):
+        feed = {i.name: rng.standard_normal([3 if d == "B" else T if d == "T" else d
+                                             for d in _dims(i)]).astype(np.float32) for i in m.graph.input}
+        feed["w"] = np.exp(-0.6 * np.abs(feed["w"])).astype(np.float32)
+        feed["kk"] /= np.linalg.norm(feed["kk"], axis=3, keepdims=True)
+        feed["b"] = (feed["b"] * 0.1).astype(np.float32)
+        got, want = run(ort_session(out, optimize=False), feed), run(ort_session(m, optimize=False), feed)
+        assert rel(got["y"], want["y"]) <= TOL and rel(got["s"], want["s"]) <= TOL
+
+
+def _dims(vi):
+    return [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
+
+
+def test_refuses_model_without_wkv_scan():
+    with pytest.raises(PassRefused, match="no WKV Scan found"):
+        get_pass("fuse_wkv")()(fused("auto").model)      # already fused: the Scans are inside Ifs
+    g = GraphBuilder("plain")
+    g.output(g.Relu(g.input("x", FLOAT, [2])), "y", FLOAT, [2])
+    assert get_pass("fuse_wkv")().check(g.model()) == "no WKV Scan found"
+
+
+def test_refuses_bad_config_and_old_opset():
+    P = get_pass("fuse_wkv")
+    assert "chunk" in P(P.Config(chunk=40)).check(base())
+    assert "min_chunked_len" in P(P.Config(min_chunked_len=0)).check(base())
+    old = onnx.ModelProto()
+    old.CopyFrom(base())
+    old.opset_import[0].version = 17
+    with pytest.raises(PassRefused, match="opset 17"):
+        P()(old)
