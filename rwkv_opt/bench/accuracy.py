@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rwkv_opt.bench.metrics import compare_logits, rel_err
+from rwkv_opt.bench.metrics import LogitStats, compare_logits, rel_err
 from rwkv_opt.graph import contract
 from rwkv_opt.reference import ReferenceModel
 from rwkv_opt.runtime import Session
@@ -34,4 +34,29 @@ def teacher_forced(session: Session, ref: ReferenceModel, tokens: np.ndarray, pr
     wkv_got = np.stack([st[contract.state_inputs(i)[1]] for i in range(ref.cfg.n_layer)])
     m["state_drift"] = rel_err(rst.wkv, wkv_got)
     m["positions"] = int(np.concatenate(want, 1).shape[1] * tokens.shape[0])
+    return m
+
+
+def teacher_forced_stream(session: Session, ref: ReferenceModel, tokens: np.ndarray, prompt_len: int,
+                          progress=None) -> dict:
+    """teacher_forced() in bounded memory, for long decodes (e.g. 1024 steps over V = 65536).
+
+    Same protocol and keys; logits are compared step by step (metrics.LogitStats) instead of
+    being concatenated. `progress(step, total)` is called now and then when given.
+    """
+    prompt, rest = tokens[:, :prompt_len], tokens[:, prompt_len:]
+    stats = LogitStats()
+    got, st = session.forward(prompt)
+    want, rst = ref.forward(prompt, full_output=got.shape[1] > 1)
+    stats.add(want, got.astype(np.float32))
+    for t in range(rest.shape[1]):
+        got, st = session.forward(rest[:, t:t + 1], st)
+        want, rst = ref.forward(rest[:, t:t + 1], rst)
+        stats.add(want, got.astype(np.float32))
+        if progress is not None and (t + 1) % 128 == 0:
+            progress(t + 1, rest.shape[1])
+    m = stats.result()
+    wkv_got = np.stack([st[contract.state_inputs(i)[1]] for i in range(ref.cfg.n_layer)])
+    m["state_drift"] = rel_err(rst.wkv, wkv_got)
+    m["positions"] = stats.positions
     return m

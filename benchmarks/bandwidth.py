@@ -1,0 +1,85 @@
+"""This machine's memory copy bandwidth (numpy), and the decode floor it implies for a model.
+
+    python benchmarks/bandwidth.py [--mb 1024] [--repeat 5]
+
+Copy bandwidth follows STREAM's convention: bytes read + bytes written per second, arrays far larger
+than the last-level cache. It is measured with 1 thread and with one thread per core (numpy
+releases the GIL while copying), and the best is taken. The decode floor of a model is the bytes of
+weights one decoded token must read (every weight but the embedding, of which one row is gathered)
+divided by that bandwidth: no runtime that streams fp32 weights from DRAM can decode faster.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import threading
+import time
+
+import numpy as np
+
+
+def _copy_time(src: list[np.ndarray], dst: list[np.ndarray]) -> float:
+    """Seconds to copy src[i] -> dst[i], one thread per pair, all started together."""
+    barrier = threading.Barrier(len(src) + 1)
+
+    def work(s, d):
+        barrier.wait()
+        np.copyto(d, s)
+
+    threads = [threading.Thread(target=work, args=(s, d)) for s, d in zip(src, dst)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0
+
+
+def copy_bandwidth(mb: int = 1024, repeat: int = 5, threads: int = 1) -> float:
+    """Best-of-`repeat` copy bandwidth in GB/s (1e9 bytes, read + write) over `mb` MiB per direction."""
+    n = (mb << 20) // 4 // threads
+    src = [np.full(n, 1.0, np.float32) for _ in range(threads)]
+    dst = [np.zeros(n, np.float32) for _ in range(threads)]  # touched: no page faults in the timing
+    best = min(_copy_time(src, dst) for _ in range(repeat))
+    return 2 * n * 4 * threads / best / 1e9
+
+
+def measure(mb: int = 1024, repeat: int = 5) -> dict:
+    cores = os.cpu_count() or 1
+    res = {"mb": mb, "repeat": repeat, "gbps_1thread": copy_bandwidth(mb, repeat, 1)}
+    res[f"gbps_{cores}threads"] = copy_bandwidth(mb, repeat, cores) if cores > 1 else res["gbps_1thread"]
+    res["gbps"] = max(v for k, v in res.items() if k.startswith("gbps_"))
+    return res
+
+
+def weight_bytes_per_token(config, bytes_per_weight: int = 4) -> int:
+    """Bytes of weights read to decode one token: all parameters but the embedding table (gathered)."""
+    gathered = config.vocab * config.n_embd
+    if config.deepembed:
+        gathered += config.n_layer * config.vocab * config.d_semb
+    return (config.n_params() - gathered) * bytes_per_weight
+
+
+def floor_ms(config, gbps: float, bytes_per_weight: int = 4) -> float:
+    return weight_bytes_per_token(config, bytes_per_weight) / (gbps * 1e9) * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mb", type=int, default=1024, help="MiB per array (default 1024)")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--preset", help="also print the fp32 decode floor of this synthetic preset (e.g. 0.1b)")
+    a = ap.parse_args()
+    r = measure(a.mb, a.repeat)
+    print(", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))
+    if a.preset:
+        from rwkv_opt.checkpoint.synth import preset_config
+
+        cfg = preset_config(a.preset)
+        print(f"{a.preset}: {weight_bytes_per_token(cfg) / 2**20:.0f} MiB of fp32 weights per decoded token, "
+              f"floor {floor_ms(cfg, r['gbps']):.1f} ms/token at {r['gbps']:.2f} GB/s")
+
+
+if __name__ == "__main__":
+    main()

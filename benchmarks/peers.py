@@ -1,0 +1,239 @@
+"""Our cpu-fp32 artifact vs BlinkDL's official `rwkv` package (torch CPU, 'cpu fp32'), in one run.
+
+    python benchmarks/peers.py --preset 0.1b --runs 5 -o reports/peers.md
+
+Both read the same synthetic checkpoint (`rwkv-opt synth --preset P -o WORK/synth-P.pth`; our
+artifact is built from that file). Every measurement runs in a fresh subprocess (so peak RSS is
+that runner's own), runs alternate ours/theirs and swap order each round, and the table shows
+medians over rounds with ratios ours / theirs. Inside one subprocess: prefill at each prompt
+length is timed after one warm-up call (median of 3); decode is timed step by step after a
+128-token prompt and 3 warm-up steps (p50 of --decode steps). Both use --threads threads
+(ORT intra-op threads; torch.set_num_threads). The memory-bandwidth floor (benchmarks/bandwidth.py)
+bounds any fp32 decode from below. The machine's 1-minute load is recorded around each subprocess.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import bandwidth  # noqa: E402
+
+PREFILL_REPS = 3
+WARMUP_STEPS = 3
+DECODE_PROMPT = 128
+
+
+# ---- inside a measuring subprocess ------------------------------------------------------------
+def peak_rss_mb() -> float:
+    """VmHWM of this process image (ru_maxrss would carry the forking parent's peak across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _runner(kind: str, model: str, threads: int):
+    """(load seconds, seq(tokens) -> state, step(token, state) -> state) for ours or theirs."""
+    t0 = time.perf_counter()
+    if kind == "ours":
+        from rwkv_opt.runtime import Session
+
+        s = Session(model, threads=threads)
+        seq = lambda toks: s.forward(np.asarray([toks]))[1]  # noqa: E731
+        step = lambda tok, st: s.forward(np.asarray([[tok]]), st)[1]  # noqa: E731
+        return time.perf_counter() - t0, seq, step
+    os.environ["RWKV_V7_ON"] = "1"  # read when `rwkv` is imported
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.set_grad_enabled(False)
+    from rwkv.model import RWKV
+
+    m = RWKV(model=model[:-4] if model.endswith(".pth") else model, strategy="cpu fp32")
+    return time.perf_counter() - t0, (lambda toks: m.forward(toks, None)[1]), (lambda tok, st: m.forward([tok], st)[1])
+
+
+def measure(kind: str, model: str, prompt_lens: list[int], decode: int, threads: int, vocab: int) -> dict:
+    load0 = os.getloadavg()[0]
+    load_s, seq, step = _runner(kind, model, threads)
+    rng = np.random.default_rng(0)
+    res = {"kind": kind, "load_s": load_s, "load_1m_start": load0}
+    for T in prompt_lens:
+        toks = [int(t) for t in rng.integers(0, vocab, T)]
+        seq(toks)  # warm-up
+        times = []
+        for _ in range(PREFILL_REPS):
+            t0 = time.perf_counter()
+            seq(toks)
+            times.append(time.perf_counter() - t0)
+        res[f"prefill_tok_s_{T}"] = T / statistics.median(times)
+    st = seq([int(t) for t in rng.integers(0, vocab, DECODE_PROMPT)])
+    steps = [int(t) for t in rng.integers(0, vocab, WARMUP_STEPS + decode)]
+    times = []
+    for i, tok in enumerate(steps):
+        t0 = time.perf_counter()
+        st = step(tok, st)
+        if i >= WARMUP_STEPS:
+            times.append(time.perf_counter() - t0)
+    res["decode_ms_p50"] = float(np.percentile(times, 50)) * 1e3
+    res["decode_ms_p95"] = float(np.percentile(times, 95)) * 1e3
+    res["peak_rss_mb"] = peak_rss_mb()
+    res["load_1m_end"] = os.getloadavg()[0]
+    return res
+
+
+# ---- the driver ---------------------------------------------------------------------------------
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def prepare(a) -> tuple[Path, Path, dict]:
+    """The synthetic .pth (written with `rwkv-opt synth`) and our artifact built from it."""
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt = work / f"synth-{a.preset}.pth"
+    if not ckpt.is_file():
+        _log(f"writing {ckpt}")
+        subprocess.run([sys.executable, "-m", "rwkv_opt.cli", "synth", "--preset", a.preset, "-o", str(ckpt)], check=True)
+    art = Path(a.artifact) if a.artifact else work / f"cpu-fp32-{a.preset}"
+    if not (art / "manifest.json").is_file():
+        import dataclasses
+
+        from rwkv_opt.checkpoint.weights import load_weights
+        from rwkv_opt.passes import REGISTRY
+        from rwkv_opt.pipeline import run_pipeline
+        from rwkv_opt.targets import get_target
+
+        t = get_target("cpu-fp32")
+        t = dataclasses.replace(t, passes=tuple(p for p in t.passes if p[0] in REGISTRY))
+        _log(f"building {art} (cpu-fp32, passes: {', '.join(t.pass_names)})")
+        run_pipeline(t, load_weights(ckpt), art, progress=_log)
+    return ckpt, art, json.loads((art / "manifest.json").read_text())
+
+
+def run_child(kind: str, model: Path, a, vocab: int) -> dict:
+    out = Path(a.work) / f"result-{kind}.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--measure", kind, "--model", str(model),
+           "--prompt-lens", a.prompt_lens, "--decode", str(a.decode), "--threads", str(a.threads),
+           "--vocab", str(vocab), "--result", str(out)]
+    subprocess.run(cmd, check=True, stdout=sys.stderr)
+    return json.loads(out.read_text())
+
+
+def _ratio_rows(ours: dict, theirs: dict, prompt_lens: list[int], floor: float) -> list[tuple]:
+    rows = [("decode ms/token (p50)", "decode_ms_p50", "lower"), ("decode ms/token (p95)", "decode_ms_p95", "lower")]
+    rows += [(f"prefill tok/s, T={T}", f"prefill_tok_s_{T}", "higher") for T in prompt_lens]
+    rows += [("peak RSS MiB", "peak_rss_mb", "lower"), ("load (session/model) s", "load_s", "lower")]
+    out = []
+    for label, key, better in rows:
+        o, t = ours[key], theirs[key]
+        extra = f"{o / floor:.2f}x floor" if key == "decode_ms_p50" else ""
+        out.append((label, o, t, o / t, better, extra))
+    return out
+
+
+def _fmt(v: float) -> str:
+    return f"{v:,.1f}" if abs(v) >= 10 else f"{v:.3g}"
+
+
+def write_report(path: Path, a, results: list[dict], bw: list[dict], cfg, manifest: dict) -> str:
+    lens = [int(x) for x in a.prompt_lens.split(",")]
+    med = {k: {m: statistics.median(r[m] for r in results if r["kind"] == k) for m in results[0]
+               if m != "kind"} for k in ("ours", "theirs")}
+    gbps = max(b["gbps"] for b in bw)
+    floor = bandwidth.floor_ms(cfg, gbps)
+    loads = [r[k] for r in results for k in ("load_1m_start", "load_1m_end")]
+    cores = os.cpu_count()
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor())
+    vers = {p: metadata.version(p) for p in ("rwkv-opt", "onnxruntime", "numpy", "torch", "rwkv")}
+    busy = max(loads) >= 0.5 * cores
+    bws = ", ".join(f"{b['gbps']:.2f}" for b in bw)
+    lines = [f"# Peers: rwkv-opt cpu-fp32 vs official rwkv {vers['rwkv']} ('cpu fp32'), {a.preset} synthetic", "",
+             f"- machine: {cpu}, {cores} cores; {platform.platform()}",
+             f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+             "- versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()) + f", python {platform.python_version()}",
+             f"- command: `{a.command}`",
+             f"- our artifact: target {manifest['target']}, passes {[p['name'] for p in manifest['passes']]}; "
+             f"{a.threads} threads each (ORT intra-op / torch.set_num_threads)",
+             f"- {a.runs} rounds, ours and theirs alternating (order swapped each round), each in a fresh process; "
+             f"medians over rounds; decode = p50/p95 of {a.decode} steps after a {DECODE_PROMPT}-token prompt",
+             f"- load average (1 min) around the runs: {min(loads):.2f} to {max(loads):.2f}"
+             + (" -- HIGH: other work shared the CPU, so absolute times are pessimistic; ratios are fairer "
+                "because the runs alternate" if busy else " (quiet)"), "",
+             "| metric | ours | official | ours / official | better is | vs floor |", "|---|---|---|---|---|---|"]
+    for label, o, t, r, better, extra in _ratio_rows(med["ours"], med["theirs"], lens, floor):
+        lines.append(f"| {label} | {_fmt(o)} | {_fmt(t)} | {r:.2f} | {better} | {extra} |")
+    lines += ["", f"Memory-bandwidth floor: {bandwidth.weight_bytes_per_token(cfg) / 2**20:,.0f} MiB of fp32 weights "
+              f"read per decoded token (all but the gathered embedding) / {gbps:.2f} GB/s numpy copy bandwidth "
+              f"(read + write; best of {bws} GB/s measured before and after the rounds) "
+              f"= **{floor:.1f} ms/token**.", "", "Per-round figures:", "",
+              "| round | runner | decode p50 ms | " + " | ".join(f"prefill T={T} tok/s" for T in lens)
+              + " | peak RSS MiB | load 1m |", "|---|---|---|" + "---|" * len(lens) + "---|---|"]
+    for i, r in enumerate(results):
+        pre = " | ".join(_fmt(r[f"prefill_tok_s_{T}"]) for T in lens)
+        lines.append(f"| {i // 2 + 1} | {r['kind']} | {_fmt(r['decode_ms_p50'])} | {pre} | {_fmt(r['peak_rss_mb'])} "
+                     f"| {r['load_1m_start']:.2f} |")
+    text = "\n".join(lines) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.with_suffix(".json").write_text(json.dumps({"results": results, "bandwidth": bw, "medians": med,
+                                                     "floor_ms": floor}, indent=1))
+    return text
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="0.1b")
+    ap.add_argument("--runs", type=int, default=5, help="rounds (each: ours and theirs in fresh processes)")
+    ap.add_argument("--prompt-lens", default="128,512")
+    ap.add_argument("--decode", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--work", default="/tmp/rwkv-opt-peers", help="checkpoint, artifact and scratch directory")
+    ap.add_argument("--artifact", help="an existing cpu-fp32 artifact built from the work dir's checkpoint")
+    ap.add_argument("-o", "--output", type=Path, default=HERE.parent / "reports" / "peers.md")
+    ap.add_argument("--measure", choices=["ours", "theirs"], help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    lens = [int(x) for x in a.prompt_lens.split(",")]
+    if a.measure:
+        res = measure(a.measure, a.model, lens, a.decode, a.threads, a.vocab)
+        Path(a.result).write_text(json.dumps(res))
+        return 0
+    a.command = "python benchmarks/peers.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
+    ckpt, art, manifest = prepare(a)
+    from rwkv_opt.config import ModelConfig
+
+    cfg = ModelConfig.from_dict(manifest["source"]["config"])
+    bw = [bandwidth.measure(512)]
+    _log(f"copy bandwidth {bw[0]['gbps']:.2f} GB/s")
+    results = []
+    for i in range(a.runs):
+        for kind in (("ours", "theirs") if i % 2 == 0 else ("theirs", "ours")):
+            _log(f"round {i + 1}/{a.runs}: {kind}")
+            results.append(run_child(kind, art if kind == "ours" else ckpt, a, cfg.vocab))
+            _log(f"  decode {results[-1]['decode_ms_p50']:.1f} ms, peak RSS {results[-1]['peak_rss_mb']:.0f} MiB")
+    bw.append(bandwidth.measure(512))
+    print(write_report(a.output, a, results, bw, cfg, manifest))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

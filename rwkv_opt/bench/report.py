@@ -1,0 +1,168 @@
+"""The benchmark table's fixed schema, and its CSV / Markdown / self-contained HTML reports.
+
+One row per artifact x provider x batch x prompt length. Columns, in this order (SCHEMA is the
+source of truth; `frame()` refuses rows with missing or extra keys):
+
+identity   artifact, path, target, target_provider (the EP the target was built for), provider (the
+           EP measured on), precision, quantization, logits, n_layer, n_embd, vocab, size_mb (model.onnx
+           + .data on disk, MiB)
+setting    batch, prompt_len, decode_steps, repeat, threads (0 = ORT default)
+latency    session_s (creation, fresh process), prefill_ms, prefill_tok_s (B*T / prefill time),
+           decode_ms_p50, decode_ms_p95 (ms per decode step = per token of each sequence),
+           decode_tok_s (B / p50); medians over repeats, warm-up excluded (see latency.py)
+memory     rss_before_mb (after imports, before the session), peak_rss_mb (VmHWM of the
+           measuring process), gpu_mem_mb (nvidia-smi, NaN without a GPU)
+load       load_1m_start, load_1m_end: the 1-minute load average around the timed runs
+placement  nodes_on_provider, time_on_provider (fractions, ORT profiler), cpu_fallback
+accuracy   max_rel_err (max|err| / std(ref)), mean_kl (KL(ref || model), nats), top1, state_drift
+           (max|err| / std of the WKV states after the decode), acc_positions (logit rows compared),
+           drift_tokens (teacher-forced decode steps after the prompt); NaN when accuracy is off
+provenance note (e.g. a CUDA target measured on CPU), measured_at (UTC, ISO 8601)
+"""
+from __future__ import annotations
+
+import base64
+import html
+import os
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+SCHEMA: tuple[tuple[str, str], ...] = (
+    ("artifact", "string"), ("path", "string"), ("target", "string"), ("target_provider", "string"),
+    ("provider", "string"), ("precision", "string"), ("quantization", "string"), ("logits", "string"),
+    ("n_layer", "Int64"), ("n_embd", "Int64"), ("vocab", "Int64"), ("size_mb", "float64"),
+    ("batch", "Int64"), ("prompt_len", "Int64"), ("decode_steps", "Int64"), ("repeat", "Int64"), ("threads", "Int64"),
+    ("session_s", "float64"), ("prefill_ms", "float64"), ("prefill_tok_s", "float64"),
+    ("decode_ms_p50", "float64"), ("decode_ms_p95", "float64"), ("decode_tok_s", "float64"),
+    ("rss_before_mb", "float64"), ("peak_rss_mb", "float64"), ("gpu_mem_mb", "float64"),
+    ("load_1m_start", "float64"), ("load_1m_end", "float64"),
+    ("nodes_on_provider", "float64"), ("time_on_provider", "float64"), ("cpu_fallback", "boolean"),
+    ("max_rel_err", "float64"), ("mean_kl", "float64"), ("top1", "float64"), ("state_drift", "float64"),
+    ("acc_positions", "Int64"), ("drift_tokens", "Int64"),
+    ("note", "string"), ("measured_at", "string"),
+)
+COLUMNS = tuple(name for name, _ in SCHEMA)
+PROFILE_COLUMNS = ("artifact", "target", "provider", "batch", "prompt_len", "phase", "kind", "group", "ms", "share")
+
+# The Markdown summary: the columns a reader compares first (the CSV and HTML carry all of them).
+SUMMARY = ("artifact", "target", "provider", "precision", "batch", "prompt_len", "size_mb", "prefill_tok_s",
+           "decode_ms_p50", "decode_ms_p95", "peak_rss_mb", "time_on_provider", "max_rel_err", "mean_kl", "top1",
+           "state_drift", "load_1m_start", "note")
+
+
+def frame(rows: list[dict]) -> pd.DataFrame:
+    """Rows -> the DataFrame in SCHEMA's order and dtypes."""
+    for i, r in enumerate(rows):
+        missing, extra = set(COLUMNS) - set(r), set(r) - set(COLUMNS)
+        if missing or extra:
+            raise ValueError(f"bench row {i} does not match the schema (missing {sorted(missing)}, extra {sorted(extra)})")
+    df = pd.DataFrame(rows, columns=list(COLUMNS))
+    return df.astype(dict(SCHEMA))
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "load_1m": round(os.getloadavg()[0], 2)}
+
+
+def _fmt(v) -> str:
+    if v is None or v is pd.NA or (isinstance(v, float) and v != v):
+        return ""
+    if isinstance(v, float):
+        if v == 0 or 1e-3 <= abs(v) < 1e5:
+            return f"{v:.4g}" if abs(v) < 10 else f"{v:.1f}"
+        return f"{v:.2e}"
+    return str(v)
+
+
+def markdown_table(df: pd.DataFrame, columns=None) -> str:
+    cols = list(columns or df.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, r in df[cols].iterrows():
+        lines.append("| " + " | ".join(_fmt(r[c]).replace("|", "\\|") for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def profile_frame(records: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame(records, columns=list(PROFILE_COLUMNS))
+
+
+def _write(path: Path, data: str | bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data if isinstance(data, bytes) else data.encode())
+    os.replace(tmp, path)
+
+
+def _header(meta: dict) -> list[str]:
+    m = meta.get("machine") or machine_info()
+    lines = [f"- machine: {m['cpu']}, {m['cores']} cores ({m['platform']})", f"- date: {m['date']}"]
+    if meta.get("command"):
+        lines.append(f"- command: `{meta['command']}`")
+    if meta.get("versions"):
+        lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()))
+    return lines
+
+
+def _profile_md(prof: pd.DataFrame, top: int = 8) -> list[str]:
+    out = ["", "## Profile (ms per op type and per block; decode = per step)", ""]
+    for (art, prov, b, t, phase, kind), g in prof.groupby(
+            ["artifact", "provider", "batch", "prompt_len", "phase", "kind"], sort=False):
+        out += [f"**{art} on {prov}, B={b} T={t}, {phase}, by {kind}**", "",
+                markdown_table(g.nlargest(top, "ms"), ["group", "ms", "share"]), ""]
+    return out
+
+
+def write_report(df: pd.DataFrame, out_dir: str | Path, meta: dict | None = None) -> dict[str, Path]:
+    """Write bench.csv, bench.md, bench.html and the plots' PNGs into out_dir; return their paths."""
+    from rwkv_opt.bench.plots import decode_by_batch, latency_vs_accuracy
+
+    meta = dict(meta or {})
+    meta.setdefault("machine", machine_info())
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {k: out / f for k, f in [("csv", "bench.csv"), ("md", "bench.md"), ("html", "bench.html"),
+                                     ("plot_accuracy", "latency_vs_accuracy.png"),
+                                     ("plot_batch", "decode_by_batch.png")]}
+    pngs = {"plot_accuracy": latency_vs_accuracy(df), "plot_batch": decode_by_batch(df)}
+    for k, png in pngs.items():
+        _write(paths[k], png)
+    _write(paths["csv"], df.to_csv(index=False))
+    prof = df.attrs.get("profile")
+    md = ["# rwkv-opt bench", ""] + _header(meta) + ["", markdown_table(df, SUMMARY), "",
+                                                      "All columns: bench.csv (schema: rwkv_opt/bench/report.py).",
+                                                      "", "![latency vs accuracy](latency_vs_accuracy.png)",
+                                                      "", "![decode latency by batch](decode_by_batch.png)", ""]
+    if prof is not None and len(prof):
+        paths["profile"] = out / "profile.csv"
+        _write(paths["profile"], prof.to_csv(index=False))
+        md += _profile_md(prof)
+    _write(paths["md"], "\n".join(md) + "\n")
+    _write(paths["html"], _html(df, meta, pngs, prof))
+    return paths
+
+
+def _html(df: pd.DataFrame, meta: dict, pngs: dict[str, bytes], prof) -> str:
+    imgs = "".join(f'<figure><img alt="{k}" src="data:image/png;base64,{base64.b64encode(v).decode()}"></figure>'
+                   for k, v in pngs.items())
+    head = "".join(f"<li>{html.escape(line[2:])}</li>" for line in _header(meta))
+    table = df.to_html(index=False, na_rep="", float_format=lambda v: _fmt(float(v)), border=0)
+    extra = ""
+    if prof is not None and len(prof):
+        extra = "<h2>Profile</h2>" + prof.to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0)
+    style = ("body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse;font-size:12px}"
+             "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}img{max-width:100%}"
+             "div.scroll{overflow-x:auto}")
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>rwkv-opt bench</title><style>{style}"
+            f"</style></head><body><h1>rwkv-opt bench</h1><ul>{head}</ul>{imgs}<div class='scroll'>{table}</div>"
+            f"{extra}<p>Schema: rwkv_opt/bench/report.py.</p></body></html>\n")
