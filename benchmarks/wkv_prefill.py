@@ -2,8 +2,10 @@
 
     python benchmarks/wkv_prefill.py [--threads 2] [--lengths 1 128 512] [--chunks 32 64] [--rounds 15]
 
-Each graph takes r, w, k, v, kk, a (B,T,H,N), log w and the state, computes b = kk * a, and runs one
-WKV (the base graph's `wkv_scan`, the direct `wkv_step` for T == 1, or `wkv_chunked`). ORT CPU,
+Each graph takes r, k, v, kk, a, log w (B,T,H,N) and the state, computes w = Exp(log w) and
+b = kk * a, and runs one WKV: the base graph's `wkv_scan`, the direct `wkv_step` (T == 1 only),
+`wkv_chunked` fed log w, or "fused": the fuse_wkv pass applied to the Scan graph (If on T, with
+the last --chunks value and the default min_chunked_len). ORT CPU,
 ORT_ENABLE_ALL, intra_op threads as given, inter_op 1. Runs are interleaved across graphs, one
 run each per round with a short rest, so a throttling host slows every graph alike; medians are
 reported with the ratio to the Scan. Outputs are checked against the Scan before timing.
@@ -20,18 +22,21 @@ import onnxruntime as ort
 from rwkv_opt.graph import blocks
 from rwkv_opt.graph.builder import FLOAT, GraphBuilder
 from rwkv_opt.graph.wkv_chunked import wkv_chunked, wkv_step
+from rwkv_opt.passes import get_pass
+from rwkv_opt.passes.fuse_wkv import FuseWkvConfig
 from rwkv_opt.reference.model import W_SCALE
 
 H, N = 12, 64
 
 
 def build(kind: str, chunk: int = 64):
+    """One WKV graph; w = Exp(log w) is computed in the graph, as in the model."""
     g = GraphBuilder("wkv")
-    r, w, k, v, kk, a, lw = (g.input(n, FLOAT, ["B", "T", H, N]) for n in ("r", "w", "k", "v", "kk", "a", "lw"))
+    r, k, v, kk, a, lw = (g.input(n, FLOAT, ["B", "T", H, N]) for n in ("r", "k", "v", "kk", "a", "lw"))
     s0 = g.input("s0", FLOAT, ["B", H, N, N])
-    b = g.Mul(kk, a)
+    w, b = g.Exp(lw), g.Mul(kk, a)
     with g.scope("wkv"):
-        if kind == "scan":
+        if kind in ("scan", "fused"):
             y, s = blocks.wkv_scan(g, H, N, r, w, k, v, kk, b, s0)
         elif kind == "step":
             y, s = wkv_step(g, H, N, r, w, k, v, kk, b, s0)
@@ -39,7 +44,10 @@ def build(kind: str, chunk: int = 64):
             y, s = wkv_chunked(g, H, N, r, None, k, v, kk, b, s0, chunk=chunk, logw=lw)
     g.output(y, "y", FLOAT, ["B", "T", H, N])
     g.output(s, "s", FLOAT, ["B", H, N, N])
-    return g.model()
+    m = g.model()
+    if kind == "fused":   # the fuse_wkv pass on the Scan graph: If on T -> step / Scan / chunked
+        m = get_pass("fuse_wkv")(FuseWkvConfig(chunk=chunk)).run(m).model
+    return m
 
 
 def session(model, threads: int):
@@ -55,7 +63,7 @@ def feeds(T: int, seed: int = 0) -> dict:
     lw = (W_SCALE / (1 + np.exp(-f(1, T, H, N) - 1))).astype(np.float32)
     kk = f(1, T, H, N)
     kk /= np.linalg.norm(kk, axis=-1, keepdims=True)
-    return dict(r=f(1, T, H, N), w=np.exp(lw), k=f(1, T, H, N) * 0.5, v=f(1, T, H, N), kk=kk,
+    return dict(r=f(1, T, H, N), k=f(1, T, H, N) * 0.5, v=f(1, T, H, N), kk=kk,
                 a=1 / (1 + np.exp(-f(1, T, H, N))), lw=lw, s0=f(1, H, N, N) * 0.3)
 
 
@@ -97,6 +105,7 @@ def main() -> None:
             graphs["step"] = session(build("step"), args.threads)
         for L in args.chunks:
             graphs[f"chunk{L}"] = session(build("chunk", L), args.threads)
+        graphs[f"fused{args.chunks[-1]}"] = session(build("fused", args.chunks[-1]), args.threads)
         ms = bench(T, graphs, args.rounds, args.rest)
         cells = "  ".join(f"{n} {t:7.3f} ({ms['scan'] / t:4.2f}x)" for n, t in ms.items())
         print(f"T={T:5d}  {cells}")

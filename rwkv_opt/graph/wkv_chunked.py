@@ -18,6 +18,7 @@ with the log decay lw = log w and positions t = 1..L:
     P  = diag(e^g) - W^T (B e^Ge)        E = V^T (K e^Ge) - U~^T (B e^Ge)
     per chunk c (the only sequential part, a Scan over C), carrying S^T so nothing transposes:
         y_c = Yq_c S^T + Yi_c ;   S^T <- P_c^T S^T + E_c^T       (i.e. S <- S P_c + E_c)
+        with P^T S^T = e^g * S^T - (W^T B e^Ge)^T S^T, so diag(e^g) is never materialised
 
 Every exponent is a partial sum over only the tokens it spans (§3.2 of the note), the decays are
 split at the chunk midpoint so no factor exceeds e^(0.61 L / 2) (§3.1), the masks are Trilu (a
@@ -80,9 +81,9 @@ def wkv_chunked(g: GraphBuilder, H: int, N: int, r, w, k, v, kk, b, s0_BHNN, chu
     with g.scope("decay"):
         G, Gx, gL, Ge, D, Dx = _log_decay_sums(g, lw, L)
     with g.scope("intra"):
-        Yq, Yi, Pt, Et = _chunk_pieces(g, N, L, r, k, v, kk, b, G, Gx, gL, Ge, D, Dx)
+        Yq, Yi, eg, M, Et = _chunk_pieces(g, L, r, k, v, kk, b, G, Gx, gL, Ge, D, Dx)
     with g.scope("scan"):
-        s_out, y = _chunk_scan(g, H, N, L, s0_BHNN, Pt, Et, Yq, Yi)
+        s_out, y = _chunk_scan(g, H, N, L, s0_BHNN, eg, M, Et, Yq, Yi)
     with g.scope("unpad"):
         y = g.Reshape(g.Transpose(y, perm=[1, 0, 3, 2, 4]), g.ints(0, -1, H, N))   # (B,C*L,H,N)
         y = g.Slice(y, g.ints(0), T, g.ints(1))
@@ -124,30 +125,29 @@ def _t(g: GraphBuilder, x) -> Value:
     return g.Transpose(x, perm=[0, 1, 2, 4, 3])
 
 
-def _chunk_pieces(g: GraphBuilder, N: int, L: int, r, k, v, kk, b, G, Gx, gL, Ge, D, Dx):
+def _chunk_pieces(g: GraphBuilder, L: int, r, k, v, kk, b, G, Gx, gL, Ge, D, Dx):
     """Everything that does not depend on the incoming state, for all chunks at once: the output
-    pieces Yq, Yi (C,B,H,L,N) and the transposed chunk transition P^T, E^T (C,B,H,N,N), which
-    act on the transposed state: S^T <- P^T S^T + E^T (no transposes inside the Scan)."""
-    eD = g.Exp(D)
-    eDn = g.Reciprocal(eD)                                   # e^-D <= e^(0.61 L/2): finite
+    pieces Yq, Yi (C,B,H,L,N) and the transposed chunk transition P^T = diag(e^g) - M, E^T, as
+    e^g (C,B,H,N,1), M = (B e^Ge)^T W and E^T (C,B,H,N,N); they act on the transposed state."""
+    eD = g.Exp(D)                                            # e^D and 1/e^D <= e^(0.61 L/2): finite
     r_, kk_ = g.Mul(r, eD), g.Mul(kk, g.Exp(Dx))             # R e^D, KK e^Dx
-    b_ = g.Mul(b, eDn)                                       # B e^-D
-    kT, bT = _t(g, g.Mul(k, eDn)), _t(g, b_)                 # (K e^-D)^T, (B e^-D)^T
+    b_ = g.Div(b, eD)                                        # B e^-D
+    kT, bT = _t(g, g.Div(k, eD)), _t(g, b_)                  # (K e^-D)^T, (B e^-D)^T
     lower = lambda x, diag: _tril(g, x, 0 if diag else -1)  # noqa: E731
     A_kk, A_rk = lower(g.MatMul(kk_, kT), False), lower(g.MatMul(r_, kT), True)
     A_rb = lower(g.MatMul(r_, bT), True)
     with g.scope("inverse"):
         Tdiag = _diag_block_inverse(g, L, kk_, b_)
         A_kb = lower(g.MatMul(kk_, bT), False)
-        rhs = g.Concat(g.Mul(kk, g.Exp(Gx)), g.MatMul(A_kk, v), axis=-1)     # (C,B,H,L,2N)
-        W, U = g.Split(_block_solve(g, L, A_kb, Tdiag, rhs), g.ints(N, N), axis=-1, outputs=2)
+        Tinv = _block_inverse(g, L, A_kb, Tdiag)                              # (I + A_kb)^-1
+        W, U = g.MatMul(Tinv, g.Mul(kk, g.Exp(Gx))), g.MatMul(Tinv, g.MatMul(A_kk, v))
     Yq = g.Sub(g.Mul(r, g.Exp(G)), g.MatMul(A_rb, W))
     Yi = g.Sub(g.MatMul(A_rk, v), g.MatMul(A_rb, U))
     eGe = g.Exp(Ge)
     beT = _t(g, g.Mul(b, eGe))                                   # (B e^Ge)^T
-    Pt = g.Sub(g.Mul(g.const(np.eye(N)), g.Exp(gL)), g.MatMul(beT, W))          # P^T (P - diag is 0)
-    Et = g.Sub(g.MatMul(_t(g, g.Mul(k, eGe)), v), g.MatMul(beT, U))           # E^T
-    return Yq, Yi, Pt, Et
+    Et = g.Sub(g.MatMul(_t(g, g.Mul(k, eGe)), v), g.MatMul(beT, U))
+    return Yq, Yi, _t(g, g.Exp(gL)), g.MatMul(beT, W), Et
+
 
 def _diag_block_inverse(g: GraphBuilder, L: int, kk_, b_) -> Value:
     """(I + A_kb)^-1 of the K x K diagonal blocks of every chunk, all blocks batched together:
@@ -165,37 +165,36 @@ def _diag_block_inverse(g: GraphBuilder, L: int, kk_, b_) -> Value:
     return Tm
 
 
-def _block_solve(g: GraphBuilder, L: int, A, Tdiag, X) -> Value:
-    """Z = (I + A)^-1 X by block forward substitution with the inverted diagonal blocks:
-        Z_q = T_qq (X_q - A[q, <q] Z_{<q})          X, Z: (C,B,H,L,M)
+def _block_inverse(g: GraphBuilder, L: int, A, Tdiag) -> Value:
+    """(I + A)^-1 grown block row by block row from the inverted diagonal blocks T_qq:
+        T[q, <q] = -T_qq (A[q, <q] T[<q, <q])          (lower-triangular 2 x 2 block inverse)
     """
     K = min(L, INV_BLOCK)
-    Z = None
-    for q in range(L // K):
-        Xq = X if L == K else g.Slice(X, g.ints(q * K), g.ints((q + 1) * K), g.ints(3))
-        if q:
-            Aq = g.Slice(A, g.ints(q * K, 0), g.ints((q + 1) * K, q * K), g.ints(3, 4))
-            Xq = g.Sub(Xq, g.MatMul(Aq, Z))
-        Tq = g.Squeeze(g.Slice(Tdiag, g.ints(q), g.ints(q + 1), g.ints(3)), g.ints(3))  # (C,B,H,K,K)
-        Zq = g.MatMul(Tq, Xq)
-        Z = Zq if Z is None else g.Concat(Z, Zq, axis=3)
-    return Z
+    Tq = lambda q: g.Squeeze(g.Slice(Tdiag, g.ints(q), g.ints(q + 1), g.ints(3)), g.ints(3))  # noqa: E731
+    Tl = Tq(0)                                                                  # T[<q, <q]
+    for q in range(1, L // K):
+        Aq = g.Slice(A, g.ints(q * K, 0), g.ints((q + 1) * K, q * K), g.ints(3, 4))   # (...,K,qK)
+        Tqq = Tq(q)
+        row = g.Concat(g.Neg(g.MatMul(Tqq, g.MatMul(Aq, Tl))), Tqq, axis=-1)      # (...,K,(q+1)K)
+        Tl = g.Concat(g.Pad(Tl, g.ints(0, K), None, g.ints(-1)), row, axis=-2)
+    return Tl
 
 
-def _chunk_scan(g: GraphBuilder, H: int, N: int, L: int, s0_BHNN, Pt, Et, Yq, Yi):
+def _chunk_scan(g: GraphBuilder, H: int, N: int, L: int, s0_BHNN, eg, M, Et, Yq, Yi):
     """Scan over the chunk axis 0 carrying the transposed state S^T [key, value]:
-        y_c = Yq_c S^T + Yi_c ;   S^T <- P^T_c S^T + E^T_c        -> (s_out (B,H,N,N), y (C,B,H,L,N))
+        y_c = Yq_c S^T + Yi_c ;   S^T <- e^g_c * S^T - M_c S^T + E^T_c     -> (s_out (B,H,N,N), y (C,B,H,L,N))
     """
     body = GraphBuilder("wkv_chunk_step")
     prefix = g.path("body")
-    inp = lambda n, rows: body.input(f"{prefix}/{n}", FLOAT, ["B", H, rows, N])  # noqa: E731
-    St, Ptc, Etc, Yqc, Yic = inp("St", N), inp("Pt", N), inp("Et", N), inp("Yq", L), inp("Yi", L)
+    inp = lambda n, rows, cols=N: body.input(f"{prefix}/{n}", FLOAT, ["B", H, rows, cols])  # noqa: E731
+    St, egc, Mc, Etc = inp("St", N), inp("eg", N, 1), inp("M", N), inp("Et", N)
+    Yqc, Yic = inp("Yq", L), inp("Yi", L)
     with body.scope(prefix[1:]):
-        St1 = body.Add(body.MatMul(Ptc, St), Etc)
+        St1 = body.Add(body.Sub(body.Mul(egc, St), body.MatMul(Mc, St)), Etc)
         y = body.Add(body.MatMul(Yqc, St), Yic)
     body.output(St1, f"{prefix}/St_out", FLOAT, ["B", H, N, N])
     body.output(y, f"{prefix}/y", FLOAT, ["B", H, L, N])
     swap = [0, 1, 3, 2]
-    st_out, y = g.op("Scan", g.Transpose(s0_BHNN, perm=swap), Pt, Et, Yq, Yi, outputs=2,
-                     body=body.graph(), num_scan_inputs=4)
+    st_out, y = g.op("Scan", g.Transpose(s0_BHNN, perm=swap), eg, M, Et, Yq, Yi, outputs=2,
+                     body=body.graph(), num_scan_inputs=5)
     return g.Transpose(st_out, perm=swap), y

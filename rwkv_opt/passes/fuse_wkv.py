@@ -36,7 +36,7 @@ from rwkv_opt.passes.base import Pass, PassConfig, PassResult, mark_applied, reg
 ROLES = ("r", "w", "k", "v", "kk", "b")
 COLUMNS = {"r", "v", "kk"}      # body inputs shaped (B,H,N,1); the others are (B,H,1,N)
 MIN_OPSET = 18
-SHAPE_OPS = {"Reshape", "Unsqueeze", "Squeeze", "Identity"}
+SHAPE_OPS = {"Reshape", "Unsqueeze", "Squeeze", "Identity"}   # commute with Exp / Log
 
 
 class FuseMode(str, enum.Enum):
@@ -140,28 +140,17 @@ def _is_column(vi: onnx.ValueInfoProto) -> bool | None:
     return True if dims[3] == 1 and dims[2] != 1 else False if dims[2] == 1 and dims[3] != 1 else None
 
 
-class _Pool(GraphBuilder):
-    """One shared store for the small constants of every new (sub)graph: main-graph initializers,
-    named under `prefix`, which subgraphs read from the outer scope."""
-
-    def __init__(self, prefix: str, opset: int):
-        super().__init__("fuse_wkv_consts", opset)
-        self.prefix = prefix
-
-    def weight(self, name: str, array: np.ndarray) -> Value:
-        return super().weight(self.prefix + name, array)
-
-
 class _Scoped(GraphBuilder):
-    """A builder for new nodes (main graph or a branch) under one scope, constants in the pool."""
+    """A builder for new nodes (main graph or a branch) under one scope. Its constants are its own
+    initializers, named under the scope: a branch's constants stay inside the branch, so an If
+    does not carry them as outer-scope inputs on every call."""
 
-    def __init__(self, pool: _Pool, scope: str):
-        super().__init__(scope.replace("/", "_"), pool.opset)
-        self.pool = pool
+    def __init__(self, opset: int, scope: str):
+        super().__init__(scope.replace("/", "_"), opset)
         self._scope.append(scope)
 
-    def const(self, value, dtype=np.float32) -> Value:
-        return self.pool.const(value, dtype)
+    def weight(self, name: str, array: np.ndarray) -> Value:
+        return super().weight(self.path(name), array)
 
     def branch(self, outputs: list[tuple[Value, str, list]]) -> onnx.GraphProto:
         """This builder as an If branch returning `outputs` (value, name, shape)."""
@@ -213,9 +202,10 @@ def _axes(graph_consts: dict, node: onnx.NodeProto) -> list[int] | None:
 
 
 def _log_decay(prod: dict, w_BTHN: str) -> tuple | None:
-    """(x, chain) when w = shape-only ops applied to Exp(x): then log w = the same ops on x."""
+    """(x, chain) when w = shape-only ops (or a Cast to fp32, as a precision pass leaves it) applied
+    to Exp(x): then log w = the same ops on x."""
     chain, t = [], w_BTHN
-    while t in prod and prod[t].op_type in SHAPE_OPS:
+    while t in prod and (prod[t].op_type in SHAPE_OPS or prod[t].op_type == "Cast" and _attr(prod[t], "to") == FLOAT):
         chain.append(prod[t])
         t = prod[t].input[0]
     if t not in prod or prod[t].op_type != "Exp":
@@ -245,16 +235,16 @@ def _site(graph: onnx.GraphProto, scan: WkvScan, main: _Scoped, prefix: str, pro
     return _Site(scan, prefix, x, _log_decay(prod, x["w"]), y_name, scan.node.output[0])
 
 
-def _step_branch(pool: _Pool, site: _Site) -> onnx.GraphProto:
-    b, sc, x = _Scoped(pool, f"{site.prefix}/step"), site.scan, site.x
+def _step_branch(opset: int, site: _Site) -> onnx.GraphProto:
+    b, sc, x = _Scoped(opset, f"{site.prefix}/step"), site.scan, site.x
     y, s = wkv_step(b, sc.H, sc.N, *(x[r] for r in ROLES), sc.node.input[0])
     return b.branch([(y, f"/{site.prefix}/step/y", [None, 1, sc.H, sc.N]),
                      (s, f"/{site.prefix}/step/s", [None, sc.H, sc.N, sc.N])])
 
 
-def _scan_branch(pool: _Pool, site: _Site) -> onnx.GraphProto:
+def _scan_branch(opset: int, site: _Site) -> onnx.GraphProto:
     """The original Scan, unchanged (same name, same body), plus the Squeeze it fed."""
-    b, sc = _Scoped(pool, f"{site.prefix}/scan"), site.scan
+    b, sc = _Scoped(opset, f"{site.prefix}/scan"), site.scan
     attrs = {a.name: helper.get_attribute_value(a) for a in sc.node.attribute}
     s, y5 = b.op("Scan", *sc.node.input, outputs=2, **attrs)
     b.nodes[-1].name = sc.node.name
@@ -274,44 +264,71 @@ def _chunked(b: GraphBuilder, site: _Site, chunk: int) -> tuple[Value, Value]:
     return wkv_chunked(b, sc.H, sc.N, *(x[r] for r in ROLES), sc.node.input[0], chunk=chunk, logw=logw)
 
 
-def _chunked_branch(pool: _Pool, site: _Site, chunk: int) -> onnx.GraphProto:
-    b, sc = _Scoped(pool, f"{site.prefix}/chunked"), site.scan
+def _chunked_branch(opset: int, site: _Site, chunk: int) -> onnx.GraphProto:
+    b, sc = _Scoped(opset, f"{site.prefix}/chunked"), site.scan
     y, s = _chunked(b, site, chunk)
     return b.branch([(y, f"/{site.prefix}/chunked/y", [None, None, sc.H, sc.N]),
                      (s, f"/{site.prefix}/chunked/s", [None, sc.H, sc.N, sc.N])])
 
 
-def _dispatch(main: _Scoped, pool: _Pool, site: _Site, cfg: FuseWkvConfig) -> tuple[Value, Value]:
+def _dispatch(main: _Scoped, opset: int, site: _Site, cfg: FuseWkvConfig) -> tuple[Value, Value]:
     """The If tree on T = Shape(r)[1] (see the module docstring) -> (y, s)."""
     sc = site.scan
-    T = main.Shape(site.x["r"], start=1, end=2)                                  # (1,) int64
-    longer = _chunked_branch(pool, site, cfg.chunk)
+    # T from the Scan's own (fp32, /wkv/-scoped) input, so precision passes see no new reader
+    T = main.Shape(sc.inputs["r"], start=1, end=2)                               # (1,) int64
+    longer = _chunked_branch(opset, site, cfg.chunk)
     if cfg.min_chunked_len > 2:
-        inner = _Scoped(pool, f"{site.prefix}/multi")
+        inner = _Scoped(opset, f"{site.prefix}/multi")
         short = main.Less(T, main.ints(cfg.min_chunked_len))
-        y, s = inner.If(short, then_branch=_scan_branch(pool, site), else_branch=longer, outputs=2)
+        y, s = inner.If(short, then_branch=_scan_branch(opset, site), else_branch=longer, outputs=2)
         longer = inner.branch([(y, f"/{site.prefix}/multi/y", [None, None, sc.H, sc.N]),
                                (s, f"/{site.prefix}/multi/s", [None, sc.H, sc.N, sc.N])])
     one = main.Equal(T, main.ints(1))
-    return main.If(one, then_branch=_step_branch(pool, site), else_branch=longer, outputs=2)
+    return main.If(one, then_branch=_step_branch(opset, site), else_branch=longer, outputs=2)
 
 
-def _rewrite(graph: onnx.GraphProto, scan: WkvScan, pool: _Pool, taken: set, cfg: FuseWkvConfig,
-             prod: dict, consts: dict) -> tuple[list, _Site]:
-    """The nodes that replace `scan` (they produce its state output and y under the site's names)."""
+def _rewrite(graph: onnx.GraphProto, scan: WkvScan, opset: int, taken: set, cfg: FuseWkvConfig,
+             prod: dict, consts: dict) -> tuple[list, list, _Site]:
+    """The nodes (and their initializers) that replace `scan`; they produce its state output and y
+    under the site's names."""
     prefix = _fresh_prefix(scan.node, taken)
-    main = _Scoped(pool, prefix)
+    main = _Scoped(opset, prefix)
     site = _site(graph, scan, main, prefix, prod, consts)
     if FuseMode(cfg.mode) is FuseMode.CHUNKED:
         y, s = _chunked(main, site, cfg.chunk)
     else:
-        y, s = _dispatch(main, pool, site, cfg)
+        y, s = _dispatch(main, opset, site, cfg)
     main.output(s, site.s_name, FLOAT, None)
     main.output(y, site.y_name, FLOAT, None)
     if site.y_name == _unabsorbed_y(site.prefix):   # y's other readers get the 5-D tensor they had
         main.nodes.append(helper.make_node("Unsqueeze", [site.y_name, main.ints(-1)], [scan.node.output[1]],
                                            name=f"/{prefix}/Unsqueeze_y"))
-    return main.nodes, site
+    return main.nodes, list(main.initializers.values()), site
+
+
+def _splice(g: onnx.GraphProto, plans: dict) -> list[_Site]:
+    """Put each plan's nodes where its Scan was (so the node list stays topologically sorted),
+    drop the absorbed Squeezes and the value_info of tensors that no longer exist."""
+    sites = [site for _, _, site in plans.values()]
+    absorbed = {s.y_name for s in sites if s.y_name != _unabsorbed_y(s.prefix)}
+    new = []
+    for n in g.node:
+        if n.op_type == "Scan" and n.output[0] in plans:
+            new.extend(plans[n.output[0]][0])
+        elif not (n.op_type == "Squeeze" and n.output[0] in absorbed):
+            new.append(onnx.NodeProto())
+            new[-1].CopyFrom(n)
+    gone = {s.scan.node.output[1] for s in sites} - {o for n in new for o in n.output}
+    keep_vi = []
+    for vi in g.value_info:
+        if vi.name not in gone:
+            keep_vi.append(onnx.ValueInfoProto())
+            keep_vi[-1].CopyFrom(vi)
+    del g.node[:], g.value_info[:]
+    g.node.extend(new)
+    g.value_info.extend(keep_vi)
+    g.initializer.extend(i for _, inits, _ in plans.values() for i in inits)
+    return sites
 
 
 def _unabsorbed_y(prefix: str) -> str:
@@ -346,33 +363,13 @@ class FuseWkv(Pass):
         out.CopyFrom(model)
         g = out.graph
         taken = _names(g, set())
-        pool_prefix = "fuse_wkv."
-        while any(t.startswith(pool_prefix) for t in taken):
-            pool_prefix = "_" + pool_prefix
-        pool = _Pool(pool_prefix, next(o.version for o in out.opset_import if o.domain in ("", "ai.onnx")))
+        opset = next(o.version for o in out.opset_import if o.domain in ("", "ai.onnx"))
         prod = {o: n for n in g.node for o in n.output}
         consts = {i.name: numpy_helper.to_array(i) for i in g.initializer if i.data_type == onnx.TensorProto.INT64}
-        plans = {}
-        for scan in find_wkv_scans(g):
-            plans[scan.node.output[0]] = _rewrite(g, scan, pool, taken, self.config, prod, consts)
-        absorbed = {site.y_name for _, site in plans.values() if site.y_name != _unabsorbed_y(site.prefix)}
-        new = []
-        for n in g.node:
-            if n.op_type == "Scan" and n.output[0] in plans:
-                new.extend(plans[n.output[0]][0])
-            elif not (n.op_type == "Squeeze" and n.output[0] in absorbed):
-                new.append(onnx.NodeProto())
-                new[-1].CopyFrom(n)
-        gone = {site.scan.node.output[1] for _, site in plans.values()} - {o for n in new for o in n.output}
-        keep_vi = [onnx.ValueInfoProto() for vi in g.value_info if vi.name not in gone]
-        for dst, src in zip(keep_vi, [vi for vi in g.value_info if vi.name not in gone]):
-            dst.CopyFrom(src)
-        del g.node[:], g.value_info[:]
-        g.node.extend(new)
-        g.value_info.extend(keep_vi)
-        g.initializer.extend(pool.initializers.values())
+        plans = {scan.node.output[0]: _rewrite(g, scan, opset, taken, self.config, prod, consts)
+                 for scan in find_wkv_scans(g)}
+        sites = _splice(g, plans)
         mark_applied(out, self.name)
-        sites = [site for _, site in plans.values()]
         notes = [f"fused {len(sites)} WKV Scan(s) (mode {FuseMode(self.config.mode).value}, chunk "
                  f"{self.config.chunk}, min_chunked_len {self.config.min_chunked_len}) under "
                  f"{', '.join('/' + s.prefix for s in sites)}",
