@@ -9,6 +9,7 @@ max|err| / std(ref) for logits and WKV states, and whether argmax is identical e
 from __future__ import annotations
 
 import argparse
+import gc
 import subprocess
 import sys
 import tempfile
@@ -84,7 +85,11 @@ def main():
         off = np.load(d / "off.npz")
         print(f"official done in {time.time() - t0:.0f}s", file=sys.stderr)
         ref = ref_modes(ReferenceModel(w, np.dtype(a.ref_dtype)), tokens, split)
-        save_model(build_model(w), d / "model.onnx")
+        gc.collect()  # one model in memory at a time: the 0.1B DeepEmbed tables are 3 GB per copy
+        model = build_model(w)
+        save_model(model, d / "model.onnx")
+        del model, w
+        gc.collect()
         ours = {}
         for batch in (1, 3):
             sess = Session(d / "model.onnx")
