@@ -67,7 +67,7 @@ def feeds(T: int, seed: int = 0) -> dict:
                 a=1 / (1 + np.exp(-f(1, T, H, N))), lw=lw, s0=f(1, H, N, N) * 0.3)
 
 
-def bench(T: int, graphs: dict, rounds: int, rest: float) -> dict:
+def bench(T: int, graphs: dict, rounds: int, rest: float, clock) -> dict:
     x = feeds(T)
     ref = None
     for name, s in graphs.items():
@@ -82,11 +82,11 @@ def bench(T: int, graphs: dict, rounds: int, rest: float) -> dict:
     for _ in range(rounds):
         for name, s in graphs.items():
             feed = {i.name: x[i.name] for i in s.get_inputs()}
-            t0 = time.perf_counter()
+            t0 = clock()
             s.run(None, feed)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
             time.sleep(rest)
-    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+    return {name: (statistics.median(ts) * 1e3, min(ts) * 1e3) for name, ts in times.items()}
 
 
 def main() -> None:
@@ -96,9 +96,13 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, nargs="+", default=[32, 64])
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--rest", type=float, default=0.05, help="seconds between runs")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="wall: perf_counter; cpu: this process's CPU time (steadier on a shared host; "
+                         "use with --threads 1, since pool threads spin)")
     args = ap.parse_args()
-    print(f"WKV only, H={H} N={N} B=1, ORT {ort.__version__} CPU, {args.threads} threads, "
-          f"median of {args.rounds} interleaved runs (ms)")
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    print(f"WKV only, H={H} N={N} B=1, ORT {ort.__version__} CPU, {args.threads} thread(s), {args.clock} clock, "
+          f"median / min of {args.rounds} interleaved runs (ms), speed-up vs the Scan on medians")
     for T in args.lengths:
         graphs = {"scan": session(build("scan"), args.threads)}
         if T == 1:
@@ -106,8 +110,8 @@ def main() -> None:
         for L in args.chunks:
             graphs[f"chunk{L}"] = session(build("chunk", L), args.threads)
         graphs[f"fused{args.chunks[-1]}"] = session(build("fused", args.chunks[-1]), args.threads)
-        ms = bench(T, graphs, args.rounds, args.rest)
-        cells = "  ".join(f"{n} {t:7.3f} ({ms['scan'] / t:4.2f}x)" for n, t in ms.items())
+        ms = bench(T, graphs, args.rounds, args.rest, clock)
+        cells = "  ".join(f"{n} {t:.3f}/{lo:.3f} ({ms['scan'][0] / t:4.2f}x)" for n, (t, lo) in ms.items())
         print(f"T={T:5d}  {cells}")
 
 

@@ -103,7 +103,7 @@ def _log_decay_sums(g: GraphBuilder, lw, L: int):
         G = sum_{s<=t} lw_s,  Gx = G - lw,  gL = G_L,  Ge = sum_{s>t} lw_s,
         D = G - G_m (m = L/2): -sum_{t<s<=m} lw_s for t <= m, sum_{m<s<=t} lw_s for t > m.
     """
-    ax, m = g.const(3, np.int64), L // 2
+    ax, m = _scalar(g, 3), L // 2
     G = g.CumSum(lw, ax)
     Gx = g.Sub(G, lw)
     gL = g.Slice(G, g.ints(L - 1), g.ints(L), g.ints(3))                      # (C,B,H,1,N)
@@ -114,10 +114,14 @@ def _log_decay_sums(g: GraphBuilder, lw, L: int):
     return G, Gx, gL, Ge, D, g.Sub(D, lw)
 
 
+def _scalar(g: GraphBuilder, v: int) -> Value:
+    """A 0-D int64 (CumSum's axis, Trilu's k). A Constant node: g.const stores 0-D arrays as (1,)."""
+    return g.Constant(value=numpy_helper.from_array(np.array(v, np.int64)))
+
+
 def _tril(g: GraphBuilder, x, k: int) -> Value:
     """Lower triangle from diagonal k (Trilu selects, so inf/NaN above it cannot leak through)."""
-    kc = g.Constant(value=numpy_helper.from_array(np.array(k, np.int64)))  # a 0-D k, as Trilu wants
-    return g.Trilu(x, kc, upper=0)
+    return g.Trilu(x, _scalar(g, k), upper=0)
 
 
 def _t(g: GraphBuilder, x) -> Value:
