@@ -2,7 +2,8 @@
 
 A profiled session runs one warm-up prefill + decode, then the measured prefill and PROFILE_STEPS
 decode steps; only the measured runs count. Node events nested inside another node's event on the
-same thread (a Scan's body) are folded into their parent, so times add up once.
+same thread (a Scan's or an If's body) count once: placement and per-block time use the
+outermost event, per-op-type time uses each event's exclusive time.
 
     placement: nodes_on_provider  fraction of distinct top-level nodes on the requested EP
                time_on_provider   fraction of top-level node time on the requested EP
@@ -34,45 +35,60 @@ def block_of(node_name: str) -> str:
     return scope or "(unnamed)"
 
 
+def nest(events: list[dict]) -> list[tuple[dict, dict, float]]:
+    """(event, its outermost enclosing node event, exclusive us) for every node event.
+
+    A node event that starts inside another node event of the same thread is its child (a Scan's
+    or an If's body); exclusive time is the event's duration minus its direct children's."""
+    out, child_sum, stacks = [], {}, {}
+    for e in sorted(events, key=lambda e: (e["tid"], e["ts"], -e["dur"])):
+        stack = stacks.setdefault(e["tid"], [])
+        while stack and e["ts"] >= stack[-1]["ts"] + stack[-1]["dur"]:
+            stack.pop()
+        if stack:
+            child_sum[id(stack[-1])] = child_sum.get(id(stack[-1]), 0) + e["dur"]
+        out.append((e, stack[0] if stack else e))
+        stack.append(e)
+    return [(e, root, max(e["dur"] - child_sum.get(id(e), 0), 0)) for e, root in out]
+
+
 def top_level(events: list[dict]) -> list[dict]:
     """Node events not contained in another node event of the same thread."""
-    out, open_until = [], {}
-    for e in sorted(events, key=lambda e: (e["tid"], e["ts"], -e["dur"])):
-        if e["ts"] + e["dur"] <= open_until.get(e["tid"], -1):
-            continue
-        open_until[e["tid"]] = e["ts"] + e["dur"]
-        out.append(e)
-    return out
+    return [e for e, root, _ in nest(events) if root is e]
 
 
 def split_runs(events: list[dict]) -> list[list[dict]]:
-    """Top-level node events grouped by the `model_run` they fall in, in time order."""
+    """Node events grouped by the `model_run` they fall in, in time order."""
     runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")
-    nodes = top_level([e for e in events if e.get("cat") == "Node"])
     groups: list[list[dict]] = [[] for _ in runs]
     starts = np.array([r[0] for r in runs])
-    for e in nodes:
+    for e in (e for e in events if e.get("cat") == "Node"):
         i = int(np.searchsorted(starts, e["ts"], side="right")) - 1
         if 0 <= i < len(runs) and e["ts"] <= runs[i][1]:
             groups[i].append(e)
     return groups
 
 
+def _name(e: dict) -> str:
+    return e["name"][:-len(_SUFFIX)] if e["name"].endswith(_SUFFIX) else e["name"]
+
+
 def summarize(nodes: list[dict], ort_provider: str) -> dict:
-    """Placement fractions and ms per op type / block over `nodes` (top-level events)."""
+    """Placement over the top-level node events; ms per op type (exclusive time, so a Scan's or
+    an If's body counts under its own ops) and per block (the outermost node's block)."""
     names, on = set(), set()
     t_all = t_on = 0.0
     ops, blocks = defaultdict(float), defaultdict(float)
-    for e in nodes:
-        name = e["name"][:-len(_SUFFIX)] if e["name"].endswith(_SUFFIX) else e["name"]
-        prov = e.get("args", {}).get("provider", "")
-        names.add(name)
-        if prov == ort_provider:
-            on.add(name)
+    for e, root, excl in nest(nodes):
+        ops[e.get("args", {}).get("op_name", "?")] += excl / 1e3
+        blocks[block_of(_name(root))] += excl / 1e3
+        if root is not e:
+            continue
+        names.add(_name(e))
+        if e.get("args", {}).get("provider", "") == ort_provider:
+            on.add(_name(e))
             t_on += e["dur"]
         t_all += e["dur"]
-        ops[e.get("args", {}).get("op_name", "?")] += e["dur"] / 1e3
-        blocks[block_of(name)] += e["dur"] / 1e3
     return {"nodes_on_provider": len(on) / len(names) if names else float("nan"),
             "time_on_provider": t_on / t_all if t_all else float("nan"),
             "op_ms": dict(ops), "block_ms": dict(blocks)}

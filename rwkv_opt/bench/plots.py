@@ -1,7 +1,8 @@
 """The report's two plots, as PNG bytes (matplotlib's Agg backend: no display needed).
 
-latency_vs_accuracy: per target and provider, decode ms/step (left) and prefill tok/s (right)
-                     against max|err| / std(ref) on a log scale; each point is one setting.
+latency_vs_accuracy: per target and provider (colour), decode ms/step (left) and prefill tok/s
+                     (right) against max|err| / std(ref) on a log scale; one point per setting,
+                     marker = batch size, label = prompt length.
 decode_by_batch:     decode ms/step p50 (bar) to p95 (whisker) and decode tok/s, by batch size
                      (median over prompt lengths).
 """
@@ -14,9 +15,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker as mticker  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+MARKERS = "os^Dv<>"
 ERR_FLOOR = 1e-9  # exact agreement (error 0) is drawn here so a log axis can show it
 
 
@@ -36,7 +39,8 @@ def _number_axis(ax, values: pd.Series) -> None:
     v = values.astype(float).dropna()
     if len(v) and v.min() > 0 and v.max() / v.min() > 20:
         ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(mticker.FuncFormatter(lambda x, _: f"{x:,.4g}"))
+    ax.xaxis.set_major_formatter(mticker.FuncFormatter(lambda x, _: f"{x:,.0f}" if x >= 100 else f"{x:.3g}"))
+    ax.xaxis.set_minor_formatter(mticker.NullFormatter())
     ax.tick_params(axis="x", labelrotation=30)
 
 
@@ -48,32 +52,32 @@ def _png(fig) -> bytes:
 
 
 def latency_vs_accuracy(df: pd.DataFrame) -> bytes:
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
     labels = series_labels(df)
     colors = _colors(labels)
+    markers = {b: MARKERS[i % len(MARKERS)] for i, b in enumerate(sorted(df["batch"].unique()))}
     err = df["max_rel_err"].astype(float).clip(lower=ERR_FLOOR)
     panels = [("decode_ms_p50", "decode ms / step (p50, lower is better)"),
               ("prefill_tok_s", "prefill tokens / s (higher is better)")]
     for ax, (col, xlabel) in zip(axes, panels):
-        for lab, color in colors.items():
-            idx = labels.index[labels == lab]
-            x, y = df.loc[idx, col].astype(float), err[idx]
-            ax.scatter(x, y, s=50, color=color, label=lab, zorder=3)
-            for j in idx:
-                ax.annotate(f"B{df.at[j, 'batch']} T{df.at[j, 'prompt_len']}", (x[j], y[j]), fontsize=7,
-                            xytext=(4, 3), textcoords="offset points")
+        for j in df.index:
+            x, y = float(df.at[j, col]), err[j]
+            ax.scatter(x, y, s=55, color=colors[labels[j]], marker=markers[df.at[j, "batch"]], zorder=3)
+            ax.annotate(f"T{df.at[j, 'prompt_len']}", (x, y), fontsize=7, xytext=(5, 4), textcoords="offset points")
         ax.set_xlabel(xlabel)
         _number_axis(ax, df[col])
         ax.grid(True, which="both", alpha=0.3)
         if err.notna().any():
             ax.set_yscale("log")
-            lo, hi = np.nanmin(err), np.nanmax(err)
-            ax.set_ylim(lo / 10, hi * 10)
+            ax.set_ylim(np.nanmin(err) / 10, np.nanmax(err) * 10)
         else:
             ax.text(0.5, 0.5, "accuracy not measured", transform=ax.transAxes, ha="center")
     axes[0].set_ylabel("max|err| / std(ref)  (vs fp32 numpy reference)")
-    axes[1].legend(fontsize=8, loc="best")
-    fig.suptitle("Latency vs accuracy per target")
+    handles = [Line2D([], [], color=c, marker="o", ls="", label=lab) for lab, c in colors.items()]
+    handles += [Line2D([], [], color="gray", marker=m, ls="", label=f"batch {b}") for b, m in markers.items()]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), fontsize=8, frameon=False)
+    fig.suptitle("Latency vs accuracy per target (label: prompt length T)")
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     return _png(fig)
 
 
@@ -93,11 +97,16 @@ def decode_by_batch(df: pd.DataFrame) -> bytes:
         axes[0].bar(x, p50, width, color=colors[s], label=s)
         axes[0].errorbar(x, p95, yerr=[p95 - p50, np.zeros_like(p95)], fmt="none", ecolor="black", capsize=3)
         axes[1].bar(x, rows["decode_tok_s"].to_numpy(float), width, color=colors[s], label=s)
-    for ax, ylabel in zip(axes, ["decode ms / step (bar p50, whisker p95)", "decode tokens / s (all sequences)"]):
+    ms = g[["decode_ms_p50", "decode_ms_p95"]].to_numpy(float)
+    if np.nanmax(ms) / max(np.nanmin(ms), 1e-9) > 20:  # a noisy p95 would flatten the p50 bars
+        axes[0].set_yscale("log")
+    for ax, ylabel in zip(axes, ["decode ms / step (bar p50, whisker to p95)", "decode tokens / s (all sequences)"]):
         ax.set_xticks(pos, [f"B={b}" for b in batches])
         ax.set_xlabel("batch size")
         ax.set_ylabel(ylabel)
         ax.grid(True, axis="y", alpha=0.3)
-    axes[0].legend(fontsize=8)
+    fig.legend(handles=axes[1].patches[::len(batches)], labels=series, loc="lower center",
+               ncol=min(len(series), 5), fontsize=8, frameon=False)
     fig.suptitle("Decode latency by batch (median over prompt lengths)")
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     return _png(fig)
