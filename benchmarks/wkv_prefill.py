@@ -50,9 +50,11 @@ def build(kind: str, chunk: int = 64):
     return m
 
 
-def session(model, threads: int):
+def session(model, threads: int, spin: bool = True):
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    if not spin:   # idle pool threads sleep instead of spinning (fairer on an oversubscribed host)
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
@@ -96,20 +98,23 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, nargs="+", default=[32, 64])
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--rest", type=float, default=0.05, help="seconds between runs")
+    ap.add_argument("--no-spin", action="store_true", help="ORT pool threads sleep instead of spinning")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="wall: perf_counter; cpu: this process's CPU time (steadier on a shared host; "
                          "use with --threads 1, since pool threads spin)")
     args = ap.parse_args()
     clock = time.perf_counter if args.clock == "wall" else time.process_time
-    print(f"WKV only, H={H} N={N} B=1, ORT {ort.__version__} CPU, {args.threads} thread(s), {args.clock} clock, "
+    print(f"WKV only, H={H} N={N} B=1, ORT {ort.__version__} CPU, {args.threads} thread(s)"
+          f"{' (no spinning)' if args.no_spin else ''}, {args.clock} clock, "
           f"median / min of {args.rounds} interleaved runs (ms), speed-up vs the Scan on medians")
     for T in args.lengths:
-        graphs = {"scan": session(build("scan"), args.threads)}
+        sess = lambda m: session(m, args.threads, not args.no_spin)  # noqa: E731
+        graphs = {"scan": sess(build("scan"))}
         if T == 1:
-            graphs["step"] = session(build("step"), args.threads)
+            graphs["step"] = sess(build("step"))
         for L in args.chunks:
-            graphs[f"chunk{L}"] = session(build("chunk", L), args.threads)
-        graphs[f"fused{args.chunks[-1]}"] = session(build("fused", args.chunks[-1]), args.threads)
+            graphs[f"chunk{L}"] = sess(build("chunk", L))
+        graphs[f"fused{args.chunks[-1]}"] = sess(build("fused", args.chunks[-1]))
         ms = bench(T, graphs, args.rounds, args.rest, clock)
         cells = "  ".join(f"{n} {t:.3f}/{lo:.3f} ({ms['scan'][0] / t:4.2f}x)" for n, (t, lo) in ms.items())
         print(f"T={T:5d}  {cells}")
