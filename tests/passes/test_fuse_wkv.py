@@ -12,7 +12,7 @@ import onnx
 import pytest
 from onnx import helper
 
-from conftest import ort_session
+from rwkv_testutil import ort_session
 from rwkv_opt.checkpoint.synth import synthetic_state_dict
 from rwkv_opt.checkpoint.weights import from_state_dict
 from rwkv_opt.graph import contract
@@ -87,26 +87,31 @@ def rel(a, b):
     return np.abs(np.asarray(a, np.float64) - b).max() / np.std(b)
 
 
+@functools.lru_cache(maxsize=None)
+def case(T: int, B: int):
+    """Inputs from a carried state, the unfused outputs and the fp64 reference (shared by configs)."""
+    cfg = weights().config
+    feed = carried_feed(cfg, B, seed=10 * T + B)
+    feed["x"] = np.random.default_rng(T + B).integers(0, cfg.vocab, (B, T))
+    L = cfg.n_layer
+    state = State(*(np.stack([feed[contract.state_inputs(i)[j]] for i in range(L)]).astype(np.float64)
+                    for j in range(3)))
+    state.att, state.ffn = state.att[:, :, 0], state.ffn[:, :, 0]
+    return feed, run(session(None), feed), reference_model().forward(feed["x"], state)
+
+
 @pytest.mark.parametrize("T", LENGTHS)
 @pytest.mark.parametrize("name", CONFIGS)
 def test_matches_unfused_and_reference(name, T):
-    cfg = weights().config
-    ref = reference_model()
     for B in (1, 3):
-        feed = carried_feed(cfg, B, seed=10 * T + B)
-        feed["x"] = np.random.default_rng(T + B).integers(0, cfg.vocab, (B, T))
-        got, want = run(session(name), feed), run(session(None), feed)
+        feed, want, (logits, st) = case(T, B)
+        got = run(session(name), feed)
         assert got.keys() == want.keys()
         for k in want:
             assert got[k].shape == want[k].shape, k
             assert rel(got[k], want[k]) <= TOL, f"{k} vs unfused: {rel(got[k], want[k]):.2e}"
-        L = cfg.n_layer
-        state = State(*(np.stack([feed[contract.state_inputs(i)[j]] for i in range(L)]).astype(np.float64)
-                        for j in range(3)))
-        state.att, state.ffn = state.att[:, :, 0], state.ffn[:, :, 0]
-        logits, st = ref.forward(feed["x"], state)
         assert rel(got["head"], logits) <= TOL
-        for i in range(L):
+        for i in range(weights().config.n_layer):
             att, wkv, ffn = contract.state_outputs(i)
             assert rel(got[wkv], st.wkv[i]) <= TOL, f"{wkv}: {rel(got[wkv], st.wkv[i]):.2e}"
             assert rel(got[att][:, 0], st.att[i]) <= TOL and rel(got[ffn][:, 0], st.ffn[i]) <= TOL
