@@ -4,7 +4,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import ort_session, zero_feed
+from rwkv_testutil import ort_session, zero_feed
 from rwkv_opt.graph import contract
 from rwkv_opt.graph.model import BuildOptions, LogitsMode, build_model
 from rwkv_opt.reference import ReferenceModel

@@ -7,7 +7,7 @@ chunks; max|err| / std(ref) <= 1e-4, argmax identical, states agree.
 import numpy as np
 import pytest
 
-from conftest import ort_session, run_oracle, zero_feed
+from rwkv_testutil import ort_session, run_oracle, zero_feed
 from rwkv_opt.checkpoint.synth import synthetic_state_dict
 from rwkv_opt.checkpoint.torchzip import write_pth
 from rwkv_opt.checkpoint.weights import load_weights
