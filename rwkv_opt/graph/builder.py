@@ -76,7 +76,10 @@ class GraphBuilder:
         """A named initializer (model weights keep their checkpoint-derived names)."""
         if name in self.initializers:
             raise ValueError(f"initializer {name} defined twice")
-        self.initializers[name] = numpy_helper.from_array(np.ascontiguousarray(array), name)
+        array = np.asarray(array)  # (np.ascontiguousarray would turn a 0-D scalar into shape (1,))
+        if not array.flags.c_contiguous:
+            array = array.copy(order="C")
+        self.initializers[name] = numpy_helper.from_array(array, name)
         return Value(name)
 
     def const(self, value, dtype=np.float32) -> Value:
