@@ -8,8 +8,9 @@ tensor(bfloat16), with the first opset version from which it does. Conservative 
 whose bf16 row we did not see (or that the table lists for bf16 only through a contrib variant)
 are absent, so the bf16 pass keeps them fp32. Re-read the table when onnxruntime-gpu is upgraded.
 
-Absent from the CUDA table although RWKV uses them, hence fp32 islands in a bf16 graph:
-Exp (decay), ReduceL2 (kk normalize), Pow, Sqrt, Neg, Reciprocal, ReduceMean, Where, Tile.
+Absent from the CUDA table, hence fp32 islands in a bf16 graph: Exp (decay) and ReduceL2 (kk
+normalize) of the base graph, and among ops other passes may add: Log, CumSum, Pow, Sqrt, Neg,
+Reciprocal, ReduceMean, Where, Tile.
 
 The CPU EP registers bf16 only for data movement (Cast, Concat, Gather, ...): no arithmetic
 at all (architecture.md; Add/Mul/MatMul in bf16 fail to load on onnxruntime 1.32 CPU).

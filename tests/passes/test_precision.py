@@ -260,6 +260,20 @@ def test_with_fuse_wkv(name, order, weights, base, tokens, ref_logits):
         assert_within(m, TOL_ORT[name])
 
 
+@pytest.mark.parametrize("target", ["cuda-fp16", "cuda-bf16"])
+def test_target_pass_chain_keeps_fp32_state(target, base):
+    """The targets' own chains (precision -> fuse_wkv -> simplify): onnxsim must not fold our Casts away."""
+    from rwkv_opt.targets import get_target
+
+    model, casts = base, []
+    for name, overrides in get_target(target).passes:
+        cls = get_pass(name)
+        model = cls(cls.Config(**overrides))(model).model
+        casts.append(sum(n.op_type == "Cast" for n in model.graph.node))
+    assert state_path_violations(model) == []
+    assert casts[-1] >= casts[0] > 0
+
+
 # ---- refusals and config -------------------------------------------------------------------------
 @pytest.mark.parametrize("name", list(LOW))
 def test_refuses_converted_model(name, converted):
