@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -17,8 +18,6 @@ from rwkv_opt.artifact import model_path
 from rwkv_opt.config import ModelConfig, Provider
 from rwkv_opt.errors import RwkvOptError
 from rwkv_opt.graph import contract
-
-_NP = {"float32": np.float32, "float16": np.float16, "bfloat16": None}
 
 
 def available_providers() -> list[Provider]:
@@ -70,12 +69,14 @@ class Session:
         self.inputs = {i.name: i for i in self.sess.get_inputs()}
         self.output_names = [o.name for o in self.sess.get_outputs()]
         self.max_chunk = max_chunk
-        self.has_sampler = "occurence" in self.inputs
+        # the sampling head's `occurence` has a default, so ORT lists it as an overridable initializer
+        self.has_sampler = "occurence" in self.inputs or self.meta.get("rwkv_opt.head") == "sampling"
 
     # ---- state ----------------------------------------------------------------------------------
     def _state_dtype(self, name: str):
         t = self.inputs[name].type  # e.g. 'tensor(float)'
-        return {"tensor(float)": np.float32, "tensor(float16)": np.float16}.get(t, np.float32)
+        return {"tensor(float)": np.float32, "tensor(float16)": np.float16,
+                "tensor(bfloat16)": ml_dtypes.bfloat16}.get(t, np.float32)
 
     def zero_state(self, batch: int = 1) -> dict[str, np.ndarray]:
         c = self.config
