@@ -1,0 +1,171 @@
+"""Text generation over an artifact: streaming `generate` and the turn-taking `Chat`.
+
+Sampling runs in the graph when the model has the sampling head (metadata rwkv_opt.head =
+sampling), else on the host with the numpy reference sampler (rwkv_opt.reference.sampler). Both
+take their uniforms from one stream, ``np.random.default_rng(seed).random(1)`` per drawn token,
+so a seed gives the same tokens on either path (up to float32 softmax rounding that would matter
+only for a uniform within ~1e-7 of a cdf step). The model state and the penalty state
+(occurrence) are carried from token to token.
+
+Vocabulary (the RWKV World tokenizer has ids 0-65529; RWKV-7 heads have 65536 rows):
+* ids the model can emit but the tokenizer cannot decode (65530..V-1) are banned, so every
+  emitted token decodes;
+* a model with V < 65530 (the synthetic "tiny" preset has V = 1024) cannot read World ids >= V:
+  such a token is spelled as its bytes instead (ids 1-256 are the single bytes 0x00-0xFF), so
+  ``decode(encode(text)) == text`` still holds; this needs V >= 257.
+Token 0 (end of document) ends `generate`; `Chat` bans it, as the official chat demo does.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from rwkv_opt.errors import RwkvOptError
+from rwkv_opt.graph import contract
+from rwkv_opt.passes import sampling_head as head
+from rwkv_opt.reference.sampler import Occurrence, SamplingParams, occurrence_exempt_mask, sample_step
+from rwkv_opt.reference.tokenizer import END_OF_DOC, WorldTokenizer, load_world_tokenizer
+from rwkv_opt.runtime.session import Session
+
+BYTE_TOKENS = 257  # ids 0-256: end of document and the 256 single bytes
+
+
+class TokenCodec:
+    """Text <-> ids for a model with vocabulary size `vocab` (see the module docstring)."""
+
+    def __init__(self, tokenizer: WorldTokenizer, vocab: int):
+        if vocab < BYTE_TOKENS:
+            raise RwkvOptError(f"a model with vocab {vocab} < {BYTE_TOKENS} cannot spell text in World byte tokens.")
+        self.tokenizer, self.vocab = tokenizer, vocab
+
+    def encode(self, text: str) -> list[int]:
+        ids: list[int] = []
+        for i in self.tokenizer.encode(text):
+            ids.extend([i] if i < self.vocab else [b + 1 for b in self.tokenizer.token_bytes(i)])
+        return ids
+
+    def undecodable(self) -> tuple[int, ...]:
+        """Ids the model can emit that the tokenizer cannot decode."""
+        return tuple(range(self.tokenizer.vocab_size, self.vocab))
+
+
+def uses_graph_sampler(session: Session) -> bool:
+    return session.meta.get("rwkv_opt.head") == head.NAME
+
+
+class _Sampler:
+    """Feeds tokens, carries the model state and the occurrence, draws the next token."""
+
+    def __init__(self, session: Session, params: SamplingParams, seed: int | None, in_graph: bool | None = None):
+        self.session, self.params = session, params
+        self.in_graph = uses_graph_sampler(session) if in_graph is None else in_graph
+        if self.in_graph and not uses_graph_sampler(session):
+            raise RwkvOptError(f"{session.path} has no sampling head; build it with `--head sampling` "
+                               "or sample on the host.")
+        self.vocab = session.config.vocab
+        self.rng = np.random.default_rng(seed)
+        self.state = session.zero_state(1)
+        self.feeds = head.sampling_feeds(params)
+        self.exempt = occurrence_exempt_mask(size=self.vocab)
+        self.reset_occurrence()
+
+    def reset_occurrence(self) -> None:
+        self.occurrence = Occurrence.zeros(self.vocab)
+        self.occurence = np.zeros((1, self.vocab), np.float32)  # the head's encoding
+
+    def step(self, tokens: Sequence[int]) -> int:
+        """Feed `tokens` (>= 1) and draw the token that follows them."""
+        ids = np.asarray(tokens, np.int64).reshape(1, -1)
+        if ids.size == 0 or ids.min() < 0 or ids.max() >= self.vocab:
+            raise RwkvOptError(f"token ids must be in [0, {self.vocab}); got {ids.min()}..{ids.max()}.")
+        u = self.rng.random(1)
+        if not self.in_graph:
+            logits, self.state = self.session.forward(ids, self.state)
+            return int(sample_step(logits[0, -1], self.occurrence, self.params, float(u[0]), self.exempt))
+        chunk = self.session.max_chunk
+        for s in range(0, ids.shape[1], chunk):
+            last = s + chunk >= ids.shape[1]
+            feed = {contract.TOKENS: ids[:, s:s + chunk], **self.state, **self.feeds,
+                    head.OCCURRENCE: self.occurence, head.UNIFORM: u if last else np.zeros(1)}
+            out = self.session.run(feed)
+            self.state = {dst: out[src] for i in range(self.session.config.n_layer)
+                          for src, dst in zip(contract.state_outputs(i), contract.state_inputs(i))}
+        self.occurence = out[head.OCCURRENCE_NEXT]
+        return int(out[head.TOKEN][0])
+
+
+def generate(session: Session, tokenizer: WorldTokenizer, prompt: str, max_tokens: int = 200,
+             params: SamplingParams = SamplingParams(), seed: int | None = None,
+             in_graph: bool | None = None) -> Iterator[str]:
+    """Stream the continuation of `prompt`, piece by piece, until max_tokens or end of document.
+
+    in_graph: None = the model's head when it has one; False forces host-side sampling.
+    """
+    if max_tokens <= 0:
+        return
+    codec = TokenCodec(tokenizer, session.config.vocab)
+    params = replace(params, token_ban=tuple(sorted(set(params.token_ban) | set(codec.undecodable()))))
+    ids = codec.encode(prompt) or [END_OF_DOC]  # an empty prompt starts a new document
+    sampler = _Sampler(session, params, seed, in_graph)
+    decoder = tokenizer.stream_decoder()
+    token = sampler.step(ids)
+    for n in range(max_tokens):
+        if token == END_OF_DOC:
+            break
+        piece = decoder.feed(token)
+        if piece:
+            yield piece
+        if n + 1 < max_tokens:
+            token = sampler.step([token])
+    tail = decoder.flush()
+    if tail:
+        yield tail
+
+
+class Chat:
+    """Turn-taking chat in the RWKV format, the state kept between turns.
+
+    Each turn feeds ``"User: {message}\\n\\nAssistant:"`` and streams the reply until it produces
+    "\\n\\n" (not shown), or max_tokens (then "\\n\\n" is fed to close the turn). As in the official
+    chat demo, the message's newline runs collapse to one, the occurrence restarts every reply and
+    end-of-document is banned.
+    """
+
+    def __init__(self, session: Session, tokenizer: WorldTokenizer | None = None,
+                 params: SamplingParams = SamplingParams(), seed: int | None = None, max_tokens: int = 500,
+                 in_graph: bool | None = None):
+        self.tokenizer = tokenizer or load_world_tokenizer()
+        self.codec = TokenCodec(self.tokenizer, session.config.vocab)
+        ban = set(params.token_ban) | set(self.codec.undecodable()) | {END_OF_DOC}
+        self.sampler = _Sampler(session, replace(params, token_ban=tuple(sorted(ban))), seed, in_graph)
+        self.session, self.max_tokens = session, max_tokens
+        self.fed: list[int] = []  # every token the state has seen since the last reset
+
+    def reset(self) -> None:
+        self.sampler.state = self.session.zero_state(1)
+        self.fed = []
+
+    def _feed(self, ids: list[int]) -> int:
+        self.fed += ids
+        return self.sampler.step(ids)
+
+    def reply(self, message: str) -> Iterator[str]:
+        message = re.sub(r"\n+", "\n", message.strip())
+        self.sampler.reset_occurrence()
+        token = self._feed(self.codec.encode(f"User: {message}\n\nAssistant:"))
+        decoder, text, shown = self.tokenizer.stream_decoder(), "", 0
+        for _ in range(self.max_tokens):
+            text += decoder.feed(token)
+            end = text.find("\n\n")
+            visible = text[:end] if end >= 0 else text.rstrip("\n")  # hold back a possible "\n\n"
+            if len(visible) > shown:
+                yield visible[shown:]
+                shown = len(visible)
+            following = self._feed([token])  # the state reads every shown token, the last one too
+            if end >= 0:
+                return
+            token = following
+        self._feed(self.codec.encode("\n\n"))  # the last drawn token is dropped; close the turn
