@@ -1,0 +1,144 @@
+"""Shared onnx-graphsurgeon plumbing for the pattern-based fusion rules (fuse_*.py).
+
+Rules find their patterns by structure (op types, wiring, which operands are constant), never by
+node or tensor names, so they work on graphs that a precision pass, onnxsim or a re-serialisation
+touched. Names of new nodes are only derived from the matched nodes' scope, for readers.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import helper, numpy_helper
+from onnx_graphsurgeon.exporters.onnx_exporter import dtype_to_onnx
+from onnx_graphsurgeon.ir.tensor import LazyValues
+
+# Initializers above this many elements become typed graph inputs for shape inference, so that
+# inferring ranks costs no weight copies (shape inference needs only their shapes).
+_SHAPE_ONLY_ABOVE = 4096
+
+
+def import_with_shapes(model: onnx.ModelProto) -> gs.Graph:
+    """The model as a gs.Graph whose intermediate tensors carry inferred dtypes and shapes."""
+    graph = gs.import_onnx(model)
+    known = _infer_value_types(model)
+    for t in graph.tensors().values():
+        if isinstance(t, gs.Variable) and t.name in known and (t.shape is None or t.dtype is None):
+            t.dtype, t.shape = known[t.name]
+    return graph
+
+
+def _infer_value_types(model: onnx.ModelProto) -> dict[str, tuple]:
+    inferred = onnx.shape_inference.infer_shapes(_without_big_weights(model))
+    out = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+        tt = vi.type.tensor_type
+        if not tt.HasField("shape"):
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+        out[vi.name] = (helper.tensor_dtype_to_np_dtype(tt.elem_type), dims)
+    return out
+
+
+def _without_big_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of the model's structure whose large initializers are typed graph inputs instead."""
+    light = onnx.ModelProto(ir_version=model.ir_version)
+    light.opset_import.extend(model.opset_import)
+    g = light.graph
+    g.name = model.graph.name
+    g.node.extend(model.graph.node)
+    g.input.extend(model.graph.input)
+    g.output.extend(model.graph.output)
+    for init in model.graph.initializer:
+        if int(np.prod(init.dims, dtype=np.int64)) > _SHAPE_ONLY_ABOVE:
+            g.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+        else:
+            g.initializer.append(init)
+    return light
+
+
+def export_like(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
+    """Export `graph`, keeping the original model's ir_version, opsets, producer and metadata."""
+    model = gs.export_onnx(graph, opset_imports=list(original.opset_import))
+    model.ir_version = original.ir_version
+    model.producer_name, model.producer_version = original.producer_name, original.producer_version
+    model.metadata_props.extend(original.metadata_props)
+    return model
+
+
+def const_meta(t: gs.Tensor) -> tuple[tuple[int, ...], int] | None:
+    """(shape, onnx elem type) if `t` is constant (see const_value), read without loading its data."""
+    if isinstance(t, gs.Constant):
+        return tuple(t.shape), elem_type(t.dtype)
+    if len(t.inputs) != 1:
+        return None
+    node = t.inputs[0]
+    if node.op == "Constant" and isinstance(node.attrs.get("value"), gs.Constant):
+        return const_meta(node.attrs["value"])
+    if node.op == "Cast":
+        src = const_meta(node.inputs[0])
+        return None if src is None else (src[0], node.attrs["to"])
+    return None
+
+
+def const_value(t: gs.Tensor) -> np.ndarray | None:
+    """The value of `t` if it is constant: an initializer, a Constant node, or a Cast of either.
+
+    Reads the TensorProto directly: gs's `.values` would cache a float32 copy of a bf16 tensor and
+    export that instead. bf16 comes back as ml_dtypes.bfloat16.
+    """
+    if isinstance(t, gs.Constant):
+        v = t._values
+        return numpy_helper.to_array(v.tensor) if isinstance(v, LazyValues) else np.asarray(v)
+    meta = const_meta(t)
+    if meta is None:
+        return None
+    node = t.inputs[0]
+    if node.op == "Constant":
+        return const_value(node.attrs["value"])
+    return const_value(node.inputs[0]).astype(helper.tensor_dtype_to_np_dtype(node.attrs["to"]))
+
+
+def constant(name: str, array: np.ndarray) -> gs.Constant:
+    """A gs.Constant backed by a TensorProto, so that every dtype onnx knows (bf16 too) exports as is."""
+    return gs.Constant(name, LazyValues(numpy_helper.from_array(np.array(array, order="C"), name)))
+
+
+def elem_type(dtype) -> int:
+    """The onnx elem type of a gs dtype (a numpy dtype, an ml_dtypes dtype or already an int)."""
+    return dtype_to_onnx(dtype)
+
+
+def onnx_opset(model: onnx.ModelProto) -> int:
+    """The model's default-domain opset (0 when it imports none)."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def producer(t: gs.Tensor, op: str) -> gs.Node | None:
+    """The node of type `op` that produces `t`, or None."""
+    return t.inputs[0] if len(t.inputs) == 1 and t.inputs[0].op == op else None
+
+
+def scope_of(nodes) -> str:
+    """The longest common '/a/b/' scope of the nodes' names ('' when they are unnamed)."""
+    prefix = os.path.commonprefix([n.name or "" for n in nodes])
+    return prefix[: prefix.rfind("/") + 1] if "/" in prefix else ""
+
+
+class Namer:
+    """Unique node and tensor names for a rewrite, derived from the matched scope."""
+
+    def __init__(self, graph: gs.Graph, rule: str):
+        self.rule = rule
+        self.taken = set(graph.tensors()) | {n.name for n in graph.nodes}
+
+    def __call__(self, scope: str, leaf: str) -> str:
+        base = f"{scope or '/'}{self.rule}/{leaf}"
+        name, k = base, 0
+        while name in self.taken:
+            k += 1
+            name = f"{base}_{k}"
+        self.taken.add(name)
+        return name
