@@ -1,0 +1,70 @@
+"""The staged pipeline per target: artifacts, manifests, verification and budget gating."""
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from rwkv_opt.errors import RwkvOptError
+from rwkv_opt.inspect import info
+from rwkv_opt.passes import REGISTRY
+from rwkv_opt.pipeline import run_pipeline
+from rwkv_opt.targets import TARGETS, Budget, get_target
+
+quiet = dict(progress=lambda _m: None)
+
+
+def test_every_target_pass_is_registered():
+    for t in TARGETS.values():
+        for name, overrides in t.passes:
+            assert name in REGISTRY, f"{t.name} lists unknown pass {name}"
+            REGISTRY[name].Config(**overrides)  # the overrides fit the pass's typed config
+
+
+@pytest.mark.parametrize("target", ["cuda-fp16", "cuda-bf16"])
+def test_cuda_targets_build_and_verify_on_cpu(tiny7, tmp_path, target):
+    out = tmp_path / target
+    man = run_pipeline(get_target(target), tiny7, out, **quiet)
+    d = info(out)
+    for io in d["inputs"] + d["outputs"]:
+        if io["name"].startswith(("wkv_state", "wkv_next")) or io["name"] == "head":
+            assert io["dtype"] == "float32", io
+    v = man["verification"]
+    assert v["within_budget"] and v["top1"] >= 0.99, v
+    assert [p["name"] for p in man["passes"]] == get_target(target).pass_names
+    assert json.loads(d["metadata"]["rwkv_opt.precision"])["weights"] == {"cuda-fp16": "fp16", "cuda-bf16": "bf16"}[target]
+
+
+def test_manifest_records_each_pass(tiny7, tmp_path):
+    man = run_pipeline(get_target("cpu-fp32"), tiny7, tmp_path / "a", **quiet)
+    on_disk = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert on_disk["target"] == "cpu-fp32" and on_disk["source"]["config"]["n_layer"] == 2
+    for rec in on_disk["passes"]:
+        assert rec["seconds"] >= 0 and rec["nodes_after"] == sum(rec["ops_after"].values())
+        assert isinstance(rec["changed"], bool) and "config" in rec
+    wkv = next(p for p in on_disk["passes"] if p["name"] == "fuse_wkv")
+    assert wkv["changed"] and wkv["ops_after"].get("If", 0) > wkv["ops_before"].get("If", 0)
+    assert set(on_disk["versions"]) >= {"onnx", "onnxruntime", "numpy", "rwkv_opt"}
+    assert man["total_seconds"] > 0
+
+
+def test_missed_budget_writes_nothing(tiny7, tmp_path):
+    strict = dataclasses.replace(get_target("cuda-fp16"), budget=Budget(min_top1=1.0, max_rel_err=1e-7, max_kl=0))
+    with pytest.raises(RwkvOptError, match="missed its accuracy budget"):
+        run_pipeline(strict, tiny7, tmp_path / "out", **quiet)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_pass_order_is_checked(tiny7, tmp_path):
+    class Needy(REGISTRY["simplify"]):
+        name = "needs_fp16"
+        requires = ("fp16_mixed",)
+
+    REGISTRY["needs_fp16"] = Needy
+    try:
+        t = dataclasses.replace(get_target("cpu-fp32"), passes=(("needs_fp16", {}),))
+        with pytest.raises(RwkvOptError, match="requires 'fp16_mixed' to run first"):
+            run_pipeline(t, tiny7, tmp_path / "out", **quiet)
+    finally:
+        del REGISTRY["needs_fp16"]
+    assert list(tmp_path.iterdir()) == []
