@@ -114,8 +114,16 @@ class GraphBuilder:
                                  initializer=list(self.initializers.values()), value_info=self.value_info)
 
     def model(self, metadata: dict | None = None, ir_version: int = 10) -> onnx.ModelProto:
-        m = helper.make_model(self.graph(), opset_imports=[helper.make_opsetid("", self.opset)],
+        """The ModelProto. Initializers are MOVED into it one at a time (the builder is left without
+        them): protobuf copies on every assignment, so building the graph with them and then the
+        model would hold three copies of the weights at once."""
+        g = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, value_info=self.value_info)
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", self.opset)],
                               producer_name="rwkv-opt", ir_version=ir_version)
+        del g
+        for name in list(self.initializers):
+            m.graph.initializer.append(self.initializers.pop(name))
+        self._consts.clear()
         for k, v in (metadata or {}).items():
             m.metadata_props.add(key=k, value=str(v))
         return m
