@@ -6,6 +6,8 @@ Protocol (per setting: batch B, prompt length T, D decode steps, R repeats):
   - each repeat: prefill B x T tokens from the zero state (timed), then D single-token decode
     steps carrying the state (each timed); the repeat's p50/p95 are taken over its D steps;
   - reported: the median over repeats of prefill time and of the per-repeat p50 and p95.
+`rwkv-opt bench` runs this with R = 1 in each of its rounds (one fresh process per round) and
+takes the median over rounds (runner.run), so each repeat also re-creates the session.
 A decode step makes one token for each of the B sequences, so ms/token per sequence = ms/step.
 Peak RSS is the process's VmHWM after the timed runs (imports included; `rss_before_mb` is
 the resident size after imports and before the session, so the session's share can be read off).

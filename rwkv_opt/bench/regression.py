@@ -20,10 +20,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
-
 from rwkv_opt.artifact import write_json
-from rwkv_opt.bench.source import ArtifactInfo, artifact_info, load_weights_for, refuse_unrunnable
+from rwkv_opt.bench.source import ArtifactInfo, artifact_info, refuse_unrunnable
 from rwkv_opt.config import Provider
 from rwkv_opt.errors import RwkvOptError
 
@@ -51,15 +49,14 @@ class Moved:
 
 
 def measure(info: ArtifactInfo, provider: Provider, protocol: dict, checkpoint=None) -> dict[str, float]:
-    from rwkv_opt.bench.accuracy import fixed_tokens, teacher_forced_stream
-    from rwkv_opt.reference import ReferenceModel
-    from rwkv_opt.runtime import Session
+    """The protocol's accuracy figures, measured in a worker process (see runner.run_worker)."""
+    from rwkv_opt.bench.runner import run_worker
 
-    ref = ReferenceModel(load_weights_for(info, checkpoint), np.float32)
-    tokens = fixed_tokens(ref.cfg.vocab, protocol["batch"], protocol["prompt_len"] + protocol["decode"],
-                          seed=protocol["seed"])
-    m = teacher_forced_stream(Session(info.path, provider), ref, tokens, protocol["prompt_len"])
-    return {k: float(m[k]) for k in METRICS}
+    res = run_worker({"kind": "accuracy", "artifact": str(info.path), "provider": provider.value, "threads": None,
+                      "checkpoint": str(checkpoint) if checkpoint else None,
+                      "settings": [[protocol["batch"], protocol["prompt_len"]]], "drift_tokens": protocol["decode"],
+                      "seed": protocol["seed"]})
+    return {k: float(res["results"][0][k]) for k in METRICS}
 
 
 def baseline_key(info: ArtifactInfo, taken: set[str]) -> str:

@@ -9,10 +9,11 @@ identity   artifact, path, target, target_provider (the EP the target was built 
 setting    batch, prompt_len, decode_steps, repeat, threads (0 = ORT default)
 latency    session_s (creation, fresh process), prefill_ms, prefill_tok_s (B*T / prefill time),
            decode_ms_p50, decode_ms_p95 (ms per decode step = per token of each sequence),
-           decode_tok_s (B / p50); medians over repeats, warm-up excluded (see latency.py)
+           decode_tok_s (B / p50); medians over `repeat` rounds, each a fresh process, warm-up
+           excluded (see latency.py and runner.run)
 memory     rss_before_mb (after imports, before the session), peak_rss_mb (VmHWM of the
            measuring process), gpu_mem_mb (nvidia-smi, NaN without a GPU)
-load       load_1m_start, load_1m_end: the 1-minute load average around the timed runs
+load       load_1m_min, load_1m_max: the 1-minute load average sampled before and after each timed run
 placement  nodes_on_provider, time_on_provider (fractions, ORT profiler), cpu_fallback
 accuracy   max_rel_err (max|err| / std(ref)), mean_kl (KL(ref || model), nats), top1, state_drift
            (max|err| / std of the WKV states after the decode), acc_positions (logit rows compared),
@@ -38,7 +39,7 @@ SCHEMA: tuple[tuple[str, str], ...] = (
     ("session_s", "float64"), ("prefill_ms", "float64"), ("prefill_tok_s", "float64"),
     ("decode_ms_p50", "float64"), ("decode_ms_p95", "float64"), ("decode_tok_s", "float64"),
     ("rss_before_mb", "float64"), ("peak_rss_mb", "float64"), ("gpu_mem_mb", "float64"),
-    ("load_1m_start", "float64"), ("load_1m_end", "float64"),
+    ("load_1m_min", "float64"), ("load_1m_max", "float64"),
     ("nodes_on_provider", "float64"), ("time_on_provider", "float64"), ("cpu_fallback", "boolean"),
     ("max_rel_err", "float64"), ("mean_kl", "float64"), ("top1", "float64"), ("state_drift", "float64"),
     ("acc_positions", "Int64"), ("drift_tokens", "Int64"),
@@ -50,7 +51,7 @@ PROFILE_COLUMNS = ("artifact", "target", "provider", "batch", "prompt_len", "pha
 # The Markdown summary: the columns a reader compares first (the CSV and HTML carry all of them).
 SUMMARY = ("artifact", "target", "provider", "precision", "batch", "prompt_len", "size_mb", "prefill_tok_s",
            "decode_ms_p50", "decode_ms_p95", "peak_rss_mb", "time_on_provider", "max_rel_err", "mean_kl", "top1",
-           "state_drift", "load_1m_start", "note")
+           "state_drift", "load_1m_max", "note")
 
 
 def frame(rows: list[dict]) -> pd.DataFrame:

@@ -65,14 +65,27 @@ def refuse_unrunnable(info: ArtifactInfo, provider: Provider) -> None:
                            "bench it with --providers cuda on a GPU machine, or bench a cpu-fp32 artifact here.")
 
 
+def source_path(info: ArtifactInfo, checkpoint: str | Path | None = None) -> Path | None:
+    """The checkpoint file to load (None for a built-in synthetic source); refuses when it is missing.
+
+    A relative source path in the manifest is relative to where `pipeline` ran, which is unknown:
+    it is looked up from the current directory, then beside the artifact directory."""
+    if checkpoint is None and _SYNTH.match(info.source):
+        return None
+    if checkpoint is not None:
+        candidates = [Path(checkpoint)]
+    else:
+        candidates = [Path(info.source)] + ([] if Path(info.source).is_absolute() else [info.path.parent / info.source])
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise RwkvOptError(f"{info.name} was built from {checkpoint or info.source}, which is not on this machine; "
+                       "pass --checkpoint with the same .pth file (or bench without accuracy).")
+
+
 def check_source(info: ArtifactInfo, checkpoint: str | Path | None = None) -> None:
     """Refuse early (before any measuring) when the reference's weights cannot be had."""
-    if checkpoint is None and _SYNTH.match(info.source):
-        return
-    path = Path(checkpoint or info.source)
-    if not path.is_file():
-        raise RwkvOptError(f"{info.name} was built from {info.source}, which is not on this machine; "
-                           "pass --checkpoint with the same .pth file (or bench without accuracy).")
+    source_path(info, checkpoint)
 
 
 def load_weights_for(info: ArtifactInfo, checkpoint: str | Path | None = None):
@@ -80,11 +93,10 @@ def load_weights_for(info: ArtifactInfo, checkpoint: str | Path | None = None):
     from rwkv_opt.checkpoint import load_source
     from rwkv_opt.checkpoint.weights import load_weights
 
-    check_source(info, checkpoint)
-    m = _SYNTH.match(info.source)
-    if checkpoint is None and m:
+    path = source_path(info, checkpoint)
+    if path is None:
+        m = _SYNTH.match(info.source)
         return load_source(None, m["preset"], bool(m["de"]), int(m["seed"]))
-    path = Path(checkpoint or info.source)
     w = load_weights(path, digest=bool(info.digest) and not info.digest.startswith("synthetic"))
     if w.digest and info.digest and w.digest != info.digest:
         raise RwkvOptError(f"{path} is not the checkpoint {info.name} was built from (digest {w.digest[:12]}... "

@@ -5,7 +5,7 @@ goes down), keeps one session's allocator from warming the next one, and keeps t
 reference's weights out of the latency figures. Jobs are plain JSON dicts:
 
     {"kind": "latency", "artifact", "provider", "threads", "batch", "prompt_len", "decode",
-     "repeat", "seed"}                          -> latency + memory + placement (+ breakdown)
+     "repeat", "seed", "profile"}               -> latency + memory (+ placement and breakdown)
     {"kind": "accuracy", "artifact", "provider", "threads", "checkpoint", "settings": [[B, T], ...],
      "drift_tokens", "seed"}                    -> one accuracy dict per setting
 Expected errors (RwkvOptError) come back as {"error": message}; anything else is a crash.
@@ -42,8 +42,9 @@ def latency_job(job: dict) -> dict:
     out["load_1m_end"] = latency.load_1m()
     del sess
     gc.collect()
-    out["profile"] = profile_run(Path(job["artifact"]), provider, job["threads"], job["batch"], job["prompt_len"],
-                                 job["seed"])
+    if job.get("profile", True):
+        out["profile"] = profile_run(Path(job["artifact"]), provider, job["threads"], job["batch"], job["prompt_len"],
+                                     job["seed"])
     return out
 
 

@@ -1,4 +1,5 @@
-"""Tiny artifacts for the bench tests: the base graph (`rwkv-opt build`) and cpu-fp32.
+"""Tiny artifacts for the bench tests: the base graph (`rwkv-opt build`), cpu-fp32 and cuda-fp16
+(fp16-mixed; ORT's CPU EP runs it through fp32 casts, so its accuracy is checkable here).
 
 cpu-fp32 is built with the target's registered passes only, so these tests keep running while a
 pass the target lists is still being written (the artifact then lacks that pass, nothing else).
@@ -33,7 +34,8 @@ def buildable(name: str):
 def tiny_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("tiny-artifacts")
     assert cli_main(["build", "-o", str(d / "base")]) == 0
-    run_pipeline(buildable("cpu-fp32"), load_source(), d / "cpu-fp32", progress=lambda _m: None)
+    for target in ("cpu-fp32", "cuda-fp16"):
+        run_pipeline(buildable(target), load_source(), d / target, progress=lambda _m: None)
     return d
 
 

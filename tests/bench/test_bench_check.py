@@ -18,7 +18,7 @@ def check(*args):
 
 
 def test_ci_gate_committed_baseline(tiny_dir):
-    r = check("--baseline", TINY_BASELINE, tiny_dir / "cpu-fp32", tiny_dir / "base")
+    r = check("--baseline", TINY_BASELINE, tiny_dir / "cpu-fp32", tiny_dir / "base", tiny_dir / "cuda-fp16")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "no regression" in r.stdout
 
@@ -27,6 +27,11 @@ def test_damaged_artifact_regresses(damaged):
     r = check("--baseline", TINY_BASELINE, damaged)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "REGRESSION" in r.stdout and "max_rel_err" in r.stdout
+
+
+def test_cuda_target_needs_cpu_provider_named(tiny_dir, tmp_path, capsys):
+    assert cli_main(["check", "--write-baseline", str(tmp_path / "b.json"), str(tiny_dir / "cuda-fp16")]) == 2
+    assert "'cuda' is not available" in capsys.readouterr().err and not (tmp_path / "b.json").exists()
 
 
 def test_write_then_check(tiny_dir, tmp_path, capsys):
@@ -66,3 +71,21 @@ def test_bad_input_exit_2(tiny_dir, tmp_path, capsys, make, msg):
     err = capsys.readouterr().err
     assert rc == 2 and msg in err, err
     assert err.count("\n") == 1 and "Traceback" not in err  # one sentence
+
+
+def test_relative_checkpoint_source_found_beside_artifact(tiny_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from rwkv_opt.bench.source import artifact_info, source_path
+    from rwkv_opt.errors import RwkvOptError
+
+    art = tmp_path / "arts" / "a"
+    shutil.copytree(tiny_dir / "cpu-fp32", art)
+    man = json.loads((art / "manifest.json").read_text())
+    man["source"]["path"] = "ck.pth"
+    (art / "manifest.json").write_text(json.dumps(man))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RwkvOptError, match="pass --checkpoint"):
+        source_path(artifact_info(art))
+    (art.parent / "ck.pth").write_bytes(b"")
+    assert source_path(artifact_info(art)) == art.parent / "ck.pth"
