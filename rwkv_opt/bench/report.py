@@ -105,9 +105,19 @@ def _write(path: Path, data: str | bytes) -> None:
     os.replace(tmp, path)
 
 
-def _header(meta: dict) -> list[str]:
+def _load_line(df: pd.DataFrame, cores: int) -> str:
+    lo, hi = df["load_1m_min"].min(), df["load_1m_max"].max()
+    busy = hi >= 0.5 * cores
+    return (f"- load average (1 min) around the timed runs: {lo:.2f} to {hi:.2f} on {cores} cores"
+            + (" -- HIGH: other work shared the CPU, so absolute times are pessimistic; rows were measured in "
+               "interleaved rounds, so they compare fairly with each other" if busy else " (quiet)"))
+
+
+def _header(meta: dict, df: pd.DataFrame | None = None) -> list[str]:
     m = meta.get("machine") or machine_info()
     lines = [f"- machine: {m['cpu']}, {m['cores']} cores ({m['platform']})", f"- date: {m['date']}"]
+    if df is not None and len(df):
+        lines.append(_load_line(df, m["cores"] or 1))
     if meta.get("command"):
         lines.append(f"- command: `{meta['command']}`")
     if meta.get("versions"):
@@ -140,7 +150,7 @@ def write_report(df: pd.DataFrame, out_dir: str | Path, meta: dict | None = None
         _write(paths[k], png)
     _write(paths["csv"], df.to_csv(index=False))
     prof = df.attrs.get("profile")
-    md = ["# rwkv-opt bench", ""] + _header(meta) + ["", markdown_table(df, SUMMARY), "",
+    md = ["# rwkv-opt bench", ""] + _header(meta, df) + ["", markdown_table(df, SUMMARY), "",
                                                       "All columns: bench.csv (schema: rwkv_opt/bench/report.py).",
                                                       "", "![latency vs accuracy](latency_vs_accuracy.png)",
                                                       "", "![decode latency by batch](decode_by_batch.png)", ""]
@@ -156,7 +166,7 @@ def write_report(df: pd.DataFrame, out_dir: str | Path, meta: dict | None = None
 def _html(df: pd.DataFrame, meta: dict, pngs: dict[str, bytes], prof) -> str:
     imgs = "".join(f'<figure><img alt="{k}" src="data:image/png;base64,{base64.b64encode(v).decode()}"></figure>'
                    for k, v in pngs.items())
-    head = "".join(f"<li>{html.escape(line[2:])}</li>" for line in _header(meta))
+    head = "".join(f"<li>{html.escape(line[2:])}</li>" for line in _header(meta, df))
     table = df.to_html(index=False, na_rep="", float_format=lambda v: _fmt(float(v)), border=0)
     extra = ""
     if prof is not None and len(prof):
