@@ -1,0 +1,205 @@
+"""Size, decode and prefill speed, and accuracy of the cpu-fp32 / cpu-int8 / cpu-int4 targets.
+
+    python benchmarks/quant_speed.py [--preset 0.1b] [--threads 2] [--targets cpu-fp32 cpu-int8 cpu-int4 cuda-int4]
+                                     [--rounds 15] [--decode-steps 16] [--prefill-len 512]
+                                     [--prompt 64] [--decoded 192] [--out DIR] [--json FILE]
+    python benchmarks/quant_speed.py --ablate '{"scheme": "nbits4"}' '{"scheme": "nbits4", "block_size": 32}' ...
+
+Artifacts are built with `run_pipeline` from the synthetic preset (verification off here: the
+accuracy below is the longer protocol; a target that misses its budget is still measured, and
+the table says so). Then, in one process:
+
+accuracy  teacher forced vs the fp32 numpy reference: a `--prompt`-token prompt, then `--decoded`
+          tokens fed one at a time carrying the state; every artifact steps in lockstep with one
+          reference run (its logits are computed once); logits compared at the prompt's last
+          position and at every decode step (top-1 agreement, mean KL(ref || model), max|err|/std).
+speed     ORT CPU EP, ORT_ENABLE_ALL, intra-op threads = --threads, batch 1. Each round runs every
+          target once, in an order rotating per round: a prefill of --prefill-len tokens from the
+          zero state (timed), then --decode-steps single-token steps (each timed; the round keeps
+          their median). Reported: the median over rounds; ratios vs cpu-fp32 are the median of the
+          per-round paired ratios, so a busy host slows every target alike.
+          CUDA targets are not timed here (the CPU EP would time fp16 through casts); their
+          accuracy is measured on the CPU EP like the pipeline's own verification.
+size      bytes of the artifact directory (model.onnx + model.onnx.data).
+--ablate  accuracy (same protocol) and size of quantize pass configs applied, one at a time, to the
+          cpu-fp32 artifact: the algorithm and scheme comparisons in reports/quantization.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from rwkv_opt.artifact import artifact_size
+from rwkv_opt.bench.accuracy import fixed_tokens
+from rwkv_opt.bench.metrics import LogitStats
+from rwkv_opt.checkpoint import load_source
+from rwkv_opt.config import Provider
+from rwkv_opt.pipeline import run_pipeline
+from rwkv_opt.reference import ReferenceModel
+from rwkv_opt.runtime import Session
+from rwkv_opt.targets import get_target
+
+BASE = "cpu-fp32"
+
+
+def build(targets: list[str], weights, out: Path) -> dict[str, dict]:
+    manifests = {}
+    for name in targets:
+        path = out / name
+        if not (path / "manifest.json").exists():
+            run_pipeline(get_target(name), weights, path, do_verify=False, progress=lambda m: None)
+        manifests[name] = json.loads((path / "manifest.json").read_text())
+    return manifests
+
+
+def reference_logits(weights, tokens: np.ndarray, prompt: int) -> list[np.ndarray]:
+    """fp32 numpy reference logits (1, 1, V) at the prompt's last position and at each decode step."""
+    ref = ReferenceModel(weights, np.float32)
+    want, st = ref.forward(tokens[:, :prompt], full_output=False)
+    out = [want[:, -1:]]
+    for t in range(prompt, tokens.shape[1]):
+        want, st = ref.forward(tokens[:, t:t + 1], st)
+        out.append(want)
+    return out
+
+
+def accuracy(session: Session, tokens: np.ndarray, prompt: int, want: list[np.ndarray]) -> dict:
+    """Teacher-forced logits of `session` on `tokens` vs the reference's (`reference_logits`)."""
+    stats = LogitStats()
+    got, st = session.forward(tokens[:, :prompt])
+    stats.add(want[0], got[:, -1:].astype(np.float32))
+    for i, t in enumerate(range(prompt, tokens.shape[1])):
+        got, st = session.forward(tokens[:, t:t + 1], st)
+        stats.add(want[i + 1], got.astype(np.float32))
+    return {**stats.result(), "positions": stats.positions}
+
+
+def ablation(configs: list[dict], fp32_artifact: Path, tokens: np.ndarray, prompt: int,
+             want: list[np.ndarray]) -> list[dict]:
+    """Accuracy and size of quantize configs applied to the cpu-fp32 artifact, one at a time."""
+    import tempfile
+
+    import onnx
+
+    from rwkv_opt.artifact import save_model
+    from rwkv_opt.pipeline import run_passes
+
+    base = onnx.load(str(fp32_artifact / "model.onnx"))
+    rows = []
+    for cfg in configs:
+        t0 = time.perf_counter()
+        model, _ = run_passes(base, [("quantize", cfg)], progress=lambda m: None)
+        seconds = time.perf_counter() - t0
+        with tempfile.TemporaryDirectory() as d:
+            save_model(model, Path(d) / "model.onnx")
+            del model
+            size = artifact_size(Path(d))
+            acc = accuracy(Session(Path(d) / "model.onnx", threads=2), tokens, prompt, want)
+        rows.append({"config": cfg, "size": size, "quantize_s": seconds, **acc})
+        print(f"{json.dumps(cfg)}: {size / 2**20:.1f} MiB, top-1 {acc['top1']:.4f}, KL {acc['mean_kl']:.3e}, "
+              f"max|err|/std {acc['max_rel_err']:.2e} ({seconds:.0f}s)", flush=True)
+    return rows
+
+
+def speed(sessions: dict[str, Session], vocab: int, rounds: int, steps: int, prefill_len: int) -> dict[str, dict]:
+    rng = np.random.default_rng(1)
+    prompt = rng.integers(0, vocab, (1, prefill_len), dtype=np.int64)
+    dec = rng.integers(0, vocab, (1, steps), dtype=np.int64)
+    names = list(sessions)
+    for s in sessions.values():  # warm-up: first runs allocate and prepack
+        _, st = s.forward(prompt)
+        s.forward(dec[:, :1], st)
+    pre = {n: [] for n in names}
+    step = {n: [] for n in names}
+    for r in range(rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            s = sessions[n]
+            t0 = time.perf_counter()
+            _, st = s.forward(prompt)
+            pre[n].append(time.perf_counter() - t0)
+            times = []
+            for t in range(steps):
+                t0 = time.perf_counter()
+                _, st = s.forward(dec[:, t:t + 1], st)
+                times.append(time.perf_counter() - t0)
+            step[n].append(statistics.median(times))
+    out = {}
+    for n in names:
+        out[n] = {"prefill_tok_s": prefill_len / statistics.median(pre[n]),
+                  "decode_ms": 1e3 * statistics.median(step[n]),
+                  "prefill_x": statistics.median(b / p for b, p in zip(pre[BASE], pre[n])) if BASE in pre else None,
+                  "decode_x": statistics.median(b / d for b, d in zip(step[BASE], step[n])) if BASE in step else None}
+    return out
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def table(rows: dict[str, dict], base_size: int | None, prefill_len: int) -> str:
+    cols = ["target", "size MiB", "size x", "decode ms/token", "decode x", f"prefill T={prefill_len} tok/s",
+            "prefill x", "top-1", "mean KL", "max\\|err\\|/std", "budget (top-1, KL)", "within budget"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for n, r in rows.items():
+        b = get_target(n).budget
+        ok = r["top1"] >= b.min_top1 and r["mean_kl"] <= b.max_kl and r["max_rel_err"] <= b.max_rel_err
+        cells = [n, f"{r['size'] / 2**20:.1f}", _fmt(r["size"] / base_size if base_size else None, ".3f"),
+                 _fmt(r["decode_ms"], ".2f"), _fmt(r["decode_x"], ".2f"), _fmt(r["prefill_tok_s"], ".0f"),
+                 _fmt(r["prefill_x"], ".2f"), f"{r['top1']:.4f}", f"{r['mean_kl']:.2e}", f"{r['max_rel_err']:.2e}",
+                 f">= {b.min_top1}, <= {b.max_kl}", "yes" if ok else "NO"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="0.1b")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--targets", nargs="+", default=[BASE, "cpu-int8", "cpu-int4", "cuda-int4"])
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--decode-steps", type=int, default=16)
+    ap.add_argument("--prefill-len", type=int, default=512)
+    ap.add_argument("--prompt", type=int, default=64)
+    ap.add_argument("--decoded", type=int, default=192)
+    ap.add_argument("--out", type=Path, default=Path("/tmp/rwkv-opt-quant-speed"))
+    ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    ap.add_argument("--ablate", nargs="+", metavar="CONFIG_JSON",
+                    help="instead: accuracy and size of these quantize configs applied to the cpu-fp32 artifact")
+    a = ap.parse_args(argv)
+
+    w = load_source(None, a.preset, False, a.seed)
+    t0 = time.perf_counter()
+    manifests = build([BASE] if a.ablate else a.targets, w, a.out / a.preset)
+    print(f"artifacts ready in {time.perf_counter() - t0:.0f}s under {a.out / a.preset}", file=sys.stderr)
+    tokens = fixed_tokens(w.config.vocab, 1, a.prompt + a.decoded, seed=0)
+    want = reference_logits(w, tokens, a.prompt)
+    if a.ablate:
+        rows = ablation([json.loads(c) for c in a.ablate], a.out / a.preset / BASE, tokens, a.prompt, want)
+        if a.json:
+            a.json.write_text(json.dumps(rows, indent=1, default=str))
+        return 0
+    sessions = {n: Session(a.out / a.preset / n, threads=a.threads) for n in a.targets}
+    acc = {n: accuracy(s, tokens, a.prompt, want) for n, s in sessions.items()}
+    timed = {n: s for n, s in sessions.items() if get_target(n).provider is Provider.CPU}
+    spd = speed(timed, w.config.vocab, a.rounds, a.decode_steps, a.prefill_len)
+    untimed = {"prefill_tok_s": None, "decode_ms": None, "prefill_x": None, "decode_x": None}
+    rows = {n: {**acc[n], **spd.get(n, untimed), "size": artifact_size(a.out / a.preset / n),
+                "passes": [(p["name"], p["config"]) for p in manifests[n]["passes"]]} for n in a.targets}
+    base_size = rows[BASE]["size"] if BASE in rows else None
+    print(f"preset {a.preset}, {a.threads} threads, prompt {a.prompt} + {a.decoded} teacher-forced, "
+          f"{a.rounds} rounds x {a.decode_steps} decode steps, prefill T={a.prefill_len}\n")
+    print(table(rows, base_size, a.prefill_len))
+    if a.json:
+        a.json.write_text(json.dumps(rows, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""Calibration for the quantizers that need activations (GPTQ): token sequences and H = X^T X.
+
+Tokens come from a user text file (World tokenizer, cut into `length`-token windows) or, by
+default, are sampled from the model being quantized: a random first token per sequence, then
+each next token drawn from softmax(logits) at temperature 1. Either way the model runs one
+token at a time carrying its state, so every MatMul (the last-position head included) sees
+every position; the inputs of the requested MatMuls are read out as extra graph outputs and
+reduced to H = X^T X per input tensor ((K, K), float32, accumulated every `_FLUSH` steps so memory
+stays at the H matrices plus a few steps of activations).
+
+Defaults (16 x 256 = 4096 tokens) were set on the 0.1B shape: with 512 tokens GPTQ over-fitted
+(K = 3072 inputs, H of rank 512) and its held-out error was worse than round-to-nearest.
+"""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from rwkv_opt.artifact import initializer_bytes, save_model
+from rwkv_opt.errors import RwkvOptError
+from rwkv_opt.graph import contract
+
+_FLUSH = 32  # steps of activations held before they are folded into H
+_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
+
+
+@dataclass(frozen=True)
+class Calibration:
+    text: str = ""          # UTF-8 text file; empty: sample sequences from the model itself
+    sequences: int = 16     # sequences run side by side (the batch)
+    length: int = 256       # tokens per sequence
+    seed: int = 0
+
+
+def text_tokens(path: str, sequences: int, length: int, vocab: int) -> np.ndarray:
+    """(sequences, length) token windows from a text file, in file order."""
+    from rwkv_opt.reference.tokenizer import load_world_tokenizer
+
+    p = Path(path)
+    if not p.is_file():
+        raise RwkvOptError(f"calibration text {path} does not exist; pass a UTF-8 text file or leave it empty "
+                           "to sample calibration sequences from the model.")
+    ids = np.asarray(load_world_tokenizer().encode(p.read_text(encoding="utf-8")), np.int64)
+    if ids.size < length:
+        raise RwkvOptError(f"calibration text {path} has {ids.size} tokens; it needs at least {length} "
+                           "(one sequence of calibration_length).")
+    if ids.max() >= vocab:
+        raise RwkvOptError(f"calibration text {path} tokenizes to ids up to {ids.max()}, but the model's vocabulary "
+                           f"has {vocab} rows; use a World-vocabulary model or sample from the model instead.")
+    n = min(sequences, ids.size // length)
+    return ids[: n * length].reshape(n, length)
+
+
+class _Runner:
+    """The model in ORT (CPU, 2 threads) with `extra` tensors exposed as outputs, stepped token by token."""
+
+    def __init__(self, model: onnx.ModelProto, extra: list[str]):
+        import onnxruntime as ort
+
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        have = {o.name for o in m.graph.output}
+        m.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in extra if t not in have)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads = 2, 1
+        if initializer_bytes(m) > (1 << 30):  # protobuf's 2 GB limit: go through a file
+            with tempfile.TemporaryDirectory() as d:
+                save_model(m, Path(d) / "calib.onnx", external=True)
+                self.sess = ort.InferenceSession(str(Path(d) / "calib.onnx"), so, providers=["CPUExecutionProvider"])
+        else:
+            self.sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        self.inputs = {i.name: i for i in self.sess.get_inputs()}
+        self.names = [o.name for o in self.sess.get_outputs()]
+        self.n_layer = sum(1 for n in self.inputs if n.startswith("wkv_state_"))
+
+    def zero_state(self, batch: int) -> dict[str, np.ndarray]:
+        st = {}
+        for name, i in self.inputs.items():
+            if name == contract.TOKENS:
+                continue
+            shape = [d if isinstance(d, int) else batch for d in i.shape]
+            st[name] = np.zeros(shape, _NP.get(i.type, np.float32))
+        return st
+
+    def step(self, tok_B1: np.ndarray, state: dict) -> tuple[dict, dict]:
+        out = dict(zip(self.names, self.sess.run(None, {contract.TOKENS: tok_B1, **state})))
+        new = {}
+        for i in range(self.n_layer):
+            for src, dst in zip(contract.state_outputs(i), contract.state_inputs(i)):
+                new[dst] = out[src]
+        return out, new
+
+
+def hessians(model: onnx.ModelProto, tensors: list[str], vocab: int, cal: Calibration
+             ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """H = X^T X (float32, (K, K)) for each tensor in `tensors`; also returns the tokens used."""
+    rng = np.random.default_rng(cal.seed)
+    given = text_tokens(cal.text, cal.sequences, cal.length, vocab) if cal.text else None
+    batch = given.shape[0] if given is not None else cal.sequences
+    run = _Runner(model, tensors)
+    state = run.zero_state(batch)
+    rows: dict[str, list[np.ndarray]] = {t: [] for t in tensors}
+    H: dict[str, np.ndarray] = {}
+    tokens = np.zeros((batch, cal.length), np.int64)
+    tokens[:, 0] = given[:, 0] if given is not None else rng.integers(0, vocab, batch)
+    for t in range(cal.length):
+        out, state = run.step(tokens[:, t:t + 1], state)
+        for name in tensors:
+            x = out[name]
+            rows[name].append(x.reshape(-1, x.shape[-1]).astype(np.float32))
+        if t + 1 < cal.length:
+            tokens[:, t + 1] = given[:, t + 1] if given is not None else _sample(out[contract.LOGITS], rng)
+        if (t + 1) % _FLUSH == 0 or t + 1 == cal.length:
+            for name in tensors:
+                X = np.concatenate(rows[name], 0)                            # (steps * batch, K)
+                rows[name].clear()
+                H[name] = H[name] + X.T @ X if name in H else X.T @ X
+    return H, tokens
+
+
+def _sample(logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One token per row from softmax(logits[:, -1]) (temperature 1, inverse CDF)."""
+    z = logits[:, -1, :].astype(np.float64)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    cdf = np.cumsum(p, -1)
+    u = rng.random(z.shape[0])[:, None] * cdf[:, -1:]
+    return np.minimum((cdf < u).sum(-1), z.shape[-1] - 1)
