@@ -3,7 +3,7 @@ passes that make it (in order, with config overrides), session settings and its 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from rwkv_opt.config import Precision, Provider
 from rwkv_opt.errors import RwkvOptError
@@ -31,7 +31,6 @@ class Target:
     logits: LogitsMode = LogitsMode.LAST
     threads: int | None = None
     opt_level: str = "all"
-    extra: dict = field(default_factory=dict)
 
     @property
     def pass_names(self) -> list[str]:
