@@ -92,3 +92,32 @@ def group_norm(g: GraphBuilder, y_BTHN: Value, C: int, N: int, w: Value, b: Valu
     with g.scope("ln_x"):
         yn = g.LayerNormalization(y_BTHN, g.const(np.ones(N)), g.const(np.zeros(N)), axis=-1, epsilon=64e-5)
         return g.Add(g.Mul(g.Reshape(yn, g.ints(0, 0, C)), w), b)
+
+
+def tmix_projections(g: GraphBuilder, mixed, p, linear, normalize, H: int, N: int, v_first):
+    """r, w, k, v, kk, a, gate of one time-mix block from its six lerped inputs (xr, xw, xk, xv, xa, xg).
+
+    p(name) is the block's parameter `att.*`, linear(x, name) is x @ W^T for the block's Linear
+    `name`, normalize the per-head L2 normalisation to use; v_first is None in block 0, which
+    then returns its own v as v_first.
+    """
+    xr, xw, xk, xv, xa2, xg = mixed
+    r = linear(xr, "att.receptance.weight")
+    k = linear(xk, "att.key.weight")
+    v = linear(xv, "att.value.weight")
+    with g.scope("decay"):
+        w = decay(g, lora(g, xw, p("att.w1"), p("att.w2"), "Tanh", p("att.w0")))
+    with g.scope("a"):
+        a = g.Sigmoid(lora(g, xa2, p("att.a1"), p("att.a2"), None, p("att.a0")))
+    with g.scope("gate"):
+        gate = lora(g, xg, p("att.g1"), p("att.g2"), "Sigmoid")
+
+    kk = normalize(g, heads(g, g.Mul(k, p("att.k_k")), H, N))                   # (B,T,H,N)
+    k = g.Mul(k, g.Add(g.Mul(g.Sub(a, g.const(1.0)), p("att.k_a")), g.const(1.0)))
+    if v_first is None:
+        v_first = v
+    else:
+        with g.scope("v_mix"):
+            vm = g.Sigmoid(lora(g, xv, p("att.v1"), p("att.v2"), None, p("att.v0")))
+            v = g.Add(v, g.Mul(g.Sub(v_first, v), vm))
+    return r, w, k, v, kk, a, gate, v_first

@@ -84,26 +84,10 @@ class _ModelBuilder:
         xa = B.layer_norm(g, x, p("ln1.weight"), p("ln1.bias"))
         prev, att_next = B.token_shift(g, xa, att_last)
         d = g.Sub(prev, xa)
-        xr, xw, xk, xv, xa2, xg = (B.lerp(g, xa, d, p(f"att.x_{m}")) for m in "rwkvag")
-
-        r = g.MatMul(xr, p("att.receptance.weight", True))
-        k = g.MatMul(xk, p("att.key.weight", True))
-        v = g.MatMul(xv, p("att.value.weight", True))
-        with g.scope("decay"):
-            w = B.decay(g, B.lora(g, xw, p("att.w1"), p("att.w2"), "Tanh", p("att.w0")))
-        with g.scope("a"):
-            a = g.Sigmoid(B.lora(g, xa2, p("att.a1"), p("att.a2"), None, p("att.a0")))
-        with g.scope("gate"):
-            gate = B.lora(g, xg, p("att.g1"), p("att.g2"), "Sigmoid")
-
-        kk = B.l2_normalize(g, B.heads(g, g.Mul(k, p("att.k_k")), c.n_head, c.head_size))
-        k = g.Mul(k, g.Add(g.Mul(g.Sub(a, g.const(1.0)), p("att.k_a")), g.const(1.0)))
-        if i == 0:
-            v_first = v
-        else:
-            with g.scope("v_mix"):
-                vm = g.Sigmoid(B.lora(g, xv, p("att.v1"), p("att.v2"), None, p("att.v0")))
-                v = g.Add(v, g.Mul(g.Sub(v_first, v), vm))
+        mixed = [B.lerp(g, xa, d, p(f"att.x_{m}")) for m in "rwkvag"]
+        r, w, k, v, kk, a, gate, v_first = B.tmix_projections(
+            g, mixed, p, lambda x, n: g.MatMul(x, p(n, True)), B.l2_normalize, c.n_head, c.head_size,
+            None if i == 0 else v_first)
 
         H, N = c.n_head, c.head_size
         rh, wh, kh, vh, ah = (B.heads(g, t, H, N) for t in (r, w, k, v, a))

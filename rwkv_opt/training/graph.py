@@ -155,26 +155,9 @@ class _LossBuilder:
         xa = B.layer_norm(g, x, p("ln1.weight"), p("ln1.bias"))
         prev, _ = B.token_shift(g, xa, g.const(np.zeros((self.shape.batch, 1, c.n_embd))))
         d = g.Sub(prev, xa)
-        xr, xw, xk, xv, xa2, xg = (B.lerp(g, xa, d, p(f"att.x_{m}")) for m in "rwkvag")
-
-        r = self.linear(xr, P + "att.receptance.weight")
-        k = self.linear(xk, P + "att.key.weight")
-        v = self.linear(xv, P + "att.value.weight")
-        with g.scope("decay"):
-            w = B.decay(g, B.lora(g, xw, p("att.w1"), p("att.w2"), "Tanh", p("att.w0")))
-        with g.scope("a"):
-            a = g.Sigmoid(B.lora(g, xa2, p("att.a1"), p("att.a2"), None, p("att.a0")))
-        with g.scope("gate"):
-            gate = B.lora(g, xg, p("att.g1"), p("att.g2"), "Sigmoid")
-
-        kk = l2_normalize(g, B.heads(g, g.Mul(k, p("att.k_k")), H, N))              # (B,T,H,N)
-        k = g.Mul(k, g.Add(g.Mul(g.Sub(a, g.const(1.0)), p("att.k_a")), g.const(1.0)))
-        if i == 0:
-            v_first = v
-        else:
-            with g.scope("v_mix"):
-                vm = g.Sigmoid(B.lora(g, xv, p("att.v1"), p("att.v2"), None, p("att.v0")))
-                v = g.Add(v, g.Mul(g.Sub(v_first, v), vm))
+        mixed = [B.lerp(g, xa, d, p(f"att.x_{m}")) for m in "rwkvag"]
+        r, w, k, v, kk, a, gate, v_first = B.tmix_projections(
+            g, mixed, p, lambda x, n: self.linear(x, P + n), l2_normalize, H, N, None if i == 0 else v_first)
 
         rh, wh, kh, vh, ah = (B.heads(g, t, H, N) for t in (r, w, k, v, a))
         with g.scope("wkv"):
