@@ -142,3 +142,20 @@ class Namer:
             name = f"{base}_{k}"
         self.taken.add(name)
         return name
+
+
+class Rewriter:
+    """Base of a rule's rewriter: the graph, a Namer, and constants (int64 ones shared by value)."""
+
+    def __init__(self, graph: gs.Graph, rule: str):
+        self.graph, self.name = graph, Namer(graph, rule)
+        self._ints: dict[tuple, gs.Constant] = {}
+
+    def const(self, scope: str, leaf: str, value) -> gs.Constant:
+        value = np.asarray(value)
+        if value.dtype != np.int64:
+            return constant(self.name(scope, leaf), value)
+        key = (value.shape, value.tobytes())  # indices, axes, sizes: one initializer per distinct value
+        if key not in self._ints:
+            self._ints[key] = constant(self.name("/", leaf), value)
+        return self._ints[key]

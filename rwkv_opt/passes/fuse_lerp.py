@@ -38,7 +38,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from rwkv_opt.passes._gs_util import (Namer, const_meta, const_value, constant, elem_type, export_like,
+from rwkv_opt.passes._gs_util import (Rewriter, const_meta, const_value, elem_type, export_like,
                                       import_with_shapes, onnx_opset, producer, scope_of)
 from rwkv_opt.passes.base import Pass, PassConfig, PassResult, mark_applied, register
 
@@ -136,25 +136,16 @@ def _attach_projections(g: LerpGroup) -> list[Lerp]:
     return [m for m in g.members if m.proj is not None]
 
 
-class _Rewriter:
+class _Rewriter(Rewriter):
     def __init__(self, graph: gs.Graph, cfg: Config):
-        self.graph, self.cfg, self.name = graph, cfg, Namer(graph, NAME)
-        self._ints: dict[tuple, gs.Constant] = {}
+        super().__init__(graph, NAME)
+        self.cfg = cfg
 
     def node(self, scope: str, op: str, inputs, out_dtype, out_shape, **attrs) -> gs.Variable:
         name = self.name(scope, op)
         out = gs.Variable(f"{name}/output_0", dtype=out_dtype, shape=out_shape)
         self.graph.nodes.append(gs.Node(op, name, attrs, list(inputs), [out]))
         return out
-
-    def const(self, scope: str, leaf: str, value) -> gs.Constant:
-        value = np.asarray(value)
-        if value.dtype != np.int64:
-            return constant(self.name(scope, leaf), value)
-        key = (value.shape, value.tobytes())  # indices, axes, sizes: one initializer per distinct value
-        if key not in self._ints:
-            self._ints[key] = constant(self.name("/", leaf), value)
-        return self._ints[key]
 
     def unstack(self, scope: str, stacked: gs.Variable, outs: list[gs.Variable]) -> None:
         """Route slice i of `stacked` (axis 0) into the existing tensor outs[i]."""

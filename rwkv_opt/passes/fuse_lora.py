@@ -37,7 +37,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from rwkv_opt.passes._gs_util import (Namer, const_meta, const_value, constant, export_like, import_with_shapes,
+from rwkv_opt.passes._gs_util import (Rewriter, const_meta, const_value, export_like, import_with_shapes,
                                       onnx_opset)
 from rwkv_opt.passes.base import Pass, PassConfig, PassResult, mark_applied, register
 
@@ -131,22 +131,12 @@ def find_batches(graph: gs.Graph) -> list[tuple[gs.Tensor, list[tuple[int, gs.No
     return out
 
 
-class _Rewriter:
+class _Rewriter(Rewriter):
     def __init__(self, graph: gs.Graph):
-        self.graph, self.name = graph, Namer(graph, NAME)
-        self._ints: dict[tuple, gs.Constant] = {}
+        super().__init__(graph, NAME)
 
     def _scope(self, node: gs.Node) -> str:
         return node.name[: node.name.rfind("/") + 1] if "/" in (node.name or "") else ""
-
-    def const(self, scope: str, leaf: str, value) -> gs.Constant:
-        value = np.asarray(value)
-        if value.dtype != np.int64:
-            return constant(self.name(scope, leaf), value)
-        key = (value.shape, value.tobytes())  # indices, axes, sizes: one initializer per distinct value
-        if key not in self._ints:
-            self._ints[key] = constant(self.name("/", leaf), value)
-        return self._ints[key]
 
     def add(self, scope: str, op: str, inputs, outputs, **attrs) -> None:
         self.graph.nodes.append(gs.Node(op, self.name(scope, op), attrs, list(inputs), list(outputs)))
