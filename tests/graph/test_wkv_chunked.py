@@ -14,10 +14,10 @@ from types import SimpleNamespace
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 
 from rwkv_opt.graph.builder import FLOAT, GraphBuilder
+from rwkv_testutil import ort_session
 from rwkv_opt.graph.wkv_chunked import check_chunk, wkv_chunked, wkv_step
 from rwkv_opt.reference.model import W_SCALE, ReferenceModel
 
@@ -25,15 +25,6 @@ H, N = 2, 64
 TOL = 2e-5          # max|err| / std(ref), y and final state
 REGIMES = ("realistic", "strong", "weak", "delta")
 ROLES = ("r", "w", "k", "v", "kk", "a", "lw")
-
-
-def ort_session(model, optimize: bool = True):
-    """CPU session; optimize=False runs OUR graph as written (ORT_DISABLE_ALL)."""
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 2
-    if not optimize:
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
 def make_inputs(B: int, T: int, regime: str, seed: int) -> dict:

@@ -9,7 +9,6 @@ from collections import Counter
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import helper
 
@@ -17,6 +16,7 @@ from rwkv_opt.checkpoint.synth import synthetic_state_dict
 from rwkv_opt.checkpoint.weights import from_state_dict
 from rwkv_opt.graph import contract
 from rwkv_opt.graph.builder import FLOAT, GraphBuilder
+from rwkv_testutil import ort_session
 from rwkv_opt.graph.model import build_model
 from rwkv_opt.passes import PassRefused, get_pass
 from rwkv_opt.passes.base import applied_passes
@@ -31,15 +31,6 @@ CONFIGS = {
     "auto-min2": {"min_chunked_len": 2, "chunk": 32},  # T == 1 step, else chunked
     "chunked": {"mode": FuseMode.CHUNKED, "chunk": 16},
 }
-
-
-def ort_session(model, optimize: bool = True):
-    """CPU session; optimize=False runs OUR graph as written (ORT_DISABLE_ALL)."""
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 2
-    if not optimize:
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
 @functools.lru_cache(maxsize=None)

@@ -20,7 +20,7 @@ import pytest
 from rwkv_opt.checkpoint.synth import synthetic_state_dict
 from rwkv_opt.checkpoint.weights import from_state_dict
 from rwkv_opt.training import Objective, TrainShape, build_grad_graph, build_loss_graph, checkpoint_layout
-from train_helpers import ort_session
+from rwkv_testutil import ort_session
 
 RTOL, FLOOR, H = 1e-3, 1e-2, 1e-5
 B, T = 2, 12

@@ -23,7 +23,8 @@ from rwkv_opt.pipeline import run_passes, run_pipeline
 from rwkv_opt.targets import FP32_BUDGET, Target
 from rwkv_opt.training import TrainConfig
 from rwkv_opt.training.run import train
-from train_helpers import ort_session, reference_loss, run_oracle, zero_feed
+from rwkv_testutil import ort_session, run_oracle, zero_feed
+from train_helpers import reference_loss
 
 TOL = 1e-4
 TEXT = "RWKV trains on stock onnxruntime: one call, one AdamW step."

@@ -17,7 +17,8 @@ from rwkv_opt.training import (Objective, TrainConfig, Trainer, TrainShape, buil
                                build_step_graph, select_trainable)
 from rwkv_opt.training.data import Batch, all_batches, read_jsonl, windows
 from rwkv_opt.training.step import decays, m_name, v_name
-from train_helpers import ort_session, token_logp, weights_from_params
+from rwkv_testutil import ort_session
+from train_helpers import token_logp, weights_from_params
 
 TEXT = "The quick brown fox jumps over the lazy dog."
 

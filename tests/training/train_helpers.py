@@ -1,5 +1,4 @@
-"""The training tests' loss, defined independently in float64 numpy (also used by fd_worker.py),
-and the shared test helpers re-exported from wherever this tree keeps them."""
+"""The training tests' loss, defined independently in float64 numpy (also used by fd_worker.py)."""
 from __future__ import annotations
 
 import numpy as np
@@ -31,23 +30,3 @@ def reference_loss(weights: Weights, x, mask, reward=None) -> float:
 def weights_from_params(params: dict, like: Weights, dtype=np.float64) -> Weights:
     """A Weights object (checkpoint layout, `dtype`) holding training-layout `params`."""
     return from_state_dict(checkpoint_layout(params, like, dtype))
-
-
-def _shared():
-    try:
-        import rwkv_testutil as m
-    except ImportError:  # trees that keep these helpers in tests/conftest.py
-        import conftest as m
-    return m
-
-
-def ort_session(model, optimize: bool = True, threads: int = 2):
-    return _shared().ort_session(model, optimize, threads)
-
-
-def zero_feed(cfg, batch):
-    return _shared().zero_feed(cfg, batch)
-
-
-def run_oracle(ckpt, tokens, deepembed, out, split=None):
-    return _shared().run_oracle(ckpt, tokens, deepembed, out, split)
