@@ -30,7 +30,7 @@ from rwkv_opt.checkpoint.weights import from_state_dict
 from rwkv_opt.graph import contract
 from rwkv_opt.graph.model import build_model
 from rwkv_opt.passes import get_pass
-from rwkv_opt.passes._precision import rounding_evaluator
+from rwkv_opt.runtime.evaluator import rounding_evaluator
 from rwkv_opt.reference import ReferenceModel
 
 FLOAT, FLOAT16, BFLOAT16 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16

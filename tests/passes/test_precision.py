@@ -29,11 +29,12 @@ from rwkv_opt.errors import RwkvOptError
 from rwkv_opt.graph import contract
 from rwkv_opt.graph.model import build_model
 from rwkv_opt.passes import PassRefused, get_pass
-from rwkv_opt.passes._precision import (node_reads, rounding_evaluator, state_path_violations, subgraphs,
+from rwkv_opt.passes._precision import (node_reads, state_path_violations, subgraphs,
                                         value_types)
 from rwkv_opt.passes.base import applied_passes, get_meta
 from rwkv_opt.passes.ep_kernels import bf16_ops
 from rwkv_opt.reference import ReferenceModel
+from rwkv_opt.runtime.evaluator import rounding_evaluator
 
 FLOAT, FLOAT16, BFLOAT16 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16
 LOW = {"fp16_mixed": FLOAT16, "fp16": FLOAT16, "bf16": BFLOAT16}
