@@ -9,7 +9,10 @@ medians over rounds with ratios ours / theirs. Inside one subprocess: prefill at
 length is timed after one warm-up call (median of 3); decode is timed step by step after a
 128-token prompt and 3 warm-up steps (p50 of --decode steps). Both use --threads threads
 (ORT intra-op threads; torch.set_num_threads). The memory-bandwidth floor (benchmarks/bandwidth.py)
-bounds any fp32 decode from below. The machine's 1-minute load is recorded around each subprocess.
+bounds any fp32 decode from below. A third runner, "matmuls", times one decode step's MatMuls alone
+(every 2-D MatMul weight of our artifact, each fed a (1, K) input, in one ORT graph with the same
+threads): what ORT's own kernels need to stream the weights, so ours minus it is what the rest of
+our graph costs. The machine's 1-minute load is recorded around each subprocess.
 """
 from __future__ import annotations
 
@@ -68,7 +71,53 @@ def _runner(kind: str, model: str, threads: int):
     return time.perf_counter() - t0, (lambda toks: m.forward(toks, None)[1]), (lambda tok, st: m.forward([tok], st)[1])
 
 
+def _matmuls_session(artifact: str, threads: int):
+    """(weight bytes, an ORT session running every 2-D-weight MatMul of the artifact on a (1, K) input)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from rwkv_opt.artifact import model_path
+    from rwkv_opt.runtime.session import session_options
+
+    m = onnx.load(str(model_path(Path(artifact))))
+    inits = {t.name: t for t in m.graph.initializer}
+    nodes, outs, ins, used = [], [], {}, {}
+    for n in m.graph.node:
+        t = inits.get(n.input[1]) if n.op_type == "MatMul" and len(n.input) > 1 else None
+        if t is None or len(t.dims) != 2 or t.data_type != TensorProto.FLOAT:
+            continue
+        x = f"x{t.dims[0]}"
+        ins.setdefault(x, helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, t.dims[0]]))
+        nodes.append(helper.make_node("MatMul", [x, t.name], [f"y{len(nodes)}"]))
+        outs.append(helper.make_tensor_value_info(f"y{len(nodes) - 1}", TensorProto.FLOAT, None))
+        used[t.name] = t
+    g = helper.make_graph(nodes, "matmuls", list(ins.values()), outs, list(used.values()))
+    mm = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    nbytes = sum(4 * t.dims[0] * t.dims[1] for t in used.values())
+    return nbytes, ort.InferenceSession(mm.SerializeToString(), session_options(threads),
+                                        providers=["CPUExecutionProvider"])
+
+
+def measure_matmuls(model: str, decode: int, threads: int) -> dict:
+    load0 = os.getloadavg()[0]
+    nbytes, sess = _matmuls_session(model, threads)
+    rng = np.random.default_rng(0)
+    feed = {i.name: rng.standard_normal(i.shape).astype(np.float32) for i in sess.get_inputs()}
+    times = []
+    for i in range(WARMUP_STEPS + decode):
+        t0 = time.perf_counter()
+        sess.run(None, feed)
+        if i >= WARMUP_STEPS:
+            times.append(time.perf_counter() - t0)
+    return {"kind": "matmuls", "weight_mib": nbytes / 2**20, "decode_ms_p50": float(np.percentile(times, 50)) * 1e3,
+            "decode_ms_p95": float(np.percentile(times, 95)) * 1e3, "load_1m_start": load0,
+            "load_1m_end": os.getloadavg()[0], "peak_rss_mb": peak_rss_mb()}
+
+
 def measure(kind: str, model: str, prompt_lens: list[int], decode: int, threads: int, vocab: int) -> dict:
+    if kind == "matmuls":
+        return measure_matmuls(model, decode, threads)
     load0 = os.getloadavg()[0]
     load_s, seq, step = _runner(kind, model, threads)
     rng = np.random.default_rng(0)
@@ -181,6 +230,18 @@ def _header(a, results: list[dict], manifest: dict) -> list[str]:
                "the best round of each runner is the least disturbed figure" if busy else " (quiet)")]
 
 
+def _matmuls_lines(results: list[dict], floor: float, ours_ms: float) -> list[str]:
+    mm = [r for r in results if r["kind"] == "matmuls"]
+    if not mm:
+        return []
+    med = statistics.median(r["decode_ms_p50"] for r in mm)
+    return ["", f"ORT's MatMul kernels alone on the same {mm[0]['weight_mib']:,.0f} MiB of weights (one decode step's "
+            f"GEMVs, same threads, the `matmuls` rows): **{med:.1f} ms** median = {med / floor:.2f}x the floor. "
+            f"So of our {ours_ms:.1f} ms, {med:.1f} ms is the MatMul kernels streaming the weights and "
+            f"{ours_ms - med:.1f} ms ({(ours_ms - med) / ours_ms:.0%}) is the rest of the graph (~900 small "
+            f"elementwise/shape nodes at a few us of ORT dispatch each); ours / matmuls alone = {ours_ms / med:.2f}x."]
+
+
 def write_report(path: Path, a, results: list[dict], bw: list[dict], cfg, manifest: dict) -> str:
     lens = [int(x) for x in a.prompt_lens.split(",")]
     summ = summarize(results, lens)
@@ -200,12 +261,17 @@ def write_report(path: Path, a, results: list[dict], bw: list[dict], cfg, manife
               f"(read + write; best of {bws} GB/s measured before and after the rounds) "
               f"= **{floor:.1f} ms/token**. Decode p50 vs floor: ours {om / floor:.1f}x (best round "
               f"{ob / floor:.1f}x), official {tm / floor:.1f}x (best round {tb / floor:.1f}x).",
+              *_matmuls_lines(results, floor, om),
               "", "Per-round figures:", "",
               "| round | runner | decode p50 ms | " + " | ".join(f"prefill T={T} tok/s" for T in lens)
               + " | peak RSS MiB | load 1m |", "|---|---|---|" + "---|" * len(lens) + "---|---|"]
-    for i, r in enumerate(results):
-        pre = " | ".join(_fmt(r[f"prefill_tok_s_{T}"]) for T in lens)
-        lines.append(f"| {i // 2 + 1} | {r['kind']} | {_fmt(r['decode_ms_p50'])} | {pre} | {_fmt(r['peak_rss_mb'])} "
+    rnd, seen = 0, set()
+    for r in results:
+        if r["kind"] in seen or not seen:   # each round runs each runner once
+            rnd, seen = rnd + 1, set()
+        seen.add(r["kind"])
+        pre = " | ".join(_fmt(r[f"prefill_tok_s_{T}"]) if f"prefill_tok_s_{T}" in r else "-" for T in lens)
+        lines.append(f"| {rnd} | {r['kind']} | {_fmt(r['decode_ms_p50'])} | {pre} | {_fmt(r['peak_rss_mb'])} "
                      f"| {r['load_1m_start']:.2f} |")
     text = "\n".join(lines) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -225,7 +291,7 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default="/tmp/rwkv-opt-peers", help="checkpoint, artifact and scratch directory")
     ap.add_argument("--artifact", help="an existing cpu-fp32 artifact built from the work dir's checkpoint")
     ap.add_argument("-o", "--output", type=Path, default=HERE.parent / "reports" / "peers.md")
-    ap.add_argument("--measure", choices=["ours", "theirs"], help=argparse.SUPPRESS)
+    ap.add_argument("--measure", choices=["ours", "theirs", "matmuls"], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -240,7 +306,7 @@ def main(argv=None) -> int:
 
     if a.report_only:  # same figures, new layout: the command is the one that measured them
         d = json.loads(a.output.with_suffix(".json").read_text())
-        a.command, a.runs = d["command"], len(d["results"]) // 2
+        a.command, a.runs = d["command"], sum(r["kind"] == "ours" for r in d["results"])
         cfg = ModelConfig.from_dict(d["manifest"]["source"]["config"])
         print(write_report(a.output, a, d["results"], d["bandwidth"], cfg, d["manifest"]))
         return 0
@@ -256,6 +322,9 @@ def main(argv=None) -> int:
             _log(f"round {i + 1}/{a.runs}: {kind}")
             results.append(run_child(kind, art if kind == "ours" else ckpt, a, cfg.vocab))
             _log(f"  decode {results[-1]['decode_ms_p50']:.1f} ms, peak RSS {results[-1]['peak_rss_mb']:.0f} MiB")
+        _log(f"round {i + 1}/{a.runs}: matmuls alone")
+        results.append(run_child("matmuls", art, a, cfg.vocab))
+        _log(f"  decode {results[-1]['decode_ms_p50']:.1f} ms")
     bw.append(bandwidth.measure(512))
     print(write_report(a.output, a, results, bw, cfg, manifest))
     return 0

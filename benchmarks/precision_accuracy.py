@@ -1,23 +1,33 @@
 """Accuracy of the fp32, fp16_mixed, fp16 and bf16 graphs on CPU against the fp32 numpy reference.
 
     python benchmarks/precision_accuracy.py [--preset 0.1b] [--prompt 64] [--decode 192] [--opt-level disable]
-                                            [--passes fp16_mixed,fp16,bf16] [--rounded]
+                                            [--passes "fp16_mixed,fp16_mixed[elementwise=fp32],fp16,bf16"]
+                                            [--no-rounded] [--official "cpu fp16"]
 
 Protocol: one prompt of `--prompt` tokens, then `--decode` tokens fed one at a time carrying the
 state (teacher forced: the same random token stream for every model); logits are compared at
 every position. Prints top-1 agreement, max|err| / std(ref) and mean KL(ref || model), plus the
 WKV state drift at the end. ORT runs with its graph optimizations off by default, so the numbers
 are those of our graph, not of ORT's rewrites; but ORT's CPU EP computes chains of fp16 nodes in
-fp32 (it drops the Cast pairs between them), so its fp16 numbers are optimistic. `--rounded` adds
-runs in rwkv_opt's rounding evaluator (every op rounded to its dtype, like a GPU EP), the only CPU
-run bf16 can have. The issue's goals for fp16_mixed: top-1 100%, max|err|/std <= 3e-3,
-mean KL <= 1e-4.
+fp32 (it drops the Cast pairs between them), so its fp16 numbers are optimistic. Each low-precision
+graph also runs in rwkv_opt's rounding evaluator (every op rounded to its dtype, fp32 accumulation
+in MatMul and reductions, like a GPU EP; ~30 s per graph at 0.1B; --no-rounded skips it), the only
+CPU run bf16 can have. `--official "cpu fp16"` adds BlinkDL's `rwkv` package at that strategy on
+the same checkpoint and tokens (torch CPU, its own subprocess) as the peer row. A pass may carry
+config: `fp16_mixed[elementwise=fp32]`. The issue's goals for fp16_mixed: top-1 100%,
+max|err|/std <= 3e-3, mean KL <= 1e-4.
 """
 from __future__ import annotations
 
 import argparse
 import gc
+import os
+import re
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -74,6 +84,50 @@ def teacher_forced(step, model, cfg, tokens: np.ndarray, prompt: int):
     return np.concatenate(logits, 1), wkv
 
 
+OFFICIAL = r"""
+import os, sys, numpy as np
+os.environ["RWKV_V7_ON"] = "1"
+import torch
+torch.set_num_threads(2)
+from rwkv.model import RWKV
+ckpt, strategy, tokens_path, prompt, out = sys.argv[1:6]
+tokens, prompt = np.load(tokens_path), int(prompt)
+m = RWKV(model=ckpt[:-4], strategy=strategy)
+rows = []
+with torch.no_grad():
+    for row in tokens.tolist():
+        lo, st = m.forward(row[:prompt], None, full_output=True)
+        outs = [lo.float().numpy()]
+        for t in row[prompt:]:
+            lo, st = m.forward([t], st)
+            outs.append(lo.float().numpy()[None])
+        rows.append(np.concatenate(outs))
+np.save(out, np.stack(rows))
+"""
+
+
+def official_logits(state_dict, strategy: str, tokens: np.ndarray, prompt: int) -> np.ndarray:
+    """The official package's logits at `strategy` on the same checkpoint and tokens (B, T, V)."""
+    from rwkv_opt.checkpoint.torchzip import write_pth
+    with tempfile.TemporaryDirectory() as d:
+        ckpt, tok, out = Path(d) / "model.pth", Path(d) / "tokens.npy", Path(d) / "logits.npy"
+        write_pth(ckpt, state_dict)
+        np.save(tok, tokens)
+        subprocess.run([sys.executable, "-c", OFFICIAL, str(ckpt), strategy, str(tok), str(prompt), str(out)],
+                       check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        return np.load(out)
+
+
+def make_pass(spec: str):
+    """'name' or 'name[key=value,...]' -> the pass instance."""
+    m = re.fullmatch(r"([\w]+)(?:\[(.*)\])?", spec)
+    if m is None:
+        raise SystemExit(f"--passes entry {spec!r} is not NAME or NAME[key=value,...]")
+    cls = get_pass(m.group(1))
+    kw = dict(kv.split("=", 1) for kv in m.group(2).split(",")) if m.group(2) else {}
+    return cls(cls.Config(**kw))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="0.1b")
@@ -81,12 +135,17 @@ def main():
     ap.add_argument("--decode", type=int, default=192)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--opt-level", choices=sorted(_LEVEL), default="disable")
-    ap.add_argument("--passes", default="fp16_mixed,fp16,bf16", help="bf16 runs only in the rounding evaluator")
-    ap.add_argument("--rounded", action="store_true", help="also run the fp16 graphs in the rounding evaluator (slow)")
+    ap.add_argument("--passes", default="fp16_mixed,fp16_mixed[elementwise=fp32],fp16,bf16",
+                    help="bf16 runs only in the rounding evaluator")
+    ap.add_argument("--no-rounded", dest="rounded", action="store_false",
+                    help="skip the rounding-evaluator runs of the fp16 graphs")
+    ap.add_argument("--official", default=None, metavar="STRATEGY",
+                    help="also run the official rwkv package at this strategy, e.g. 'cpu fp16' (needs torch, rwkv)")
     a = ap.parse_args()
 
     t0 = time.perf_counter()
-    w = from_state_dict(synthetic_state_dict(a.preset).materialize())
+    sd = synthetic_state_dict(a.preset).materialize()
+    w = from_state_dict(sd)
     cfg = w.config
     tokens = np.random.default_rng(0).integers(0, cfg.vocab, (a.batch, a.prompt + a.decode), dtype=np.int64)
     ref = ReferenceModel(w, dtype=np.float32)
@@ -100,12 +159,21 @@ def main():
     print(f"{a.preset}: reference done in {time.perf_counter() - t0:.0f}s "
           f"({tokens.shape[1]} positions x batch {a.batch}, V={cfg.vocab})", flush=True)
 
+    rows = []
+    if a.official:
+        t1 = time.perf_counter()
+        got = official_logits(sd, a.official, tokens, a.prompt)
+        m = compare_logits(ref_logits, got)
+        m["state_drift"] = float("nan")
+        m["first_excluded"] = compare_logits(ref_logits[:, 1:], got[:, 1:])["max_rel_err"]
+        rows.append((f"official rwkv '{a.official}'", "torch CPU", m))
+        print(f"  official '{a.official}' done in {time.perf_counter() - t1:.0f}s", flush=True)
+    del sd
     base = build_model(w)
     del w
     gc.collect()
-    rows = []
-    for name in ["fp32", *[p for p in a.passes.split(",") if p]]:
-        model = base if name == "fp32" else get_pass(name)()(base).model
+    for name in ["fp32", *re.findall(r"\w+(?:\[[^\]]*\])?", a.passes)]:
+        model = base if name == "fp32" else make_pass(name)(base).model
         runners = [("rounded", rounded_step)] if name == "bf16" else [("ORT CPU", lambda m: ort_step(m, a.opt_level))]
         if a.rounded and name not in ("bf16", "fp32"):
             runners.append(("rounded", rounded_step))

@@ -52,6 +52,7 @@ FOLLOW_OPS = frozenset({"Reshape", "Squeeze", "Unsqueeze", "Slice", "Concat", "G
                         "Identity", "Flatten", "Expand", "Split", "Tile"})
 # Ops left exactly as they are: dtype-neutral (Shape, Size) or dtype fixed by an attribute.
 KEEP_OPS = frozenset({"Cast", "Constant", "Shape", "Size"})
+SHAPE_ONLY_OPS = frozenset({"Shape", "Size"})   # read their input's shape, never its values
 
 
 class IoDtype(str, enum.Enum):
@@ -454,7 +455,7 @@ def state_path_violations(model: onnx.ModelProto) -> list[str]:
             bad += [f"layer {i}: state value {o} is {TAG.get(types.get(o), types.get(o))}"
                     for o in nd.output if o in path and types.get(o) != FLOAT]
     for nd in g.node:
-        if WKV_SCOPE not in nd.name:
+        if WKV_SCOPE not in nd.name or nd.op_type in SHAPE_ONLY_OPS:   # reading a shape reads no values
             continue
         for v in [*node_reads(nd), *nd.output]:
             if types.get(v) in LOW_TYPES:

@@ -105,3 +105,35 @@ def get_meta(model: onnx.ModelProto, key: str, default: str | None = None) -> st
         if p.key == key:
             return p.value
     return default
+
+
+def names_read(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name `graph` reads: node inputs, graph outputs, and the same inside subgraphs
+    (which may capture outer-scope names)."""
+    out = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    for a in (a for n in graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH):
+        out |= names_read(a.g)
+    return out
+
+
+def drop_dead(graph: onnx.GraphProto) -> int:
+    """Remove nodes none of whose outputs is read (ONNX ops are pure), until none is left.
+    -> number of nodes removed."""
+    removed = 0
+    while True:
+        read = names_read(graph)
+        dead = [n for n in graph.node if not any(o in read for o in n.output)]
+        if not dead:
+            if removed:   # value_info of tensors that no longer exist
+                made = {o for n in graph.node for o in n.output}
+                keep = [vi for vi in graph.value_info if vi.name in made]
+                if len(keep) != len(graph.value_info):
+                    kept = [onnx.ValueInfoProto() for _ in keep]
+                    for k, vi in zip(kept, keep):
+                        k.CopyFrom(vi)
+                    del graph.value_info[:]
+                    graph.value_info.extend(kept)
+            return removed
+        for n in dead:
+            graph.node.remove(n)
+        removed += len(dead)

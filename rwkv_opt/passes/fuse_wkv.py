@@ -35,7 +35,7 @@ from onnx import helper, numpy_helper
 
 from rwkv_opt.graph.builder import FLOAT, GraphBuilder, Value
 from rwkv_opt.graph.wkv_chunked import check_chunk, wkv_chunked, wkv_step
-from rwkv_opt.passes.base import Pass, PassConfig, PassResult, mark_applied, register
+from rwkv_opt.passes.base import Pass, PassConfig, PassResult, drop_dead, mark_applied, register
 
 ROLES = ("r", "w", "k", "v", "kk", "b")
 COLUMNS = {"r", "v", "kk"}      # body inputs shaped (B,H,N,1); the others are (B,H,1,N)
@@ -46,6 +46,7 @@ SHAPE_OPS = {"Reshape", "Unsqueeze", "Squeeze", "Identity"}   # commute with Exp
 class FuseMode(str, enum.Enum):
     AUTO = "auto"          # If on T: step (T == 1), original Scan (T < min_chunked_len), chunked
     CHUNKED = "chunked"    # the chunked form for every T
+    STEP = "step"          # the direct step alone, no If: a decode-only graph (T must be 1)
 
 
 @dataclass(frozen=True)
@@ -247,10 +248,15 @@ def _step_branch(opset: int, site: _Site) -> onnx.GraphProto:
 
 
 def _scan_branch(opset: int, site: _Site) -> onnx.GraphProto:
-    """The original Scan, unchanged (same name, same body), plus the Squeeze it fed."""
+    """The original Scan, unchanged (same name, same body), plus the Squeeze it fed. Its 5-D scan
+    inputs are made inside the branch from the (B,T,H,N) tensors, so calls that take another
+    branch (every decode step) do not run the six Unsqueezes."""
     b, sc = _Scoped(opset, f"{site.prefix}/scan"), site.scan
     attrs = {a.name: helper.get_attribute_value(a) for a in sc.node.attribute}
-    s, y5 = b.op("Scan", *sc.node.input, outputs=2, **attrs)
+    xs = [b.Unsqueeze(site.x[r], b.ints(-1 if r in COLUMNS else -2)) for r in ROLES]
+    roles = dict(zip(ROLES, xs))
+    order = {t: r for r, t in sc.inputs.items()}
+    s, y5 = b.op("Scan", sc.node.input[0], *(roles[order[t]] for t in sc.node.input[1:]), outputs=2, **attrs)
     b.nodes[-1].name = sc.node.name
     y = b.Squeeze(y5, b.ints(-1))
     return b.branch([(y, f"/{site.prefix}/scan/y", [None, None, sc.H, sc.N]),
@@ -278,8 +284,8 @@ def _chunked_branch(opset: int, site: _Site, chunk: int) -> onnx.GraphProto:
 def _dispatch(main: _Scoped, opset: int, site: _Site, cfg: FuseWkvConfig) -> tuple[Value, Value]:
     """The If tree on T = Shape(r)[1] (see the module docstring) -> (y, s)."""
     sc = site.scan
-    # T from the Scan's own (fp32, /wkv/-scoped) input, so precision passes see no new reader
-    T = main.Shape(sc.inputs["r"], start=1, end=2)                               # (1,) int64
+    # T from the (B,T,H,N) r the Scan reads (Shape is dtype-neutral: precision passes leave it)
+    T = main.Shape(site.x["r"], start=1, end=2)                                  # (1,) int64
     longer = _chunked_branch(opset, site, cfg.chunk)
     if cfg.min_chunked_len > 2:
         inner = _Scoped(opset, f"{site.prefix}/multi")
@@ -300,6 +306,9 @@ def _rewrite(graph: onnx.GraphProto, scan: WkvScan, opset: int, taken: set, cfg:
     site = _site(graph, scan, main, prefix, prod, consts)
     if FuseMode(cfg.mode) is FuseMode.CHUNKED:
         y, s = _chunked(main, site, cfg.chunk)
+    elif FuseMode(cfg.mode) is FuseMode.STEP:
+        sc = site.scan
+        y, s = wkv_step(main, sc.H, sc.N, *(site.x[r] for r in ROLES), sc.node.input[0])
     else:
         y, s = _dispatch(main, opset, site, cfg)
     main.output(s, site.s_name, FLOAT, None)
@@ -330,6 +339,7 @@ def _splice(g: onnx.GraphProto, plans: dict) -> list[_Site]:
             keep_vi[-1].CopyFrom(vi)
     del g.node[:], g.value_info[:]
     g.node.extend(new)
+    drop_dead(g)       # the Unsqueezes that fed the Scans (the Scan branch makes its own)
     g.value_info.extend(keep_vi)
     g.initializer.extend(i for _, inits, _ in plans.values() for i in inits)
     return sites

@@ -147,6 +147,32 @@ def test_op_types_and_checker(name, top, nested):
         assert {"/blocks.0/att/wkv/Scan", "/blocks.1/att/wkv/Scan"} <= names
 
 
+def test_step_mode_is_a_decode_graph():
+    """mode=step: no If, no Scan, nothing nested; equals the unfused graph and the reference at T == 1."""
+    P = get_pass("fuse_wkv")
+    m = P(P.Config(mode=FuseMode.STEP))(base()).model
+    onnx.checker.check_model(m, full_check=True)
+    deep = all_ops(m.graph)
+    assert deep["If"] == 0 and deep["Scan"] == 0 and not list(_subgraphs(m.graph))
+    sess = ort_session(m, optimize=False)
+    for B in (1, 3):
+        feed, want, (logits, st) = case(1, B)
+        got = run(sess, feed)
+        assert max(rel(got[k], want[k]) for k in want) <= TOL
+        assert rel(got["head"], logits) <= TOL
+
+
+def test_decode_path_runs_no_scan_input_ops():
+    """The Scan's six Unsqueezes live in its own branch: the top level (run at every decode step)
+    loses them, and no node is left whose output nobody reads."""
+    m, L = fused("auto").model, weights().config.n_layer
+    before = Counter(n.op_type for n in base().graph.node)["Unsqueeze"]
+    assert Counter(n.op_type for n in m.graph.node)["Unsqueeze"] == before - 6 * L
+    from rwkv_opt.passes.base import names_read
+    read = names_read(m.graph)
+    assert all(any(o in read for o in n.output) for n in m.graph.node)
+
+
 def _subgraphs(graph):
     for n in graph.node:
         for a in n.attribute:

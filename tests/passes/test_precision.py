@@ -300,3 +300,32 @@ def test_bf16_config(base):
     assert "not valid for fp16_mixed" in mixed(mixed.Config(io_dtype="bf16")).check(base)
     with pytest.raises(RwkvOptError, match="choose one of"):
         get_pass("bf16").Config(provider="tpu")
+
+
+def test_fp16_mixed_elementwise_fp32(weights, base, converted, tokens, ref_logits):
+    """elementwise=fp32: only MatMul and the embedding Gather compute in fp16, the weights are
+    stored as in the default, and under GPU-like rounding it is closer to the reference than the
+    default fp16_mixed (fp16 rounding of every elementwise result is what it removes)."""
+    P = get_pass("fp16_mixed")
+    model = P(P.Config(elementwise="fp32"))(base).model
+    onnx.checker.check_model(model, full_check=True)
+    assert state_path_violations(model) == []
+    types = value_types(model)
+    low = {n.op_type for n in model.graph.node if n.op_type != "Cast"
+           and any(types.get(o) == FLOAT16 for o in n.output)}
+    assert low == {"MatMul", "Gather"}
+    size = lambda m: sum(t.ByteSize() for t in m.graph.initializer)  # noqa: E731
+    assert size(model) <= 1.01 * size(converted["fp16_mixed"].model)
+    assert json.loads(get_meta(model, "rwkv_opt.precision"))["activations"] == "fp32"
+    toks = tokens[:2, :32]
+    feed = lambda m: {contract.TOKENS: toks, **zero_state(m, weights.config, 2)}  # noqa: E731
+    ref = ReferenceModel(weights).forward(toks)[0]
+    errs = {}
+    for name, m in (("default", converted["fp16_mixed"].model), ("elementwise fp32", model)):
+        got = rounding_evaluator(m).run([contract.LOGITS], feed(m))[0]
+        errs[name] = compare_logits(ref, got)
+        report(f"fp16_mixed {name} rounding evaluator b2 T32", errs[name])
+    assert errs["elementwise fp32"]["mean_kl"] < errs["default"]["mean_kl"]
+    assert errs["elementwise fp32"]["max_rel_err"] < errs["default"]["max_rel_err"]
+    with pytest.raises(RwkvOptError, match="elementwise 'bf16' is not valid"):
+        P.Config(elementwise="bf16")
