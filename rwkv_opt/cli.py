@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -62,6 +61,8 @@ def cmd_pipeline(a) -> int:
     from rwkv_opt.targets import get_target
 
     target = get_target(a.target)  # refuse an unknown target before loading anything
+    if a.wkv_op:
+        target = target.with_wkv_op()
     heads = [(h, {}) for h in a.head]
     w = _weights(a)
     m = run_pipeline(target, w, a.output, heads=heads, logits=LogitsMode(a.logits) if a.logits else None,
@@ -120,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     _source_args(p)
     p.add_argument("--head", action="append", default=[], help="attach a head: sampling, sft, reinforce")
     p.add_argument("--logits", choices=["all", "last"], help="override the target's logits mode")
+    p.add_argument("--wkv-op", action="store_true",
+                   help="one rwkv7.WKV7 node per layer (ONNX function body) for runtimes with their own WKV kernel")
     p.add_argument("--no-verify", action="store_true")
     p.add_argument("-o", "--output", type=Path, required=True)
     p.set_defaults(func=cmd_pipeline)

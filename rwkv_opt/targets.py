@@ -3,6 +3,7 @@ passes that make it (in order, with config overrides), session settings and its 
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from rwkv_opt.config import Precision, Provider
@@ -35,6 +36,14 @@ class Target:
     @property
     def pass_names(self) -> list[str]:
         return [p for p, _ in self.passes]
+
+    def with_wkv_op(self) -> "Target":
+        """This target with fuse_wkv in mode=function: one rwkv7.WKV7 node per layer."""
+        if "fuse_wkv" not in self.pass_names:
+            raise RwkvOptError(f"target {self.name} has no fuse_wkv pass, so --wkv-op has nothing to change; "
+                               "use a target that lists fuse_wkv (rwkv-opt targets).")
+        passes = tuple((n, {**c, "mode": "function"}) if n == "fuse_wkv" else (n, c) for n, c in self.passes)
+        return dataclasses.replace(self, passes=passes)
 
 
 FP32_BUDGET = Budget(min_top1=1.0, max_rel_err=1e-4, max_kl=1e-8)

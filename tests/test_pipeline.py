@@ -2,7 +2,6 @@
 import dataclasses
 import json
 
-import numpy as np
 import pytest
 
 from rwkv_opt.errors import RwkvOptError

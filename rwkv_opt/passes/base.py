@@ -117,14 +117,18 @@ def names_read(graph: onnx.GraphProto) -> set[str]:
 
 
 def drop_dead(graph: onnx.GraphProto) -> int:
-    """Remove nodes none of whose outputs is read (ONNX ops are pure), until none is left.
-    -> number of nodes removed."""
+    """Remove nodes none of whose outputs is read (ONNX ops are pure), until none is left, then the
+    initializers nothing reads any more. -> number of nodes removed."""
     removed = 0
     while True:
         read = names_read(graph)
         dead = [n for n in graph.node if not any(o in read for o in n.output)]
         if not dead:
-            if removed:   # value_info of tensors that no longer exist
+            if removed:   # initializers nobody reads, value_info of tensors that no longer exist
+                inputs = {i.name for i in graph.input}   # an input's default value stays
+                unread = [t for t in graph.initializer if t.name not in read and t.name not in inputs]
+                for t in unread:
+                    graph.initializer.remove(t)
                 made = {o for n in graph.node for o in n.output}
                 keep = [vi for vi in graph.value_info if vi.name in made]
                 if len(keep) != len(graph.value_info):

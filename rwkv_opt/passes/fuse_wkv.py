@@ -12,6 +12,12 @@
              └─ S (B,H,N,N)       same tensor name as before (often a graph output)
     min_chunked_len <= 2: no inner If (every T > 1 takes the chunked form).
     mode = chunked: the chunked form alone, no If (T == 1 then costs a padded chunk).
+    mode = step: the direct step alone, no If: a decode-only graph (T must be 1).
+    mode = function: each site becomes ONE node  rwkv7.WKV7(r, w, k, v, kk, b, state) -> (y, state')
+           (inputs (B,T,H,N) and (B,H,N,N); y (B,T,H,N)), and the model carries an ONNX local function
+           of that name whose body is the auto dispatch above (reading w; Log(w) for the chunked
+           form). ONNX Runtime inlines the body; a runtime that brings its own WKV7 kernel (a custom
+           op in domain "rwkv7") runs that instead, with no change to the model.
 Measured (WKV alone, H=12, N=64, 1 thread, benchmarks/wkv_prefill.py): the If costs ~5 us per
 call; the chunked form (L = 64) overtakes the Scan between T = 16 and 24 and is ~3.5-4x faster
 at T = 128-512; the direct step saves ~10-25% of the Scan's T == 1 time.
@@ -25,6 +31,7 @@ Every branch keeps the graph valid for any batch and T >= 1. Needs opset >= 18 (
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections import Counter
 from dataclasses import dataclass
@@ -47,6 +54,11 @@ class FuseMode(str, enum.Enum):
     AUTO = "auto"          # If on T: step (T == 1), original Scan (T < min_chunked_len), chunked
     CHUNKED = "chunked"    # the chunked form for every T
     STEP = "step"          # the direct step alone, no If: a decode-only graph (T must be 1)
+    FUNCTION = "function"  # one rwkv7.WKV7 node per site, its body (the AUTO dispatch) an ONNX function
+
+
+FUNCTION_DOMAIN, FUNCTION_NAME = "rwkv7", "WKV7"
+FUNCTION_INPUTS = (*ROLES, "state")
 
 
 @dataclass(frozen=True)
@@ -304,7 +316,10 @@ def _rewrite(graph: onnx.GraphProto, scan: WkvScan, opset: int, taken: set, cfg:
     prefix = _fresh_prefix(scan.node, taken)
     main = _Scoped(opset, prefix)
     site = _site(graph, scan, main, prefix, prod, consts)
-    if FuseMode(cfg.mode) is FuseMode.CHUNKED:
+    if FuseMode(cfg.mode) is FuseMode.FUNCTION:
+        y, s = main.op(FUNCTION_NAME, *(site.x[r] for r in ROLES), scan.node.input[0], outputs=2,
+                       domain=FUNCTION_DOMAIN, name=FUNCTION_NAME)
+    elif FuseMode(cfg.mode) is FuseMode.CHUNKED:
         y, s = _chunked(main, site, cfg.chunk)
     elif FuseMode(cfg.mode) is FuseMode.STEP:
         sc = site.scan
@@ -317,6 +332,28 @@ def _rewrite(graph: onnx.GraphProto, scan: WkvScan, opset: int, taken: set, cfg:
         main.nodes.append(helper.make_node("Unsqueeze", [site.y_name, main.ints(-1)], [scan.node.output[1]],
                                            name=f"/{prefix}/Unsqueeze_y"))
     return main.nodes, list(main.initializers.values()), site
+
+
+def wkv7_function(opset: int, scan: WkvScan, cfg: FuseWkvConfig) -> onnx.FunctionProto:
+    """rwkv7.WKV7 as an ONNX local function: the AUTO dispatch on the function's own inputs (every
+    constant a Constant node: functions hold no initializers), the Scan branch using `scan`'s body."""
+    tmpl = onnx.NodeProto()
+    tmpl.CopyFrom(scan.node)
+    del tmpl.input[:], tmpl.output[:]
+    five_d = {role: f"{role}_5d" for role in ROLES}
+    idx = {t: r for r, t in scan.inputs.items()}
+    tmpl.input.extend(["state", *(five_d[idx[t]] for t in scan.node.input[1:])])
+    tmpl.output.extend(["s_scan", "y_scan"])
+    site = _Site(WkvScan(tmpl, five_d, scan.H, scan.N), FUNCTION_NAME, {r: r for r in ROLES}, None, "y", "state_out")
+    b = _Scoped(opset, FUNCTION_NAME)
+    y, st = _dispatch(b, opset, site, dataclasses.replace(cfg, mode=FuseMode.AUTO))
+    consts = [helper.make_node("Constant", [], [name], value=t) for name, t in b.initializers.items()]
+    rename = {y: "y", st: "state_out"}
+    body = consts + list(b.nodes)
+    for n in body:
+        n.output[:] = [rename.get(o, o) for o in n.output]
+    return helper.make_function(FUNCTION_DOMAIN, FUNCTION_NAME, list(FUNCTION_INPUTS), ["y", "state_out"], body,
+                                opset_imports=[helper.make_opsetid("", opset)])
 
 
 def _splice(g: onnx.GraphProto, plans: dict) -> list[_Site]:
@@ -383,6 +420,9 @@ class FuseWkv(Pass):
         plans = {scan.node.output[0]: _rewrite(g, scan, opset, taken, self.config, prod, consts)
                  for scan in find_wkv_scans(g)}
         sites = _splice(g, plans)
+        if FuseMode(self.config.mode) is FuseMode.FUNCTION:
+            out.functions.append(wkv7_function(opset, sites[0].scan, self.config))
+            out.opset_import.append(helper.make_opsetid(FUNCTION_DOMAIN, 1))
         mark_applied(out, self.name)
         notes = [f"fused {len(sites)} WKV Scan(s) (mode {FuseMode(self.config.mode).value}, chunk "
                  f"{self.config.chunk}, min_chunked_len {self.config.min_chunked_len}) under "

@@ -30,6 +30,7 @@ CONFIGS = {
     "auto": {},                                        # T == 1 step, T < 32 Scan, else chunked
     "auto-min2": {"min_chunked_len": 2, "chunk": 32},  # T == 1 step, else chunked
     "chunked": {"mode": FuseMode.CHUNKED, "chunk": 16},
+    "function": {"mode": FuseMode.FUNCTION},            # rwkv7.WKV7 nodes, the auto dispatch as their body
 }
 
 
@@ -145,6 +146,39 @@ def test_op_types_and_checker(name, top, nested):
     if name == "auto":   # the original Scan survives, under its name, inside the short-T branch
         names = {n.name for b in _subgraphs(m.graph) for n in b.node}
         assert {"/blocks.0/att/wkv/Scan", "/blocks.1/att/wkv/Scan"} <= names
+
+
+def test_function_mode_one_custom_domain_node_per_layer():
+    """mode=function: the only WKV at the top level is one rwkv7.WKV7 node per layer, named under
+    /wkv/ (so precision passes keep it fp32); the model carries its function, whose body holds the
+    step / Scan / chunked dispatch; the full checker accepts it (ORT agreement: the T x B test above)."""
+    m, L = fused("function").model, weights().config.n_layer
+    onnx.checker.check_model(m, full_check=True)
+    wkv = [n for n in m.graph.node if n.domain == "rwkv7"]
+    assert [n.op_type for n in wkv] == ["WKV7"] * L and all("/wkv/" in n.name for n in wkv)
+    assert Counter(n.op_type for n in m.graph.node)["If"] == 0 and not find_wkv_scans(m.graph)
+    assert [(f.domain, f.name, list(f.input), list(f.output)) for f in m.functions] == [
+        ("rwkv7", "WKV7", ["r", "w", "k", "v", "kk", "b", "state"], ["y", "state_out"])]
+    body = Counter(n.op_type for n in m.functions[0].node)
+    assert body["If"] == 1 and body["Constant"] > 0 and all_ops(m.graph)["Scan"] == 0
+    assert ("rwkv7", 1) in [(o.domain, o.version) for o in m.opset_import]
+    fp16 = get_pass("fp16_mixed")()(base()).model                     # precision first, as targets do
+    P = get_pass("fuse_wkv")
+    from rwkv_opt.passes._precision import state_path_violations
+    assert state_path_violations(P(P.Config(mode=FuseMode.FUNCTION))(fp16).model) == []
+
+
+def test_pipeline_wkv_op_flag(tmp_path):
+    from rwkv_opt.cli import main
+    from rwkv_opt.errors import RwkvOptError
+    from rwkv_opt.targets import get_target
+
+    assert main(["pipeline", "--target", "cpu-fp32", "--wkv-op", "-o", str(tmp_path / "a")]) == 0
+    m = onnx.load(str(tmp_path / "a" / "model.onnx"))
+    assert [f.name for f in m.functions] == ["WKV7"] and sum(n.op_type == "WKV7" for n in m.graph.node) == 2
+    with pytest.raises(RwkvOptError, match="has no fuse_wkv pass"):
+        from dataclasses import replace
+        replace(get_target("cpu-fp32"), passes=(("simplify", {}),)).with_wkv_op()
 
 
 def test_step_mode_is_a_decode_graph():
