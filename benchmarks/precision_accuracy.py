@@ -2,7 +2,7 @@
 
     python benchmarks/precision_accuracy.py [--preset 0.1b] [--prompt 64] [--decode 192] [--opt-level disable]
                                             [--passes "fp16_mixed,fp16_mixed[elementwise=fp32],fp16,bf16"]
-                                            [--no-rounded] [--official "cpu fp16"]
+                                            [--no-rounded] [--official "cpu fp16"] [--plot PNG]
 
 Protocol: one prompt of `--prompt` tokens, then `--decode` tokens fed one at a time carrying the
 state (teacher forced: the same random token stream for every model); logits are compared at
@@ -139,6 +139,7 @@ def main():
                     help="bf16 runs only in the rounding evaluator")
     ap.add_argument("--no-rounded", dest="rounded", action="store_false",
                     help="skip the rounding-evaluator runs of the fp16 graphs")
+    ap.add_argument("--plot", type=Path, help="write a PNG of max|err|/std per position for every row")
     ap.add_argument("--official", default=None, metavar="STRATEGY",
                     help="also run the official rwkv package at this strategy, e.g. 'cpu fp16' (needs torch, rwkv)")
     a = ap.parse_args()
@@ -163,10 +164,7 @@ def main():
     if a.official:
         t1 = time.perf_counter()
         got = official_logits(sd, a.official, tokens, a.prompt)
-        m = compare_logits(ref_logits, got)
-        m["state_drift"] = float("nan")
-        m["first_excluded"] = compare_logits(ref_logits[:, 1:], got[:, 1:])["max_rel_err"]
-        rows.append((f"official rwkv '{a.official}'", "torch CPU", m))
+        rows.append((f"official rwkv '{a.official}'", "torch CPU", score(ref_logits, got)))
         print(f"  official '{a.official}' done in {time.perf_counter() - t1:.0f}s", flush=True)
     del sd
     base = build_model(w)
@@ -180,10 +178,7 @@ def main():
         for how, make in runners:
             t1 = time.perf_counter()
             got, wkv = teacher_forced(make(model), model, cfg, tokens, a.prompt)
-            m = compare_logits(ref_logits, got)
-            m["state_drift"] = rel_err(ref_wkv, wkv)
-            m["first_excluded"] = compare_logits(ref_logits[:, 1:], got[:, 1:])["max_rel_err"]
-            rows.append((name, how, m))
+            rows.append((name, how, score(ref_logits, got, rel_err(ref_wkv, wkv))))
             print(f"  {name} ({how}) done in {time.perf_counter() - t1:.0f}s", flush=True)
             del got
             gc.collect()
@@ -198,6 +193,42 @@ def main():
     for name, how, m in rows:
         print(f"| {name} | {how} | {m['top1'] * 100:.2f}% | {m['max_rel_err']:.2e} | {m['first_excluded']:.2e} | "
               f"{m['mean_kl']:.2e} | {m['state_drift']:.2e} |")
+    if a.plot:
+        plot(rows, a.plot, a.prompt)
+        print(f"\nplot: {a.plot}")
+
+
+def score(ref_logits: np.ndarray, got: np.ndarray, state_drift: float = float("nan")) -> dict:
+    """compare_logits, plus the figure without the first position, the WKV drift and max|err|/std per position."""
+    m = compare_logits(ref_logits, got)
+    m["state_drift"] = state_drift
+    m["first_excluded"] = compare_logits(ref_logits[:, 1:], got[:, 1:])["max_rel_err"]
+    err = np.abs(np.asarray(ref_logits, np.float64) - got).max(axis=(0, 2))
+    m["per_position"] = err / np.asarray(ref_logits, np.float64).std()
+    return m
+
+
+def plot(rows: list, path: Path, prompt: int) -> None:
+    """max|err|/std(ref) per position, one line per row (log scale), with the issue's 3e-3 line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.8), dpi=110)
+    for name, how, m in rows:
+        if name == "fp32":
+            continue
+        ax.plot(m["per_position"], lw=1, label=f"{name} ({how})")
+    ax.axhline(3e-3, color="k", ls="--", lw=0.8, label="issue goal 3e-3")
+    ax.axvline(prompt - 0.5, color="grey", ls=":", lw=0.8)
+    ax.set_yscale("log")
+    ax.set_xlabel(f"position (0-{prompt - 1}: prompt in one call; then one token per call, state carried)")
+    ax.set_ylabel("max |logit err| / std(ref logits)")
+    ax.set_title("Low-precision graphs vs the fp32 reference, per position")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
 
 
 if __name__ == "__main__":
