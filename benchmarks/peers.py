@@ -214,7 +214,9 @@ def _header(a, results: list[dict], manifest: dict) -> list[str]:
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())
     vers = {p: metadata.version(p) for p in ("rwkv-opt", "onnxruntime", "numpy", "torch", "rwkv")}
-    busy = max(loads) >= 0.5 * cores
+    # the runners' own threads (--threads each, one runner at a time) put ~a.threads on the 1-min load;
+    # more than that means other work shared the CPU
+    busy = max(loads) >= a.threads + 0.5 * cores
     return [f"# Peers: rwkv-opt cpu-fp32 vs official rwkv {vers['rwkv']} ('cpu fp32'), {a.preset} synthetic", "",
             f"- machine: {cpu}, {cores} cores; {platform.platform()}",
             f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
@@ -225,7 +227,8 @@ def _header(a, results: list[dict], manifest: dict) -> list[str]:
             f"- {a.runs} rounds, ours and theirs alternating (order swapped each round), each in a fresh process; "
             f"decode = p50/p95 of {a.decode} steps after a {DECODE_PROMPT}-token prompt; prefill = median of "
             f"{PREFILL_REPS} calls after a warm-up",
-            f"- load average (1 min) around the runs: {min(loads):.2f} to {max(loads):.2f} on {cores} cores"
+            f"- load average (1 min) around the runs: {min(loads):.2f} to {max(loads):.2f} on {cores} cores, "
+            f"including the runners' own {a.threads} threads"
             + (" -- HIGH: other work shared the CPU. Absolute times are pessimistic and the medians are noisy; "
                "the best round of each runner is the least disturbed figure" if busy else " (quiet)")]
 
