@@ -60,7 +60,7 @@ _FAST = (("fuse_wkv", {}), ("simplify", {}))
 # Weight quantization (passes/quantize.py; choices measured in reports/quantization.md). The budgets are
 # issue #6's accuracy goals; max|err|/std sits ~3x above the 0.1B measurement (a tail statistic). The
 # synthetic 0.1B's logits are flat (median top-1 probability 2.7%): all three miss top-1 there (KL is
-# met), so `pipeline` refuses them on that model; the tiny test model passes.
+# met), so `pipeline` refuses them on that model (reports/quantization.md).
 INT8_BUDGET = Budget(min_top1=0.98, max_rel_err=0.5, max_kl=0.02)
 INT4_BUDGET = Budget(min_top1=0.90, max_rel_err=3.0, max_kl=0.1)
 _INT8 = ("quantize", {"scheme": "int8"})

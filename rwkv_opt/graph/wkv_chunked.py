@@ -53,12 +53,17 @@ def check_chunk(chunk: int) -> str | None:
 def wkv_step(g: GraphBuilder, H: int, N: int, r, w, k, v, kk, b, s0_BHNN) -> tuple[Value, Value]:
     """One token (T == 1 exactly) with no Scan: the recurrence above applied once.
 
-        u = S kk^T;  S' = S diag(w) - u b + v^T k;  y = S' r^T
+        u = S kk^T;  S' = S diag(w) + [-u | v^T] [b ; k];  y = S' r^T
+    The two rank-1 updates are one (N x 2)(2 x N) MatMul, so the (B,H,N,N) state is swept by two
+    elementwise ops instead of five. Measured on the 0.1B cpu-fp32 decode step (2 threads, 24 rounds,
+    order alternating): 14.25 vs 14.94 ms.
     """
     col = lambda t: g.Reshape(t, g.ints(-1, H, N, 1))  # noqa: E731  (B,H,N,1)
     row = lambda t: g.Reshape(t, g.ints(-1, H, 1, N))  # noqa: E731  (B,H,1,N)
     u = g.MatMul(s0_BHNN, col(kk))                                             # (B,H,N,1)
-    s1 = g.Add(g.Sub(g.Mul(s0_BHNN, row(w)), g.Mul(u, row(b))), g.Mul(col(v), row(k)))
+    lhs = g.Concat(g.Neg(u), col(v), axis=-1)                                  # (B,H,N,2)
+    rhs = g.Concat(row(b), row(k), axis=-2)                                    # (B,H,2,N)
+    s1 = g.Add(g.Mul(s0_BHNN, row(w)), g.MatMul(lhs, rhs))
     y = g.Reshape(g.MatMul(s1, col(r)), g.ints(-1, 1, H, N))                   # (B,1,H,N)
     return y, s1
 
