@@ -376,9 +376,9 @@ def _splice(g: onnx.GraphProto, plans: dict) -> list[_Site]:
             keep_vi[-1].CopyFrom(vi)
     del g.node[:], g.value_info[:]
     g.node.extend(new)
-    drop_dead(g)       # the Unsqueezes that fed the Scans (the Scan branch makes its own)
     g.value_info.extend(keep_vi)
     g.initializer.extend(i for _, inits, _ in plans.values() for i in inits)
+    drop_dead(g)       # the Unsqueezes that fed the Scans (the Scan branch makes its own), their constants
     return sites
 
 

@@ -205,6 +205,9 @@ def test_decode_path_runs_no_scan_input_ops():
     from rwkv_opt.passes.base import names_read
     read = names_read(m.graph)
     assert all(any(o in read for o in n.output) for n in m.graph.node)
+    made = {o for n in m.graph.node for o in n.output}
+    assert all(vi.name in made for vi in m.graph.value_info)          # no stale shape records
+    assert all(t.name in read for t in m.graph.initializer)           # no orphaned constants
 
 
 def _subgraphs(graph):
