@@ -16,8 +16,9 @@
     mode = function: each site becomes ONE node  rwkv7.WKV7(r, w, k, v, kk, b, state) -> (y, state')
            (inputs (B,T,H,N) and (B,H,N,N); y (B,T,H,N)), and the model carries an ONNX local function
            of that name whose body is the auto dispatch above (reading w; Log(w) for the chunked
-           form). ONNX Runtime inlines the body; a runtime that brings its own WKV7 kernel (a custom
-           op in domain "rwkv7") runs that instead, with no change to the model.
+           form). ONNX Runtime inlines the body; a runtime that registers its own WKV7 kernel (a
+           custom op in domain "rwkv7") runs that instead, with no change to the model (tested with
+           a numpy kernel registered through onnxruntime-extensions).
 Measured (WKV alone, H=12, N=64, 1 thread, benchmarks/wkv_prefill.py): the If costs ~5 us per
 call; the chunked form (L = 64) overtakes the Scan between T = 16 and 24 and is ~3.5-4x faster
 at T = 128-512; the direct step saves ~10-25% of the Scan's T == 1 time.

@@ -168,6 +168,47 @@ def test_function_mode_one_custom_domain_node_per_layer():
     assert state_path_violations(P(P.Config(mode=FuseMode.FUNCTION))(fp16).model) == []
 
 
+def _numpy_wkv7(r, w, k, v, kk, b, state):
+    """The recurrence itself, token by token (float64): S <- S diag(w) - (S kk^T) b + v^T k, y = S r^T."""
+    S, ys = state.astype(np.float64), []
+    for t in range(r.shape[1]):
+        rt, wt, kt, vt, kkt, bt = (x[:, t].astype(np.float64) for x in (r, w, k, v, kk, b))   # (B,H,N)
+        u = np.einsum("bhij,bhj->bhi", S, kkt)
+        S = S * wt[:, :, None, :] - u[..., None] * bt[:, :, None, :] + vt[..., None] * kt[:, :, None, :]
+        ys.append(np.einsum("bhij,bhj->bhi", S, rt))
+    return np.stack(ys, 1).astype(np.float32), S.astype(np.float32)
+
+
+def test_function_mode_runs_a_registered_kernel_instead_of_the_body():
+    """What --wkv-op is for: a runtime that registers its own rwkv7.WKV7 kernel (here a numpy one,
+    through onnxruntime-extensions) gets every WKV call, and the model's outputs match the unfused
+    graph; without the kernel ORT runs the function body (the T x B test above)."""
+    from onnxruntime_extensions import PyCustomOpDef, get_library_path, onnx_op
+    import onnxruntime as ort
+
+    calls = []
+
+    @onnx_op(op_type="rwkv7::WKV7", inputs=[PyCustomOpDef.dt_float] * 7,
+             outputs=[PyCustomOpDef.dt_float, PyCustomOpDef.dt_float])
+    def wkv7(r, w, k, v, kk, b, state):
+        calls.append(r.shape)
+        return _numpy_wkv7(r, w, k, v, kk, b, state)
+
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(get_library_path())
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(fused("function").model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    cfg = weights().config
+    for T, B in ((1, 1), (5, 3)):
+        feed, want, _ = case(T, B) if T in LENGTHS else (None, None, None)
+        if feed is None:
+            feed = {**carried_feed(cfg, B, seed=T), "x": np.arange(B * T).reshape(B, T) % cfg.vocab}
+            want = run(session(None), feed)
+        got = run(sess, feed)
+        assert max(rel(got[k], want[k]) for k in want) <= TOL
+    assert calls == [(1, 1, cfg.n_head, cfg.head_size)] * cfg.n_layer + [(3, 5, cfg.n_head, cfg.head_size)] * cfg.n_layer
+
+
 def test_pipeline_wkv_op_flag(tmp_path):
     from rwkv_opt.cli import main
     from rwkv_opt.errors import RwkvOptError
