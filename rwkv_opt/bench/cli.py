@@ -34,7 +34,7 @@ def cmd_bench(a) -> int:
              repeat=a.repeat, threads=a.threads, accuracy=not a.no_accuracy, profile=a.profile,
              drift_tokens=a.drift_tokens, checkpoint=a.checkpoint)
     command = "rwkv-opt " + " ".join(shlex.quote(x) for x in sys.argv[1:])
-    paths = write_report(df, a.output, {"command": command, "versions": versions()})
+    paths = write_report(df, a.output, {"command": command, "versions": versions(), "threads": a.threads})
     print(markdown_table(df, SUMMARY))
     prof = df.attrs.get("profile")
     if prof is not None and len(prof):

@@ -105,10 +105,14 @@ def _write(path: Path, data: str | bytes) -> None:
     os.replace(tmp, path)
 
 
-def _load_line(df: pd.DataFrame, cores: int) -> str:
+def _load_line(df: pd.DataFrame, cores: int, threads: int | None = None) -> str:
+    """The load note. The workers' own intra-op threads (one worker at a time) are part of the 1-min
+    load; only load beyond them means other work shared the CPU."""
     lo, hi = df["load_1m_min"].min(), df["load_1m_max"].max()
-    busy = hi >= 0.5 * cores
-    return (f"- load average (1 min) around the timed runs: {lo:.2f} to {hi:.2f} on {cores} cores"
+    own = threads or cores
+    busy = hi >= own + 0.5 * cores
+    return (f"- load average (1 min) around the timed runs: {lo:.2f} to {hi:.2f} on {cores} cores, including "
+            f"the workers' own {own} threads"
             + (" -- HIGH: other work shared the CPU, so absolute times are pessimistic; rows were measured in "
                "interleaved rounds, so they compare fairly with each other" if busy else " (quiet)"))
 
@@ -117,7 +121,7 @@ def _header(meta: dict, df: pd.DataFrame | None = None) -> list[str]:
     m = meta.get("machine") or machine_info()
     lines = [f"- machine: {m['cpu']}, {m['cores']} cores ({m['platform']})", f"- date: {m['date']}"]
     if df is not None and len(df):
-        lines.append(_load_line(df, m["cores"] or 1))
+        lines.append(_load_line(df, m["cores"] or 1, meta.get("threads")))
     if meta.get("command"):
         lines.append(f"- command: `{meta['command']}`")
     if meta.get("versions"):
