@@ -21,15 +21,15 @@ import time
 import numpy as np
 
 
-def _copy_time(src: list[np.ndarray], dst: list[np.ndarray]) -> float:
-    """Seconds to copy src[i] -> dst[i], one thread per pair, all started together."""
-    barrier = threading.Barrier(len(src) + 1)
+def _time_together(work, args: list[tuple]) -> float:
+    """Seconds for one thread per args tuple to run work(*args), all started together."""
+    barrier = threading.Barrier(len(args) + 1)
 
-    def work(s, d):
+    def run(*a):
         barrier.wait()
-        np.copyto(d, s)
+        work(*a)
 
-    threads = [threading.Thread(target=work, args=(s, d)) for s, d in zip(src, dst)]
+    threads = [threading.Thread(target=run, args=a) for a in args]
     for t in threads:
         t.start()
     barrier.wait()
@@ -37,24 +37,16 @@ def _copy_time(src: list[np.ndarray], dst: list[np.ndarray]) -> float:
     for t in threads:
         t.join()
     return time.perf_counter() - t0
+
+
+def _copy_time(src: list[np.ndarray], dst: list[np.ndarray]) -> float:
+    """Seconds to copy src[i] -> dst[i], one thread per pair, all started together."""
+    return _time_together(lambda s, d: np.copyto(d, s), list(zip(src, dst)))
 
 
 def _read_time(arrays: list[np.ndarray]) -> float:
-    """Seconds for one thread per array to np.dot it with itself, all started together."""
-    barrier = threading.Barrier(len(arrays) + 1)
-
-    def work(a):
-        barrier.wait()
-        np.dot(a, a)
-
-    threads = [threading.Thread(target=work, args=(a,)) for a in arrays]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    return time.perf_counter() - t0
+    """Seconds for one thread per array to np.dot it with itself (reads every byte once)."""
+    return _time_together(lambda a: np.dot(a, a), [(a,) for a in arrays])
 
 
 def read_bandwidth(mb: int = 1024, repeat: int = 5, threads: int = 1) -> float:
