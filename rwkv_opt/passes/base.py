@@ -107,6 +107,16 @@ def get_meta(model: onnx.ModelProto, key: str, default: str | None = None) -> st
     return default
 
 
+def fresh_name(base: str, taken: set[str]) -> str:
+    """`base`, or `base_1`, `base_2`, ... : the first not in `taken`, which then holds it."""
+    name, k = base, 0
+    while name in taken:
+        k += 1
+        name = f"{base}_{k}"
+    taken.add(name)
+    return name
+
+
 def names_read(graph: onnx.GraphProto) -> set[str]:
     """Every tensor name `graph` reads: node inputs, graph outputs, and the same inside subgraphs
     (which may capture outer-scope names)."""
@@ -117,27 +127,20 @@ def names_read(graph: onnx.GraphProto) -> set[str]:
 
 
 def drop_dead(graph: onnx.GraphProto) -> int:
-    """Remove nodes none of whose outputs is read (ONNX ops are pure), until none is left, then the
-    initializers nothing reads any more. -> number of nodes removed."""
-    removed = 0
-    while True:
-        read = names_read(graph)
-        dead = [n for n in graph.node if not any(o in read for o in n.output)]
-        if not dead:
-            if removed:   # initializers nobody reads, value_info of tensors that no longer exist
-                inputs = {i.name for i in graph.input}   # an input's default value stays
-                unread = [t for t in graph.initializer if t.name not in read and t.name not in inputs]
-                for t in unread:
-                    graph.initializer.remove(t)
-                made = {o for n in graph.node for o in n.output}
-                keep = [vi for vi in graph.value_info if vi.name in made]
-                if len(keep) != len(graph.value_info):
-                    kept = [onnx.ValueInfoProto() for _ in keep]
-                    for k, vi in zip(kept, keep):
-                        k.CopyFrom(vi)
-                    del graph.value_info[:]
-                    graph.value_info.extend(kept)
-            return removed
+    """Remove nodes none of whose outputs is read (ONNX ops are pure), until none is left; then,
+    if any went, the initializers nothing reads any more; and always the value_info of tensors
+    nothing produces. -> number of nodes removed."""
+    removed, read = 0, names_read(graph)
+    while dead := [n for n in graph.node if not any(o in read for o in n.output)]:
         for n in dead:
             graph.node.remove(n)
         removed += len(dead)
+        read = names_read(graph)
+    inputs = {i.name for i in graph.input}   # an input's default value stays
+    if removed:
+        for t in [t for t in graph.initializer if t.name not in read and t.name not in inputs]:
+            graph.initializer.remove(t)
+    made = {o for n in graph.node for o in n.output} | inputs
+    for vi in [vi for vi in graph.value_info if vi.name not in made]:
+        graph.value_info.remove(vi)
+    return removed

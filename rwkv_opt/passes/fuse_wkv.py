@@ -369,17 +369,11 @@ def _splice(g: onnx.GraphProto, plans: dict) -> list[_Site]:
         elif not (n.op_type == "Squeeze" and n.output[0] in absorbed):
             new.append(onnx.NodeProto())
             new[-1].CopyFrom(n)
-    gone = {s.scan.node.output[1] for s in sites} - {o for n in new for o in n.output}
-    keep_vi = []
-    for vi in g.value_info:
-        if vi.name not in gone:
-            keep_vi.append(onnx.ValueInfoProto())
-            keep_vi[-1].CopyFrom(vi)
-    del g.node[:], g.value_info[:]
+    del g.node[:]
     g.node.extend(new)
-    g.value_info.extend(keep_vi)
     g.initializer.extend(i for _, inits, _ in plans.values() for i in inits)
-    drop_dead(g)       # the Unsqueezes that fed the Scans (the Scan branch makes its own), their constants
+    drop_dead(g)   # the Unsqueezes that fed the Scans (the Scan branch makes its own), their
+                   # constants, and the value_info of the Scans' 5-D y
     return sites
 
 
