@@ -15,6 +15,8 @@ from onnx import helper, numpy_helper
 from onnx_graphsurgeon.exporters.onnx_exporter import dtype_to_onnx
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from rwkv_opt.passes.base import fresh_name
+
 # Initializers above this many elements become typed graph inputs for shape inference, so that
 # inferring ranks costs no weight copies (shape inference needs only their shapes).
 _SHAPE_ONLY_ABOVE = 4096
@@ -135,13 +137,7 @@ class Namer:
         self.taken = set(graph.tensors()) | {n.name for n in graph.nodes}
 
     def __call__(self, scope: str, leaf: str) -> str:
-        base = f"{scope or '/'}{self.rule}/{leaf}"
-        name, k = base, 0
-        while name in self.taken:
-            k += 1
-            name = f"{base}_{k}"
-        self.taken.add(name)
-        return name
+        return fresh_name(f"{scope or '/'}{self.rule}/{leaf}", self.taken)
 
 
 class Rewriter:

@@ -39,7 +39,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from rwkv_opt.errors import RwkvOptError
 from rwkv_opt.graph import contract
-from rwkv_opt.passes.base import Pass, PassConfig, PassResult, get_meta, mark_applied, set_meta
+from rwkv_opt.passes.base import Pass, PassConfig, PassResult, fresh_name, get_meta, mark_applied, set_meta
 
 FLOAT, FLOAT16, BFLOAT16 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16
 LOW_TYPES = (FLOAT16, BFLOAT16)
@@ -236,12 +236,7 @@ class _Converter:
         return self.casts[key]
 
     def unique(self, base: str) -> str:
-        name, k = base, 0
-        while name in self.names:
-            k += 1
-            name = f"{base}_{k}"
-        self.names.add(name)
-        return name
+        return fresh_name(base, self.names)
 
     def emit(self, node: onnx.NodeProto) -> None:
         self.nodes.append(node)
