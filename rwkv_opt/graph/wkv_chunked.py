@@ -13,7 +13,8 @@ with the log decay lw = log w and positions t = 1..L:
     D  = G - G_{L/2}  (two half-chunk cumsums outward from the midpoint)   Dx = D - lw
     A_kk = tril<(KK e^Dx (K e^-D)^T)   A_kb = tril<(KK e^Dx (B e^-D)^T)
     A_rk = tril<=(R e^D (K e^-D)^T)    A_rb = tril<=(R e^D (B e^-D)^T)
-    [W | U~] = (I + A_kb)^-1 [KK e^Gx | A_kk V]       blocked forward substitution, 16 x 16 blocks
+    [W | U~] = (I + A_kb)^-1 [KK e^Gx | A_kk V]       exact block inverse: 16 x 16 diagonal blocks by
+                                                       block doubling, then grown block row by block row
     Yq = R e^G - A_rb W      Yi = A_rk V - A_rb U~
     P  = diag(e^g) - W^T (B e^Ge)        E = V^T (K e^Ge) - U~^T (B e^Ge)
     per chunk c (the only sequential part, a Scan over C), carrying S^T so nothing transposes:
@@ -22,9 +23,10 @@ with the log decay lw = log w and positions t = 1..L:
 
 Every exponent is a partial sum over only the tokens it spans (§3.2 of the note), the decays are
 split at the chunk midpoint so no factor exceeds e^(0.61 L / 2) (§3.1), the masks are Trilu (a
-select, so the large masked triangle never meets a 0 * inf), and the inverse is forward
-substitution, never the nilpotent product (§3.3). T is padded in the graph to a multiple of L with
-no-op tokens (lw = 0, i.e. w = 1, and zeros), so any T >= 1 and any batch work.
+select, so the large masked triangle never meets a 0 * inf), and the inverse is exact block
+elimination (as stable as forward substitution), never the nilpotent product (§3.3). T is padded
+in the graph to a multiple of L with no-op tokens (lw = 0, i.e. w = 1, and zeros), so any T >= 1
+and any batch work.
 
 Layout letters: B batch, T time, H heads, N head size, C chunks, L chunk length, Q blocks of the
 inverse per chunk, K block size. Inside the chunked form every tensor is (C,B,H,L,N) so that the
@@ -160,17 +162,26 @@ def _chunk_pieces(g: GraphBuilder, L: int, r, k, v, kk, b, G, Gx, gL, Ge, D, Dx)
 
 def _diag_block_inverse(g: GraphBuilder, L: int, kk_, b_) -> Value:
     """(I + A_kb)^-1 of the K x K diagonal blocks of every chunk, all blocks batched together:
-    A_qq = tril<(KK~_q B~_q^T) from the factors, then forward substitution row by row,
-        T_0 = e_0,   T_t = e_t - A_qq[t, :t] T_{:t}        -> (C,B,H,Q,K,K)
+    A_qq = tril<(KK~_q B~_q^T) from the factors, then block doubling (the lower-triangular 2 x 2
+    block inverse applied to blocks of size 1, 2, 4, ... at once, each level one masked product):
+        T_1 = I,   T_2s = T_s - T_s (A o M_s) T_s         -> (C,B,H,Q,K,K)
+    where T_s is block-diagonal with the exact inverses of the s x s diagonal blocks and M_s keeps
+    the lower-left s x s block of every 2s x 2s diagonal block. Each level is the exact block
+    formula (no power series, unlike the nilpotent product, so it is as stable as forward
+    substitution) in log2(K) steps of two small MatMuls, instead of K - 1 row steps.
     """
     K = min(L, INV_BLOCK)
     blocks = lambda x: g.Reshape(x, g.ints(0, 0, 0, L // K, K, -1))  # noqa: E731  (C,B,H,Q,K,N)
-    A = _tril(g, g.MatMul(blocks(kk_), g.Transpose(blocks(b_), perm=[0, 1, 2, 3, 5, 4])), -1)
-    eye = np.eye(K, dtype=np.float32)
-    Tm = g.Sub(g.const(eye[:1]), g.Slice(A, g.ints(0), g.ints(1), g.ints(-2)))  # = e_0 (row 0 of A is 0)
-    for t in range(1, K):
-        a_t = g.Slice(A, g.ints(t, 0), g.ints(t + 1, t), g.ints(-2, -1))        # (...,1,t)
-        Tm = g.Concat(Tm, g.Sub(g.const(eye[t:t + 1]), g.MatMul(a_t, Tm)), axis=-2)
+    A = g.MatMul(blocks(kk_), g.Transpose(blocks(b_), perm=[0, 1, 2, 3, 5, 4]))   # tril by the masks
+    i = np.arange(K)
+    Tm, s = None, 1
+    while s < K:
+        mask = ((i[:, None] // (2 * s) == i[None, :] // (2 * s)) & (i[:, None] // s % 2 == 1)
+                & (i[None, :] // s % 2 == 0)).astype(np.float32)
+        As = g.Mul(A, g.const(mask))
+        Tm = (g.Sub(g.const(np.eye(K, dtype=np.float32)), As) if Tm is None
+              else g.Sub(Tm, g.MatMul(Tm, g.MatMul(As, Tm))))
+        s *= 2
     return Tm
 
 

@@ -115,7 +115,7 @@ def test_batch_rows_are_independent():
 def test_graph_shape():
     """One Scan (over chunks), no Log when fed log w, Trilu masks, no Loop."""
     ops = Counter(n.op_type for n in wkv_model("chunk").graph.node)
-    assert ops["Scan"] == 1 and ops["Log"] == 0 and ops["Loop"] == 0 and ops["Trilu"] == 5
+    assert ops["Scan"] == 1 and ops["Log"] == 0 and ops["Loop"] == 0 and ops["Trilu"] == 4
     assert Counter(n.op_type for n in wkv_model("chunk", use_logw=False).graph.node)["Log"] == 1
     assert "Scan" not in {n.op_type for n in wkv_model("step").graph.node}
 
