@@ -4,6 +4,7 @@ passes that make it (in order, with config overrides), session settings and its 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from rwkv_opt.config import Precision, Provider
@@ -11,13 +12,43 @@ from rwkv_opt.errors import RwkvOptError
 from rwkv_opt.graph.model import LogitsMode
 
 
+TOP1_ALPHA = 0.05   # a verification refuses top-1 when agreement this low has under 5% probability
+
+
 @dataclass(frozen=True)
 class Budget:
-    """Accuracy an artifact must keep vs the fp32 numpy reference (teacher-forced protocol)."""
+    """Accuracy an artifact must keep vs the fp32 numpy reference (teacher-forced protocol).
+
+    max_rel_err and max_kl are hard limits. min_top1 is a rate, and a verification sees a sample of
+    positions (`pipeline` checks 33), where 98% cannot be told from 97% -- with 9 positions one flip
+    is 89%. So a sample fails top-1 when it is evidence that the rate is below min_top1: agreement
+    this low or lower would have under TOP1_ALPHA probability if the rate were exactly min_top1
+    (one-sided exact binomial test). min_top1 = 1.0 still refuses any flip.
+    """
 
     min_top1: float
     max_rel_err: float
     max_kl: float
+
+    def top1_p_value(self, hits: int, positions: int) -> float:
+        """P(X <= hits) for X ~ Binomial(positions, min_top1)."""
+        p, n = self.min_top1, positions
+        if p >= 1.0:
+            return 1.0 if hits >= n else 0.0
+        return min(1.0, sum(math.comb(n, k) * p ** k * (1 - p) ** (n - k) for k in range(hits + 1)))
+
+    def failures(self, top1: float, positions: int, max_rel_err: float, mean_kl: float) -> list[str]:
+        """What a measurement misses, one phrase each; empty when it is within the budget."""
+        hits = round(top1 * positions)
+        out = []
+        if self.top1_p_value(hits, positions) < TOP1_ALPHA:
+            out.append(f"top-1 {hits}/{positions} (p = {self.top1_p_value(hits, positions):.3f} that a "
+                       f"{self.min_top1:.0%} rate agrees this little)")
+        if not max_rel_err <= self.max_rel_err:
+            out.append(f"max|err|/std {max_rel_err:.2e} > {self.max_rel_err}")
+        if not mean_kl <= self.max_kl:
+            out.append(f"mean KL {mean_kl:.2e} > {self.max_kl}")
+        return out
 
 
 @dataclass(frozen=True)
@@ -59,8 +90,10 @@ _FAST = (("fuse_wkv", {}), ("simplify", {}))
 
 # Weight quantization (passes/quantize.py; choices measured in reports/quantization.md). The budgets are
 # issue #6's accuracy goals; max|err|/std sits ~3x above the 0.1B measurement (a tail statistic). The
-# synthetic 0.1B's logits are flat (median top-1 probability 2.7%): all three miss top-1 there (KL is
-# met), so `pipeline` refuses them on that model (reports/quantization.md).
+# synthetic 0.1B's logits are flat (its reference's median top-1 probability is under 3%): all three
+# miss top-1 there (KL is met), so `pipeline` refuses them on that model. On a 0.1B trained here
+# (benchmarks/trained_accuracy.py: median top-1 probability 12% on held-out text) all three meet
+# every budget: int8 top-1 98.4%, KL 3.4e-4 over 193 positions, and `pipeline` accepts them.
 INT8_BUDGET = Budget(min_top1=0.98, max_rel_err=0.5, max_kl=0.02)
 INT4_BUDGET = Budget(min_top1=0.90, max_rel_err=3.0, max_kl=0.1)
 _INT8 = ("quantize", {"scheme": "int8"})

@@ -54,6 +54,22 @@ def test_missed_budget_writes_nothing(tiny7, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_top1_gate_is_a_binomial_test():
+    """min_top1 is a rate: a sample fails only when it is evidence (p < 5%) that the rate is lower."""
+    b = Budget(min_top1=0.98, max_rel_err=0.5, max_kl=0.02)
+    assert b.top1_p_value(9, 9) == 1.0
+    assert b.top1_p_value(8, 9) == pytest.approx(1 - 0.98 ** 9)                     # 0.166: one flip in 9
+    assert b.top1_p_value(7, 9) == pytest.approx(1 - 0.98 ** 9 - 9 * 0.02 * 0.98 ** 8)   # 0.013
+    assert b.failures(8 / 9, 9, 0.1, 1e-3) == []
+    assert [m.split(" (")[0] for m in b.failures(7 / 9, 9, 0.1, 1e-3)] == ["top-1 7/9"]
+    assert b.failures(29 / 33, 33, 0.1, 1e-3)                                        # the synthetic 0.1B's cpu-int8
+    assert b.failures(32 / 33, 33, 0.1, 1e-3) == []
+    misses = b.failures(1.0, 33, 0.6, 0.03)
+    assert len(misses) == 2 and misses[0].startswith("max|err|/std 6.00e-01") and misses[1].startswith("mean KL")
+    exact = Budget(min_top1=1.0, max_rel_err=1e-4, max_kl=1e-8)                     # fp32: any flip fails
+    assert exact.failures(32 / 33, 33, 0, 0) and not exact.failures(1.0, 33, 0, 0)
+
+
 def test_pass_order_is_checked(tiny7, tmp_path):
     class Needy(REGISTRY["simplify"]):
         name = "needs_fp16"
