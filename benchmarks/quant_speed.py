@@ -4,6 +4,7 @@
                                      [--rounds 15] [--decode-steps 16] [--prefill-len 512]
                                      [--prompt 64] [--decoded 192] [--out DIR] [--json FILE]
     python benchmarks/quant_speed.py --ablate '{"scheme": "nbits4"}' '{"scheme": "nbits4", "block_size": 32}' ...
+    python benchmarks/quant_speed.py --checkpoint model.pth --text held-out.txt --no-speed
 
 Artifacts are built with `run_pipeline` from the synthetic preset (verification off here: the
 accuracy below is the longer protocol; a target that misses its budget is still measured, and
@@ -21,6 +22,11 @@ speed     ORT CPU EP, ORT_ENABLE_ALL, intra-op threads = --threads, batch 1. Eac
           CUDA targets are not timed here (the CPU EP would time fp16 through casts); their
           accuracy is measured on the CPU EP like the pipeline's own verification.
 size      bytes of the artifact directory (model.onnx + model.onnx.data).
+--checkpoint  a .pth instead of the synthetic preset (e.g. one trained by `rwkv-opt train`).
+--text    the accuracy tokens: the first --prompt + --decoded World-tokenizer tokens of this file
+          instead of fixed random tokens (a trained model is only confident on text like its data).
+          The table adds the reference's median top-1 probability: how peaked the logits are, which
+          is what top-1 agreement depends on (near-flat logits flip on any rounding).
 --ablate  accuracy (same protocol) and size of quantize pass configs applied, one at a time, to the
           cpu-fp32 artifact: the algorithm and scheme comparisons in reports/quantization.md.
 """
@@ -37,7 +43,7 @@ import numpy as np
 
 from rwkv_opt.artifact import artifact_size
 from rwkv_opt.bench.accuracy import fixed_tokens
-from rwkv_opt.bench.metrics import LogitStats
+from rwkv_opt.bench.metrics import LogitStats, log_softmax
 from rwkv_opt.checkpoint import load_source
 from rwkv_opt.config import Provider
 from rwkv_opt.pipeline import run_pipeline
@@ -67,6 +73,11 @@ def reference_logits(weights, tokens: np.ndarray, prompt: int) -> list[np.ndarra
         want, st = ref.forward(tokens[:, t:t + 1], st)
         out.append(want)
     return out
+
+
+def ref_confidence(want: list[np.ndarray]) -> float:
+    """Median over positions of the reference's top-1 probability."""
+    return float(np.median([np.exp(log_softmax(np.asarray(w, np.float64))).max() for w in want]))
 
 
 def accuracy(session: Session, tokens: np.ndarray, prompt: int, want: list[np.ndarray]) -> dict:
@@ -138,6 +149,17 @@ def speed(sessions: dict[str, Session], vocab: int, rounds: int, steps: int, pre
     return out
 
 
+def text_tokens(path: Path, n: int, vocab: int) -> np.ndarray:
+    """The first `n` World-tokenizer tokens of a text file, as (1, n) int64."""
+    from rwkv_opt.reference.tokenizer import WorldTokenizer
+
+    ids = WorldTokenizer().encode(path.read_text(encoding="utf-8"))
+    if len(ids) < n or max(ids) >= vocab:
+        raise SystemExit(f"{path}: need {n} tokens below vocab {vocab}, the text gives {len(ids)} "
+                         f"(largest id {max(ids, default=-1)}); use a longer text or fewer --prompt/--decoded.")
+    return np.asarray(ids[:n], np.int64)[None]
+
+
 def _fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
@@ -160,6 +182,9 @@ def table(rows: dict[str, dict], base_size: int | None, prefill_len: int) -> str
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="0.1b")
+    ap.add_argument("--checkpoint", type=Path, help="a .pth instead of the synthetic preset")
+    ap.add_argument("--text", type=Path, help="accuracy tokens from this text file (World tokenizer)")
+    ap.add_argument("--no-speed", action="store_true", help="accuracy and size only")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--targets", nargs="+", default=[BASE, "cpu-int8", "cpu-int4", "cuda-int4"])
@@ -174,26 +199,31 @@ def main(argv=None) -> int:
                     help="instead: accuracy and size of these quantize configs applied to the cpu-fp32 artifact")
     a = ap.parse_args(argv)
 
-    w = load_source(None, a.preset, False, a.seed)
+    w = load_source(a.checkpoint, a.preset, False, a.seed)
+    key = a.preset if a.checkpoint is None else f"{a.checkpoint.resolve().parent.name}-{a.checkpoint.stem}"
+    out = a.out / key
     t0 = time.perf_counter()
-    manifests = build([BASE] if a.ablate else a.targets, w, a.out / a.preset)
-    print(f"artifacts ready in {time.perf_counter() - t0:.0f}s under {a.out / a.preset}", file=sys.stderr)
-    tokens = fixed_tokens(w.config.vocab, 1, a.prompt + a.decoded, seed=0)
+    manifests = build([BASE] if a.ablate else a.targets, w, out)
+    print(f"artifacts ready in {time.perf_counter() - t0:.0f}s under {out}", file=sys.stderr)
+    tokens = (text_tokens(a.text, a.prompt + a.decoded, w.config.vocab) if a.text
+              else fixed_tokens(w.config.vocab, 1, a.prompt + a.decoded, seed=0))
     want = reference_logits(w, tokens, a.prompt)
+    conf = ref_confidence(want)
     if a.ablate:
-        rows = ablation([json.loads(c) for c in a.ablate], a.out / a.preset / BASE, tokens, a.prompt, want)
+        rows = ablation([json.loads(c) for c in a.ablate], out / BASE, tokens, a.prompt, want)
         if a.json:
             a.json.write_text(json.dumps(rows, indent=1, default=str))
         return 0
-    sessions = {n: Session(a.out / a.preset / n, threads=a.threads) for n in a.targets}
+    sessions = {n: Session(out / n, threads=a.threads) for n in a.targets}
     acc = {n: accuracy(s, tokens, a.prompt, want) for n, s in sessions.items()}
-    timed = {n: s for n, s in sessions.items() if get_target(n).provider is Provider.CPU}
-    spd = speed(timed, w.config.vocab, a.rounds, a.decode_steps, a.prefill_len)
+    timed = {n: s for n, s in sessions.items() if get_target(n).provider is Provider.CPU and not a.no_speed}
+    spd = speed(timed, w.config.vocab, a.rounds, a.decode_steps, a.prefill_len) if timed else {}
     untimed = {"prefill_tok_s": None, "decode_ms": None, "prefill_x": None, "decode_x": None}
-    rows = {n: {**acc[n], **spd.get(n, untimed), "size": artifact_size(a.out / a.preset / n),
+    rows = {n: {**acc[n], **spd.get(n, untimed), "size": artifact_size(out / n),
                 "passes": [(p["name"], p["config"]) for p in manifests[n]["passes"]]} for n in a.targets}
     base_size = rows[BASE]["size"] if BASE in rows else None
-    print(f"preset {a.preset}, {a.threads} threads, prompt {a.prompt} + {a.decoded} teacher-forced, "
+    print(f"{a.checkpoint or 'preset ' + a.preset}, {a.threads} threads, prompt {a.prompt} + {a.decoded} "
+          f"teacher-forced ({a.text or 'fixed random tokens'}; reference median top-1 probability {conf:.3f}), "
           f"{a.rounds} rounds x {a.decode_steps} decode steps, prefill T={a.prefill_len}\n")
     print(table(rows, base_size, a.prefill_len))
     if a.json:
