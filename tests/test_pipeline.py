@@ -83,3 +83,26 @@ def test_pass_order_is_checked(tiny7, tmp_path):
     finally:
         del REGISTRY["needs_fp16"]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_verification_tokens_are_the_models_own(tiny7):
+    """pipeline verifies on a sequence the fp32 reference samples itself: reproducible, and far more
+    probable under the model than the random tokens it replaced."""
+    import numpy as np
+
+    from rwkv_opt.bench.accuracy import fixed_tokens, model_tokens
+    from rwkv_opt.bench.metrics import log_softmax
+    from rwkv_opt.reference import ReferenceModel
+
+    ref = ReferenceModel(tiny7, np.float32)
+    toks = model_tokens(ref, 48, seed=0)
+    assert toks.shape == (1, 48) and toks.dtype == np.int64 and 0 <= toks.min() and toks.max() < tiny7.config.vocab
+    assert np.array_equal(toks, model_tokens(ref, 48, seed=0)) and not np.array_equal(toks, model_tokens(ref, 48, seed=1))
+
+    def mean_logprob(t):
+        logits, _ = ref.forward(t)
+        lp = log_softmax(np.asarray(logits[0, :-1], np.float64))
+        return lp[np.arange(t.shape[1] - 1), t[0, 1:]].mean()
+
+    rand = fixed_tokens(tiny7.config.vocab, 1, 48, seed=0)
+    assert mean_logprob(toks) > mean_logprob(rand) + 1.0, (mean_logprob(toks), mean_logprob(rand))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rwkv_opt.bench.metrics import LogitStats, compare_logits, rel_err
+from rwkv_opt.bench.metrics import LogitStats, compare_logits, log_softmax, rel_err
 from rwkv_opt.graph import contract
 from rwkv_opt.reference import ReferenceModel
 from rwkv_opt.runtime import Session
@@ -17,6 +17,20 @@ from rwkv_opt.runtime import Session
 
 def fixed_tokens(vocab: int, batch: int, length: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, vocab, (batch, length), dtype=np.int64)
+
+
+def model_tokens(ref: ReferenceModel, length: int, seed: int = 0) -> np.ndarray:
+    """(1, length) tokens the fp32 reference writes itself: a random first token, then each next
+    token drawn from softmax(logits) at temperature 1 (fixed seed, so the same weights always give
+    the same sequence). On a trained model these are the positions it is used on; random tokens
+    are the least predictable input it can get and make its top-1 flip between near-ties."""
+    rng = np.random.default_rng(seed)
+    ids, state = [int(rng.integers(ref.cfg.vocab))], None
+    for _ in range(length - 1):
+        logits, state = ref.forward(np.array([[ids[-1]]]), state)
+        p = np.exp(log_softmax(np.asarray(logits[0, -1], np.float64)))
+        ids.append(int(rng.choice(p.size, p=p / p.sum())))
+    return np.asarray(ids, np.int64)[None]
 
 
 def teacher_forced(session: Session, ref: ReferenceModel, tokens: np.ndarray, prompt_len: int) -> dict:
