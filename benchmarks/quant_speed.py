@@ -46,6 +46,8 @@ from rwkv_opt.bench.accuracy import fixed_tokens
 from rwkv_opt.bench.metrics import LogitStats, log_softmax
 from rwkv_opt.checkpoint import load_source
 from rwkv_opt.config import Provider
+from rwkv_opt.errors import RwkvOptError
+from rwkv_opt.passes._quant_calib import text_tokens
 from rwkv_opt.pipeline import run_pipeline
 from rwkv_opt.reference import ReferenceModel
 from rwkv_opt.runtime import Session
@@ -149,17 +151,6 @@ def speed(sessions: dict[str, Session], vocab: int, rounds: int, steps: int, pre
     return out
 
 
-def text_tokens(path: Path, n: int, vocab: int) -> np.ndarray:
-    """The first `n` World-tokenizer tokens of a text file, as (1, n) int64."""
-    from rwkv_opt.reference.tokenizer import WorldTokenizer
-
-    ids = WorldTokenizer().encode(path.read_text(encoding="utf-8"))
-    if len(ids) < n or max(ids) >= vocab:
-        raise SystemExit(f"{path}: need {n} tokens below vocab {vocab}, the text gives {len(ids)} "
-                         f"(largest id {max(ids, default=-1)}); use a longer text or fewer --prompt/--decoded.")
-    return np.asarray(ids[:n], np.int64)[None]
-
-
 def _fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
@@ -205,8 +196,9 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     manifests = build([BASE] if a.ablate else a.targets, w, out)
     print(f"artifacts ready in {time.perf_counter() - t0:.0f}s under {out}", file=sys.stderr)
-    tokens = (text_tokens(a.text, a.prompt + a.decoded, w.config.vocab) if a.text
-              else fixed_tokens(w.config.vocab, 1, a.prompt + a.decoded, seed=0))
+    tokens = (text_tokens(a.text, 1, a.prompt + a.decoded, w.config.vocab, what="--text",
+                          instead="drop --text (fixed random tokens)")
+              if a.text else fixed_tokens(w.config.vocab, 1, a.prompt + a.decoded, seed=0))
     want = reference_logits(w, tokens, a.prompt)
     conf = ref_confidence(want)
     if a.ablate:
@@ -232,4 +224,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except RwkvOptError as e:
+        sys.exit(f"quant_speed: {e}")

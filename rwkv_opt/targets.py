@@ -40,10 +40,9 @@ class Budget:
     def failures(self, top1: float, positions: int, max_rel_err: float, mean_kl: float) -> list[str]:
         """What a measurement misses, one phrase each; empty when it is within the budget."""
         hits = round(top1 * positions)
-        out = []
-        if self.top1_p_value(hits, positions) < TOP1_ALPHA:
-            out.append(f"top-1 {hits}/{positions} (p = {self.top1_p_value(hits, positions):.3f} that a "
-                       f"{self.min_top1:.0%} rate agrees this little)")
+        p, out = self.top1_p_value(hits, positions), []
+        if p < TOP1_ALPHA:
+            out.append(f"top-1 {hits}/{positions} (p = {p:.3f} that a {self.min_top1:.0%} rate agrees this little)")
         if not max_rel_err <= self.max_rel_err:
             out.append(f"max|err|/std {max_rel_err:.2e} > {self.max_rel_err}")
         if not mean_kl <= self.max_kl:

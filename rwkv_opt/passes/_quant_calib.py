@@ -37,21 +37,22 @@ class Calibration:
     seed: int = 0
 
 
-def text_tokens(path: str, sequences: int, length: int, vocab: int) -> np.ndarray:
-    """(sequences, length) token windows from a text file, in file order."""
+def text_tokens(path: str, sequences: int, length: int, vocab: int, *, what: str = "calibration text",
+                instead: str = "leave it empty to sample calibration sequences from the model") -> np.ndarray:
+    """(sequences, length) token windows from a text file, in file order. `what` names the file in
+    the refusals and `instead` says what to do rather than pass it."""
     from rwkv_opt.reference.tokenizer import load_world_tokenizer
 
     p = Path(path)
     if not p.is_file():
-        raise RwkvOptError(f"calibration text {path} does not exist; pass a UTF-8 text file or leave it empty "
-                           "to sample calibration sequences from the model.")
+        raise RwkvOptError(f"{what} {path} does not exist; pass a UTF-8 text file or {instead}.")
     ids = np.asarray(load_world_tokenizer().encode(p.read_text(encoding="utf-8")), np.int64)
     if ids.size < length:
-        raise RwkvOptError(f"calibration text {path} has {ids.size} tokens; it needs at least {length} "
-                           "(one sequence of calibration_length).")
+        raise RwkvOptError(f"{what} {path} has {ids.size} tokens; it needs at least {length} "
+                           f"(one sequence of {length} tokens); pass a longer text or {instead}.")
     if ids.max() >= vocab:
-        raise RwkvOptError(f"calibration text {path} tokenizes to ids up to {ids.max()}, but the model's vocabulary "
-                           f"has {vocab} rows; use a World-vocabulary model or sample from the model instead.")
+        raise RwkvOptError(f"{what} {path} tokenizes to ids up to {ids.max()}, but the model's vocabulary "
+                           f"has {vocab} rows; use a World-vocabulary model or {instead}.")
     n = min(sequences, ids.size // length)
     return ids[: n * length].reshape(n, length)
 
