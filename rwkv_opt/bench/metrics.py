@@ -26,6 +26,22 @@ def compare_logits(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
     }
 
 
+def decided_flips(ref: np.ndarray, got: np.ndarray, margin: float) -> np.ndarray:
+    """Reference leads (top-1 minus runner-up logit) at the positions where the model's top-1
+    differs from the reference's although that lead is >= `margin`.
+
+    A flip needs |err| at the two tokens to sum to at least the lead, so a precision whose logits
+    err by up to e can flip any position led by < 2e: near-ties, whose outcome depends on the last
+    bit of every fp32 sum before the rounding (BLAS kernel, SIMD math library: it differs between
+    CPUs). What must hold whatever the CPU is that no position the reference decides clearly flips.
+    """
+    ref = np.asarray(ref, np.float64)
+    top2 = np.sort(ref, -1)[..., -2:]
+    lead = top2[..., 1] - top2[..., 0]
+    bad = (ref.argmax(-1) != np.asarray(got).argmax(-1)) & (lead >= margin)
+    return lead[bad]
+
+
 def rel_err(ref: np.ndarray, got: np.ndarray) -> float:
     ref = np.asarray(ref, np.float64)
     return float(np.abs(ref - np.asarray(got, np.float64)).max() / max(ref.std(), 1e-30))

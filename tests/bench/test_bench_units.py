@@ -59,3 +59,13 @@ def test_block_names():
 def test_nvidia_smi_parse():
     assert parse_nvidia_smi("123, 512\n456, 100\n123, 24\n", 123) == 536
     assert np.isnan(parse_nvidia_smi("", 123))
+
+
+def test_decided_flips_counts_only_clear_leads():
+    from rwkv_opt.bench.metrics import decided_flips
+
+    ref = np.array([[3.0, 1.0, 0.0], [1.0, 0.98, 0.0], [0.0, 2.0, 0.5]])
+    got = np.array([[1.0, 3.0, 0.0], [0.97, 0.99, 0.0], [0.0, 2.0, 0.4]])  # rows 0 and 1 flip
+    assert decided_flips(ref, got, 0.5).tolist() == [2.0]          # the near-tie (lead 0.02) is excused
+    assert decided_flips(ref, got, 0.01).tolist() == [2.0, 0.02]   # unless the margin is below it
+    assert decided_flips(ref, ref, 0.0).size == 0

@@ -21,7 +21,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from rwkv_opt.bench.metrics import compare_logits
+from rwkv_opt.bench.metrics import compare_logits, decided_flips
 from rwkv_opt.checkpoint.synth import synthetic_state_dict
 from rwkv_opt.checkpoint.weights import from_state_dict
 from rwkv_opt.config import Provider
@@ -42,8 +42,14 @@ PROMPT, DECODE = 64, 32
 
 # Tolerances vs the fp32 numpy reference: (min top-1, max |err|/std(ref), max mean KL).
 TOL_ORT = {"fp16_mixed": (1.0, 3e-3, 1e-5), "fp16": (1.0, 1e-2, 1e-4)}
-TOL_ROUNDED = {"fp32": (1.0, 1e-5, 1e-10), "fp16_mixed": (0.99, 1.5e-2, 1e-4), "fp16": (0.99, 2e-2, 1e-4),
-               "bf16": (0.99, 5e-2, 5e-3)}
+# Under GPU-like rounding top-1 is not a rate: (None, max |err|/std(ref), max mean KL), and top-1 must
+# agree wherever the reference leads by >= max|err|/std tolerance x std(ref) (decided_flips). A rate
+# was CPU-dependent: rounding every op to bf16 turns last-bit differences of the fp32 math under it
+# (OpenBLAS's per-CPU kernels, numpy's SIMD exp) into whole-ulp differences, and the tiny model has
+# near-ties (leads of 0.003 and 0.04 logits in this sample) whose outcome follows them: 2 of 128
+# flipped on an Intel Xeon, fewer on an AMD EPYC, with every error figure within budget on both.
+TOL_ROUNDED = {"fp32": (None, 1e-5, 1e-10), "fp16_mixed": (None, 1.5e-2, 1e-4), "fp16": (None, 2e-2, 1e-4),
+               "bf16": (None, 5e-2, 5e-3)}
 
 
 # ---- fixtures -------------------------------------------------------------------------------------
@@ -116,7 +122,7 @@ def report(label: str, m: dict) -> None:
 
 def assert_within(m: dict, tol: tuple) -> None:
     top1, rel, kl = tol
-    assert m["top1"] >= top1 and m["max_rel_err"] <= rel and m["mean_kl"] <= kl, (m, tol)
+    assert (top1 is None or m["top1"] >= top1) and m["max_rel_err"] <= rel and m["mean_kl"] <= kl, (m, tol)
 
 
 def low_nodes(model, low: int) -> list[onnx.NodeProto]:
@@ -222,9 +228,15 @@ def test_rounded_agreement(name, weights, base, converted, tokens, ref_logits):
     toks = np.concatenate([tokens, tokens[:, ::-1]])[:batch, :T]
     feed = {contract.TOKENS: toks, **zero_state(model, weights.config, batch)}
     got = rounding_evaluator(model).run([contract.LOGITS], feed)[0]
-    m = compare_logits(ReferenceModel(weights).forward(toks)[0], got)
+    ref = ReferenceModel(weights).forward(toks)[0]
+    m = compare_logits(ref, got)
     report(f"{name} rounding evaluator b{batch} T{T} vs numpy reference", m)
     assert_within(m, TOL_ROUNDED[name])
+    # Flips only where the reference's lead is within the error the tolerance allows per logit (a
+    # flip needs the two tokens' errors to sum to the lead, so the error bound alone would allow
+    # leads up to twice this): a clearly decided position never flips.
+    margin = TOL_ROUNDED[name][1] * ref.std()
+    assert decided_flips(ref, got, margin).size == 0, (decided_flips(ref, got, margin), margin)
 
 
 def test_fp16_io(weights, base, tokens, ref_logits):
