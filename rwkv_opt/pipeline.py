@@ -19,13 +19,16 @@ import numpy as np
 import onnx
 
 from rwkv_opt import __version__
-from rwkv_opt.artifact import MANIFEST_FILE, MODEL_FILE, initializer_bytes, save_model, staging_dir, write_json
+from rwkv_opt.artifact import (MANIFEST_FILE, MODEL_FILE, artifact_size, initializer_bytes, save_model, staging_dir,
+                               write_json)
 from rwkv_opt.checkpoint.weights import Weights
 from rwkv_opt.config import Precision, Provider
 from rwkv_opt.errors import RwkvOptError
 from rwkv_opt.graph.model import BuildOptions, LogitsMode, build_model
 from rwkv_opt.passes.base import applied_passes, get_pass
+from rwkv_opt.progress import available_memory, peak_rss_bytes, phase, set_sink
 from rwkv_opt.targets import Target
+from rwkv_opt.tensorstore import active, has_external, scratch_store
 
 Progress = Callable[[str], None]
 EMULATE_MAX_PARAMS = 20_000_000  # bf16 graphs are checked through onnx.reference up to this size
@@ -45,7 +48,15 @@ def versions() -> dict:
 
 
 def check(model: onnx.ModelProto | Path, where: str) -> None:
-    """onnx.checker full check; models over 1 GiB are checked from their saved file instead."""
+    """onnx.checker full check; a weightless model (its weights in the active TensorStore) is checked
+    from a file beside them, which costs no weight bytes; an in-memory model over 1 GiB is checked
+    from its saved file instead."""
+    if isinstance(model, onnx.ModelProto) and has_external(model) and active() is not None:
+        path = active().session_path(model, "check.onnx")
+        try:
+            return check(path, where)
+        finally:
+            path.unlink()
     if isinstance(model, onnx.ModelProto) and initializer_bytes(model) >= (1 << 30):
         return
     try:
@@ -93,26 +104,43 @@ def run_passes(model: onnx.ModelProto, passes, progress: Progress = _stderr) -> 
     return model, records
 
 
-def verify(artifact: Path, weights: Weights, target: Target, prompt_len: int = 16, decode_len: int = 32) -> dict:
+def verify(artifact: Path, weights: Weights, target: Target, prompt_len: int = 16, decode_len: int = 32,
+           logits: LogitsMode = LogitsMode.LAST) -> dict:
     """Teacher-forced accuracy vs the fp32 numpy reference, on the CPU EP where it can run, over a
     sequence the reference samples itself (16 prompt + 32 decoded tokens: 33 positions; 8 + 8 under
-    the slow GPU-like emulation)."""
-    from rwkv_opt.bench.accuracy import model_tokens, teacher_forced
+    the slow GPU-like emulation).
+
+    The two models never share the memory: the reference runs first (its converted layers kept while
+    they fit, streamed from the checkpoint beyond that) and records its logits, then it is dropped and
+    the artifact runs in a low-memory ORT session (no prepacked weight copies, no arena, external data
+    mapped from the file)."""
+    import gc
+
+    from rwkv_opt.bench.accuracy import compare_recorded, reference_record
     from rwkv_opt.reference import ReferenceModel
     from rwkv_opt.runtime import Session
 
-    if target.precision is Precision.BF16:  # ORT's CPU EP has no bf16 kernels: emulate a GPU EP
+    emulate = target.precision is Precision.BF16  # ORT's CPU EP has no bf16 kernels: emulate a GPU EP
+    if emulate:
         if weights.config.n_params() > EMULATE_MAX_PARAMS:
             return {"skipped": "ORT's CPU EP has no bf16 kernels and the model is too large to emulate; "
                                "verify on a CUDA machine with `rwkv-opt check`"}
+        prompt_len, decode_len = 8, 8
+    cache = max(0, available_memory() - _ref_reserve(weights.config))
+    ref = ReferenceModel(weights, np.float32, cache_bytes=cache)
+    with phase("verify: reference", prompt_len + decode_len, "tokens"):
+        rec = reference_record(ref, prompt_len + decode_len, prompt_len, all_prompt=logits is LogitsMode.ALL)
+    del ref
+    weights.drop_cache()
+    gc.collect()
+    if emulate:
         from rwkv_opt.runtime.evaluator import EvaluatorSession
 
-        sess, provider, prompt_len, decode_len = EvaluatorSession(artifact), "onnx.reference (GPU-like rounding)", 8, 8
+        sess, provider = EvaluatorSession(artifact), "onnx.reference (GPU-like rounding)"
     else:
-        sess, provider = Session(artifact, Provider.CPU), "cpu"
-    ref = ReferenceModel(weights, np.float32)
-    tokens = model_tokens(ref, prompt_len + decode_len, seed=0)   # what the model itself writes
-    m = teacher_forced(sess, ref, tokens, prompt_len)
+        sess, provider = Session(artifact, Provider.CPU, low_memory=True), "cpu"
+    with phase("verify: artifact", decode_len + 1, "calls"):
+        m = compare_recorded(sess, rec)
     m["misses"] = target.budget.failures(m["top1"], m["positions"], m["max_rel_err"], m["mean_kl"])
     m["within_budget"] = not m["misses"]
     m["top1_p_value"] = target.budget.top1_p_value(round(m["top1"] * m["positions"]), m["positions"])
@@ -120,45 +148,122 @@ def verify(artifact: Path, weights: Weights, target: Target, prompt_len: int = 1
     return m
 
 
+def _ref_reserve(cfg) -> int:
+    """Memory the reference needs beside its layer cache: the embedding and head in fp32, a layer being
+    converted, activations, and headroom for the interpreter and ORT's later start."""
+    return 2 * cfg.vocab * cfg.n_embd * 4 + 3 * _layer_bytes(cfg) + (1 << 30)
+
+
+def _layer_bytes(cfg) -> int:
+    return (cfg.n_params() - 2 * cfg.vocab * cfg.n_embd) * 4 // max(cfg.n_layer, 1)
+
+
+def memory_plan(cfg, target: Target, artifact_bytes: int) -> dict:
+    """What `pipeline` will hold at its peak, per phase, from the config alone (bytes).
+
+    build/passes: one tensor at a time (the largest, in fp32, a few times over) plus GPTQ's calibration
+    session, which maps the fp32 weights; verify: the reference's minimum (embedding, head, a layer)
+    and the artifact's session (its weights mapped from the file; fp16 weights are cast per call on
+    the CPU EP, so a cast copy of the largest matrix)."""
+    largest = cfg.vocab * cfg.n_embd * 4
+    fp32 = cfg.n_params() * 4
+    calib = fp32 if any(n == "quantize" and c.get("algorithm") == "gptq" for n, c in target.passes) else 0
+    overhead = 600 << 20
+    return {"passes": max(4 * largest, calib) + overhead,
+            "verify_reference": _ref_reserve(cfg),
+            "verify_session": artifact_bytes + 2 * largest + overhead}
+
+
+def estimated_artifact_bytes(cfg, target: Target) -> int:
+    fp32 = cfg.n_params() * 4
+    if target.quantization != "none":
+        return int(fp32 * 0.2)
+    return fp32 if target.precision is Precision.FP32 else fp32 // 2
+
+
 def run_pipeline(target: Target, weights: Weights, out: Path, *, heads=(), logits: LogitsMode | None = None,
                  do_verify: bool = True, progress: Progress = _stderr) -> dict:
     t_start = time.perf_counter()
     logits = logits or target.logits
+    cfg = weights.config
     for name, _ in list(target.passes) + list(heads):
         get_pass(name)  # an unknown pass or head is refused before any work
-    progress(f"[1/4] build base fp32 graph ({weights.config.n_layer} layers, C={weights.config.n_embd}, "
-             f"V={weights.config.vocab}, {weights.config.variant.value})")
-    t0 = time.perf_counter()
-    model = build_model(weights, BuildOptions(logits=logits))
-    check(model, "build")
-    t_build = time.perf_counter() - t0
-    progress(f"      {len(model.graph.node)} nodes, {initializer_bytes(model) / 2**20:.1f} MiB of weights, {t_build:.1f}s")
-    progress(f"[2/4] passes for target {target.name}")
-    model, records = run_passes(model, list(target.passes) + list(heads), progress)
-    manifest = {
-        "tool": "rwkv-opt", "target": target.name, "provider": target.provider.value,
-        "precision": target.precision.value, "quantization": target.quantization, "logits": logits.value,
-        "source": {"path": weights.source, "digest": weights.digest or "synthetic", "config": weights.config.to_dict()},
-        "build_seconds": round(t_build, 3),
-        "passes": [r.__dict__ for r in records],
-        "heads": [h for h, _ in heads],
-        "versions": versions(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    progress(f"[3/4] write artifact {out}")
-    with staging_dir(out) as tmp:
-        save_model(model, tmp / MODEL_FILE)
-        del model
+    verify_skip = None
+    if do_verify:
+        plan = memory_plan(cfg, target, estimated_artifact_bytes(cfg, target))
+        avail = available_memory()
+        if plan["verify_session"] > avail:
+            verify_skip = (f"verification needs about {plan['verify_session'] / 2**30:.1f} GiB for the artifact's "
+                           f"session and {avail / 2**30:.1f} GiB is available")
+            progress(f"[!] {verify_skip}: the artifact will be written unverified (--no-verify says so up front; "
+                     "a quantized target or a bigger machine verifies it)")
+    _check_room(cfg, target, Path(out))
+    phases: dict[str, float] = {}
+    with set_sink(progress), staging_dir(out) as tmp:
+        with scratch_store(tmp) as store:
+            progress(f"[1/4] build base fp32 graph ({cfg.n_layer} layers, C={cfg.n_embd}, "
+                     f"V={cfg.vocab}, {cfg.variant.value})")
+            t0 = time.perf_counter()
+            with phase("build", cfg.n_layer, "layers"):
+                model = build_model(weights, BuildOptions(logits=logits))
+            weights.drop_cache()
+            check(model, "build")
+            t_build = phases["build"] = time.perf_counter() - t0
+            progress(f"      {len(model.graph.node)} nodes, {initializer_bytes(model) / 2**20:.1f} MiB of weights, "
+                     f"{t_build:.1f}s")
+            progress(f"[2/4] passes for target {target.name}")
+            t0 = time.perf_counter()
+            model, records = run_passes(model, list(target.passes) + list(heads), progress)
+            phases["passes"] = time.perf_counter() - t0
+            manifest = {
+                "tool": "rwkv-opt", "target": target.name, "provider": target.provider.value,
+                "precision": target.precision.value, "quantization": target.quantization, "logits": logits.value,
+                "source": {"path": weights.source, "digest": weights.digest or "synthetic", "config": cfg.to_dict()},
+                "build_seconds": round(t_build, 3),
+                "passes": [r.__dict__ for r in records],
+                "heads": [h for h, _ in heads],
+                "versions": versions(),
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            }
+            progress(f"[3/4] write artifact {out}")
+            t0 = time.perf_counter()
+            save_model(model, tmp / MODEL_FILE)
+            del model
+            store.close()
         check(tmp / MODEL_FILE, "saving")
-        if do_verify:
+        phases["write"] = time.perf_counter() - t0
+        manifest["artifact_bytes"] = artifact_size(tmp)
+        if do_verify and verify_skip is None:
             progress("[4/4] verify against the numpy reference (prompt, then teacher-forced decode steps)")
-            v = manifest["verification"] = verify(tmp / MODEL_FILE, weights, target)
+            t0 = time.perf_counter()
+            v = manifest["verification"] = verify(tmp / MODEL_FILE, weights, target, logits=logits)
+            phases["verify"] = time.perf_counter() - t0
             if "skipped" not in v and not v["within_budget"]:
                 raise RwkvOptError(
                     f"target {target.name} missed its accuracy budget on {v['positions']} teacher-forced positions: "
                     f"{'; '.join(v['misses'])} (top1 {v['top1']:.4f}, max|err|/std {v['max_rel_err']:.2e}, KL "
                     f"{v['mean_kl']:.2e}; budget top1 >= {target.budget.min_top1}, max|err|/std <= "
                     f"{target.budget.max_rel_err}, KL <= {target.budget.max_kl}); nothing was written.")
+        elif verify_skip is not None:
+            manifest["verification"] = {"skipped": verify_skip + "; rerun `rwkv-opt check` on a larger machine"}
+        manifest["phase_seconds"] = {k: round(v, 3) for k, v in phases.items()}
+        manifest["peak_rss_bytes"] = peak_rss_bytes()
         manifest["total_seconds"] = round(time.perf_counter() - t_start, 3)
         write_json(tmp / MANIFEST_FILE, manifest)
+    progress(f"done in {manifest['total_seconds']:.1f}s, peak memory (RSS) {manifest['peak_rss_bytes'] / 2**30:.2f} GiB")
     return manifest
+
+
+def _check_room(cfg, target: Target, out: Path) -> None:
+    """Refuse up front when the disk cannot hold the scratch weights and the artifact."""
+    import shutil
+
+    parent = Path(out).absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    need = cfg.n_params() * 4 + estimated_artifact_bytes(cfg, target) * 2  # fp32 scratch, pass outputs, artifact
+    free = shutil.disk_usage(parent).free
+    if need > free:
+        raise RwkvOptError(f"building {target.name} for this {cfg.n_params() / 1e9:.1f}B-parameter model needs about "
+                           f"{need / 2**30:.1f} GiB of disk beside {out} and {free / 2**30:.1f} GiB is free; "
+                           "free some space or write the artifact to a larger disk (-o).")

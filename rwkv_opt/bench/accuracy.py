@@ -74,3 +74,46 @@ def teacher_forced_stream(session: Session, ref: ReferenceModel, tokens: np.ndar
     m["state_drift"] = rel_err(rst.wkv, wkv_got)
     m["positions"] = stats.positions
     return m
+
+
+def reference_record(ref: ReferenceModel, length: int, prompt_len: int, seed: int = 0, all_prompt: bool = False
+                     ) -> dict:
+    """One token-at-a-time pass of the reference that both writes the sequence (as model_tokens) and
+    records what teacher_forced compares: its logits at the prompt's last position (every prompt
+    position when `all_prompt`) and at each later token, and the final WKV state. The artifact is
+    then run alone (compare_recorded), so the two models never hold their weights at the same time.
+    """
+    from rwkv_opt.progress import tick
+
+    rng = np.random.default_rng(seed)
+    ids, state, logits = [int(rng.integers(ref.cfg.vocab))], None, []
+    for t in range(length):
+        out, state = ref.forward(np.array([[ids[-1]]]), state)
+        logits.append(np.asarray(out[0, -1], np.float32))
+        if t < length - 1:
+            p = np.exp(log_softmax(np.asarray(out[0, -1], np.float64)))
+            ids.append(int(rng.choice(p.size, p=p / p.sum())))
+        tick(t + 1)
+    first = 0 if all_prompt else prompt_len - 1
+    return {"tokens": np.asarray(ids, np.int64)[None], "prompt_len": prompt_len,
+            "logits": np.stack(logits[first:])[None], "wkv": state.wkv}
+
+
+def compare_recorded(session: Session, rec: dict) -> dict:
+    """teacher_forced's metrics for `session` against a reference_record."""
+    from rwkv_opt.progress import tick
+
+    tokens, prompt_len = rec["tokens"], rec["prompt_len"]
+    got_p, st = session.forward(tokens[:, :prompt_len])
+    got = [got_p]
+    for t in range(prompt_len, tokens.shape[1]):
+        g, st = session.forward(tokens[:, t:t + 1], st)
+        got.append(g)
+        tick(t - prompt_len + 1)
+    got = np.concatenate(got, 1).astype(np.float32)
+    want = rec["logits"][:, -got.shape[1]:]
+    m = compare_logits(want, got)
+    wkv_got = np.stack([st[contract.state_inputs(i)[1]] for i in range(rec["wkv"].shape[0])])
+    m["state_drift"] = rel_err(rec["wkv"], wkv_got)
+    m["positions"] = int(got.shape[1] * tokens.shape[0])
+    return m

@@ -14,6 +14,7 @@ from typing import Mapping
 
 import numpy as np
 
+from rwkv_opt.checkpoint.torchzip import release_pages
 from rwkv_opt.config import SQUEEZABLE, ModelConfig, config_from_shapes, expected_shapes
 from rwkv_opt.errors import CheckpointError
 
@@ -34,18 +35,32 @@ class Weights:
 
     def f32(self, key: str, dtype=np.float32) -> np.ndarray:
         """The tensor as float (squeezed for the [1,1,C] vectors)."""
-        a = np.asarray(self.raw[key])
+        src = self.raw[key]
+        a = np.asarray(src)
         if SQUEEZABLE.search(key):
             a = a.reshape(-1)
-        return a.astype(dtype)
+        out = a.astype(dtype)
+        if isinstance(src, np.ndarray):
+            release_pages(src)  # a mapped checkpoint's pages leave the RSS once converted
+        return out
 
     def emb_ln0(self, dtype=np.float32) -> np.ndarray:
         """emb <- LayerNorm(emb; blocks.0.ln0), folded once (as the official package does)."""
         key = ("emb_ln0", np.dtype(dtype).str)
         if key not in self._cache:
-            self._cache[key] = layer_norm(self.f32("emb.weight", dtype), self.f32("blocks.0.ln0.weight", dtype),
-                                          self.f32("blocks.0.ln0.bias", dtype))
+            w, b = self.f32("blocks.0.ln0.weight", dtype), self.f32("blocks.0.ln0.bias", dtype)
+            src = np.asarray(self.raw["emb.weight"])
+            out = np.empty(src.shape, dtype)
+            step = max(1, (64 << 20) // max(1, src.shape[1] * 8))  # rows per piece: temporaries stay small
+            for r in range(0, src.shape[0], step):  # row-wise, so the same values as in one piece
+                out[r:r + step] = layer_norm(src[r:r + step].astype(dtype), w, b)
+            release_pages(src)
+            self._cache[key] = out
         return self._cache[key]
+
+    def drop_cache(self) -> None:
+        """Forget the folded tables (emb_ln0 is V x C floats: 1 GiB at 7.2B)."""
+        self._cache.clear()
 
     def s_emb_folded(self, layer: int, dtype=np.float32) -> np.ndarray:
         """DeepEmbed: s_emb + emb_ln0 @ s_emb_x^T, folded once per layer -> [V, d_semb]."""

@@ -17,6 +17,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from rwkv_opt.tensorstore import make_tensor
+
 DEFAULT_OPSET = 21
 
 
@@ -72,14 +74,15 @@ class GraphBuilder:
         self.outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
         return Value(name)
 
-    def weight(self, name: str, array: np.ndarray) -> Value:
-        """A named initializer (model weights keep their checkpoint-derived names)."""
+    def weight(self, name: str, array: np.ndarray, inline: bool = False) -> Value:
+        """A named initializer (model weights keep their checkpoint-derived names). Under an active
+        TensorStore it is written out at once unless `inline` (constants, subgraph tensors)."""
         if name in self.initializers:
             raise ValueError(f"initializer {name} defined twice")
         array = np.asarray(array)  # (np.ascontiguousarray would turn a 0-D scalar into shape (1,))
         if not array.flags.c_contiguous:
             array = array.copy(order="C")
-        self.initializers[name] = numpy_helper.from_array(array, name)
+        self.initializers[name] = numpy_helper.from_array(array, name) if inline else make_tensor(array, name)
         return Value(name)
 
     def const(self, value, dtype=np.float32) -> Value:
@@ -88,7 +91,7 @@ class GraphBuilder:
         key = (arr.dtype.str, arr.shape, arr.tobytes())
         if key not in self._consts:
             name = self._unique(f"const_{arr.dtype.name}_{'x'.join(map(str, arr.shape)) or 's'}")
-            self._consts[key] = self.weight(name, arr)
+            self._consts[key] = self.weight(name, arr, inline=True)
         return self._consts[key]
 
     def ints(self, *values) -> Value:

@@ -21,6 +21,7 @@ from rwkv_opt.checkpoint.weights import Weights
 from rwkv_opt.graph import blocks as B
 from rwkv_opt.graph import contract
 from rwkv_opt.graph.builder import DEFAULT_OPSET, FLOAT, INT64, GraphBuilder
+from rwkv_opt.progress import tick
 
 
 class LogitsMode(str, enum.Enum):
@@ -54,6 +55,7 @@ class _ModelBuilder:
         x = g.Gather(g.weight("emb.weight.ln0", self.w.emb_ln0()), tokens, name="emb")
         v_first = None
         for i in range(c.n_layer):
+            tick(i)
             names = contract.state_inputs(i)
             att = g.input(names[0], FLOAT, ["batch", 1, c.n_embd])
             wkv = g.input(names[1], FLOAT, ["batch", c.n_head, c.head_size, c.head_size])

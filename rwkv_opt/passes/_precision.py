@@ -35,10 +35,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from rwkv_opt.errors import RwkvOptError
 from rwkv_opt.graph import contract
+from rwkv_opt.tensorstore import make_tensor, read_array
 from rwkv_opt.passes.base import Pass, PassConfig, PassResult, fresh_name, get_meta, mark_applied, set_meta
 
 FLOAT, FLOAT16, BFLOAT16 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16
@@ -374,12 +375,12 @@ def del_attr(node: onnx.NodeProto, name: str) -> None:
 
 
 def _to_low(t: onnx.TensorProto, low: int, name: str) -> onnx.TensorProto:
-    arr = numpy_helper.to_array(t)
+    arr = read_array(t)
     out = arr.astype(helper.tensor_dtype_to_np_dtype(low))
     if not np.isfinite(out).all() and np.isfinite(arr).all():
         raise RwkvOptError(f"initializer {t.name} has values beyond the {TAG[low]} range (max |x| = "
                            f"{np.abs(arr).max():.3g}); keep it fp32 or use bf16.")
-    return numpy_helper.from_array(out, name)
+    return make_tensor(out, name)
 
 
 def _nbytes(t: onnx.TensorProto) -> int:

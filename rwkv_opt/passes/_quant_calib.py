@@ -24,6 +24,7 @@ from onnx import helper
 from rwkv_opt.artifact import initializer_bytes, save_model
 from rwkv_opt.errors import RwkvOptError
 from rwkv_opt.graph import contract
+from rwkv_opt.tensorstore import active, has_external
 
 _FLUSH = 32  # steps of activations held before they are folded into H
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
@@ -69,7 +70,11 @@ class _Runner:
         m.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in extra if t not in have)
         so = ort.SessionOptions()
         so.intra_op_num_threads, so.inter_op_num_threads = 2, 1
-        if initializer_bytes(m) > (1 << 30):  # protobuf's 2 GB limit: go through a file
+        if has_external(m):  # weightless, under a TensorStore: ORT maps the weights from the store's file
+            path = active().session_path(m, "calibration.onnx")
+            self.sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+            path.unlink()
+        elif initializer_bytes(m) > (1 << 30):  # protobuf's 2 GB limit: go through a file
             with tempfile.TemporaryDirectory() as d:
                 save_model(m, Path(d) / "calib.onnx", external=True)
                 self.sess = ort.InferenceSession(str(Path(d) / "calib.onnx"), so, providers=["CPUExecutionProvider"])

@@ -28,7 +28,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
+
+from rwkv_opt.tensorstore import make_tensor
 
 MS_DOMAIN = "com.microsoft"
 
@@ -165,11 +167,10 @@ def pack_nbits(bq: BlockQuant) -> tuple[np.ndarray, np.ndarray, np.ndarray | Non
 def matmul_nbits_node(name: str, x: str, y: str, weight: str, bq: BlockQuant, accuracy_level: int,
                       scale_dtype=np.float32) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
     b, s, zp = pack_nbits(bq)
-    inits = [numpy_helper.from_array(b, f"{weight}.q{bq.bits}"),
-             numpy_helper.from_array(s.astype(scale_dtype), f"{weight}.scales")]
+    inits = [make_tensor(b, f"{weight}.q{bq.bits}"), make_tensor(s.astype(scale_dtype), f"{weight}.scales")]
     ins = [x, inits[0].name, inits[1].name]
     if zp is not None:
-        inits.append(numpy_helper.from_array(zp, f"{weight}.zero_points"))
+        inits.append(make_tensor(zp, f"{weight}.zero_points"))
         ins.append(inits[2].name)
     node = helper.make_node("MatMulNBits", ins, [y], name=name, domain=MS_DOMAIN, K=bq.k, N=s.shape[0],
                             bits=bq.bits, block_size=bq.block, accuracy_level=accuracy_level)
@@ -180,7 +181,7 @@ def dynamic_int8_node(name: str, x: str, y: str, weight: str, w_KN: np.ndarray
                       ) -> tuple[onnx.NodeProto, list[onnx.TensorProto], np.ndarray]:
     """DynamicQuantizeMatMul over per-column int8 weights; also returns the dequantized weight."""
     q, s = int8_per_column(w_KN)
-    inits = [numpy_helper.from_array(q, f"{weight}.q8"), numpy_helper.from_array(s, f"{weight}.scale")]
+    inits = [make_tensor(q, f"{weight}.q8"), make_tensor(s, f"{weight}.scale")]
     node = helper.make_node("DynamicQuantizeMatMul", [x, inits[0].name, inits[1].name], [y], name=name,
                             domain=MS_DOMAIN)
     return node, inits, q.astype(np.float32) * s

@@ -39,10 +39,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from rwkv_opt.graph.builder import FLOAT, GraphBuilder, Value
 from rwkv_opt.graph.wkv_chunked import check_chunk, wkv_chunked, wkv_step
+from rwkv_opt.tensorstore import read_array
 from rwkv_opt.passes.base import Pass, PassConfig, PassResult, drop_dead, mark_applied, register
 
 ROLES = ("r", "w", "k", "v", "kk", "b")
@@ -167,8 +168,8 @@ class _Scoped(GraphBuilder):
         super().__init__(scope.replace("/", "_"), opset)
         self._scope.append(scope)
 
-    def weight(self, name: str, array: np.ndarray) -> Value:
-        return super().weight(self.path(name), array)
+    def weight(self, name: str, array: np.ndarray, inline: bool = True) -> Value:  # subgraph tensors stay inline
+        return super().weight(self.path(name), array, inline=True)
 
     def branch(self, outputs: list[tuple[Value, str, list]]) -> onnx.GraphProto:
         """This builder as an If branch returning `outputs` (value, name, shape)."""
@@ -411,7 +412,7 @@ class FuseWkv(Pass):
         taken = _names(g, set())
         opset = next(o.version for o in out.opset_import if o.domain in ("", "ai.onnx"))
         prod = {o: n for n in g.node for o in n.output}
-        consts = {i.name: numpy_helper.to_array(i) for i in g.initializer if i.data_type == onnx.TensorProto.INT64}
+        consts = {i.name: read_array(i) for i in g.initializer if i.data_type == onnx.TensorProto.INT64}
         plans = {scan.node.output[0]: _rewrite(g, scan, opset, taken, self.config, prod, consts)
                  for scan in find_wkv_scans(g)}
         sites = _splice(g, plans)

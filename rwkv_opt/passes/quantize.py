@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from rwkv_opt.artifact import initializer_bytes
 from rwkv_opt.errors import RwkvOptError
@@ -43,6 +43,7 @@ from rwkv_opt.passes import _quant_core as qc
 from rwkv_opt.passes._quant_calib import Calibration, hessians
 from rwkv_opt.passes.base import (Pass, PassConfig, PassResult, applied_passes, get_meta, mark_applied, register,
                                   set_meta)
+from rwkv_opt.tensorstore import make_tensor, read_array
 
 QUANT_OPS = frozenset({"MatMulNBits", "DynamicQuantizeMatMul", "MatMulInteger", "MatMulIntegerToFloat",
                        "GatherBlockQuantized", "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear",
@@ -146,8 +147,9 @@ class _Job:
     scheme: Scheme
     block: int
     stem: str                  # name prefix of the initializers this job adds
-    weight: np.ndarray | None  # (K, N) or (V, C) float32 copy (dropped once quantized)
+    tensor: onnx.TensorProto   # the float initializer (an external reference under a TensorStore)
     dtype: np.dtype            # the initializer's dtype (= activation dtype)
+    weight: np.ndarray | None = None  # (K, N) or (V, C) float32, read when its turn comes, then dropped
 
 
 @register
@@ -189,6 +191,7 @@ class Quantize(Pass):
         new_inits: list[onnx.TensorProto] = []
         err_num, err_den = 0.0, 0.0
         for job in mm:
+            job.weight = read_array(job.tensor).astype(np.float32)
             node, inits, deq = self._matmul(job, H.pop(job.node.input[0], None) if _last_use(job, mm) else
                                             H.get(job.node.input[0]))
             g.node[job.index].CopyFrom(node)
@@ -197,7 +200,9 @@ class Quantize(Pass):
             err_den += float(np.square(job.weight).sum())
             job.weight = None  # free the float copy as we go
         for job in gathers:
+            job.weight = read_array(job.tensor).astype(np.float32)
             node, inits = self._gather(job)
+            job.weight = None
             g.node[job.index].CopyFrom(node)
             new_inits += inits
         g.initializer.extend(new_inits)
@@ -238,11 +243,11 @@ class Quantize(Pass):
                 continue
             if n.op_type == "Gather" and w.dims[1] % block:
                 continue  # GatherBlockQuantized blocks must tile a row exactly
-            arr = numpy_helper.to_array(w)
             # a weight read by several nodes is quantized per node (GPTQ's H is per input), so the
             # new initializers are then named after the node as well
             stem = w.name if readers[w.name] == 1 else f"{w.name}@{n.name}"
-            job = _Job(i, n, scheme, block, stem, arr.astype(np.float32), arr.dtype)
+            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(w.data_type))
+            job = _Job(i, n, scheme, block, stem, w, dtype)  # weights are read one at a time in run()
             (mm if n.op_type == "MatMul" else gathers).append(job)
         return mm, gathers
 
@@ -279,15 +284,15 @@ class Quantize(Pass):
         q = bq.q.T                                                             # (V, C)
         data = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8) if bits == 4 else q.astype(np.uint8)
         name = job.stem
-        inits = [numpy_helper.from_array(np.ascontiguousarray(data), f"{name}.q{bits}"),
-                 numpy_helper.from_array(np.ascontiguousarray(bq.s.T.astype(job.dtype)), f"{name}.scales")]
+        inits = [make_tensor(np.ascontiguousarray(data), f"{name}.q{bits}"),
+                 make_tensor(np.ascontiguousarray(bq.s.T.astype(job.dtype)), f"{name}.scales")]
         ins = [inits[0].name, n.input[1], inits[1].name]
         if bq.z is not None:
             z = bq.z.T.astype(np.uint8)
             if bits == 4:
                 z = np.concatenate([z, np.zeros((z.shape[0], z.shape[1] % 2), np.uint8)], 1)
                 z = (z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8)
-            inits.append(numpy_helper.from_array(np.ascontiguousarray(z), f"{name}.zero_points"))
+            inits.append(make_tensor(np.ascontiguousarray(z), f"{name}.zero_points"))
             ins.append(inits[2].name)
         node = helper.make_node("GatherBlockQuantized", ins, list(n.output), name=n.name, domain=qc.MS_DOMAIN,
                                 bits=bits, block_size=job.block, gather_axis=0, quantize_axis=1)

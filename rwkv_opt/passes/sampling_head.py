@@ -154,15 +154,15 @@ def _param_inputs(g: GraphBuilder, V: int, batch_uniform: bool) -> dict[str, Val
     p: dict[str, Value] = {}
     for name, (onnx_type, dtype) in PARAMS.items():
         p[name] = g.input(name, onnx_type, [])
-        g.weight(name, np.array(getattr(SamplingParams(), name), dtype))
+        g.weight(name, np.array(getattr(SamplingParams(), name), dtype), inline=True)
     p[TOKEN_BAN] = g.input(TOKEN_BAN, INT64, ["n_ban"])
-    g.weight(TOKEN_BAN, np.zeros(0, np.int64))
+    g.weight(TOKEN_BAN, np.zeros(0, np.int64), inline=True)
     # Defaulted inputs get their own dim names: "batch" would make ORT bind B to the default's 1 (or 0).
     p[OCCURRENCE] = g.input(OCCURRENCE, FLOAT, ["batch_or_1", V])
-    g.weight(OCCURRENCE, np.zeros((1, V), np.float32))
+    g.weight(OCCURRENCE, np.zeros((1, V), np.float32), inline=True)
     p[UNIFORM] = g.input(UNIFORM, DOUBLE, ["batch"] if batch_uniform else ["batch_or_0"])
     if not batch_uniform:
-        g.weight(UNIFORM, np.zeros(0, np.float64))
+        g.weight(UNIFORM, np.zeros(0, np.float64), inline=True)
     return p
 
 

@@ -43,24 +43,58 @@ def token_shift(x, prev):  # x (B,T,C), prev (B,C) -> previous token's x for eve
     return np.concatenate([prev[:, None, :], x[:, :-1]], axis=1)
 
 
+class _Layers:
+    """Each layer's weights in the reference's dtype: converted from the checkpoint once and kept
+    while they fit in `cache_bytes` (None: all of them), converted again at each use beyond that,
+    so a 7B checkpoint is checked in bounded memory (slower, not wrong)."""
+
+    def __init__(self, weights: Weights, dtype: np.dtype, cache_bytes: int | None):
+        self.w, self.dtype, self.n = weights, dtype, weights.config.n_layer
+        self.budget = cache_bytes
+        self.cache: dict[int, dict] = {}
+        self.cached_bytes = 0
+
+    def load(self, i: int) -> dict:
+        w, p = self.w, f"blocks.{i}."
+        z = {k[len(p):]: w.f32(k, self.dtype) for k in w.raw if k.startswith(p) and "s_emb" not in k}
+        for lin in ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value"):
+            z[lin] = z.pop(lin + ".weight").T  # used as x @ W^T
+        z["att.r_k"] = z["att.r_k"].reshape(-1)
+        if w.config.deepembed:
+            z["ffn.s_emb"] = w.s_emb_folded(i, self.dtype)
+        return z
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        if i in self.cache:
+            return self.cache[i]
+        z = self.load(i)
+        size = sum(a.nbytes for a in z.values())
+        if self.budget is None or self.cached_bytes + size <= self.budget:
+            self.cache[i] = z
+            self.cached_bytes += size
+        return z
+
+    def __iter__(self):
+        return (self[i] for i in range(self.n))
+
+
 class ReferenceModel:
-    def __init__(self, weights: Weights, dtype=np.float64):
+    def __init__(self, weights: Weights, dtype=np.float64, cache_bytes: int | None = None):
+        """`cache_bytes` bounds the converted layer weights kept between forward calls (None: all,
+        converted up front); the embedding and head are always held."""
         self.cfg = weights.config
         self.dtype = np.dtype(dtype)
         f = lambda k: weights.f32(k, self.dtype)  # noqa: E731
         self.emb = weights.emb_ln0(self.dtype)
         self.ln_out = (f("ln_out.weight"), f("ln_out.bias"))
         self.head_T = f("head.weight").T
-        self.layers = []
-        for i in range(self.cfg.n_layer):
-            p = f"blocks.{i}."
-            z = {k[len(p):]: f(k) for k in weights.raw if k.startswith(p) and "s_emb" not in k}
-            for lin in ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value"):
-                z[lin] = z.pop(lin + ".weight").T  # used as x @ W^T
-            z["att.r_k"] = z["att.r_k"].reshape(-1)
-            if self.cfg.deepembed:
-                z["ffn.s_emb"] = weights.s_emb_folded(i, self.dtype)
-            self.layers.append(z)
+        self.layers = _Layers(weights, self.dtype, cache_bytes)
+        if cache_bytes is None:
+            for _ in self.layers:  # convert now, as before: later calls only compute
+                pass
 
     def zero_state(self, batch: int = 1) -> State:
         c = self.cfg

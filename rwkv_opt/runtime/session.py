@@ -25,7 +25,8 @@ def available_providers() -> list[Provider]:
     return [p for p in Provider if p.ort_name in have]
 
 
-def session_options(threads: int | None = None, opt_level: str = "all", profile: str | None = None):
+def session_options(threads: int | None = None, opt_level: str = "all", profile: str | None = None,
+                    low_memory: bool = False):
     """ORT options for our models: intra-op `threads`, one inter-op thread (the graph is one chain),
     ORT's graph optimizations at `opt_level`. ORT's saved optimized model is not used: measured on the
     0.1B cpu-fp32 artifact (2 cores) it cuts session load from 0.41 to 0.30-0.35 s, for a second,
@@ -40,6 +41,9 @@ def session_options(threads: int | None = None, opt_level: str = "all", profile:
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[opt_level]
+    if low_memory:  # measured in reports/scale.md: what a verification run can do without
+        so.add_session_config_entry("session.disable_prepacking", "1")  # no packed copy of each weight
+        so.enable_cpu_mem_arena = False
     if profile:
         so.enable_profiling = True
         so.profile_file_prefix = profile
@@ -55,7 +59,8 @@ class Session:
     """An ORT session over an artifact directory (or a model.onnx path)."""
 
     def __init__(self, artifact, provider: Provider | str = Provider.CPU, threads: int | None = None,
-                 opt_level: str = "all", profile: str | None = None, max_chunk: int = 1024):
+                 opt_level: str = "all", profile: str | None = None, max_chunk: int = 1024,
+                 low_memory: bool = False):
         self.path = model_path(Path(artifact))
         self.meta = _read_meta(self.path)
         if "rwkv_opt.config" not in self.meta:
@@ -68,7 +73,7 @@ class Session:
                                f"(have: {', '.join(p.value for p in available_providers())}); "
                                "install onnxruntime-gpu for CUDA or use --providers cpu.")
         providers = [self.provider.ort_name] + (["CPUExecutionProvider"] if self.provider is not Provider.CPU else [])
-        self.sess = ort.InferenceSession(str(self.path), session_options(threads, opt_level, profile),
+        self.sess = ort.InferenceSession(str(self.path), session_options(threads, opt_level, profile, low_memory),
                                          providers=providers)
         self.inputs = {i.name: i for i in self.sess.get_inputs()}
         self.output_names = [o.name for o in self.sess.get_outputs()]
