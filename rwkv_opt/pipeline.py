@@ -26,7 +26,7 @@ from rwkv_opt.config import Precision, Provider
 from rwkv_opt.errors import RwkvOptError
 from rwkv_opt.graph.model import BuildOptions, LogitsMode, build_model
 from rwkv_opt.passes.base import applied_passes, get_pass
-from rwkv_opt.progress import available_memory, peak_rss_bytes, phase, set_sink
+from rwkv_opt.progress import available_memory, peak_rss_bytes, phase, release_freed_memory, rss_bytes, set_sink
 from rwkv_opt.targets import Target
 from rwkv_opt.tensorstore import active, has_external, scratch_store
 
@@ -133,6 +133,7 @@ def verify(artifact: Path, weights: Weights, target: Target, prompt_len: int = 1
     del ref
     weights.drop_cache()
     gc.collect()
+    release_freed_memory()
     if emulate:
         from rwkv_opt.runtime.evaluator import EvaluatorSession
 

@@ -35,6 +35,7 @@ PRESETS: dict[str, ModelConfig] = {
     "0.4b": _preset(24, 1024, 65536, 64, 64, 32, 128),
     "1.5b": _preset(24, 2048, 65536, 96, 96, 64, 256),
     "2.9b": _preset(32, 2560, 65536, 96, 96, 64, 320),
+    "7.2b": _preset(32, 4096, 65536, 128, 128, 96, 480),  # LoRA ranks by RWKV-LM's sizing rule
 }
 
 
