@@ -41,10 +41,12 @@ def cmd_build(a) -> int:
     from rwkv_opt.graph.model import BuildOptions, LogitsMode, build_model
     from rwkv_opt.pipeline import check, versions
 
+    from rwkv_opt.tensorstore import scratch_store
+
     w = _weights(a)
-    model = build_model(w, BuildOptions(logits=LogitsMode(a.logits), opset=a.opset))
-    check(model, "build")
-    with staging_dir(a.output) as tmp:
+    with staging_dir(a.output) as tmp, scratch_store(tmp):  # weights go to disk as they are made
+        model = build_model(w, BuildOptions(logits=LogitsMode(a.logits), opset=a.opset))
+        check(model, "build")
         save_model(model, tmp / MODEL_FILE, external=a.external_data or None)
         write_json(tmp / MANIFEST_FILE, {"tool": "rwkv-opt", "target": "base-fp32", "precision": "fp32",
                                          "provider": "cpu", "quantization": "none", "logits": a.logits,
@@ -66,7 +68,7 @@ def cmd_pipeline(a) -> int:
     heads = [(h, {}) for h in a.head]
     w = _weights(a)
     m = run_pipeline(target, w, a.output, heads=heads, logits=LogitsMode(a.logits) if a.logits else None,
-                     do_verify=not a.no_verify)
+                     do_verify=not a.no_verify, quant_algorithm=a.quant_algorithm)
     v = m.get("verification", {})
     if "top1" in v:
         print(f"{target.name}: verified vs numpy reference on {v['positions']} positions: "
@@ -123,7 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logits", choices=["all", "last"], help="override the target's logits mode")
     p.add_argument("--wkv-op", action="store_true",
                    help="one rwkv7.WKV7 node per layer (ONNX function body) for runtimes with their own WKV kernel")
-    p.add_argument("--no-verify", action="store_true")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the accuracy check against the numpy reference (the manifest says so)")
+    p.add_argument("--quant-algorithm", choices=["auto", "gptq", "rtn"], default="auto",
+                   help="quantized targets: GPTQ (calibrated, about 20 percent lower KL) or round-to-nearest; "
+                        "auto keeps the target's choice up to 1.6B parameters and takes RTN above, where "
+                        "GPTQ's time grows faster than the model (reports/scale.md)")
     p.add_argument("-o", "--output", type=Path, required=True)
     p.set_defaults(func=cmd_pipeline)
 

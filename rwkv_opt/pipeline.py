@@ -170,9 +170,15 @@ def memory_plan(cfg, target: Target, artifact_bytes: int) -> dict:
     fp32 = cfg.n_params() * 4
     calib = fp32 if any(n == "quantize" and c.get("algorithm") == "gptq" for n, c in target.passes) else 0
     overhead = 600 << 20
+    # ORT's CPU EP has no fp16 MatMul: it casts fp16 weights to fp32 once at session start (constant
+    # folding; measured at 1.5B: 5.6 GiB anonymous for a 2.85 GiB artifact). Without folding the casts
+    # run per call and, scheduled together, peaked higher still (7.1 GiB).
+    session = fp32 if target.precision in (Precision.FP16_MIXED, Precision.FP16, Precision.BF16) else artifact_bytes
+    if target.quantization != "none":  # the float parts left are the small ones
+        session = 2 * artifact_bytes
     return {"passes": max(4 * largest, calib) + overhead,
             "verify_reference": _ref_reserve(cfg),
-            "verify_session": artifact_bytes + 2 * largest + overhead}
+            "verify_session": session + 2 * largest + overhead}
 
 
 def estimated_artifact_bytes(cfg, target: Target) -> int:
@@ -182,11 +188,38 @@ def estimated_artifact_bytes(cfg, target: Target) -> int:
     return fp32 if target.precision is Precision.FP32 else fp32 // 2
 
 
+GPTQ_AUTO_MAX_PARAMS = 1_600_000_000  # above: RTN unless asked (GPTQ's time grows as K^2 N, see reports/scale.md)
+
+
+def choose_quant_algorithm(target: Target, n_params: int, requested: str = "auto") -> tuple[Target, dict | None]:
+    """The target with its quantize pass's algorithm settled -> (target, manifest record or None)."""
+    import dataclasses
+
+    q = [c for n, c in target.passes if n == "quantize"]
+    if not q:
+        return target, None
+    own = str(q[0].get("algorithm", "rtn"))
+    if requested == "auto":
+        chosen = "rtn" if own == "gptq" and n_params > GPTQ_AUTO_MAX_PARAMS else own
+        why = (f"auto: {n_params / 1e9:.2f}B parameters > {GPTQ_AUTO_MAX_PARAMS / 1e9:.1f}B, where GPTQ's calibration "
+               "and Hessian solves would take longer than the rest of the pipeline; RTN (pass "
+               "--quant-algorithm gptq to insist)") if chosen != own else f"auto: the target's own ({own})"
+    elif requested in ("gptq", "rtn"):
+        chosen, why = requested, "asked for (--quant-algorithm)"
+    else:
+        raise RwkvOptError(f"unknown quantization algorithm '{requested}'; choose auto, gptq or rtn.")
+    passes = tuple((n, {**c, "algorithm": chosen}) if n == "quantize" else (n, c) for n, c in target.passes)
+    return dataclasses.replace(target, passes=passes), {"chosen": chosen, "target_default": own, "why": why}
+
+
 def run_pipeline(target: Target, weights: Weights, out: Path, *, heads=(), logits: LogitsMode | None = None,
-                 do_verify: bool = True, progress: Progress = _stderr) -> dict:
+                 do_verify: bool = True, progress: Progress = _stderr, quant_algorithm: str = "auto") -> dict:
     t_start = time.perf_counter()
     logits = logits or target.logits
     cfg = weights.config
+    target, quant_choice = choose_quant_algorithm(target, cfg.n_params(), quant_algorithm)
+    if quant_choice and quant_choice["chosen"] != quant_choice["target_default"]:
+        progress(f"[i] quantization: {quant_choice['chosen']} ({quant_choice['why']})")
     for name, _ in list(target.passes) + list(heads):
         get_pass(name)  # an unknown pass or head is refused before any work
     verify_skip = None
@@ -195,7 +228,8 @@ def run_pipeline(target: Target, weights: Weights, out: Path, *, heads=(), logit
         avail = available_memory()
         if plan["verify_session"] > avail:
             verify_skip = (f"verification needs about {plan['verify_session'] / 2**30:.1f} GiB for the artifact's "
-                           f"session and {avail / 2**30:.1f} GiB is available")
+                           f"ORT CPU session and {avail / 2**30:.1f} GiB is available, so no logits were compared; "
+                           "the graph checks ran (onnx.checker, the fp32 WKV state path)")
             progress(f"[!] {verify_skip}: the artifact will be written unverified (--no-verify says so up front; "
                      "a quantized target or a bigger machine verifies it)")
     _check_room(cfg, target, Path(out))
@@ -223,6 +257,7 @@ def run_pipeline(target: Target, weights: Weights, out: Path, *, heads=(), logit
                 "build_seconds": round(t_build, 3),
                 "passes": [r.__dict__ for r in records],
                 "heads": [h for h, _ in heads],
+                **({"quantization_algorithm": quant_choice} if quant_choice else {}),
                 "versions": versions(),
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             }

@@ -5,8 +5,9 @@ default, are sampled from the model being quantized: a random first token per se
 each next token drawn from softmax(logits) at temperature 1. Either way the model runs one
 token at a time carrying its state, so every MatMul (the last-position head included) sees
 every position; the inputs of the requested MatMuls are read out as extra graph outputs and
-reduced to H = X^T X per input tensor ((K, K), float32, accumulated every `_FLUSH` steps so memory
-stays at the H matrices plus a few steps of activations).
+reduced to H = X^T X per input tensor ((K, K), float32). The activations are spilled to disk every
+`_FLUSH` steps (SpilledHessians) and each H is formed only when its matrix is quantized, so memory
+holds one H at a time: keeping every H of a 1.5B model (Σ K^2 floats) would take 8.8 GiB.
 
 Defaults (16 x 256 = 4096 tokens) were set on the 0.1B shape: with 512 tokens GPTQ over-fitted
 (K = 3072 inputs, H of rank 512) and its held-out error was worse than round-to-nearest.
@@ -24,6 +25,7 @@ from onnx import helper
 from rwkv_opt.artifact import initializer_bytes, save_model
 from rwkv_opt.errors import RwkvOptError
 from rwkv_opt.graph import contract
+from rwkv_opt.progress import phase, tick
 from rwkv_opt.tensorstore import active, has_external
 
 _FLUSH = 32  # steps of activations held before they are folded into H
@@ -111,22 +113,81 @@ def hessians(model: onnx.ModelProto, tensors: list[str], vocab: int, cal: Calibr
     run = _Runner(model, tensors)
     state = run.zero_state(batch)
     rows: dict[str, list[np.ndarray]] = {t: [] for t in tensors}
-    H: dict[str, np.ndarray] = {}
+    H = SpilledHessians()
     tokens = np.zeros((batch, cal.length), np.int64)
     tokens[:, 0] = given[:, 0] if given is not None else rng.integers(0, vocab, batch)
-    for t in range(cal.length):
-        out, state = run.step(tokens[:, t:t + 1], state)
-        for name in tensors:
-            x = out[name]
-            rows[name].append(x.reshape(-1, x.shape[-1]).astype(np.float32))
-        if t + 1 < cal.length:
-            tokens[:, t + 1] = given[:, t + 1] if given is not None else _sample(out[contract.LOGITS], rng)
-        if (t + 1) % _FLUSH == 0 or t + 1 == cal.length:
+    with phase("gptq calibration", cal.length, "steps"):
+        for t in range(cal.length):
+            out, state = run.step(tokens[:, t:t + 1], state)
             for name in tensors:
-                X = np.concatenate(rows[name], 0)                            # (steps * batch, K)
-                rows[name].clear()
-                H[name] = H[name] + X.T @ X if name in H else X.T @ X
+                x = out[name]
+                rows[name].append(x.reshape(-1, x.shape[-1]).astype(np.float32))
+            if t + 1 < cal.length:
+                tokens[:, t + 1] = given[:, t + 1] if given is not None else _sample(out[contract.LOGITS], rng)
+            if (t + 1) % _FLUSH == 0 or t + 1 == cal.length:
+                for name in tensors:
+                    X = np.concatenate(rows[name], 0)                            # (steps * batch, K)
+                    rows[name].clear()
+                    H.append(name, X)
+            tick(t + 1)
     return H, tokens
+
+
+class SpilledHessians:
+    """Calibration inputs per tensor on disk; H = X^T X (float32) formed when asked, one at a time.
+
+    get/pop/`in`/len as on the dict of H matrices this replaces; H is accumulated over the same row
+    blocks in the same order as in memory, so it is the same float32 matrix. Files live beside the
+    active TensorStore's (or in a temporary directory) and are deleted on pop and when dropped.
+    """
+
+    def __init__(self) -> None:
+        import tempfile
+
+        from rwkv_opt.tensorstore import active
+
+        store = active()
+        self._tmp = tempfile.TemporaryDirectory(prefix="calib-", dir=None if store is None else store.dir)
+        self.dir = Path(self._tmp.name)
+        self.blocks: dict[str, list[tuple[int, int]]] = {}   # name -> [(rows, K)] in file order
+        self._last: tuple[str | None, np.ndarray | None] = (None, None)
+
+    def append(self, name: str, X: np.ndarray) -> None:
+        X = np.ascontiguousarray(X, np.float32)
+        self.blocks.setdefault(name, [])
+        with open(self._file(name), "ab") as f:
+            f.write(memoryview(X.reshape(-1).view(np.uint8)))
+        self.blocks[name].append(X.shape)
+
+    def _file(self, name: str) -> Path:
+        return self.dir / f"{list(self.blocks).index(name)}.f32"  # tensor names hold '/': number them
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.blocks and self.blocks[name] is not None
+
+    def __len__(self) -> int:
+        return sum(1 for v in self.blocks.values() if v is not None)
+
+    def get(self, name: str, default=None):
+        if name not in self:
+            return default
+        if self._last[0] == name:
+            return self._last[1]
+        H = None
+        with open(self._file(name), "rb") as f:
+            for rows, k in self.blocks[name]:
+                X = np.fromfile(f, np.float32, rows * k).reshape(rows, k)
+                H = X.T @ X if H is None else H + X.T @ X
+        self._last = (name, H)
+        return H
+
+    def pop(self, name: str, default=None):
+        H = self.get(name, default)
+        if name in self:
+            self._file(name).unlink(missing_ok=True)
+            self.blocks[name] = None
+            self._last = (None, None)
+        return H
 
 
 def _sample(logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -43,6 +43,7 @@ from rwkv_opt.passes import _quant_core as qc
 from rwkv_opt.passes._quant_calib import Calibration, hessians
 from rwkv_opt.passes.base import (Pass, PassConfig, PassResult, applied_passes, get_meta, mark_applied, register,
                                   set_meta)
+from rwkv_opt.progress import phase, tick
 from rwkv_opt.tensorstore import make_tensor, read_array
 
 QUANT_OPS = frozenset({"MatMulNBits", "DynamicQuantizeMatMul", "MatMulInteger", "MatMulIntegerToFloat",
@@ -188,23 +189,8 @@ class Quantize(Pass):
             src = f"text {cfg.calibration_text}" if cfg.calibration_text else "sequences sampled from the model"
             notes.append(f"gptq calibration: {toks.shape[0]} x {toks.shape[1]} tokens ({src}), "
                          f"{len(H)} input tensors")
-        new_inits: list[onnx.TensorProto] = []
-        err_num, err_den = 0.0, 0.0
-        for job in mm:
-            job.weight = read_array(job.tensor).astype(np.float32)
-            node, inits, deq = self._matmul(job, H.pop(job.node.input[0], None) if _last_use(job, mm) else
-                                            H.get(job.node.input[0]))
-            g.node[job.index].CopyFrom(node)
-            new_inits += inits
-            err_num += float(np.square(deq - job.weight).sum())
-            err_den += float(np.square(job.weight).sum())
-            job.weight = None  # free the float copy as we go
-        for job in gathers:
-            job.weight = read_array(job.tensor).astype(np.float32)
-            node, inits = self._gather(job)
-            job.weight = None
-            g.node[job.index].CopyFrom(node)
-            new_inits += inits
+        with phase(f"quantize ({cfg.algorithm.value})", len(mm) + len(gathers), "matrices"):
+            new_inits, err_num, err_den = self._rewrite(g, mm, gathers, H)
         g.initializer.extend(new_inits)
         _drop_unused_initializers(g)
         if not any(o.domain == qc.MS_DOMAIN for o in out.opset_import):
@@ -224,6 +210,29 @@ class Quantize(Pass):
                   f"relative weight error ||W_q - W|| / ||W||: {summary['weight_rel_err']:.4f}",
                   f"weights {bytes_before / 2**20:.1f} MiB -> {initializer_bytes(out) / 2**20:.1f} MiB"]
         return PassResult(out, True, notes)
+
+    def _rewrite(self, g: onnx.GraphProto, mm: list[_Job], gathers: list[_Job], H: dict):
+        """Quantize each job, one weight in memory at a time -> (new initializers, ||W_q - W||^2, ||W||^2)."""
+        new_inits: list[onnx.TensorProto] = []
+        err_num, err_den = 0.0, 0.0
+        for k, job in enumerate(mm):
+            job.weight = read_array(job.tensor).astype(np.float32)
+            node, inits, deq = self._matmul(job, H.pop(job.node.input[0], None) if _last_use(job, mm) else
+                                            H.get(job.node.input[0]))
+            g.node[job.index].CopyFrom(node)
+            new_inits += inits
+            err_num += float(np.square(deq - job.weight).sum())
+            err_den += float(np.square(job.weight).sum())
+            job.weight = None  # free the float copy as we go
+            tick(k + 1)
+        for k, job in enumerate(gathers):
+            job.weight = read_array(job.tensor).astype(np.float32)
+            node, inits = self._gather(job)
+            job.weight = None
+            g.node[job.index].CopyFrom(node)
+            new_inits += inits
+            tick(len(mm) + k + 1)
+        return new_inits, err_num, err_den
 
     # ---- planning ------------------------------------------------------------------------------
     def _plan(self, g: onnx.GraphProto) -> tuple[list[_Job], list[_Job]]:
