@@ -176,7 +176,7 @@ def memory_plan(cfg, target: Target, artifact_bytes: int) -> dict:
     session = fp32 if target.precision in (Precision.FP16_MIXED, Precision.FP16, Precision.BF16) else artifact_bytes
     if target.quantization != "none":  # the float parts left are the small ones
         session = 2 * artifact_bytes
-    return {"passes": max(4 * largest, calib) + overhead,
+    return {"passes": max(4 * largest, calib) + overhead, "passes_gptq": bool(calib),
             "verify_reference": _ref_reserve(cfg),
             "verify_session": session + 2 * largest + overhead}
 
@@ -222,16 +222,8 @@ def run_pipeline(target: Target, weights: Weights, out: Path, *, heads=(), logit
         progress(f"[i] quantization: {quant_choice['chosen']} ({quant_choice['why']})")
     for name, _ in list(target.passes) + list(heads):
         get_pass(name)  # an unknown pass or head is refused before any work
-    verify_skip = None
-    if do_verify:
-        plan = memory_plan(cfg, target, estimated_artifact_bytes(cfg, target))
-        avail = available_memory()
-        if plan["verify_session"] > avail:
-            verify_skip = (f"verification needs about {plan['verify_session'] / 2**30:.1f} GiB for the artifact's "
-                           f"ORT CPU session and {avail / 2**30:.1f} GiB is available, so no logits were compared; "
-                           "the graph checks ran (onnx.checker, the fp32 WKV state path)")
-            progress(f"[!] {verify_skip}: the artifact will be written unverified (--no-verify says so up front; "
-                     "a quantized target or a bigger machine verifies it)")
+    plan = memory_plan(cfg, target, estimated_artifact_bytes(cfg, target))
+    _check_memory(cfg, target, plan, do_verify)
     _check_room(cfg, target, Path(out))
     phases: dict[str, float] = {}
     with set_sink(progress), staging_dir(out) as tmp:
@@ -269,7 +261,7 @@ def run_pipeline(target: Target, weights: Weights, out: Path, *, heads=(), logit
         check(tmp / MODEL_FILE, "saving")
         phases["write"] = time.perf_counter() - t0
         manifest["artifact_bytes"] = artifact_size(tmp)
-        if do_verify and verify_skip is None:
+        if do_verify:
             progress("[4/4] verify against the numpy reference (prompt, then teacher-forced decode steps)")
             t0 = time.perf_counter()
             v = manifest["verification"] = verify(tmp / MODEL_FILE, weights, target, logits=logits)
@@ -280,14 +272,36 @@ def run_pipeline(target: Target, weights: Weights, out: Path, *, heads=(), logit
                     f"{'; '.join(v['misses'])} (top1 {v['top1']:.4f}, max|err|/std {v['max_rel_err']:.2e}, KL "
                     f"{v['mean_kl']:.2e}; budget top1 >= {target.budget.min_top1}, max|err|/std <= "
                     f"{target.budget.max_rel_err}, KL <= {target.budget.max_kl}); nothing was written.")
-        elif verify_skip is not None:
-            manifest["verification"] = {"skipped": verify_skip + "; rerun `rwkv-opt check` on a larger machine"}
+        elif not do_verify:
+            fits = plan["verify_session"] <= available_memory()
+            manifest["verification"] = {
+                "skipped": "--no-verify: no logits were compared; the graph checks ran (onnx.checker after each "
+                           "pass, the fp32 WKV state path)" + ("" if fits else
+                           f"; verifying would need about {plan['verify_session'] / 2**30:.1f} GiB for the "
+                           "artifact's ORT CPU session, more than this machine has")}
         manifest["phase_seconds"] = {k: round(v, 3) for k, v in phases.items()}
         manifest["peak_rss_bytes"] = peak_rss_bytes()
         manifest["total_seconds"] = round(time.perf_counter() - t_start, 3)
         write_json(tmp / MANIFEST_FILE, manifest)
     progress(f"done in {manifest['total_seconds']:.1f}s, peak memory (RSS) {manifest['peak_rss_bytes'] / 2**30:.2f} GiB")
     return manifest
+
+
+def _check_memory(cfg, target: Target, plan: dict, do_verify: bool) -> None:
+    """Refuse up front, before any work, when a phase cannot fit in the memory available."""
+    avail = available_memory()
+    size = f"this {cfg.n_params() / 1e9:.1f}B-parameter model"
+    if plan["passes"] > avail:
+        gptq = plan["passes_gptq"]
+        raise RwkvOptError(f"building {target.name} for {size} needs about {plan['passes'] / 2**30:.1f} GiB"
+                           f"{' (GPTQ calibration runs the fp32 model)' if gptq else ''} and {avail / 2**30:.1f} GiB "
+                           f"is available; {'pass --quant-algorithm rtn, or ' if gptq else ''}use a machine with "
+                           "more memory.")
+    if do_verify and plan["verify_session"] > avail:
+        raise RwkvOptError(f"verifying {target.name} on {size} needs about {plan['verify_session'] / 2**30:.1f} GiB "
+                           f"for the artifact's ORT CPU session and {avail / 2**30:.1f} GiB is available; pass "
+                           "--no-verify to write it unverified (the manifest says so), choose a quantized target "
+                           "(cpu-int4), or use a machine with more memory.")
 
 
 def _check_room(cfg, target: Target, out: Path) -> None:

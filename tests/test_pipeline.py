@@ -106,3 +106,37 @@ def test_verification_tokens_are_the_models_own(tiny7):
 
     rand = fixed_tokens(tiny7.config.vocab, 1, 48, seed=0)
     assert mean_logprob(toks) > mean_logprob(rand) + 1.0, (mean_logprob(toks), mean_logprob(rand))
+
+
+def test_quant_algorithm_choice():
+    from rwkv_opt.pipeline import GPTQ_AUTO_MAX_PARAMS, choose_quant_algorithm
+
+    int4 = get_target("cpu-int4")
+    assert dict(int4.passes)["quantize"]["algorithm"] == "gptq"
+    small, rec = choose_quant_algorithm(int4, 10**8)
+    assert dict(small.passes)["quantize"]["algorithm"] == "gptq" and rec["chosen"] == "gptq"
+    big, rec = choose_quant_algorithm(int4, GPTQ_AUTO_MAX_PARAMS + 1)
+    assert dict(big.passes)["quantize"]["algorithm"] == "rtn" and "RTN" in rec["why"]
+    forced, rec = choose_quant_algorithm(int4, GPTQ_AUTO_MAX_PARAMS + 1, "gptq")
+    assert dict(forced.passes)["quantize"]["algorithm"] == "gptq"
+    assert choose_quant_algorithm(get_target("cpu-fp32"), 10**10) == (get_target("cpu-fp32"), None)
+    with pytest.raises(RwkvOptError, match="choose auto, gptq or rtn"):
+        choose_quant_algorithm(int4, 10**8, "awq")
+
+
+def test_refuses_up_front_when_verification_cannot_fit(tiny7, tmp_path, monkeypatch):
+    import rwkv_opt.pipeline as pl
+
+    target = get_target("cpu-fp32")
+    plan = pl.memory_plan(tiny7.config, target, pl.estimated_artifact_bytes(tiny7.config, target))
+    assert plan["passes"] < plan["verify_session"]
+    monkeypatch.setattr(pl, "available_memory", lambda: (plan["passes"] + plan["verify_session"]) // 2)
+    with pytest.raises(RwkvOptError, match="pass --no-verify to write it unverified"):
+        run_pipeline(get_target("cpu-fp32"), tiny7, tmp_path / "a", **quiet)
+    assert not (tmp_path / "a").exists() and not list(tmp_path.iterdir())  # nothing started
+    man = run_pipeline(get_target("cpu-fp32"), tiny7, tmp_path / "a", do_verify=False, **quiet)
+    assert "--no-verify" in man["verification"]["skipped"] and "more than this machine has" in man["verification"]["skipped"]
+    on_disk = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert on_disk["verification"] == man["verification"]
+    assert set(on_disk["phase_seconds"]) == {"build", "passes", "write"} and on_disk["peak_rss_bytes"] > 0
+    assert on_disk["artifact_bytes"] > 0
