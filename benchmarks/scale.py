@@ -137,13 +137,16 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path("reports"))
     ap.add_argument("--no-verify", action="store_true")
     ap.add_argument("--json", type=Path, help="append rows here too (JSON lines), so runs can be merged")
+    ap.add_argument("--notes", type=Path, default=Path(__file__).with_name("scale_notes.md"),
+                    help="Markdown appended to the report (the measurements behind the design)")
+    ap.add_argument("--report-only", action="store_true", help="only rewrite the report from --json's rows")
     a = ap.parse_args(argv)
     import pandas as pd
 
     from rwkv_opt.bench.report import markdown_table
 
     rows = []
-    for size in a.sizes:
+    for size in ([] if a.report_only else a.sizes):
         ckpt = ensure_checkpoint(size, a.ckpt_dir)
         for target in a.targets:
             print(f"{size} {target} ...", flush=True)
@@ -169,7 +172,8 @@ def main(argv=None) -> int:
           f"{cpu_name()}, {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB; "
           "synthetic bf16 checkpoints; peak RSS from /usr/bin/time -v.\n",
           markdown_table(df, cols), "\n## Goals\n", *[f"- {g}" for g in goals(df)],
-          "\n![peak RSS and wall time against parameters](scale.png)\n"]
+          "\n![peak RSS and wall time against parameters](scale.png)\n",
+          a.notes.read_text() if a.notes and a.notes.exists() else ""]
     (a.out / "scale.md").write_text("\n".join(md) + "\n")
     print(f"wrote {a.out / 'scale.md'}")
     return 0

@@ -89,7 +89,17 @@ def release_freed_memory() -> None:
 
 
 def peak_rss_bytes() -> int:
-    """The process's peak resident set size so far (what /usr/bin/time -v reports)."""
+    """The process's peak resident set size so far (what /usr/bin/time -v reports).
+
+    VmHWM of this process's own address space: getrusage's ru_maxrss starts a forked child at its
+    parent's peak, so a pipeline started from a large process would report the parent's figure."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kib * (1 if sys.platform == "darwin" else 1024)
 

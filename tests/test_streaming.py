@@ -131,4 +131,7 @@ def test_pipeline_holds_the_weights_about_once(tmp_path, target):
     held = (r["peak"] - r["base"]) / r["fp32"]
     print(f"\n  {target}: peak {r['peak'] / 2**20:.0f} MiB, interpreter {r['base'] / 2**20:.0f} MiB, "
           f"fp32 weights {r['fp32'] / 2**20:.0f} MiB: {held:.2f}x the weights")
-    assert held < 2.0, held
+    # ~1.7x here: the weights once (the reference's fp32 layers, then the artifact's session) plus what a
+    # 113 MiB model cannot hide (ORT's session, the logits); fp16 adds its mapped fp16 pages to the fp32
+    # copies ORT's CPU EP folds its Casts into (1.5x by itself). The old pipeline held ~8x.
+    assert held < 2.25, held
