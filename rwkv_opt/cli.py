@@ -28,8 +28,11 @@ def cmd_synth(a) -> int:
     from rwkv_opt.checkpoint.synth import synthetic_state_dict
     from rwkv_opt.checkpoint.torchzip import write_pth
 
+    from rwkv_opt.progress import set_sink
+
     sd = synthetic_state_dict(a.preset, deepembed=a.deepembed, seed=a.seed, dtype=a.dtype)
-    write_pth(a.output, sd)
+    with set_sink():  # progress with an ETA on stderr (a 7.2b preset takes minutes)
+        write_pth(a.output, sd)
     c = sd.config
     print(f"wrote {a.output}: {a.preset}{' DeepEmbed' if a.deepembed else ''}, {c.n_layer} layers, C={c.n_embd}, "
           f"V={c.vocab}, {c.n_params():,} params, {a.dtype}")

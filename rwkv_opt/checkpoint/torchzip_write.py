@@ -193,8 +193,13 @@ def _write_archive(fh, prefix: str, arrays: Mapping[str, np.ndarray]) -> None:
                (".storage_alignment", str(_ALIGN).encode()), ("byteorder", b"little")]
     for member, data in records:
         z.member(f"{prefix}/{member}", len(data), [data])
-    crcs = [z.member(f"{prefix}/data/{i}", a.nbytes, _tensor_chunks(a))
-            for i, a in enumerate(arrays.values())]
+    from rwkv_opt.progress import phase, tick
+
+    crcs = []
+    with phase("write checkpoint", len(arrays), "tensors"):
+        for i, a in enumerate(arrays.values()):
+            crcs.append(z.member(f"{prefix}/data/{i}", a.nbytes, _tensor_chunks(a)))
+            tick(i + 1)
     z.member(f"{prefix}/version", 2, [b"3\n"])
     # Torch only logs this id; any 40 digits do. Derived from the CRCs so output is reproducible.
     digest = int.from_bytes(hashlib.sha1(repr(crcs).encode()).digest(), "big") % 10**40
