@@ -78,6 +78,11 @@ class SyntheticStateDict(Mapping):
     def shape(self, key: str) -> tuple:
         return self._shapes[key]
 
+    def spec(self, key: str) -> tuple[np.dtype, tuple]:
+        """(dtype, shape) without making the tensor: write_pth streams a lazy dict one tensor at a time."""
+        dtype = {"bf16": ml_dtypes.bfloat16, "fp16": np.float16}.get(self.dtype, np.float32)
+        return np.dtype(dtype), tuple(self._shapes[key])
+
     def _rng(self, key: str) -> np.random.Generator:
         return np.random.default_rng([self.seed, zlib.crc32(key.encode())])
 

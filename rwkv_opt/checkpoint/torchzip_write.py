@@ -168,7 +168,34 @@ def _tensor_chunks(a: np.ndarray):
         yield flat[start:start + _CHUNK]
 
 
+class _Spec:
+    """dtype and shape of a tensor not made yet (what data.pkl needs)."""
+
+    def __init__(self, dtype, shape):
+        self.dtype, self.shape = np.dtype(dtype), tuple(shape)
+        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+class _Lazy(dict):
+    """name -> _Spec for data.pkl; `values()` makes each array when its turn comes (one at a time)."""
+
+    def __init__(self, source, specs: dict):
+        super().__init__(specs)
+        self.source = source
+
+    def values(self):
+        return (np.asarray(self.source[k]) for k in self.keys())
+
+
 def _checked(path: str, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    if hasattr(tensors, "spec"):  # a lazy state dict (synthetic presets): never hold all of it
+        specs = {}
+        for name in tensors:
+            dtype, shape = tensors.spec(name)
+            if _little(np.dtype(dtype)) not in _STORAGE_FOR_DTYPE:
+                raise CheckpointError(f"cannot write {path}: {name!r} has dtype {dtype}")
+            specs[name] = _Spec(dtype, shape)
+        return _Lazy(tensors, specs)
     out = {}
     for name, value in tensors.items():
         if not isinstance(name, str):
