@@ -105,7 +105,7 @@ def run_passes(model: onnx.ModelProto, passes, progress: Progress = _stderr) -> 
 
 
 def verify(artifact: Path, weights: Weights, target: Target, prompt_len: int = 16, decode_len: int = 32,
-           logits: LogitsMode = LogitsMode.LAST) -> dict:
+           logits: LogitsMode = LogitsMode.LAST, blocks: int | None = None) -> dict:
     """Teacher-forced accuracy vs the fp32 numpy reference, on the CPU EP where it can run, over a
     sequence the reference samples itself (16 prompt + 32 decoded tokens: 33 positions; 8 + 8 under
     the slow GPU-like emulation).
@@ -113,7 +113,9 @@ def verify(artifact: Path, weights: Weights, target: Target, prompt_len: int = 1
     The two models never share the memory: the reference runs first (its converted layers kept while
     they fit, streamed from the checkpoint beyond that) and records its logits, then it is dropped and
     the artifact runs in a low-memory ORT session (no prepacked weight copies, no arena, external data
-    mapped from the file)."""
+    mapped from the file). `blocks` < n_layer verifies only the embedding, the first `blocks` blocks and
+    the head (graph/truncate.py): what fits when the whole model does not."""
+    import dataclasses
     import gc
 
     from rwkv_opt.bench.accuracy import compare_recorded, reference_record
@@ -128,6 +130,11 @@ def verify(artifact: Path, weights: Weights, target: Target, prompt_len: int = 1
         prompt_len, decode_len = 8, 8
     cache = max(0, available_memory() - _ref_reserve(weights.config))
     ref = ReferenceModel(weights, np.float32, cache_bytes=cache)
+    n_layer = weights.config.n_layer
+    blocks = n_layer if blocks is None else blocks
+    if blocks < n_layer:
+        ref.cfg = dataclasses.replace(ref.cfg, n_layer=blocks)
+        ref.layers.n = blocks
     with phase("verify: reference", prompt_len + decode_len, "tokens"):
         rec = reference_record(ref, prompt_len + decode_len, prompt_len, all_prompt=logits is LogitsMode.ALL)
     del ref
@@ -139,9 +146,24 @@ def verify(artifact: Path, weights: Weights, target: Target, prompt_len: int = 1
 
         sess, provider = EvaluatorSession(artifact), "onnx.reference (GPU-like rounding)"
     else:
-        sess, provider = Session(artifact, Provider.CPU, low_memory=True), "cpu"
+        path = Path(artifact)
+        if blocks < n_layer:  # beside model.onnx, so it reads the same model.onnx.data
+            from rwkv_opt.graph.truncate import truncate
+
+            path = path.with_name(f".verify-{blocks}-blocks.onnx")
+            onnx.save_model(truncate(onnx.load(str(artifact), load_external_data=False), blocks), str(path))
+        try:
+            sess, provider = Session(path, Provider.CPU, low_memory=True), "cpu"
+        finally:
+            if path != Path(artifact):
+                path.unlink(missing_ok=True)
     with phase("verify: artifact", decode_len + 1, "calls"):
         m = compare_recorded(sess, rec)
+    del sess
+    if blocks < n_layer:
+        m["blocks_verified"] = blocks
+        m["scope"] = (f"embedding, blocks 0-{blocks - 1} of {n_layer} and the head (the whole model's ORT CPU "
+                      "session does not fit in memory); blocks past it passed the graph checks only")
     m["misses"] = target.budget.failures(m["top1"], m["positions"], m["max_rel_err"], m["mean_kl"])
     m["within_budget"] = not m["misses"]
     m["top1_p_value"] = target.budget.top1_p_value(round(m["top1"] * m["positions"]), m["positions"])
@@ -178,7 +200,18 @@ def memory_plan(cfg, target: Target, artifact_bytes: int) -> dict:
         session = 2 * artifact_bytes
     return {"passes": max(4 * largest, calib) + overhead, "passes_gptq": bool(calib),
             "verify_reference": _ref_reserve(cfg),
-            "verify_session": session + 2 * largest + overhead}
+            "verify_session": session + 2 * largest + overhead, "verify_session_weights": session}
+
+
+def verify_blocks(cfg, target: Target, plan: dict, avail: int) -> int:
+    """How many blocks (with the embedding and head) the artifact's verification session can hold."""
+    if plan["verify_session"] <= avail:
+        return cfg.n_layer
+    weights = plan["verify_session_weights"]
+    fixed = weights * (2 * cfg.vocab * cfg.n_embd) / max(cfg.n_params(), 1)  # the embedding and head's share
+    per_block = (weights - fixed) / cfg.n_layer
+    room = avail - (plan["verify_session"] - weights) - fixed                 # less activations and overhead
+    return max(0, min(cfg.n_layer - 1, int(room // max(per_block, 1))))
 
 
 def estimated_artifact_bytes(cfg, target: Target) -> int:
@@ -264,7 +297,11 @@ def run_pipeline(target: Target, weights: Weights, out: Path, *, heads=(), logit
         if do_verify:
             progress("[4/4] verify against the numpy reference (prompt, then teacher-forced decode steps)")
             t0 = time.perf_counter()
-            v = manifest["verification"] = verify(tmp / MODEL_FILE, weights, target, logits=logits)
+            blocks = verify_blocks(cfg, target, plan, available_memory())
+            if blocks < cfg.n_layer:
+                progress(f"      the whole model's ORT CPU session needs about {plan['verify_session'] / 2**30:.1f} GiB: "
+                         f"verifying the embedding, blocks 0-{blocks - 1} of {cfg.n_layer} and the head")
+            v = manifest["verification"] = verify(tmp / MODEL_FILE, weights, target, logits=logits, blocks=blocks)
             phases["verify"] = time.perf_counter() - t0
             if "skipped" not in v and not v["within_budget"]:
                 raise RwkvOptError(
@@ -297,9 +334,10 @@ def _check_memory(cfg, target: Target, plan: dict, do_verify: bool) -> None:
                            f"{' (GPTQ calibration runs the fp32 model)' if gptq else ''} and {avail / 2**30:.1f} GiB "
                            f"is available; {'pass --quant-algorithm rtn, or ' if gptq else ''}use a machine with "
                            "more memory.")
-    if do_verify and plan["verify_session"] > avail:
+    if do_verify and verify_blocks(cfg, target, plan, avail) == 0:
         raise RwkvOptError(f"verifying {target.name} on {size} needs about {plan['verify_session'] / 2**30:.1f} GiB "
-                           f"for the artifact's ORT CPU session and {avail / 2**30:.1f} GiB is available; pass "
+                           f"for the artifact's ORT CPU session (not even its embedding, first block and head "
+                           f"fit) and {avail / 2**30:.1f} GiB is available; pass "
                            "--no-verify to write it unverified (the manifest says so), choose a quantized target "
                            "(cpu-int4), or use a machine with more memory.")
 

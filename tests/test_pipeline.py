@@ -140,3 +140,51 @@ def test_refuses_up_front_when_verification_cannot_fit(tiny7, tmp_path, monkeypa
     assert on_disk["verification"] == man["verification"]
     assert set(on_disk["phase_seconds"]) == {"build", "passes", "write"} and on_disk["peak_rss_bytes"] > 0
     assert on_disk["artifact_bytes"] > 0
+
+
+def test_verifies_a_prefix_when_the_whole_model_cannot_fit(tiny_weights, tmp_path, monkeypatch):
+    """Blocks 0..k-1 + head, against the reference cut the same way; the manifest says how far."""
+    import rwkv_opt.pipeline as pl
+
+    target, cfg = get_target("cpu-fp32"), tiny_weights.config
+    plan = pl.memory_plan(cfg, target, pl.estimated_artifact_bytes(cfg, target))
+    lo, hi = 0, plan["verify_session"]
+    while hi - lo > 1:  # the least memory that still holds one block
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if pl.verify_blocks(cfg, target, plan, mid) >= 1 else (mid, hi)
+    monkeypatch.setattr(pl, "available_memory", lambda: hi)
+    assert pl.verify_blocks(cfg, target, plan, hi) == 1 < cfg.n_layer
+    man = run_pipeline(target, tiny_weights, tmp_path / "a", **quiet)
+    v = man["verification"]
+    assert v["blocks_verified"] == 1 and "blocks 0-0 of 2" in v["scope"] and v["within_budget"], v
+    assert v["max_rel_err"] < 1e-4 and v["positions"] == 33
+    assert not list((tmp_path / "a").glob(".verify-*"))  # the truncated model does not stay
+    monkeypatch.setattr(pl, "available_memory", lambda: hi - 1)
+    with pytest.raises(RwkvOptError, match="not even its embedding, first block and head fit"):
+        run_pipeline(target, tiny_weights, tmp_path / "b", **quiet)
+
+
+def test_truncated_model_matches_the_truncated_reference(tiny_weights, tmp_path):
+    """graph/truncate cuts the same network the reference runs with its first k layers."""
+    import dataclasses
+
+    import numpy as np
+    import onnx
+
+    from rwkv_opt.graph.model import BuildOptions, LogitsMode, build_model
+    from rwkv_opt.graph.truncate import truncate
+    from rwkv_opt.reference import ReferenceModel
+    from rwkv_opt.runtime import Session
+
+    m = truncate(build_model(tiny_weights, BuildOptions(logits=LogitsMode.ALL)), 1)
+    onnx.checker.check_model(m, full_check=True)
+    assert not any(i.name.endswith("_1") for i in m.graph.input)
+    onnx.save_model(m, str(tmp_path / "m.onnx"))
+    toks = np.random.default_rng(0).integers(0, tiny_weights.config.vocab, (2, 12))
+    got, _ = Session(tmp_path / "m.onnx").forward(toks)
+    ref = ReferenceModel(tiny_weights, np.float32)
+    ref.cfg, ref.layers.n = dataclasses.replace(ref.cfg, n_layer=1), 1
+    want, _ = ref.forward(toks)
+    full, _ = ReferenceModel(tiny_weights, np.float32).forward(toks)
+    assert np.abs(got - want).max() / want.std() < 1e-5
+    assert np.abs(got - full).max() / full.std() > 1e-2  # really a different (shorter) network
