@@ -128,7 +128,8 @@ def verify(artifact: Path, weights: Weights, target: Target, prompt_len: int = 1
             return {"skipped": "ORT's CPU EP has no bf16 kernels and the model is too large to emulate; "
                                "verify on a CUDA machine with `rwkv-opt check`"}
         prompt_len, decode_len = 8, 8
-    cache = max(0, available_memory() - _ref_reserve(weights.config))
+    # a fifth of the free memory stays free: the page cache feeds the layers converted again per token
+    cache = max(0, int(0.8 * available_memory()) - _ref_reserve(weights.config))
     ref = ReferenceModel(weights, np.float32, cache_bytes=cache)
     n_layer = weights.config.n_layer
     blocks = n_layer if blocks is None else blocks
