@@ -26,7 +26,7 @@ def available_providers() -> list[Provider]:
 
 
 def session_options(threads: int | None = None, opt_level: str = "all", profile: str | None = None,
-                    low_memory: bool = False):
+                    low_memory: bool = False, quantized: bool = False):
     """ORT options for our models: intra-op `threads`, one inter-op thread (the graph is one chain),
     ORT's graph optimizations at `opt_level`. ORT's saved optimized model is not used: measured on the
     0.1B cpu-fp32 artifact (2 cores) it cuts session load from 0.41 to 0.30-0.35 s, for a second,
@@ -42,8 +42,10 @@ def session_options(threads: int | None = None, opt_level: str = "all", profile:
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[opt_level]
     if low_memory:  # measured in reports/scale.md: what a verification run can do without
-        so.add_session_config_entry("session.disable_prepacking", "1")  # no packed copy of each weight
         so.enable_cpu_mem_arena = False
+        if not quantized:  # no packed copy of each float weight: the mapped file pages serve instead
+            so.add_session_config_entry("session.disable_prepacking", "1")
+        # (MatMulNBits unpacked falls back to dequantizing per call: 23x slower and a higher peak)
     if profile:
         so.enable_profiling = True
         so.profile_file_prefix = profile
@@ -73,7 +75,8 @@ class Session:
                                f"(have: {', '.join(p.value for p in available_providers())}); "
                                "install onnxruntime-gpu for CUDA or use --providers cpu.")
         providers = [self.provider.ort_name] + (["CPUExecutionProvider"] if self.provider is not Provider.CPU else [])
-        self.sess = ort.InferenceSession(str(self.path), session_options(threads, opt_level, profile, low_memory),
+        self.sess = ort.InferenceSession(str(self.path), session_options(threads, opt_level, profile, low_memory,
+                                                         quantized="rwkv_opt.quantization" in self.meta),
                                          providers=providers)
         self.inputs = {i.name: i for i in self.sess.get_inputs()}
         self.output_names = [o.name for o in self.sess.get_outputs()]
