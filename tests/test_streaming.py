@@ -135,3 +135,50 @@ def test_pipeline_holds_the_weights_about_once(tmp_path, target):
     # 113 MiB model cannot hide (ORT's session, the logits); fp16 adds its mapped fp16 pages to the fp32
     # copies ORT's CPU EP folds its Casts into (1.5x by itself). The old pipeline held ~8x.
     assert held < 2.25, held
+
+
+def test_tensor_store_roundtrip(tmp_path):
+    import ml_dtypes
+
+    from rwkv_opt.tensorstore import ALIGN, INLINE_BYTES, make_tensor, read_array, save_streamed
+
+    arrays = {"f32": np.arange(600, dtype=np.float32).reshape(20, 30),
+              "bf16": np.linspace(-3, 3, 1000).astype(ml_dtypes.bfloat16).reshape(10, 100),
+              "u8": np.arange(4096, dtype=np.uint8), "i64": np.arange(8, dtype=np.int64)}
+    with TensorStore(tmp_path / "s") as store:
+        ts = {k: make_tensor(a, k) for k, a in arrays.items()}
+        assert [is_external(ts[k]) for k in arrays] == [True, True, True, False]  # 64 bytes stay inline
+        for k, a in arrays.items():
+            got = read_array(ts[k])
+            assert got.dtype == a.dtype and got.shape == a.shape and got.tobytes() == a.tobytes()
+        offsets = [int(next(e.value for e in t.external_data if e.key == "offset")) for t in ts.values()
+                   if is_external(t)]
+        assert all(o % ALIGN == 0 for o in offsets) and store.bytes_written >= 2400 + 2000 + 4096
+        x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 20])
+        y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 30])
+        g = onnx.helper.make_graph([onnx.helper.make_node("MatMul", ["x", "f32"], ["y"])], "g", [x], [y],
+                                   [ts["f32"]])
+        m = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 21)], ir_version=10)
+        save_streamed(m, tmp_path / "a.onnx", external=True)
+        save_streamed(m, tmp_path / "b.onnx", external=False)
+    assert INLINE_BYTES <= 2400 and (tmp_path / "a.onnx.data").exists() and not (tmp_path / "b.onnx.data").exists()
+    import onnxruntime as ort
+
+    for name in ("a.onnx", "b.onnx"):
+        sess = ort.InferenceSession(str(tmp_path / name), providers=["CPUExecutionProvider"])
+        out = sess.run(None, {"x": np.ones((1, 20), np.float32)})[0]
+        assert np.array_equal(out, np.ones((1, 20), np.float32) @ arrays["f32"])
+    with pytest.raises(ValueError, match="none is active"):
+        read_array(ts["f32"])
+
+
+def test_progress_lines_have_an_eta(tiny7, tmp_path, monkeypatch):
+    import rwkv_opt.progress as P
+    from rwkv_opt.pipeline import run_pipeline
+
+    monkeypatch.setattr(P, "EVERY", 0.0)
+    lines = []
+    run_pipeline(get_target("cpu-fp32"), tiny7, tmp_path / "a", progress=lines.append)
+    for what in ("build", "verify: reference", "verify: artifact"):
+        assert any(ln.strip().startswith(what) and "ETA" in ln and "RSS" in ln for ln in lines), (what, lines)
+    assert "peak memory (RSS)" in lines[-1]
