@@ -163,8 +163,11 @@ def save_streamed(model: onnx.ModelProto, path: Path, external: bool = True) -> 
     if not moves:
         onnx.save_model(out, str(path))
         return
-    with open(path.parent / data_name, "wb") as dst:
-        for t in moves:
+    from rwkv_opt.progress import phase, tick
+
+    with open(path.parent / data_name, "wb") as dst, phase("write", len(moves), "tensors"):
+        for k, t in enumerate(moves):
+            tick(k)
             offset = -(-dst.tell() // ALIGN) * ALIGN
             if offset > dst.tell():
                 dst.write(b"\0" * (offset - dst.tell()))

@@ -39,6 +39,7 @@ from onnx import TensorProto, helper
 
 from rwkv_opt.errors import RwkvOptError
 from rwkv_opt.graph import contract
+from rwkv_opt.progress import phase, tick
 from rwkv_opt.tensorstore import make_tensor, read_array
 from rwkv_opt.passes.base import Pass, PassConfig, PassResult, fresh_name, get_meta, mark_applied, set_meta
 
@@ -345,7 +346,8 @@ class _Converter:
         low_by_init = defaultdict(list)
         for node, j, name in self.low_refs:
             low_by_init[name].append((node, j))
-        for t in src.graph.initializer:
+        for k, t in enumerate(src.graph.initializer):
+            tick(k)
             self.stats.bytes_before += _nbytes(t)
             refs = low_by_init.get(t.name)
             if refs and not self.fp32_init_uses[t.name]:
@@ -389,7 +391,8 @@ def _nbytes(t: onnx.TensorProto) -> int:
 
 def convert(model: onnx.ModelProto, policy: Policy) -> tuple[onnx.ModelProto, ConvertStats]:
     c = _Converter(model, policy)
-    return c.run(), c.stats
+    with phase("convert weights", len(model.graph.initializer), "tensors"):
+        return c.run(), c.stats
 
 
 # ---- the invariant ------------------------------------------------------------------------------
