@@ -351,6 +351,8 @@ def _check_room(cfg, target: Target, out: Path) -> None:
     while not parent.exists():
         parent = parent.parent
     need = cfg.n_params() * 4 + estimated_artifact_bytes(cfg, target) * 2  # fp32 scratch, pass outputs, artifact
+    if any(n == "quantize" and c.get("algorithm") == "gptq" for n, c in target.passes):
+        need += 16 * 256 * (cfg.n_layer * (6 * cfg.n_embd + cfg.dim_ffn) + cfg.n_embd) * 4  # spilled activations
     free = shutil.disk_usage(parent).free
     if need > free:
         raise RwkvOptError(f"building {target.name} for this {cfg.n_params() / 1e9:.1f}B-parameter model needs about "
