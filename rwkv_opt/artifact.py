@@ -42,14 +42,14 @@ def _numel(t: onnx.TensorProto) -> int:
     return n
 
 
-def save_model(model: onnx.ModelProto, path: Path, external: bool | None = None) -> None:
+def save_model(model: onnx.ModelProto, path: Path, external: bool | None = None, consume: bool = False) -> None:
     """Save `model` to `path`; weights go to model.onnx.data beside it when large (or asked)."""
     from rwkv_opt.tensorstore import active, has_external, save_streamed
 
     if external is None:
         external = initializer_bytes(model) > EXTERNAL_THRESHOLD
     if has_external(model) or (external and active() is not None):
-        save_streamed(model, path, external=external)  # tensor by tensor from the store, in chunks
+        save_streamed(model, path, external=external, consume=consume)  # tensor by tensor from the store, in chunks
     elif external:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=path.name + ".data", size_threshold=1024)

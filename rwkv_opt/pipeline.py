@@ -79,8 +79,10 @@ class PassRecord:
     notes: list
 
 
-def run_passes(model: onnx.ModelProto, passes, progress: Progress = _stderr) -> tuple[onnx.ModelProto, list[PassRecord]]:
-    """Apply (name, config overrides) passes in order; check requires and validity after each."""
+def run_passes(model: onnx.ModelProto, passes, progress: Progress = _stderr, after_pass=None
+               ) -> tuple[onnx.ModelProto, list[PassRecord]]:
+    """Apply (name, config overrides) passes in order; check requires and validity after each;
+    `after_pass(model)` is called with each result (the pipeline frees replaced weights there)."""
     records = []
     for name, overrides in passes:
         cls = get_pass(name)
@@ -101,6 +103,8 @@ def run_passes(model: onnx.ModelProto, passes, progress: Progress = _stderr) -> 
         progress(f"  pass {name:<22} {dt:6.2f}s  nodes {rec.nodes_before} -> {rec.nodes_after}"
                  f"{'' if res.changed else '  (no change)'}")
         model = res.model
+        if after_pass is not None:
+            after_pass(model)
     return model, records
 
 
@@ -274,7 +278,8 @@ def run_pipeline(target: Target, weights: Weights, out: Path, *, heads=(), logit
                      f"{t_build:.1f}s")
             progress(f"[2/4] passes for target {target.name}")
             t0 = time.perf_counter()
-            model, records = run_passes(model, list(target.passes) + list(heads), progress)
+            model, records = run_passes(model, list(target.passes) + list(heads), progress,
+                                        after_pass=store.release_unreferenced)  # the disk holds what is live
             phases["passes"] = time.perf_counter() - t0
             manifest = {
                 "tool": "rwkv-opt", "target": target.name, "provider": target.provider.value,
@@ -289,7 +294,7 @@ def run_pipeline(target: Target, weights: Weights, out: Path, *, heads=(), logit
             }
             progress(f"[3/4] write artifact {out}")
             t0 = time.perf_counter()
-            save_model(model, tmp / MODEL_FILE)
+            save_model(model, tmp / MODEL_FILE, consume=True)
             del model
             store.close()
         check(tmp / MODEL_FILE, "saving")
@@ -350,7 +355,11 @@ def _check_room(cfg, target: Target, out: Path) -> None:
     parent = Path(out).absolute().parent
     while not parent.exists():
         parent = parent.parent
-    need = cfg.n_params() * 4 + estimated_artifact_bytes(cfg, target) * 2  # fp32 scratch, pass outputs, artifact
+    # the fp32 scratch, plus what the weight-changing passes write while their inputs still live (each
+    # pass's replaced tensors are released after it, and the artifact is moved out of the scratch file)
+    fp32 = cfg.n_params() * 4
+    need = fp32 + (fp32 // 2 if target.precision is not Precision.FP32 else 0) + \
+        (estimated_artifact_bytes(cfg, target) if target.quantization != "none" else 0)
     if any(n == "quantize" and c.get("algorithm") == "gptq" for n, c in target.passes):
         need += 16 * 256 * (cfg.n_layer * (6 * cfg.n_embd + cfg.dim_ffn) + cfg.n_embd) * 4  # spilled activations
     free = shutil.disk_usage(parent).free

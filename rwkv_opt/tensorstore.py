@@ -62,6 +62,8 @@ class TensorStore:
         self.path = self.dir / self.FILE
         self._f = open(self.path, "ab+")
         self.bytes_written = 0
+        self.ranges: dict[int, int] = {}  # offset -> length of every tensor written and not released
+        self.bytes_released = 0
 
     def __enter__(self) -> "TensorStore":
         _ACTIVE.append(self)
@@ -88,6 +90,7 @@ class TensorStore:
             f.write(b"\0" * (offset - f.tell()))
         f.write(memoryview(a.reshape(-1).view(np.uint8)))
         self.bytes_written += a.nbytes
+        self.ranges[offset] = a.nbytes
         t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(a.dtype), dims=a.shape)
         t.data_location = TensorProto.EXTERNAL
         for k, v in (("location", self.FILE), ("offset", str(offset)), ("length", str(a.nbytes))):
@@ -107,12 +110,41 @@ class TensorStore:
             raise ValueError(f"external tensor {t.name}: {path} ends before its {count} values")
         return out.reshape(tuple(t.dims))
 
+    def release(self, offset: int) -> None:
+        """Give a tensor's disk blocks back (the file keeps its size: other offsets stay valid)."""
+        length = self.ranges.pop(offset, 0)
+        if length and _punch_hole(self._f, offset, length):
+            self.bytes_released += length
+
+    def release_unreferenced(self, model: onnx.ModelProto) -> int:
+        """Release every tensor `model` no longer references (what a pass replaced) -> bytes released.
+        Only for a pipeline that drops the models before: earlier models' references die with it."""
+        live = {int(_ext(t).get("offset", 0)) for t in model.graph.initializer
+                if is_external(t) and _ext(t).get("location") == self.FILE}
+        before = self.bytes_released
+        for offset in [o for o in self.ranges if o not in live]:
+            self.release(offset)
+        return self.bytes_released - before
+
     def session_path(self, model: onnx.ModelProto, name: str = "session.onnx") -> Path:
         """Save the weightless `model` beside the store's file: ORT and onnx.checker load it from there."""
         self._f.flush()
         path = self.dir / name
         onnx.save_model(model, str(path))
         return path
+
+
+def _punch_hole(f, offset: int, length: int) -> bool:
+    """fallocate(PUNCH_HOLE | KEEP_SIZE) on Linux file systems that have it; False elsewhere."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        f.flush()
+        return libc.fallocate(f.fileno(), 0x02 | 0x01, offset, length) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 def active() -> TensorStore | None:
@@ -141,9 +173,10 @@ def has_external(model: onnx.ModelProto) -> bool:
     return any(is_external(t) for t in model.graph.initializer)
 
 
-def save_streamed(model: onnx.ModelProto, path: Path, external: bool = True) -> None:
+def save_streamed(model: onnx.ModelProto, path: Path, external: bool = True, consume: bool = False) -> None:
     """Write `model` to `path` with every initializer of INLINE_BYTES or more in `path`.data,
-    copied in COPY_CHUNK pieces from the active store (or from the proto). `model` is not changed."""
+    copied in COPY_CHUNK pieces from the active store (or from the proto). `model` is not changed.
+    `consume` releases each store tensor once copied (the disk holds the model once, not twice)."""
     store = active()
     if store is not None:
         store._f.flush()
@@ -185,6 +218,8 @@ def save_streamed(model: onnx.ModelProto, path: Path, external: bool = True) -> 
                             raise ValueError(f"external tensor {t.name}: its data file ends early")
                         dst.write(block)
                         left -= len(block)
+                if consume and info["location"] == store.FILE:
+                    store.release(int(info.get("offset", 0)))
             else:
                 raw = numpy_helper.to_array(t)
                 raw = np.ascontiguousarray(raw.astype(raw.dtype.newbyteorder("<")))

@@ -131,6 +131,7 @@ def test_refuses_up_front_when_verification_cannot_fit(tiny7, tmp_path, monkeypa
     plan = pl.memory_plan(tiny7.config, target, pl.estimated_artifact_bytes(tiny7.config, target))
     assert plan["passes"] < plan["verify_session"]
     monkeypatch.setattr(pl, "available_memory", lambda: (plan["passes"] + plan["verify_session"]) // 2)
+    monkeypatch.setattr(pl, "verify_blocks", lambda *_a: 0)  # not even one block (the estimate: next test)
     with pytest.raises(RwkvOptError, match="pass --no-verify to write it unverified"):
         run_pipeline(get_target("cpu-fp32"), tiny7, tmp_path / "a", **quiet)
     assert not (tmp_path / "a").exists() and not list(tmp_path.iterdir())  # nothing started
