@@ -65,9 +65,11 @@ def run_one(size: str, target: str, ckpt: Path, work: Path, verify: bool) -> dic
     n = preset_config(size).n_params()
     row.update({"params_b": n / 1e9, "fp32_gib": n * 4 / 2**30})
     row["peak_over_fp32"] = row["peak_rss_gib"] / row["fp32_gib"]
+    work.mkdir(parents=True, exist_ok=True)
+    (work / f"{size}-{target}.log").write_text(p.stderr)  # the run's progress lines, kept
     if p.returncode != 0:
-        lines = [ln for ln in p.stderr.splitlines() if ln.strip() and not ln.startswith("\t")]
-        row["error"] = lines[-1][:300] if lines else "?"
+        lines = [ln for ln in p.stderr.splitlines() if ln.strip() and not ln.startswith(("\t", "Command exited"))]
+        row["error"] = lines[-1][:400] if lines else "?"
         return row
     man = json.loads((out / "manifest.json").read_text())
     row.update({"artifact_gib": man.get("artifact_bytes", 0) / 2**30,
