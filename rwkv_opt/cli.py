@@ -156,9 +156,22 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _terminate(signum, _frame):
+    """SIGTERM/SIGHUP unwind like Ctrl-C, so staging directories and scratch weights are removed."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv=None) -> int:
+    import signal
+
     ap = build_parser()
     a = ap.parse_args(argv)
+    previous = {}
+    for sig in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)):
+        try:
+            previous[sig] = signal.signal(sig, _terminate)
+        except (TypeError, ValueError, OSError):  # not the main thread, or no such signal here
+            pass
     try:
         return a.func(a) or 0
     except RwkvOptError as e:
@@ -166,6 +179,9 @@ def main(argv=None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         return 130
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -134,3 +134,21 @@ def test_refuses_missing_file_and_non_artifact_dir(tmp_path):
 def test_unknown_preset(tmp_path):
     _refused(cli("synth", "--preset", "7b", "-o", tmp_path / "m.pth"), "7b", "tiny")
     assert leftovers(tmp_path) == []
+
+
+def test_sigterm_removes_the_staging_directory(tmp_path):
+    """A killed run (SIGTERM, SIGHUP) unwinds like Ctrl-C: no .tmp-* directory or scratch weights stay."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    p = subprocess.Popen([sys.executable, "-m", "rwkv_opt", "pipeline", "--preset", "0.1b", "-o", str(tmp_path / "out")],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".out.tmp-*/.rwkv-opt-work-*")) and time.time() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    assert p.poll() is None, "the run ended before it could be interrupted"
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=120) == 130
+    assert list(tmp_path.iterdir()) == []
