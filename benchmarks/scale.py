@@ -175,7 +175,8 @@ def main(argv=None) -> int:
                         "build_s", "passes_s", "write_s", "verify_s", "artifact_gib", "quantization", "verified",
                         "error"] if c in df]
     md = [f"# Pipeline scale: memory and time against model size\n",
-          f"`python benchmarks/scale.py --sizes {' '.join(a.sizes)} --targets {' '.join(a.targets)}` on "
+          f"`python benchmarks/scale.py --sizes SIZE... --targets TARGET...` (one sequential run per row, "
+          f"merged with --json) on "
           f"{cpu_name()}, {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB; "
           "synthetic bf16 checkpoints; peak RSS from /usr/bin/time -v.\n",
           markdown_table(df, cols), "\n## Goals\n", *[f"- {g}" for g in goals(df)],
