@@ -77,6 +77,8 @@ def run_one(size: str, target: str, ckpt: Path, work: Path, verify: bool) -> dic
     v = man.get("verification")
     row["verified"] = ("skipped: " + v["skipped"]) if v and "skipped" in v else \
         (f"top-1 {v['top1']:.3f}, KL {v['mean_kl']:.1e}" if v else "off")
+    if v and "blocks_verified" in v:
+        row["verified"] += f" (emb, blocks 0-{v['blocks_verified'] - 1} of {cfg_layers(size)}, head)"
     quant = man.get("quantization_algorithm")
     if quant:
         row["quantization"] = quant
@@ -84,6 +86,12 @@ def run_one(size: str, target: str, ckpt: Path, work: Path, verify: bool) -> dic
 
     shutil.rmtree(out, ignore_errors=True)  # the next run needs the disk
     return row
+
+
+def cfg_layers(size: str) -> int:
+    from rwkv_opt.checkpoint.synth import preset_config
+
+    return preset_config(size).n_layer
 
 
 def goals(df) -> list[str]:
