@@ -72,6 +72,8 @@ class _Runner:
         m.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in extra if t not in have)
         so = ort.SessionOptions()
         so.intra_op_num_threads, so.inter_op_num_threads = 2, 1
+        so.enable_cpu_mem_arena = False  # the fp32 weights stay mapped pages: no packed copies beside them
+        so.add_session_config_entry("session.disable_prepacking", "1")
         if has_external(m):  # weightless, under a TensorStore: ORT maps the weights from the store's file
             path = active().session_path(m, "calibration.onnx")
             self.sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
@@ -112,23 +114,18 @@ def hessians(model: onnx.ModelProto, tensors: list[str], vocab: int, cal: Calibr
     batch = given.shape[0] if given is not None else cal.sequences
     run = _Runner(model, tensors)
     state = run.zero_state(batch)
-    rows: dict[str, list[np.ndarray]] = {t: [] for t in tensors}
     H = SpilledHessians()
     tokens = np.zeros((batch, cal.length), np.int64)
     tokens[:, 0] = given[:, 0] if given is not None else rng.integers(0, vocab, batch)
     with phase("gptq calibration", cal.length, "steps"):
         for t in range(cal.length):
             out, state = run.step(tokens[:, t:t + 1], state)
-            for name in tensors:
+            group_ends = (t + 1) % _FLUSH == 0 or t + 1 == cal.length
+            for name in tensors:  # to disk at once: 32 steps of a 1.5B's inputs at batch 16 are 1 GiB
                 x = out[name]
-                rows[name].append(x.reshape(-1, x.shape[-1]).astype(np.float32))
+                H.append(name, x.reshape(-1, x.shape[-1]), group_ends)
             if t + 1 < cal.length:
                 tokens[:, t + 1] = given[:, t + 1] if given is not None else _sample(out[contract.LOGITS], rng)
-            if (t + 1) % _FLUSH == 0 or t + 1 == cal.length:
-                for name in tensors:
-                    X = np.concatenate(rows[name], 0)                            # (steps * batch, K)
-                    rows[name].clear()
-                    H.append(name, X)
             tick(t + 1)
     return H, tokens
 
@@ -136,8 +133,9 @@ def hessians(model: onnx.ModelProto, tensors: list[str], vocab: int, cal: Calibr
 class SpilledHessians:
     """Calibration inputs per tensor on disk; H = X^T X (float32) formed when asked, one at a time.
 
-    get/pop/`in`/len as on the dict of H matrices this replaces; H is accumulated over the same row
-    blocks in the same order as in memory, so it is the same float32 matrix. Files live beside the
+    get/pop/`in`/len as on the dict of H matrices this replaces. Rows are appended per step and
+    grouped per `_FLUSH` steps; H sums X^T X over each group's rows in order, the float32 matrix the
+    in-memory accumulation gave. Files live beside the
     active TensorStore's (or in a temporary directory) and are deleted on pop and when dropped.
     """
 
@@ -149,15 +147,21 @@ class SpilledHessians:
         store = active()
         self._tmp = tempfile.TemporaryDirectory(prefix="calib-", dir=None if store is None else store.dir)
         self.dir = Path(self._tmp.name)
-        self.blocks: dict[str, list[tuple[int, int]]] = {}   # name -> [(rows, K)] in file order
+        self.blocks: dict[str, list[list[tuple[int, int]]]] = {}  # name -> groups of (rows, K), file order
+        self._open: set[str] = set()                               # names whose last group is open
         self._last: tuple[str | None, np.ndarray | None] = (None, None)
 
-    def append(self, name: str, X: np.ndarray) -> None:
+    def append(self, name: str, X: np.ndarray, end_group: bool = True) -> None:
         X = np.ascontiguousarray(X, np.float32)
-        self.blocks.setdefault(name, [])
+        groups = self.blocks.setdefault(name, [])
         with open(self._file(name), "ab") as f:
             f.write(memoryview(X.reshape(-1).view(np.uint8)))
-        self.blocks[name].append(X.shape)
+        if name not in self._open:
+            groups.append([])
+            self._open.add(name)
+        groups[-1].append(X.shape)
+        if end_group:
+            self._open.discard(name)
 
     def _file(self, name: str) -> Path:
         return self.dir / f"{list(self.blocks).index(name)}.f32"  # tensor names hold '/': number them
@@ -175,8 +179,8 @@ class SpilledHessians:
             return self._last[1]
         H = None
         with open(self._file(name), "rb") as f:
-            for rows, k in self.blocks[name]:
-                X = np.fromfile(f, np.float32, rows * k).reshape(rows, k)
+            for group in self.blocks[name]:
+                X = np.concatenate([np.fromfile(f, np.float32, r * k).reshape(r, k) for r, k in group], 0)
                 H = X.T @ X if H is None else H + X.T @ X
         self._last = (name, H)
         return H
