@@ -132,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the accuracy check against the numpy reference (the manifest says so)")
     p.add_argument("--quant-algorithm", choices=["auto", "gptq", "rtn"], default="auto",
                    help="quantized targets: GPTQ (calibrated, about 20 percent lower KL) or round-to-nearest; "
-                        "auto keeps the target's choice up to 1.6B parameters and takes RTN above, where "
+                        "auto keeps the target's choice up to 1.6B parameters (0.5B for fp16 targets) and "
+                        "takes RTN above, where "
                         "GPTQ's time grows faster than the model (reports/scale.md)")
     p.add_argument("-o", "--output", type=Path, required=True)
     p.set_defaults(func=cmd_pipeline)

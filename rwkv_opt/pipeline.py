@@ -227,6 +227,9 @@ def estimated_artifact_bytes(cfg, target: Target) -> int:
 
 
 GPTQ_AUTO_MAX_PARAMS = 1_600_000_000  # above: RTN unless asked (GPTQ's time grows as K^2 N, see reports/scale.md)
+# fp16 targets calibrate through ORT's CPU EP, which folds the fp16 weights into fp32 copies beside the
+# mapped fp16 ones (1.5x the fp32 bytes): past this size that breaks the 1.25x memory goal
+GPTQ_AUTO_MAX_PARAMS_FP16 = 500_000_000
 
 
 def choose_quant_algorithm(target: Target, n_params: int, requested: str = "auto") -> tuple[Target, dict | None]:
@@ -238,9 +241,12 @@ def choose_quant_algorithm(target: Target, n_params: int, requested: str = "auto
         return target, None
     own = str(q[0].get("algorithm", "rtn"))
     if requested == "auto":
-        chosen = "rtn" if own == "gptq" and n_params > GPTQ_AUTO_MAX_PARAMS else own
-        why = (f"auto: {n_params / 1e9:.2f}B parameters > {GPTQ_AUTO_MAX_PARAMS / 1e9:.1f}B, where GPTQ's calibration "
-               "and Hessian solves would take longer than the rest of the pipeline; RTN (pass "
+        limit = GPTQ_AUTO_MAX_PARAMS if target.precision is Precision.FP32 else GPTQ_AUTO_MAX_PARAMS_FP16
+        chosen = "rtn" if own == "gptq" and n_params > limit else own
+        cost = ("GPTQ's calibration and Hessian solves would take longer than the rest of the pipeline"
+                if limit == GPTQ_AUTO_MAX_PARAMS else
+                "GPTQ's calibration on the CPU EP would hold the fp16 weights and their fp32 casts (1.5x fp32)")
+        why = (f"auto: {n_params / 1e9:.2f}B parameters > {limit / 1e9:.1f}B, where {cost}; RTN (pass "
                "--quant-algorithm gptq to insist)") if chosen != own else f"auto: the target's own ({own})"
     elif requested in ("gptq", "rtn"):
         chosen, why = requested, "asked for (--quant-algorithm)"

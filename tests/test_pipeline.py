@@ -120,6 +120,9 @@ def test_quant_algorithm_choice():
     forced, rec = choose_quant_algorithm(int4, GPTQ_AUTO_MAX_PARAMS + 1, "gptq")
     assert dict(forced.passes)["quantize"]["algorithm"] == "gptq"
     assert choose_quant_algorithm(get_target("cpu-fp32"), 10**10) == (get_target("cpu-fp32"), None)
+    cuda, rec = choose_quant_algorithm(get_target("cuda-int4"), 10**9)  # fp16: calibration costs 1.5x fp32
+    assert dict(cuda.passes)["quantize"]["algorithm"] == "rtn" and "1.5x fp32" in rec["why"]
+    assert dict(choose_quant_algorithm(get_target("cuda-int4"), 10**8)[0].passes)["quantize"]["algorithm"] == "gptq"
     with pytest.raises(RwkvOptError, match="choose auto, gptq or rtn"):
         choose_quant_algorithm(int4, 10**8, "awq")
 
