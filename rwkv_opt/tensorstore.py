@@ -43,6 +43,32 @@ def _ext(t: TensorProto) -> dict[str, str]:
     return {e.key: e.value for e in t.external_data}
 
 
+def _little_contiguous(array) -> np.ndarray:
+    """The bytes ONNX stores: little-endian, C order."""
+    a = np.asarray(array)
+    if a.dtype.byteorder == ">":
+        a = a.astype(a.dtype.newbyteorder("<"))
+    return np.ascontiguousarray(a)
+
+
+def _append_aligned(f, a: np.ndarray) -> int:
+    """Write `a`'s bytes at the end of `f`, padded to start on ALIGN -> their offset."""
+    f.seek(0, os.SEEK_END)
+    offset = -(-f.tell() // ALIGN) * ALIGN
+    if offset > f.tell():
+        f.write(b"\0" * (offset - f.tell()))
+    f.write(memoryview(a.reshape(-1).view(np.uint8)))
+    return offset
+
+
+def _point_to(t: TensorProto, location: str, offset: int, length: int) -> None:
+    """Make `t` an external tensor at `location`[offset:offset + length]."""
+    t.data_location = TensorProto.EXTERNAL
+    del t.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        t.external_data.add(key=key, value=value)
+
+
 def is_external(t: TensorProto) -> bool:
     return t.data_location == TensorProto.EXTERNAL
 
@@ -79,22 +105,12 @@ class TensorStore:
 
     def put(self, array: np.ndarray, name: str) -> TensorProto:
         """Write `array` at the end of the file -> its external TensorProto (the array may be freed)."""
-        a = np.asarray(array)
-        if a.dtype.byteorder == ">":
-            a = a.astype(a.dtype.newbyteorder("<"))
-        a = np.ascontiguousarray(a)
-        f = self._f
-        f.seek(0, os.SEEK_END)
-        offset = -(-f.tell() // ALIGN) * ALIGN
-        if offset > f.tell():
-            f.write(b"\0" * (offset - f.tell()))
-        f.write(memoryview(a.reshape(-1).view(np.uint8)))
+        a = _little_contiguous(array)
+        offset = _append_aligned(self._f, a)
         self.bytes_written += a.nbytes
         self.ranges[offset] = a.nbytes
         t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(a.dtype), dims=a.shape)
-        t.data_location = TensorProto.EXTERNAL
-        for k, v in (("location", self.FILE), ("offset", str(offset)), ("length", str(a.nbytes))):
-            t.external_data.add(key=k, value=v)
+        _point_to(t, self.FILE, offset, a.nbytes)
         return t
 
     def read(self, t: TensorProto) -> np.ndarray:
@@ -199,16 +215,14 @@ def save_streamed(model: onnx.ModelProto, path: Path, external: bool = True, con
     from rwkv_opt.progress import phase, tick
 
     with open(path.parent / data_name, "wb") as dst, phase("write", len(moves), "tensors"):
-        for k, t in enumerate(moves):
-            tick(k)
-            offset = -(-dst.tell() // ALIGN) * ALIGN
-            if offset > dst.tell():
-                dst.write(b"\0" * (offset - dst.tell()))
+        for done, t in enumerate(moves):
+            tick(done)
             if is_external(t):
                 if store is None:
                     raise ValueError(f"tensor {t.name} lives in a tensor store, but none is active")
                 info = _ext(t)
                 length = int(info["length"])
+                offset = _append_aligned(dst, np.empty(0, np.uint8))  # the padding; the bytes follow
                 with open(store.dir / info["location"], "rb") as src:
                     src.seek(int(info.get("offset", 0)))
                     left = length
@@ -221,17 +235,12 @@ def save_streamed(model: onnx.ModelProto, path: Path, external: bool = True, con
                 if consume and info["location"] == store.FILE:
                     store.release(int(info.get("offset", 0)))
             else:
-                raw = numpy_helper.to_array(t)
-                raw = np.ascontiguousarray(raw.astype(raw.dtype.newbyteorder("<")))
-                length = raw.nbytes
-                dst.write(memoryview(raw.reshape(-1).view(np.uint8)))
-                t.ClearField("raw_data")
-                for fd in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+                raw = _little_contiguous(numpy_helper.to_array(t))
+                offset, length = _append_aligned(dst, raw), raw.nbytes
+                for fd in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data",
+                           "string_data"):
                     t.ClearField(fd)
-                t.data_location = TensorProto.EXTERNAL
-            del t.external_data[:]
-            for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
-                t.external_data.add(key=k, value=v)
+            _point_to(t, data_name, offset, length)
         dst.flush()
         os.fsync(dst.fileno())
     onnx.save_model(out, str(path))
