@@ -26,7 +26,7 @@ from rwkv_opt.config import Precision, Provider
 from rwkv_opt.errors import RwkvOptError
 from rwkv_opt.graph.model import BuildOptions, LogitsMode, build_model
 from rwkv_opt.passes.base import applied_passes, get_pass
-from rwkv_opt.progress import available_memory, peak_rss_bytes, phase, release_freed_memory, rss_bytes, set_sink
+from rwkv_opt.progress import available_memory, peak_rss_bytes, phase, release_freed_memory, set_sink
 from rwkv_opt.targets import Target
 from rwkv_opt.tensorstore import active, has_external, scratch_store
 
@@ -191,11 +191,11 @@ def memory_plan(cfg, target: Target, artifact_bytes: int) -> dict:
 
     build/passes: one tensor at a time (the largest, in fp32, a few times over) plus GPTQ's calibration
     session, which maps the fp32 weights; verify: the reference's minimum (embedding, head, a layer)
-    and the artifact's session (its weights mapped from the file; fp16 weights are cast per call on
-    the CPU EP, so a cast copy of the largest matrix)."""
+    and the artifact's session (its weights mapped from the file; fp16 weights folded to fp32 copies
+    at load, so the fp32 bytes)."""
     largest = cfg.vocab * cfg.n_embd * 4
     fp32 = cfg.n_params() * 4
-    calib = fp32 if any(n == "quantize" and c.get("algorithm") == "gptq" for n, c in target.passes) else 0
+    calib = fp32 if _gptq_config(target) else 0
     overhead = 600 << 20
     # ORT's CPU EP has no fp16 MatMul: it casts fp16 weights to fp32 once at session start (constant
     # folding; measured at 1.5B: 5.6 GiB anonymous for a 2.85 GiB artifact). Without folding the casts
@@ -217,6 +217,15 @@ def verify_blocks(cfg, target: Target, plan: dict, avail: int) -> int:
     per_block = (weights - fixed) / cfg.n_layer
     room = avail - (plan["verify_session"] - weights) - fixed                 # less activations and overhead
     return max(0, min(cfg.n_layer - 1, int(room // max(per_block, 1))))
+
+
+def _gptq_config(target: Target):
+    """The target's quantize config when it runs GPTQ (which calibrates), else None."""
+    for name, overrides in target.passes:
+        if name == "quantize":
+            cfg = get_pass(name).Config(**overrides)
+            return cfg if cfg.algorithm.value == "gptq" else None
+    return None
 
 
 def estimated_artifact_bytes(cfg, target: Target) -> int:
@@ -302,7 +311,6 @@ def run_pipeline(target: Target, weights: Weights, out: Path, *, heads=(), logit
             t0 = time.perf_counter()
             save_model(model, tmp / MODEL_FILE, consume=True)
             del model
-            store.close()
         check(tmp / MODEL_FILE, "saving")
         phases["write"] = time.perf_counter() - t0
         manifest["artifact_bytes"] = artifact_size(tmp)
@@ -321,7 +329,7 @@ def run_pipeline(target: Target, weights: Weights, out: Path, *, heads=(), logit
                     f"{'; '.join(v['misses'])} (top1 {v['top1']:.4f}, max|err|/std {v['max_rel_err']:.2e}, KL "
                     f"{v['mean_kl']:.2e}; budget top1 >= {target.budget.min_top1}, max|err|/std <= "
                     f"{target.budget.max_rel_err}, KL <= {target.budget.max_kl}); nothing was written.")
-        elif not do_verify:
+        else:
             fits = plan["verify_session"] <= available_memory()
             manifest["verification"] = {
                 "skipped": "--no-verify: no logits were compared; the graph checks ran (onnx.checker after each "
@@ -366,8 +374,9 @@ def _check_room(cfg, target: Target, out: Path) -> None:
     fp32 = cfg.n_params() * 4
     need = fp32 + (fp32 // 2 if target.precision is not Precision.FP32 else 0) + \
         (estimated_artifact_bytes(cfg, target) if target.quantization != "none" else 0)
-    if any(n == "quantize" and c.get("algorithm") == "gptq" for n, c in target.passes):
-        need += 16 * 256 * (cfg.n_layer * (6 * cfg.n_embd + cfg.dim_ffn) + cfg.n_embd) * 4  # spilled activations
+    if (q := _gptq_config(target)) is not None:  # its spilled calibration inputs
+        need += q.calibration_sequences * q.calibration_length * (cfg.n_layer * (6 * cfg.n_embd + cfg.dim_ffn)
+                                                                  + cfg.n_embd) * 4
     free = shutil.disk_usage(parent).free
     if need > free:
         raise RwkvOptError(f"building {target.name} for this {cfg.n_params() / 1e9:.1f}B-parameter model needs about "
