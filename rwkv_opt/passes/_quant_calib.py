@@ -5,9 +5,9 @@ default, are sampled from the model being quantized: a random first token per se
 each next token drawn from softmax(logits) at temperature 1. Either way the model runs one
 token at a time carrying its state, so every MatMul (the last-position head included) sees
 every position; the inputs of the requested MatMuls are read out as extra graph outputs and
-reduced to H = X^T X per input tensor ((K, K), float32). The activations are spilled to disk every
-`_FLUSH` steps (SpilledHessians) and each H is formed only when its matrix is quantized, so memory
-holds one H at a time: keeping every H of a 1.5B model (Σ K^2 floats) would take 8.8 GiB.
+reduced to H = X^T X per input tensor ((K, K), float32). Each step's activations go to disk at once
+(SpilledHessians) and each H is formed only when its matrix is quantized, so memory holds one H at
+a time: keeping every H of a 1.5B model (Σ K^2 floats) would take 8.8 GiB.
 
 Defaults (16 x 256 = 4096 tokens) were set on the 0.1B shape: with 512 tokens GPTQ over-fitted
 (K = 3072 inputs, H of rank 512) and its held-out error was worse than round-to-nearest.
@@ -28,7 +28,7 @@ from rwkv_opt.graph import contract
 from rwkv_opt.progress import phase, tick
 from rwkv_opt.tensorstore import active, has_external
 
-_FLUSH = 32  # steps of activations held before they are folded into H
+_FLUSH = 32  # steps whose activations are summed as one X^T X (the grouping fixes H's float rounding)
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 
 
@@ -140,21 +140,19 @@ class SpilledHessians:
     """
 
     def __init__(self) -> None:
-        import tempfile
-
-        from rwkv_opt.tensorstore import active
-
         store = active()
         self._tmp = tempfile.TemporaryDirectory(prefix="calib-", dir=None if store is None else store.dir)
         self.dir = Path(self._tmp.name)
         self.blocks: dict[str, list[list[tuple[int, int]]]] = {}  # name -> groups of (rows, K), file order
+        self.files: dict[str, Path] = {}                           # tensor names hold '/': numbered files
         self._open: set[str] = set()                               # names whose last group is open
         self._last: tuple[str | None, np.ndarray | None] = (None, None)
 
     def append(self, name: str, X: np.ndarray, end_group: bool = True) -> None:
         X = np.ascontiguousarray(X, np.float32)
         groups = self.blocks.setdefault(name, [])
-        with open(self._file(name), "ab") as f:
+        path = self.files.setdefault(name, self.dir / f"{len(self.files)}.f32")
+        with open(path, "ab") as f:
             f.write(memoryview(X.reshape(-1).view(np.uint8)))
         if name not in self._open:
             groups.append([])
@@ -162,9 +160,6 @@ class SpilledHessians:
         groups[-1].append(X.shape)
         if end_group:
             self._open.discard(name)
-
-    def _file(self, name: str) -> Path:
-        return self.dir / f"{list(self.blocks).index(name)}.f32"  # tensor names hold '/': number them
 
     def __contains__(self, name: str) -> bool:
         return name in self.blocks and self.blocks[name] is not None
@@ -178,7 +173,7 @@ class SpilledHessians:
         if self._last[0] == name:
             return self._last[1]
         H = None
-        with open(self._file(name), "rb") as f:
+        with open(self.files[name], "rb") as f:
             for group in self.blocks[name]:
                 X = np.concatenate([np.fromfile(f, np.float32, r * k).reshape(r, k) for r, k in group], 0)
                 H = X.T @ X if H is None else H + X.T @ X
@@ -188,7 +183,7 @@ class SpilledHessians:
     def pop(self, name: str, default=None):
         H = self.get(name, default)
         if name in self:
-            self._file(name).unlink(missing_ok=True)
+            self.files[name].unlink(missing_ok=True)
             self.blocks[name] = None
             self._last = (None, None)
         return H
