@@ -11,6 +11,7 @@ import numpy as np
 
 from rwkv_opt.bench.metrics import LogitStats, compare_logits, log_softmax, rel_err
 from rwkv_opt.graph import contract
+from rwkv_opt.progress import tick
 from rwkv_opt.reference import ReferenceModel
 from rwkv_opt.runtime import Session
 
@@ -24,13 +25,28 @@ def model_tokens(ref: ReferenceModel, length: int, seed: int = 0) -> np.ndarray:
     token drawn from softmax(logits) at temperature 1 (fixed seed, so the same weights always give
     the same sequence). On a trained model these are the positions it is used on; random tokens
     are the least predictable input it can get and make its top-1 flip between near-ties."""
+    return np.asarray(_self_written(ref, length, seed, record=False)[0], np.int64)[None]
+
+
+def _self_written(ref: ReferenceModel, length: int, seed: int, record: bool):
+    """The reference writing `length` tokens one at a time -> (ids, logits after each fed token when
+    `record` (the last token is then fed too), final state)."""
     rng = np.random.default_rng(seed)
-    ids, state = [int(rng.integers(ref.cfg.vocab))], None
-    for _ in range(length - 1):
-        logits, state = ref.forward(np.array([[ids[-1]]]), state)
-        p = np.exp(log_softmax(np.asarray(logits[0, -1], np.float64)))
-        ids.append(int(rng.choice(p.size, p=p / p.sum())))
-    return np.asarray(ids, np.int64)[None]
+    ids, state, logits = [int(rng.integers(ref.cfg.vocab))], None, []
+    for t in range(length if record else length - 1):
+        out, state = ref.forward(np.array([[ids[-1]]]), state)
+        if record:
+            logits.append(np.asarray(out[0, -1], np.float32))
+        if t < length - 1:
+            p = np.exp(log_softmax(np.asarray(out[0, -1], np.float64)))
+            ids.append(int(rng.choice(p.size, p=p / p.sum())))
+        tick(t + 1)
+    return ids, logits, state
+
+
+def _state_drift(ref_wkv: np.ndarray, state: dict) -> float:
+    """max|err|/std of the artifact's final WKV states against the reference's (L, B, H, N, N)."""
+    return rel_err(ref_wkv, np.stack([state[contract.state_inputs(i)[1]] for i in range(ref_wkv.shape[0])]))
 
 
 def teacher_forced(session: Session, ref: ReferenceModel, tokens: np.ndarray, prompt_len: int) -> dict:
@@ -45,8 +61,7 @@ def teacher_forced(session: Session, ref: ReferenceModel, tokens: np.ndarray, pr
         got.append(g)
         want.append(r)
     m = compare_logits(np.concatenate(want, 1), np.concatenate(got, 1).astype(np.float32))
-    wkv_got = np.stack([st[contract.state_inputs(i)[1]] for i in range(ref.cfg.n_layer)])
-    m["state_drift"] = rel_err(rst.wkv, wkv_got)
+    m["state_drift"] = _state_drift(rst.wkv, st)
     m["positions"] = int(np.concatenate(want, 1).shape[1] * tokens.shape[0])
     return m
 
@@ -70,8 +85,7 @@ def teacher_forced_stream(session: Session, ref: ReferenceModel, tokens: np.ndar
         if progress is not None and (t + 1) % 128 == 0:
             progress(t + 1, rest.shape[1])
     m = stats.result()
-    wkv_got = np.stack([st[contract.state_inputs(i)[1]] for i in range(ref.cfg.n_layer)])
-    m["state_drift"] = rel_err(rst.wkv, wkv_got)
+    m["state_drift"] = _state_drift(rst.wkv, st)
     m["positions"] = stats.positions
     return m
 
@@ -83,17 +97,7 @@ def reference_record(ref: ReferenceModel, length: int, prompt_len: int, seed: in
     position when `all_prompt`) and at each later token, and the final WKV state. The artifact is
     then run alone (compare_recorded), so the two models never hold their weights at the same time.
     """
-    from rwkv_opt.progress import tick
-
-    rng = np.random.default_rng(seed)
-    ids, state, logits = [int(rng.integers(ref.cfg.vocab))], None, []
-    for t in range(length):
-        out, state = ref.forward(np.array([[ids[-1]]]), state)
-        logits.append(np.asarray(out[0, -1], np.float32))
-        if t < length - 1:
-            p = np.exp(log_softmax(np.asarray(out[0, -1], np.float64)))
-            ids.append(int(rng.choice(p.size, p=p / p.sum())))
-        tick(t + 1)
+    ids, logits, state = _self_written(ref, length, seed, record=True)
     first = 0 if all_prompt else prompt_len - 1
     return {"tokens": np.asarray(ids, np.int64)[None], "prompt_len": prompt_len,
             "logits": np.stack(logits[first:])[None], "wkv": state.wkv}
@@ -101,8 +105,6 @@ def reference_record(ref: ReferenceModel, length: int, prompt_len: int, seed: in
 
 def compare_recorded(session: Session, rec: dict) -> dict:
     """teacher_forced's metrics for `session` against a reference_record."""
-    from rwkv_opt.progress import tick
-
     tokens, prompt_len = rec["tokens"], rec["prompt_len"]
     got_p, st = session.forward(tokens[:, :prompt_len])
     got = [got_p]
@@ -113,7 +115,6 @@ def compare_recorded(session: Session, rec: dict) -> dict:
     got = np.concatenate(got, 1).astype(np.float32)
     want = rec["logits"][:, -got.shape[1]:]
     m = compare_logits(want, got)
-    wkv_got = np.stack([st[contract.state_inputs(i)[1]] for i in range(rec["wkv"].shape[0])])
-    m["state_drift"] = rel_err(rec["wkv"], wkv_got)
+    m["state_drift"] = _state_drift(rec["wkv"], st)
     m["positions"] = int(got.shape[1] * tokens.shape[0])
     return m
