@@ -6,6 +6,7 @@ time, node count, op histogram before/after, size and whether it changed anythin
 """
 from __future__ import annotations
 
+import dataclasses
 import platform
 import sys
 import time
@@ -119,7 +120,6 @@ def verify(artifact: Path, weights: Weights, target: Target, prompt_len: int = 1
     the artifact runs in a low-memory ORT session (no prepacked weight copies, no arena, external data
     mapped from the file). `blocks` < n_layer verifies only the embedding, the first `blocks` blocks and
     the head (graph/truncate.py): what fits when the whole model does not."""
-    import dataclasses
     import gc
 
     from rwkv_opt.bench.accuracy import compare_recorded, reference_record
@@ -243,8 +243,6 @@ GPTQ_AUTO_MAX_PARAMS_FP16 = 500_000_000
 
 def choose_quant_algorithm(target: Target, n_params: int, requested: str = "auto") -> tuple[Target, dict | None]:
     """The target with its quantize pass's algorithm settled -> (target, manifest record or None)."""
-    import dataclasses
-
     q = [c for n, c in target.passes if n == "quantize"]
     if not q:
         return target, None

@@ -77,6 +77,11 @@ def nbytes(t: TensorProto) -> int:
     return int(np.prod(t.dims, dtype=np.int64)) * _np_dtype(t.data_type).itemsize
 
 
+def is_weight(t: TensorProto) -> bool:
+    """A tensor kept outside the proto: in a store already, or INLINE_BYTES or more."""
+    return is_external(t) or nbytes(t) >= INLINE_BYTES
+
+
 class TensorStore:
     """An append-only data file in `directory` for the tensors of the models being made."""
 
@@ -200,10 +205,7 @@ def save_streamed(model: onnx.ModelProto, path: Path, external: bool = True, con
     data_name = path.name + ".data"
     out = onnx.ModelProto()
     out.CopyFrom(model)  # weightless: cheap
-    moves = []
-    for t in out.graph.initializer:
-        if is_external(t) or (external and nbytes(t) >= INLINE_BYTES):
-            moves.append(t)
+    moves = [t for t in out.graph.initializer if is_external(t) or (external and is_weight(t))]
     if not external:  # a small model: every tensor back inside the proto, as onnx.save_model writes it
         for t in moves:
             if is_external(t):

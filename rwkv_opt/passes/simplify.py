@@ -20,7 +20,7 @@ import onnx
 from onnx import helper
 
 from rwkv_opt.passes.base import Pass, PassConfig, PassResult, mark_applied, names_read, register
-from rwkv_opt.tensorstore import INLINE_BYTES, is_external, nbytes
+from rwkv_opt.tensorstore import is_weight
 
 
 _ITERS_ENV = "ONNXSIM_FIXED_POINT_ITERS"  # onnxsim 0.8 reads its fixed-point bound from here
@@ -72,7 +72,7 @@ def _weightless(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, onnx
     m.CopyFrom(model)  # cheap when the weights are external; copies them once otherwise
     g, weights, keep = m.graph, {}, []
     for t in g.initializer:
-        if is_external(t) or nbytes(t) >= INLINE_BYTES:
+        if is_weight(t):
             weights[t.name] = t
             g.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
         else:
