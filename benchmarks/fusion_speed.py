@@ -30,10 +30,10 @@ import onnxruntime as ort
 from rwkv_opt.checkpoint.synth import synthetic_state_dict
 from rwkv_opt.checkpoint.weights import from_state_dict
 from rwkv_opt.graph.model import BuildOptions, LogitsMode, build_model
-from rwkv_opt.passes.fuse_lerp import Config as LerpConfig
-from rwkv_opt.passes.fuse_lerp import FuseTokenShiftLerp, Unstack
-from rwkv_opt.passes.fuse_lora import Config as LoraConfig
-from rwkv_opt.passes.fuse_lora import FuseLora
+from rwkv_opt.passes.experimental.fuse_token_shift_lerp import Config as LerpConfig
+from rwkv_opt.passes.experimental.fuse_token_shift_lerp import FuseTokenShiftLerp, Unstack
+from rwkv_opt.passes.experimental.fuse_lora import Config as LoraConfig
+from rwkv_opt.passes.experimental.fuse_lora import FuseLora
 
 # variant name -> passes applied to the base graph, in order
 VARIANTS = {

@@ -164,12 +164,12 @@ def prepare(a) -> tuple[Path, Path, dict]:
         import dataclasses
 
         from rwkv_opt.checkpoint.weights import load_weights
-        from rwkv_opt.passes import REGISTRY
+        from rwkv_opt.passes.base import load_builtin
         from rwkv_opt.pipeline import run_pipeline
         from rwkv_opt.targets import get_target
 
         t = get_target("cpu-fp32")
-        t = dataclasses.replace(t, passes=tuple(p for p in t.passes if p[0] in REGISTRY))
+        t = dataclasses.replace(t, passes=tuple(p for p in t.passes if p[0] in load_builtin()))
         _log(f"building {art} (cpu-fp32, passes: {', '.join(t.pass_names)})")
         run_pipeline(t, load_weights(ckpt), art, progress=_log)
     return ckpt, art, json.loads((art / "manifest.json").read_text())

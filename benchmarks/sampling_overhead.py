@@ -27,7 +27,7 @@ from onnx import TensorProto, helper
 from rwkv_opt.checkpoint.synth import synthetic_state_dict
 from rwkv_opt.checkpoint.weights import from_state_dict
 from rwkv_opt.graph.model import BuildOptions, LogitsMode, build_model
-from rwkv_opt.passes.base import REGISTRY, get_pass
+from rwkv_opt.passes.base import get_pass, load_builtin
 from rwkv_opt.passes.sampling_head import SamplingHead, occurrence_to_onnx, sampling_feeds
 from rwkv_opt.pipeline import run_passes
 from rwkv_opt.reference.sampler import OFFICIAL_PIPELINE_ARGS, Occurrence, SamplingParams, occurrence_exempt_mask, \
@@ -90,7 +90,7 @@ def main() -> None:
                                                   "passes are registered, else the base graph)")
     args = ap.parse_args()
     get_pass("sampling")
-    target = args.target or ("cpu-fp32" if all(p in REGISTRY for p in get_target("cpu-fp32").pass_names) else "base")
+    target = args.target or ("cpu-fp32" if all(p in load_builtin() for p in get_target("cpu-fp32").pass_names) else "base")
 
     t0 = time.perf_counter()
     plain, V = build(args.preset, target)

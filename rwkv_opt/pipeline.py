@@ -26,7 +26,7 @@ from rwkv_opt.checkpoint.weights import Weights
 from rwkv_opt.config import Precision, Provider
 from rwkv_opt.errors import RwkvOptError
 from rwkv_opt.graph.model import BuildOptions, LogitsMode, build_model
-from rwkv_opt.passes.base import applied_passes, get_pass
+from rwkv_opt.passes.base import get_pass
 from rwkv_opt.progress import available_memory, peak_rss_bytes, phase, release_freed_memory, set_sink
 from rwkv_opt.targets import Target
 from rwkv_opt.tensorstore import active, has_external, scratch_store
@@ -86,11 +86,7 @@ def run_passes(model: onnx.ModelProto, passes, progress: Progress = _stderr, aft
     `after_pass(model)` is called with each result (the pipeline frees replaced weights there)."""
     records = []
     for name, overrides in passes:
-        cls = get_pass(name)
-        missing = [r for r in cls.requires if r not in applied_passes(model)]
-        if missing:
-            raise RwkvOptError(f"pass '{name}' requires '{missing[0]}' to run first; fix the target's pass order.")
-        p = cls(cls.Config(**overrides))
+        p = get_pass(name).configure(overrides)
         before = Counter(n.op_type for n in model.graph.node)
         t0 = time.perf_counter()
         res = p(model)
@@ -223,7 +219,7 @@ def _gptq_config(target: Target):
     """The target's quantize config when it runs GPTQ (which calibrates), else None."""
     for name, overrides in target.passes:
         if name == "quantize":
-            cfg = get_pass(name).Config(**overrides)
+            cfg = get_pass(name).configure(overrides).config
             return cfg if cfg.algorithm.value == "gptq" else None
     return None
 

@@ -6,7 +6,7 @@ import pytest
 
 from rwkv_opt.errors import RwkvOptError
 from rwkv_opt.inspect import info
-from rwkv_opt.passes import REGISTRY
+from rwkv_opt.passes.base import load_builtin
 from rwkv_opt.pipeline import run_pipeline
 from rwkv_opt.targets import TARGETS, Budget, get_target
 
@@ -16,8 +16,8 @@ quiet = dict(progress=lambda _m: None)
 def test_every_target_pass_is_registered():
     for t in TARGETS.values():
         for name, overrides in t.passes:
-            assert name in REGISTRY, f"{t.name} lists unknown pass {name}"
-            REGISTRY[name].Config(**overrides)  # the overrides fit the pass's typed config
+            assert name in load_builtin(), f"{t.name} lists unknown pass {name}"
+            load_builtin()[name].configure(overrides)  # the overrides fit the pass's typed config
 
 
 @pytest.mark.parametrize("target", ["cuda-fp16", "cuda-bf16"])
@@ -71,17 +71,20 @@ def test_top1_gate_is_a_binomial_test():
 
 
 def test_pass_order_is_checked(tiny7, tmp_path):
-    class Needy(REGISTRY["simplify"]):
-        name = "needs_fp16"
-        requires = ("fp16_mixed",)
-
-    REGISTRY["needs_fp16"] = Needy
-    try:
-        t = dataclasses.replace(get_target("cpu-fp32"), passes=(("needs_fp16", {}),))
-        with pytest.raises(RwkvOptError, match="requires 'fp16_mixed' to run first"):
+    """Order rules are preconditions on what earlier passes recorded: quantizing twice is refused, and
+    a precision pass after quantize is refused (the model is no longer fp32), with nothing written."""
+    for passes, why in [((("quantize", {}), ("quantize", {})), "already quantized"),
+                        ((("quantize", {}), ("fp16_mixed", {})), "fp32 models only")]:
+        t = dataclasses.replace(get_target("cpu-fp32"), passes=passes)
+        with pytest.raises(RwkvOptError, match=why):
             run_pipeline(t, tiny7, tmp_path / "out", **quiet)
-    finally:
-        del REGISTRY["needs_fp16"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_pass_option_is_one_sentence(tiny7, tmp_path):
+    t = dataclasses.replace(get_target("cpu-fp32"), passes=(("fuse_wkv", {"chunkk": 64}),))
+    with pytest.raises(RwkvOptError, match="pass 'fuse_wkv' has no option 'chunkk'; its options are: chunk, "):
+        run_pipeline(t, tiny7, tmp_path / "out", **quiet)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -1,11 +1,8 @@
-"""Graph passes. Importing this package registers every built-in pass (one per module)."""
-import importlib
-import pkgutil
+"""Graph passes, one per module; rwkv_opt.passes.experimental holds the ones no target uses.
 
+Passes register when their module is imported; `get_pass(name)` imports them on first lookup, so
+importing one pass (the runtime imports sampling_head) does not import the others.
+"""
 from rwkv_opt.passes.base import REGISTRY, Pass, PassConfig, PassRefused, PassResult, get_pass, register
-
-for _m in pkgutil.iter_modules(__path__):
-    if _m.name != "base":
-        importlib.import_module(f"{__name__}.{_m.name}")
 
 __all__ = ["REGISTRY", "Pass", "PassConfig", "PassRefused", "PassResult", "get_pass", "register"]

@@ -1,19 +1,30 @@
-"""The Pass protocol and registry.
+"""The Pass contract and registry.
 
-A pass is a small named unit: a frozen config dataclass, `requires` (passes that must have
-run before it, checked by the pipeline), a precondition (`check`, which returns a reason to
-refuse or None), and `run(model) -> PassResult`. It reports honestly whether it changed the
-model. Passes register under a stable name; targets and CLI choices come from the registry.
+A pass is a small named unit with a frozen, typed config. The base class enforces its contract:
+
+    config.problem()   the config's own validation (values out of range); None when fine
+    check(model)       precondition on the model: why the pass cannot run on it, or None
+    run(model)         the rewrite -> PassResult(model, changed, notes)
+    ensures(model)     postcondition on the result (e.g. the fp32 WKV state path); None when it holds
+
+and how a pass treats its input is declared, not a convention: `in_place = True` passes edit the
+model they are given and return it; functional passes (the default) return a new model and leave
+their input untouched (its structure and metadata are fingerprinted around run() to prove it), or
+return it unchanged with changed=False. Order rules between passes are preconditions: check() reads
+what earlier passes recorded in the model (`rwkv_opt.passes` metadata, precision), so they hold for
+models made by another process too. Passes register under a stable name; targets name them.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import onnx
 
 from rwkv_opt.errors import RwkvOptError
+from rwkv_opt.onnx_util import drop_dead, fresh_name, names_read, weightless  # noqa: F401  (passes import them here)
 
 
 @dataclass
@@ -24,22 +35,55 @@ class PassResult:
 
 
 class PassRefused(RwkvOptError):
-    """A pass's precondition does not hold for this model."""
+    """A pass's config or precondition does not hold for this model."""
+
+
+class PassBug(RwkvOptError):
+    """A pass broke its own contract (in-place/functional, postcondition): a bug in rwkv-opt."""
+
+    exit_code = 3
 
 
 @dataclass(frozen=True)
 class PassConfig:
-    """Base for pass configs (frozen, typed, with defaults)."""
+    """Base for pass configs (frozen, typed, with defaults). Enum fields accept their values as strings
+    (coerce in __post_init__); range checks go in problem(), which the base calls before check()."""
+
+    def problem(self) -> str | None:
+        return None
+
+
+def _fingerprint(model: onnx.ModelProto) -> str:
+    """A digest of the model's structure and metadata (weights by name and shape, not by value)."""
+    h = hashlib.sha256(weightless(model).SerializeToString(deterministic=True))
+    for p in model.metadata_props:
+        h.update(f"{p.key}={p.value}\n".encode())
+    return h.hexdigest()
 
 
 class Pass:
     name: ClassVar[str]
     Config: ClassVar[type] = PassConfig
-    requires: ClassVar[tuple[str, ...]] = ()
-    description: ClassVar[str] = ""
+    description: ClassVar[str] = ""   # one line, shown by `rwkv-opt targets NAME`
+    in_place: ClassVar[bool] = False  # True: run() edits and returns its input; False: returns a new model
 
     def __init__(self, config: PassConfig | None = None):
         self.config = config if config is not None else self.Config()
+
+    @classmethod
+    def configure(cls, overrides: dict | None = None) -> "Pass":
+        """This pass with `overrides` applied to its default config; unknown keys and values of the
+        wrong kind are refused in one sentence (targets and the CLI pass plain dicts)."""
+        overrides = dict(overrides or {})
+        known = {f.name for f in dataclasses.fields(cls.Config)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise PassRefused(f"pass '{cls.name}' has no option '{unknown[0]}'; its options are: "
+                              f"{', '.join(sorted(known)) or 'none'}.")
+        try:
+            return cls(cls.Config(**overrides))
+        except (TypeError, ValueError) as e:
+            raise PassRefused(f"pass '{cls.name}': {e}") from None
 
     def check(self, model: onnx.ModelProto) -> str | None:
         """Return why this pass cannot run on `model`, or None."""
@@ -48,11 +92,24 @@ class Pass:
     def run(self, model: onnx.ModelProto) -> PassResult:
         raise NotImplementedError
 
+    def ensures(self, model: onnx.ModelProto) -> str | None:
+        """Return which invariant the result `model` breaks, or None."""
+        return None
+
     def __call__(self, model: onnx.ModelProto) -> PassResult:
-        reason = self.check(model)
+        reason = self.config.problem() or self.check(model)
         if reason:
             raise PassRefused(f"pass '{self.name}' refused: {reason}")
-        return self.run(model)
+        before = None if self.in_place else _fingerprint(model)
+        res = self.run(model)
+        if self.in_place and res.model is not model:
+            raise PassBug(f"pass '{self.name}' is declared in-place but returned a new model; a bug in rwkv-opt.")
+        if before is not None and (_fingerprint(model) != before or (res.model is model and res.changed)):
+            raise PassBug(f"pass '{self.name}' is declared functional but edited its input; a bug in rwkv-opt.")
+        broken = self.ensures(res.model)
+        if broken:
+            raise PassBug(f"pass '{self.name}' broke its postcondition ({broken}); a bug in rwkv-opt.")
+        return res
 
     def config_dict(self) -> dict:
         return {k: (v.value if hasattr(v, "value") else v) for k, v in dataclasses.asdict(self.config).items()}
@@ -68,11 +125,32 @@ def register(cls: type[Pass]) -> type[Pass]:
     return cls
 
 
-def get_pass(name: str) -> type[Pass]:
-    import rwkv_opt.passes  # noqa: F401  (registers the built-in passes)
+# Passes of rwkv_opt.passes.experimental: registered only when asked for (they need onnx-graphsurgeon).
+EXPERIMENTAL = ("fuse_token_shift_lerp", "fuse_lora")
 
+
+def load_builtin() -> dict[str, type[Pass]]:
+    """Import every core pass module (each registers its passes) -> the registry. Done on first
+    lookup, so `import rwkv_opt.passes.sampling_head` (the runtime's need) imports no other pass."""
+    import importlib
+    import pkgutil
+
+    import rwkv_opt.passes as pkg
+
+    for m in pkgutil.iter_modules(pkg.__path__):
+        if not m.ispkg and m.name != "base" and not m.name.startswith("_"):
+            importlib.import_module(f"{pkg.__name__}.{m.name}")
+    return REGISTRY
+
+
+def get_pass(name: str) -> type[Pass]:
+    if name in EXPERIMENTAL:
+        import rwkv_opt.passes.experimental  # noqa: F401  (registers them; one sentence if graphsurgeon is missing)
+    elif name not in REGISTRY:
+        load_builtin()
     if name not in REGISTRY:
-        raise RwkvOptError(f"unknown pass '{name}'; known passes: {', '.join(sorted(REGISTRY))}.")
+        known = sorted(set(load_builtin()) | set(EXPERIMENTAL))
+        raise RwkvOptError(f"unknown pass '{name}'; known passes: {', '.join(known)}.")
     return REGISTRY[name]
 
 
@@ -105,42 +183,3 @@ def get_meta(model: onnx.ModelProto, key: str, default: str | None = None) -> st
         if p.key == key:
             return p.value
     return default
-
-
-def fresh_name(base: str, taken: set[str]) -> str:
-    """`base`, or `base_1`, `base_2`, ... : the first not in `taken`, which then holds it."""
-    name, k = base, 0
-    while name in taken:
-        k += 1
-        name = f"{base}_{k}"
-    taken.add(name)
-    return name
-
-
-def names_read(graph: onnx.GraphProto) -> set[str]:
-    """Every tensor name `graph` reads: node inputs, graph outputs, and the same inside subgraphs
-    (which may capture outer-scope names)."""
-    out = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    for a in (a for n in graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH):
-        out |= names_read(a.g)
-    return out
-
-
-def drop_dead(graph: onnx.GraphProto) -> int:
-    """Remove nodes none of whose outputs is read (ONNX ops are pure), until none is left; then,
-    if any went, the initializers nothing reads any more; and always the value_info of tensors
-    nothing produces. -> number of nodes removed."""
-    removed, read = 0, names_read(graph)
-    while dead := [n for n in graph.node if not any(o in read for o in n.output)]:
-        for n in dead:
-            graph.node.remove(n)
-        removed += len(dead)
-        read = names_read(graph)
-    inputs = {i.name for i in graph.input}   # an input's default value stays
-    if removed:
-        for t in [t for t in graph.initializer if t.name not in read and t.name not in inputs]:
-            graph.initializer.remove(t)
-    made = {o for n in graph.node for o in n.output} | inputs
-    for vi in [vi for vi in graph.value_info if vi.name not in made]:
-        graph.value_info.remove(vi)
-    return removed

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import onnx
 
 from rwkv_opt.config import Precision, Provider
+from rwkv_opt.onnx_util import opset
 from rwkv_opt.passes._precision import (BFLOAT16, MIXED_SCOPES, IoDtype, Policy, PrecisionConfig, PrecisionPass,
                                         coerce_enum)
 from rwkv_opt.passes.base import register
@@ -36,8 +37,6 @@ class Bf16Config(PrecisionConfig):
         coerce_enum(self, "provider", Provider)
 
 
-def model_opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 @register
@@ -52,13 +51,13 @@ class Bf16(PrecisionPass):
         reason = super().check(model)
         if reason:
             return reason
-        if "MatMul" not in bf16_ops(self.config.provider, model_opset(model)):
+        if "MatMul" not in bf16_ops(self.config.provider, opset(model)):
             return (f"the {self.config.provider.value} EP has no bf16 MatMul kernel (ORT's CPU EP has no bf16 "
                     "arithmetic at all); use fp16_mixed, or provider cuda")
         return None
 
     def policy(self, model: onnx.ModelProto) -> Policy:
-        table = bf16_ops(self.config.provider, model_opset(model))
+        table = bf16_ops(self.config.provider, opset(model))
         return Policy(low=BFLOAT16, fp32_scopes=MIXED_SCOPES, low_ops=table,
                       io_low=self.config.io_dtype is IoDtype.BF16, ln_stash_fp32=True)
 

@@ -42,6 +42,7 @@ import onnx
 from onnx import helper
 
 from rwkv_opt.graph.builder import FLOAT, GraphBuilder, Value
+from rwkv_opt.onnx_util import all_graphs, opset
 from rwkv_opt.graph.wkv_chunked import check_chunk, wkv_chunked, wkv_step
 from rwkv_opt.tensorstore import read_array
 from rwkv_opt.passes.base import Pass, PassConfig, PassResult, drop_dead, mark_applied, register
@@ -68,6 +69,13 @@ class FuseWkvConfig(PassConfig):
     chunk: int = 64              # chunk length L of the chunked form (even, <= 64, multiple of 16 above 16)
     min_chunked_len: int = 32    # shortest T that takes the chunked form; shorter T > 1 keeps the Scan
     mode: FuseMode = FuseMode.AUTO
+
+    def problem(self) -> str | None:
+        if not isinstance(self.min_chunked_len, int) or self.min_chunked_len < 1:
+            return f"min_chunked_len must be an int >= 1, got {self.min_chunked_len!r}"
+        if self.mode not in [m.value for m in FuseMode]:
+            return f"mode must be one of {', '.join(m.value for m in FuseMode)}, got {self.mode!r}"
+        return check_chunk(self.chunk)
 
 
 @dataclass(frozen=True)
@@ -191,14 +199,13 @@ class _Site:
 
 
 def _names(graph: onnx.GraphProto, acc: set) -> set:
-    acc.update(i.name for i in graph.initializer)
-    acc.update(i.name for i in graph.input)
-    for n in graph.node:
-        acc.add(n.name)
-        acc.update(n.output)
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                _names(a.g, acc)
+    """Every node, value, input and initializer name in `graph` and its subgraphs, added to `acc`."""
+    for g in all_graphs(graph):
+        acc.update(i.name for i in g.initializer)
+        acc.update(i.name for i in g.input)
+        for n in g.node:
+            acc.add(n.name)
+            acc.update(n.output)
     return acc
 
 
@@ -390,17 +397,8 @@ class FuseWkv(Pass):
     description = "Per call: direct WKV step for T == 1, the Scan for short T, the chunked WKV for long T."
 
     def check(self, model: onnx.ModelProto) -> str | None:
-        cfg = self.config
-        reason = check_chunk(cfg.chunk)
-        if reason:
-            return reason
-        if not isinstance(cfg.min_chunked_len, int) or cfg.min_chunked_len < 1:
-            return f"min_chunked_len must be an int >= 1, got {cfg.min_chunked_len!r}"
-        if cfg.mode not in [m.value for m in FuseMode]:
-            return f"mode must be one of {', '.join(m.value for m in FuseMode)}, got {cfg.mode!r}"
-        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-        if opset < MIN_OPSET:
-            return f"the model's opset {opset} is below {MIN_OPSET} (the chunked WKV pads with Pad axes)"
+        if (version := opset(model)) < MIN_OPSET:
+            return f"the model's opset {version} is below {MIN_OPSET} (the chunked WKV pads with Pad axes)"
         if not find_wkv_scans(model.graph):
             return "no WKV Scan found"
         return None
@@ -410,14 +408,14 @@ class FuseWkv(Pass):
         out.CopyFrom(model)
         g = out.graph
         taken = _names(g, set())
-        opset = next(o.version for o in out.opset_import if o.domain in ("", "ai.onnx"))
+        version = opset(out)
         prod = {o: n for n in g.node for o in n.output}
         consts = {i.name: read_array(i) for i in g.initializer if i.data_type == onnx.TensorProto.INT64}
-        plans = {scan.node.output[0]: _rewrite(g, scan, opset, taken, self.config, prod, consts)
+        plans = {scan.node.output[0]: _rewrite(g, scan, version, taken, self.config, prod, consts)
                  for scan in find_wkv_scans(g)}
         sites = _splice(g, plans)
         if FuseMode(self.config.mode) is FuseMode.FUNCTION:
-            out.functions.append(wkv7_function(opset, sites[0].scan, self.config))
+            out.functions.append(wkv7_function(version, sites[0].scan, self.config))
             out.opset_import.append(helper.make_opsetid(FUNCTION_DOMAIN, 1))
         mark_applied(out, self.name)
         notes = [f"fused {len(sites)} WKV Scan(s) (mode {FuseMode(self.config.mode).value}, chunk "

@@ -41,6 +41,7 @@ from rwkv_opt.artifact import initializer_bytes
 from rwkv_opt.errors import RwkvOptError
 from rwkv_opt.passes import _quant_core as qc
 from rwkv_opt.passes._quant_calib import Calibration, hessians
+from rwkv_opt.onnx_util import names_read
 from rwkv_opt.passes.base import (Pass, PassConfig, PassResult, applied_passes, get_meta, mark_applied, register,
                                   set_meta)
 from rwkv_opt.progress import phase, tick
@@ -162,8 +163,6 @@ class Quantize(Pass):
     def check(self, model: onnx.ModelProto) -> str | None:
         if self.name in applied_passes(model) or any(n.op_type in QUANT_OPS for n in model.graph.node):
             return "the model is already quantized; quantize the float model once"
-        if (p := self.config.problem()) is not None:
-            return p
         inits = {t.name: t for t in model.graph.initializer}
         for n in model.graph.node:
             w = inits.get(n.input[1]) if n.op_type == "MatMul" else None
@@ -315,18 +314,7 @@ def _last_use(job: _Job, jobs: list[_Job]) -> bool:
 
 
 def _drop_unused_initializers(g: onnx.GraphProto) -> None:
-    used = set()
-
-    def visit(graph: onnx.GraphProto):
-        for n in graph.node:
-            used.update(n.input)
-            for a in n.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    visit(a.g)
-                for sub in a.graphs:
-                    visit(sub)
-    visit(g)
-    used.update(o.name for o in g.output)
+    used = names_read(g)
     for i in reversed(range(len(g.initializer))):
         if g.initializer[i].name not in used:
             del g.initializer[i]

@@ -80,6 +80,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
+from rwkv_opt import onnx_util
 from rwkv_opt.graph import contract
 from rwkv_opt.graph.blocks import INT64_MAX
 from rwkv_opt.graph.builder import FLOAT, INT64, GraphBuilder, Value
@@ -140,8 +141,6 @@ def occurrence_from_onnx(occurence: np.ndarray, exempt: np.ndarray) -> Occurrenc
     return Occurrence(np.where(exempt, 0.0, occurence).astype(np.float64), occurence > 0)
 
 
-def _opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def _logits_info(model: onnx.ModelProto):
@@ -443,6 +442,7 @@ def build_head(g: GraphBuilder, logits: Value, logits_info: onnx.ValueInfoProto,
 class SamplingHead(Pass):
     name = NAME
     Config = Config
+    in_place = True  # appends its nodes to the model it is given
     description = "in-graph official sampler: penalties, top-p, top-k, temperature, draw -> y, occurence_next"
 
     def check(self, model: onnx.ModelProto) -> str | None:
@@ -452,7 +452,7 @@ class SamplingHead(Pass):
         names = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
         if get_meta(model, "rwkv_opt.head") == NAME or TOKEN in names or OCCURRENCE in names:
             return "the model already has a sampling head (output 'y' / input 'occurence')"
-        opset = _opset(model)
+        opset = onnx_util.opset(model)
         if opset < 16:
             return f"opset {opset} < 16 has no ScatterElements reduction; rebuild with --opset 21"
         if opset >= 22 and self.config.random_fallback:
@@ -473,7 +473,7 @@ class SamplingHead(Pass):
     def run(self, model: onnx.ModelProto) -> PassResult:
         cfg, V = self.config, self._vocab(model)
         logits, exempt = _logits_info(model), occurrence_exempt_mask(size=V)
-        g = GraphBuilder("sampling", _opset(model))
+        g = GraphBuilder("sampling", onnx_util.opset(model))
         build_head(g, Value(contract.LOGITS), logits, V, exempt, cfg)
         _append(model, g)
         if not cfg.emit_logits:

@@ -34,9 +34,15 @@ class TrainingHeadConfig(PassConfig):
     batch: int = 1          # static batch of the training graphs
     trainable: str = "all"  # default trainable selector (all, lora, last:N, globs; see rwkv_opt.training.select)
 
+    def problem(self) -> str | None:
+        if self.seq < 2 or self.batch < 1:
+            return f"seq must be >= 2 and batch >= 1 (got seq={self.seq}, batch={self.batch})"
+        return None
+
 
 class _TrainingHead(Pass):
     Config = TrainingHeadConfig
+    in_place = True  # records the head in the model's metadata
 
     def check(self, model: onnx.ModelProto) -> str | None:
         if get_meta(model, "rwkv_opt.n_layer") is None:
@@ -44,9 +50,6 @@ class _TrainingHead(Pass):
         have = get_meta(model, HEAD_KEY) or next((p for p in applied_passes(model) if p in TRAINING_HEADS), None)
         if have:
             return f"the artifact already has the '{have}' training head; use one training head per artifact"
-        c = self.config
-        if c.seq < 2 or c.batch < 1:
-            return f"seq must be >= 2 and batch >= 1 (got seq={c.seq}, batch={c.batch})"
         return None
 
     def run(self, model: onnx.ModelProto) -> PassResult:

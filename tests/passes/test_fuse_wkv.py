@@ -164,7 +164,7 @@ def test_function_mode_one_custom_domain_node_per_layer():
     assert ("rwkv7", 1) in [(o.domain, o.version) for o in m.opset_import]
     fp16 = get_pass("fp16_mixed")()(base()).model                     # precision first, as targets do
     P = get_pass("fuse_wkv")
-    from rwkv_opt.passes._precision import state_path_violations
+    from rwkv_opt.passes._state_path import state_path_violations
     assert state_path_violations(P(P.Config(mode=FuseMode.FUNCTION))(fp16).model) == []
 
 
@@ -311,8 +311,10 @@ def test_refuses_model_without_wkv_scan():
 
 def test_refuses_bad_config_and_old_opset():
     P = get_pass("fuse_wkv")
-    assert "chunk" in P(P.Config(chunk=40)).check(base())
-    assert "min_chunked_len" in P(P.Config(min_chunked_len=0)).check(base())
+    assert "chunk" in P.Config(chunk=40).problem()
+    assert "min_chunked_len" in P.Config(min_chunked_len=0).problem()
+    with pytest.raises(PassRefused, match="pass 'fuse_wkv' refused: .*chunk"):
+        P.configure({"chunk": 40})(base())            # the base checks the config before anything else
     old = onnx.ModelProto()
     old.CopyFrom(base())
     old.opset_import[0].version = 17

@@ -20,10 +20,10 @@ from rwkv_opt.checkpoint.weights import from_state_dict
 from rwkv_opt.graph.model import build_model
 from rwkv_opt.passes import PassRefused
 from rwkv_opt.passes.base import applied_passes
-from rwkv_opt.passes.fuse_lerp import Config as LerpConfig
-from rwkv_opt.passes.fuse_lerp import FuseTokenShiftLerp, Unstack
-from rwkv_opt.passes.fuse_lora import Config as LoraConfig
-from rwkv_opt.passes.fuse_lora import FuseLora
+from rwkv_opt.passes.experimental.fuse_token_shift_lerp import Config as LerpConfig
+from rwkv_opt.passes.experimental.fuse_token_shift_lerp import FuseTokenShiftLerp, Unstack
+from rwkv_opt.passes.experimental.fuse_lora import Config as LoraConfig
+from rwkv_opt.passes.experimental.fuse_lora import FuseLora
 
 L = 2      # tiny preset layers
 TOL = 1e-5

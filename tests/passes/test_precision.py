@@ -29,8 +29,8 @@ from rwkv_opt.errors import RwkvOptError
 from rwkv_opt.graph import contract
 from rwkv_opt.graph.model import build_model
 from rwkv_opt.passes import PassRefused, get_pass
-from rwkv_opt.passes._precision import (node_reads, state_path_violations, subgraphs,
-                                        value_types)
+from rwkv_opt.onnx_util import node_reads, subgraphs, value_types
+from rwkv_opt.passes._state_path import state_path_violations
 from rwkv_opt.passes.base import applied_passes, get_meta
 from rwkv_opt.passes.ep_kernels import bf16_ops
 from rwkv_opt.reference import ReferenceModel

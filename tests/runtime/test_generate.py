@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from rwkv_opt.errors import RwkvOptError
-from rwkv_opt.passes.base import REGISTRY, get_pass
 from rwkv_opt.reference.sampler import OFFICIAL_PIPELINE_ARGS, SamplingParams
 from rwkv_opt.reference.tokenizer import load_world_tokenizer
 from rwkv_opt.runtime import Session
@@ -29,19 +28,8 @@ def cli(*args, **kw):
 def artifacts(tmp_path_factory):
     """{'head': tiny cpu-fp32 artifact with the sampling head, 'plain': the base graph without one}."""
     d = tmp_path_factory.mktemp("gen")
-    get_pass("sampling")  # fills the registry
-    if all(p in REGISTRY for p in get_target("cpu-fp32").pass_names):
-        r = cli("pipeline", "--target", "cpu-fp32", "--head", "sampling", "-o", d / "head")
-        assert r.returncode == 0, r.stderr[-2000:]
-    else:  # the target still names a pass that has not landed: base graph + the head via the library
-        import onnx
-
-        from rwkv_opt.artifact import save_model
-
-        r = cli("build", "--logits", "last", "-o", d / "head")
-        assert r.returncode == 0, r.stderr
-        model = get_pass("sampling")()(onnx.load(str(d / "head" / "model.onnx"))).model
-        save_model(model, d / "head" / "model.onnx")
+    r = cli("pipeline", "--target", "cpu-fp32", "--head", "sampling", "-o", d / "head")
+    assert r.returncode == 0, r.stderr[-2000:]
     r = cli("build", "--logits", "last", "-o", d / "plain")
     assert r.returncode == 0, r.stderr
     return {"head": d / "head", "plain": d / "plain"}

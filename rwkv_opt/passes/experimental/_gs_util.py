@@ -15,7 +15,7 @@ from onnx import helper, numpy_helper
 from onnx_graphsurgeon.exporters.onnx_exporter import dtype_to_onnx
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from rwkv_opt.passes.base import fresh_name
+from rwkv_opt.onnx_util import fresh_name, inferred_value_info
 
 # Initializers above this many elements become typed graph inputs for shape inference, so that
 # inferring ranks costs no weight copies (shape inference needs only their shapes).
@@ -33,32 +33,14 @@ def import_with_shapes(model: onnx.ModelProto) -> gs.Graph:
 
 
 def _infer_value_types(model: onnx.ModelProto) -> dict[str, tuple]:
-    inferred = onnx.shape_inference.infer_shapes(_without_big_weights(model))
     out = {}
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+    for vi in inferred_value_info(model, keep_up_to=_SHAPE_ONLY_ABOVE):
         tt = vi.type.tensor_type
         if not tt.HasField("shape"):
             continue
         dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
         out[vi.name] = (helper.tensor_dtype_to_np_dtype(tt.elem_type), dims)
     return out
-
-
-def _without_big_weights(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of the model's structure whose large initializers are typed graph inputs instead."""
-    light = onnx.ModelProto(ir_version=model.ir_version)
-    light.opset_import.extend(model.opset_import)
-    g = light.graph
-    g.name = model.graph.name
-    g.node.extend(model.graph.node)
-    g.input.extend(model.graph.input)
-    g.output.extend(model.graph.output)
-    for init in model.graph.initializer:
-        if int(np.prod(init.dims, dtype=np.int64)) > _SHAPE_ONLY_ABOVE:
-            g.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-        else:
-            g.initializer.append(init)
-    return light
 
 
 def export_like(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
@@ -111,11 +93,6 @@ def constant(name: str, array: np.ndarray) -> gs.Constant:
 def elem_type(dtype) -> int:
     """The onnx elem type of a gs dtype (a numpy dtype, an ml_dtypes dtype or already an int)."""
     return dtype_to_onnx(dtype)
-
-
-def onnx_opset(model: onnx.ModelProto) -> int:
-    """The model's default-domain opset (0 when it imports none)."""
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def producer(t: gs.Tensor, op: str) -> gs.Node | None:

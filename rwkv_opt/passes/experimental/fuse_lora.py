@@ -37,8 +37,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from rwkv_opt.passes._gs_util import (Rewriter, const_meta, const_value, export_like, import_with_shapes,
-                                      onnx_opset)
+from rwkv_opt.passes.experimental._gs_util import (Rewriter, const_meta, const_value, export_like, import_with_shapes)
+from rwkv_opt.onnx_util import opset
 from rwkv_opt.passes.base import Pass, PassConfig, PassResult, mark_applied, register
 
 NAME = "fuse_lora"
@@ -189,8 +189,8 @@ class FuseLora(Pass):
         return sets, batches
 
     def check(self, model: onnx.ModelProto) -> str | None:
-        if onnx_opset(model) < 13:
-            return f"needs opset >= 13 (Split and Slice with tensor inputs); the model has {onnx_opset(model)}"
+        if opset(model) < 13:
+            return f"needs opset >= 13 (Split and Slice with tensor inputs); the model has {opset(model)}"
         if not (self.config.concat_siblings or self.config.batch_stacked):
             return "both concat_siblings and batch_stacked are off"
         sets, batches = self._find(import_with_shapes(model))

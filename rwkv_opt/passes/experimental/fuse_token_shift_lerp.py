@@ -38,8 +38,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from rwkv_opt.passes._gs_util import (Rewriter, const_meta, const_value, elem_type, export_like,
-                                      import_with_shapes, onnx_opset, producer, scope_of)
+from rwkv_opt.passes.experimental._gs_util import (Rewriter, const_meta, const_value, elem_type, export_like,
+                                      import_with_shapes, producer, scope_of)
+from rwkv_opt.onnx_util import opset
 from rwkv_opt.passes.base import Pass, PassConfig, PassResult, mark_applied, register
 
 NAME = "fuse_token_shift_lerp"
@@ -205,8 +206,8 @@ class FuseTokenShiftLerp(Pass):
     enabled_by_default: ClassVar[bool] = False  # neutral on ORT CPU at 0.1B; see the module docstring
 
     def check(self, model: onnx.ModelProto) -> str | None:
-        if onnx_opset(model) < 13:
-            return f"needs opset >= 13 (Split/Squeeze/Slice with tensor inputs); the model has {onnx_opset(model)}"
+        if opset(model) < 13:
+            return f"needs opset >= 13 (Split/Squeeze/Slice with tensor inputs); the model has {opset(model)}"
         return find_groups(import_with_shapes(model), self.config.min_group)[1]
 
     def run(self, model: onnx.ModelProto) -> PassResult:
