@@ -250,3 +250,14 @@ def _matmul_relu(opset: int = 21) -> onnx.ModelProto:
     g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["y"])],
                           "g", [x], [y], [w])
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def test_core_does_not_import_graphsurgeon():
+    """The runtime, the CLI and every core pass load without onnx-graphsurgeon (the experimental extra)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import rwkv_opt.cli, rwkv_opt.runtime.generate; from rwkv_opt.passes.base import load_builtin; "
+            "load_builtin(); print(sorted(m for m in sys.modules if 'graphsurgeon' in m))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
