@@ -14,7 +14,7 @@ graph also runs in rwkv_opt's rounding evaluator (every op rounded to its dtype,
 in MatMul and reductions, like a GPU EP; ~30 s per graph at 0.1B; --no-rounded skips it), the only
 CPU run bf16 can have. `--official "cpu fp16"` adds BlinkDL's `rwkv` package at that strategy on
 the same checkpoint and tokens (torch CPU, its own subprocess) as the peer row. A pass may carry
-config: `fp16_mixed[elementwise=fp32]`. The issue's goals for fp16_mixed: top-1 100%,
+config: `fp16_mixed[elementwise=fp32]`. The goals for fp16_mixed (reports/precision-0.1b.md): top-1 100%,
 max|err|/std <= 3e-3, mean KL <= 1e-4.
 """
 from __future__ import annotations
@@ -209,7 +209,7 @@ def score(ref_logits: np.ndarray, got: np.ndarray, state_drift: float = float("n
 
 
 def plot(rows: list, path: Path, prompt: int) -> None:
-    """max|err|/std(ref) per position, one line per row (log scale), with the issue's 3e-3 line."""
+    """max|err|/std(ref) per position, one line per row (log scale), with the 3e-3 goal line (reports/precision-0.1b.md)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -220,7 +220,7 @@ def plot(rows: list, path: Path, prompt: int) -> None:
         if name == "fp32":
             continue
         ax.plot(m["per_position"], lw=1, label=f"{name} ({how})")
-    ax.axhline(3e-3, color="k", ls="--", lw=0.8, label="issue goal 3e-3")
+    ax.axhline(3e-3, color="k", ls="--", lw=0.8, label="goal 3e-3")
     ax.axvline(prompt - 0.5, color="grey", ls=":", lw=0.8)
     ax.set_yscale("log")
     ax.set_xlabel(f"position (0-{prompt - 1}: prompt in one call; then one token per call, state carried)")

@@ -8,7 +8,7 @@ each target's pipeline runs as a new user runs it: a fresh `rwkv-opt pipeline` p
 /usr/bin/time -v (peak RSS as the kernel counts it: anonymous and file-backed pages), with
 verification unless --no-verify. Per run: peak RSS, peak / fp32 weight bytes, wall time, the
 manifest's per-phase seconds (build, passes, write, verify) and artifact size, and whether the
-artifact verified (or why verification was skipped). The goals from the scale issue are checked
+artifact verified (or why verification was skipped). The goals (reports/scale.md, "Goals") are checked
 in the table: peak <= 1.25x fp32 weights at 1.5B and 2.9B, 7.2B within 22 GiB, 2.9B cpu-fp32 /
 cuda-fp16 <= 10 min, cpu-int4 <= 30 min.
 

@@ -88,7 +88,7 @@ BF16_BUDGET = Budget(min_top1=0.93, max_rel_err=0.15, max_kl=2e-3)
 _FAST = (("fuse_wkv", {}), ("simplify", {}))
 
 # Weight quantization (passes/quantize.py; choices measured in reports/quantization.md). The budgets are
-# issue #6's accuracy goals; max|err|/std sits ~3x above the 0.1B measurement (a tail statistic). The
+# the accuracy goals of reports/quantization.md ("The goals, and how far each one is"; docs/precision.md); max|err|/std sits ~3x above the 0.1B measurement (a tail statistic). The
 # synthetic 0.1B's logits are flat (its reference's median top-1 probability is under 3%): all three
 # miss top-1 there (KL is met), so `pipeline` refuses them on that model. On a 0.1B trained here
 # (benchmarks/trained_accuracy.py: median top-1 probability 9% on held-out text) all three meet

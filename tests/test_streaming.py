@@ -1,4 +1,4 @@
-"""Streaming from checkpoint to artifact (issue: real model sizes).
+"""Streaming from checkpoint to artifact (README "Real model sizes"; reports/scale.md).
 
   * the streamed build (weights written to a TensorStore as they are made, the graph weightless)
     gives the same graph and bit-identical initializers as the in-memory build, on tiny and 0.1B;

@@ -6,7 +6,7 @@ b = kk * a, the state S (B,H,N,N) is [value, key], and they return (y_BTHN, s_ou
     S_t = S_{t-1} diag(w_t) - (S_{t-1} kk_t^T) b_t + v_t^T k_t         (row vectors of length N)
     y_t = S_t r_t^T
 
-The chunked form (shared/docs/wkv7-chunked.md) splits T into C chunks of L tokens. Inside a chunk,
+The chunked form (docs/wkv-chunked.md, section 3) splits T into C chunks of L tokens. Inside a chunk,
 with the log decay lw = log w and positions t = 1..L:
 
     G  = cumsum(lw)   Gx = G - lw   g = G_L   Ge = g - G (reverse exclusive cumsum)
@@ -21,10 +21,10 @@ with the log decay lw = log w and positions t = 1..L:
         y_c = Yq_c S^T + Yi_c ;   S^T <- P_c^T S^T + E_c^T       (i.e. S <- S P_c + E_c)
         with P^T S^T = e^g * S^T - (W^T B e^Ge)^T S^T, so diag(e^g) is never materialised
 
-Every exponent is a partial sum over only the tokens it spans (§3.2 of the note), the decays are
-split at the chunk midpoint so no factor exceeds e^(0.61 L / 2) (§3.1), the masks are Trilu (a
+Every exponent is a partial sum over only the tokens it spans (docs/wkv-chunked.md section 5, trap 5), the decays are
+split at the chunk midpoint so no factor exceeds e^(0.61 L / 2) (trap 2), the masks are Trilu (a
 select, so the large masked triangle never meets a 0 * inf), and the inverse is exact block
-elimination (as stable as forward substitution), never the nilpotent product (§3.3). T is padded
+elimination (as stable as forward substitution), never the nilpotent product (section 4 and trap 4). T is padded
 in the graph to a multiple of L with no-op tokens (lw = 0, i.e. w = 1, and zeros), so any T >= 1
 and any batch work.
 

@@ -1,7 +1,7 @@
 """The precision converter shared by fp16_mixed, fp16 and bf16.
 
 Why our own converter: onnxconverter-common and ORT's float16 tools recurse into Scan bodies and
-round-trip the WKV state through fp16 Cast pairs (architecture.md). This one never enters a
+round-trip the WKV state through fp16 Cast pairs (docs/precision.md section 4). This one never enters a
 subgraph: a node that owns subgraphs is opaque and runs in fp32, with every input it reads,
 explicitly or captured from the outer scope, cast to fp32 just before it.
 

@@ -13,7 +13,7 @@ normalize) of the base graph, and among ops other passes may add: Log, CumSum, P
 Reciprocal, ReduceMean, Where, Tile.
 
 The CPU EP registers bf16 only for data movement (Cast, Concat, Gather, ...): no arithmetic
-at all (architecture.md; Add/Mul/MatMul in bf16 fail to load on onnxruntime 1.32 CPU).
+at all (docs/precision.md section 1; Add/Mul/MatMul in bf16 fail to load on onnxruntime 1.32 CPU).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The official RWKV sampler (``rwkv/utils.py`` PIPELINE, CPU path) in numpy.
 
-Per generated token (see docs/rwkv7.md, "Sampling"):
+Per generated token:
 
 1. ``apply_penalties``: banned tokens -> -inf; every token generated so far loses
    ``alpha_presence + occurrence * alpha_frequency`` (penalty computed in float64 like

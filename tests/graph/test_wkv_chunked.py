@@ -1,6 +1,6 @@
 """The chunked WKV (and the direct single step) against the numpy reference recurrence.
 
-Inputs cover the regimes of wkv7-chunked.md: realistic, strong decay (w ~ 0.545, where the
+Inputs cover the regimes of docs/wkv-chunked.md (section 5, traps 1 and 4): realistic, strong decay (w ~ 0.545, where the
 inclusive/exclusive prefix-sum mix-ups show), weak decay (w ~ 1) and "delta" (a ~ 0.99 with
 nearly parallel kk, where the nilpotent inverse explodes), always from a nonzero carried state.
 The chunked form is fed log w; the reference gets w = exp(log w) in fp64, the exact decay (the

@@ -20,7 +20,7 @@ def token_logp(weights: Weights, x: np.ndarray) -> np.ndarray:
 
 
 def reference_loss(weights: Weights, x, mask, reward=None) -> float:
-    """The issue's loss: masked mean next-token NLL, or reward-weighted (REINFORCE), float64."""
+    """The training loss (reports/training.md, "Design"): masked mean next-token NLL, or reward-weighted (REINFORCE), float64."""
     nll = -token_logp(weights, x)
     wt = mask[:, 1:].astype(np.float64)
     weight = wt if reward is None else wt * reward[:, 1:]
