@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from rwkv_opt.graph.builder import FLOAT, GraphBuilder, Value
+from rwkv_opt.graph.contract import Scope as SC
 from rwkv_opt.reference.model import W_SCALE
 
 INT64_MAX = np.iinfo(np.int64).max
@@ -18,7 +19,7 @@ def layer_norm(g: GraphBuilder, x: Value, w: Value, b: Value, eps: float = 1e-5)
 
 def token_shift(g: GraphBuilder, x_BTC: Value, last_B1C: Value) -> tuple[Value, Value]:
     """-> (previous token for every t (B,T,C), last token to carry (B,1,C))."""
-    with g.scope("shift"):
+    with g.scope(SC.SHIFT):
         head = g.Slice(x_BTC, g.ints(0), g.ints(-1), g.ints(1))
         prev = g.Concat(last_B1C, head, axis=1)
         nxt = g.Slice(x_BTC, g.ints(-1), g.ints(INT64_MAX), g.ints(1))
@@ -67,7 +68,7 @@ def _wkv_step_body(H: int, N: int):
     v = b.input("v", FLOAT, ["B", H, N, 1])
     kk = b.input("kk", FLOAT, ["B", H, N, 1])
     bb = b.input("b", FLOAT, ["B", H, 1, N])
-    with b.scope("wkv_step"):
+    with b.scope(SC.WKV_STEP):
         sa = b.MatMul(S, kk)                                  # removed value, read before decay
         S1 = b.Add(b.Sub(b.Mul(S, w), b.Mul(sa, bb)), b.Mul(v, k))
         y = b.MatMul(S1, r)
@@ -82,14 +83,14 @@ def decay(g: GraphBuilder, w_lora: Value) -> Value:
 
 
 def l2_normalize(g: GraphBuilder, x: Value) -> Value:
-    with g.scope("normalize"):
+    with g.scope(SC.NORMALIZE):
         n = g.ReduceL2(x, g.ints(-1), keepdims=1)
         return g.Div(x, g.Max(n, g.const(1e-12)))
 
 
 def group_norm(g: GraphBuilder, y_BTHN: Value, C: int, N: int, w: Value, b: Value) -> Value:
     """Per-head normalisation (eps 64e-5) then the ln_x affine -> (B,T,C)."""
-    with g.scope("ln_x"):
+    with g.scope(SC.LN_X):
         yn = g.LayerNormalization(y_BTHN, g.const(np.ones(N)), g.const(np.zeros(N)), axis=-1, epsilon=64e-5)
         return g.Add(g.Mul(g.Reshape(yn, g.ints(0, 0, C)), w), b)
 
@@ -105,11 +106,11 @@ def tmix_projections(g: GraphBuilder, mixed, p, linear, normalize, H: int, N: in
     r = linear(xr, "att.receptance.weight")
     k = linear(xk, "att.key.weight")
     v = linear(xv, "att.value.weight")
-    with g.scope("decay"):
+    with g.scope(SC.DECAY):
         w = decay(g, lora(g, xw, p("att.w1"), p("att.w2"), "Tanh", p("att.w0")))
-    with g.scope("a"):
+    with g.scope(SC.A):
         a = g.Sigmoid(lora(g, xa2, p("att.a1"), p("att.a2"), None, p("att.a0")))
-    with g.scope("gate"):
+    with g.scope(SC.GATE):
         gate = lora(g, xg, p("att.g1"), p("att.g2"), "Sigmoid")
 
     kk = normalize(g, heads(g, g.Mul(k, p("att.k_k")), H, N))                   # (B,T,H,N)
@@ -117,7 +118,7 @@ def tmix_projections(g: GraphBuilder, mixed, p, linear, normalize, H: int, N: in
     if v_first is None:
         v_first = v
     else:
-        with g.scope("v_mix"):
+        with g.scope(SC.V_MIX):
             vm = g.Sigmoid(lora(g, xv, p("att.v1"), p("att.v2"), None, p("att.v0")))
             v = g.Add(v, g.Mul(g.Sub(v_first, v), vm))
     return r, w, k, v, kk, a, gate, v_first

@@ -20,6 +20,7 @@ from rwkv_opt import __version__
 from rwkv_opt.checkpoint.weights import Weights
 from rwkv_opt.graph import blocks as B
 from rwkv_opt.graph import contract
+from rwkv_opt.graph.contract import Scope as S
 from rwkv_opt.graph.builder import DEFAULT_OPSET, FLOAT, INT64, GraphBuilder
 from rwkv_opt.progress import tick
 
@@ -52,7 +53,7 @@ class _ModelBuilder:
     def build(self) -> onnx.ModelProto:
         g, c = self.g, self.cfg
         tokens = g.input(contract.TOKENS, INT64, ["batch", "seq"])
-        x = g.Gather(g.weight("emb.weight.ln0", self.w.emb_ln0()), tokens, name="emb")
+        x = g.Gather(g.weight("emb.weight.ln0", self.w.emb_ln0()), tokens, name=S.EMB)
         v_first = None
         for i in range(c.n_layer):
             tick(i)
@@ -60,13 +61,13 @@ class _ModelBuilder:
             att = g.input(names[0], FLOAT, ["batch", 1, c.n_embd])
             wkv = g.input(names[1], FLOAT, ["batch", c.n_head, c.head_size, c.head_size])
             ffn = g.input(names[2], FLOAT, ["batch", 1, c.n_embd])
-            with g.scope(f"blocks.{i}"):
-                with g.scope("att"):
+            with g.scope(S.BLOCK.format(i=i)):
+                with g.scope(S.ATT):
                     x, v_first, att_next, wkv_next = self.time_mix(i, x, v_first, att, wkv)
-                with g.scope("ffn"):
+                with g.scope(S.FFN):
                     x, ffn_next = self.channel_mix(i, x, tokens, ffn)
             self.outs = getattr(self, "outs", []) + [(att_next, ffn_next, wkv_next, i)]
-        with g.scope("head"):
+        with g.scope(S.HEAD):
             if self.opts.logits is LogitsMode.LAST:
                 x = g.Slice(x, g.ints(-1), g.ints(B.INT64_MAX), g.ints(1))
             x = B.layer_norm(g, x, self.param("ln_out.weight"), self.param("ln_out.bias"))
@@ -93,10 +94,10 @@ class _ModelBuilder:
 
         H, N = c.n_head, c.head_size
         rh, wh, kh, vh, ah = (B.heads(g, t, H, N) for t in (r, w, k, v, a))
-        with g.scope("wkv"):
+        with g.scope(S.WKV):
             y, wkv_next = B.wkv_scan(g, H, N, rh, wh, kh, vh, kk, g.Mul(kk, ah), wkv_state)
         y = B.group_norm(g, y, c.n_embd, N, p("att.ln_x.weight"), p("att.ln_x.bias"))
-        with g.scope("bonus"):
+        with g.scope(S.BONUS):
             rk = g.ReduceSum(B.heads(g, g.Mul(g.Mul(r, k), p("att.r_k")), H, N), g.ints(-1), keepdims=1)
             y = g.Add(y, g.Reshape(g.Mul(rk, vh), g.ints(0, 0, c.n_embd)))
         out = g.MatMul(g.Mul(y, gate), p("att.output.weight", True))
@@ -111,7 +112,7 @@ class _ModelBuilder:
         h = g.MatMul(kf, p("ffn.key.weight", True))
         h = g.Mul(*(g.Relu(h),) * 2)
         if c.deepembed:
-            with g.scope("deepembed"):
+            with g.scope(S.DEEPEMBED):
                 r = c.d_srank
                 semb = g.Gather(g.weight(P + "ffn.s_emb.weight.folded", self.w.s_emb_folded(i)), tokens)
                 semb = g.Reshape(semb, g.ints(0, 0, r, r))                       # (B,T,r,r)

@@ -19,7 +19,7 @@ import onnx
 from rwkv_opt.graph import contract
 from rwkv_opt.passes.base import drop_dead
 
-_BLOCK = re.compile(r"^/blocks\.(\d+)/")
+_BLOCK = re.compile("^/" + re.escape(contract.Scope.BLOCK).replace(r"\{i\}", r"(\d+)") + "/")
 
 
 def _block_of(node: onnx.NodeProto) -> int | None:
@@ -35,7 +35,7 @@ def residual_out(graph: onnx.GraphProto, i: int) -> str:
             for o in n.output:
                 made[o] = n
     after = i + 1
-    readers = [n for n in graph.node if (_block_of(n) == after) or (_block_of(n) is None and n.name.startswith("/head/"))]
+    readers = [n for n in graph.node if (_block_of(n) == after) or (_block_of(n) is None and n.name.startswith(contract.scope_path(contract.Scope.HEAD)))]
     read = {t for n in readers for t in n.input if t in made}
     order = {id(n): k for k, n in enumerate(graph.node)}
     if not read:

@@ -45,7 +45,7 @@ LOW_TYPES = (FLOAT16, BFLOAT16)
 TAG = {FLOAT: "fp32", FLOAT16: "fp16", BFLOAT16: "bf16"}
 NP_NAME = {FLOAT: "float32", FLOAT16: "float16", BFLOAT16: "bfloat16"}
 
-WKV_SCOPE = "/wkv/"
+WKV_SCOPE = contract.scope_path(contract.Scope.WKV)  # "/wkv/": fp32 in every policy
 # Ops that only move data: they run in whatever dtype their computed inputs already have.
 FOLLOW_OPS = frozenset({"Reshape", "Squeeze", "Unsqueeze", "Slice", "Concat", "Gather", "Transpose",
                         "Identity", "Flatten", "Expand", "Split", "Tile"})

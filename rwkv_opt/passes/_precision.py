@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import onnx
 
 from rwkv_opt.errors import RwkvOptError
+from rwkv_opt.graph.contract import Scope as S
+from rwkv_opt.graph.contract import scope_path
 from rwkv_opt.passes._convert import (BFLOAT16, FLOAT16, LOW_TYPES, NP_NAME, WKV_SCOPE, IoDtype,  # noqa: F401
                                       Policy, convert)
 from rwkv_opt.passes._state_path import state_path_violations
@@ -85,4 +87,6 @@ class PrecisionConfig(PassConfig):
         coerce_enum(self, "io_dtype", IoDtype)
 
 
-MIXED_SCOPES = ("/wkv/", "/att/decay/", "/att/normalize/", "/att/ln_x/")
+# Kept fp32 by fp16_mixed and bf16: the WKV and the decay, kk-normalize and ln_x statistics feeding it.
+MIXED_SCOPES = (scope_path(S.WKV), scope_path(S.ATT, S.DECAY), scope_path(S.ATT, S.NORMALIZE),
+                scope_path(S.ATT, S.LN_X))

@@ -41,6 +41,8 @@ from rwkv_opt.artifact import initializer_bytes
 from rwkv_opt.errors import RwkvOptError
 from rwkv_opt.passes import _quant_core as qc
 from rwkv_opt.passes._quant_calib import Calibration, hessians
+from rwkv_opt.graph.contract import Scope as S
+from rwkv_opt.graph.contract import scope_path
 from rwkv_opt.onnx_util import names_read
 from rwkv_opt.passes.base import (Pass, PassConfig, PassResult, applied_passes, get_meta, mark_applied, register,
                                   set_meta)
@@ -69,8 +71,10 @@ class Algorithm(str, enum.Enum):
     GPTQ = "gptq"  # Hessian-compensated rounding from calibration activations
 
 
-DEFAULT_EXCLUDE = ("*/att/decay/*", "*/wkv/*", "*/att/a/*", "*/att/gate/*", "*/att/v_mix/*",
-                   "*/deepembed/MatMul*")
+# Left in float: the decay path, the WKV, the a/gate/v_mix LoRAs and DeepEmbed's small s1/s2 MatMuls.
+DEFAULT_EXCLUDE = (f"*{scope_path(S.ATT, S.DECAY)}*", f"*{scope_path(S.WKV)}*",
+                   *(f"*{scope_path(S.ATT, s)}*" for s in (S.A, S.GATE, S.V_MIX)),
+                   f"*{scope_path(S.DEEPEMBED)}MatMul*")
 
 
 @dataclass(frozen=True)

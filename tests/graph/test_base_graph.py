@@ -98,3 +98,34 @@ def test_key_order_does_not_matter(tiny7):
     a = {t.name: t.raw_data for t in build_model(tiny7).graph.initializer}
     b = {t.name: t.raw_data for t in build_model(shuffled).graph.initializer}
     assert a == b
+
+
+def test_every_scope_the_passes_read_exists(tiny_weights):
+    """Node scopes are an API: renaming one in the builder (say `decay`) would silently send that path
+    to fp16 and int4. Every scope constant names nodes of the base graph (DeepEmbed only in 7a), and
+    every path or glob the passes match by (precision, quantize, truncate) finds nodes in it."""
+    import fnmatch
+
+    from rwkv_opt.graph.contract import Scope, scope_path
+    from rwkv_opt.graph.truncate import _BLOCK
+    from rwkv_opt.passes._convert import WKV_SCOPE
+    from rwkv_opt.passes._precision import MIXED_SCOPES
+    from rwkv_opt.passes.quantize import DEFAULT_EXCLUDE
+
+    g = build_model(tiny_weights).graph
+    names = [n.name for n in g.node]
+    names += [n.name for n in g.node for a in n.attribute if a.g.node for n in a.g.node]  # the Scan bodies
+    deepembed = tiny_weights.config.variant.value != "rwkv7"
+    for attr, value in vars(Scope).items():
+        if attr.startswith("_") or (value == Scope.DEEPEMBED and not deepembed):
+            continue
+        part = value.format(i=0)
+        assert any(f"/{part}/" in n or n == f"/{part}" for n in names), f"Scope.{attr} ({value!r}) names no node"
+    for path in (*MIXED_SCOPES, WKV_SCOPE, scope_path(Scope.HEAD)):
+        assert any(path in n for n in names), path
+    for glob in DEFAULT_EXCLUDE:
+        if "deepembed" in glob and not deepembed:
+            continue
+        assert any(fnmatch.fnmatchcase(n, glob) for n in names), glob
+    layers = {int(m.group(1)) for n in names if (m := _BLOCK.match(n))}
+    assert layers == set(range(tiny_weights.config.n_layer))
