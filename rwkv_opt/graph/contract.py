@@ -12,10 +12,114 @@ from __future__ import annotations
 TOKENS = "x"
 LOGITS = "head"
 
-# metadata_props keys (values are strings)
-META_KEYS = ("rwkv_opt.n_layer", "rwkv_opt.n_embd", "rwkv_opt.head_size", "rwkv_opt.vocab",
-             "rwkv_opt.variant", "rwkv_opt.config", "rwkv_opt.logits", "rwkv_opt.precision",
-             "rwkv_opt.state_dtypes", "rwkv_opt.version", "rwkv_opt.source_digest")
+class Key:
+    """metadata_props keys (values are strings; JSON where the reader parses them)."""
+
+    N_LAYER = "rwkv_opt.n_layer"
+    N_EMBD = "rwkv_opt.n_embd"
+    HEAD_SIZE = "rwkv_opt.head_size"
+    VOCAB = "rwkv_opt.vocab"
+    VARIANT = "rwkv_opt.variant"              # "rwkv7" or "rwkv7a"
+    CONFIG = "rwkv_opt.config"                # JSON: ModelConfig.to_dict()
+    LOGITS = "rwkv_opt.logits"                # "all" or "last"
+    PRECISION = "rwkv_opt.precision"          # JSON: {"weights", "activations", "wkv", "mode"?}
+    STATE_DTYPES = "rwkv_opt.state_dtypes"    # JSON: {"x_tmix", "wkv", "x_cmix"} -> numpy dtype name
+    VERSION = "rwkv_opt.version"
+    SOURCE_DIGEST = "rwkv_opt.source_digest"
+    PASSES = "rwkv_opt.passes"                # comma-separated names of the passes applied, in order
+    QUANTIZATION = "rwkv_opt.quantization"    # JSON, set by passes/quantize.py
+    SAMPLER = "rwkv_opt.head"                 # "sampling" when the in-graph sampler is appended
+    SAMPLING = "rwkv_opt.sampling"            # JSON: the sampler's defaults and feeds
+    TRAIN = "rwkv_opt.train."                 # prefix: training head (head, objective, seq, batch, trainable)
+
+
+# The keys every base graph carries (graph/model.py writes them).
+META_KEYS = (Key.N_LAYER, Key.N_EMBD, Key.HEAD_SIZE, Key.VOCAB, Key.VARIANT, Key.CONFIG, Key.LOGITS,
+             Key.PRECISION, Key.STATE_DTYPES, Key.VERSION, Key.SOURCE_DIGEST)
+
+
+def get_meta(model, key: str, default: str | None = None) -> str | None:
+    for p in model.metadata_props:
+        if p.key == key:
+            return p.value
+    return default
+
+
+def set_meta(model, key: str, value: str) -> None:
+    for p in model.metadata_props:
+        if p.key == key:
+            p.value = value
+            return
+    model.metadata_props.add(key=key, value=value)
+
+
+class Meta:
+    """A model's rwkv-opt metadata, read in one place: from a ModelProto (`Meta.of(model)`) or from
+    ORT's `get_modelmeta().custom_metadata_map` (`Meta(mapping)`). Missing keys read as None or the
+    documented default; a value that does not parse is refused in one sentence."""
+
+    def __init__(self, props: dict[str, str]):
+        self.props = dict(props)
+
+    @classmethod
+    def of(cls, model) -> "Meta":
+        return cls({p.key: p.value for p in model.metadata_props})
+
+    def get(self, key: str, default: str | None = None) -> str | None:
+        return self.props.get(key, default)
+
+    def _json(self, key: str, default):
+        import json
+
+        from rwkv_opt.errors import RwkvOptError
+
+        raw = self.props.get(key)
+        if raw is None:
+            return default
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError:
+            raise RwkvOptError(f"the model's metadata '{key}' is not valid JSON; rebuild the artifact.") from None
+
+    @property
+    def is_rwkv_opt(self) -> bool:
+        return Key.CONFIG in self.props
+
+    def config(self):
+        """The ModelConfig, or None for a model rwkv-opt did not build."""
+        from rwkv_opt.config import ModelConfig
+
+        d = self._json(Key.CONFIG, None)
+        return None if d is None else ModelConfig.from_dict(d)
+
+    @property
+    def logits(self) -> str:
+        return self.props.get(Key.LOGITS, "all")
+
+    @property
+    def precision(self) -> dict:
+        return self._json(Key.PRECISION, {})
+
+    @property
+    def state_dtypes(self) -> dict:
+        return self._json(Key.STATE_DTYPES, {})
+
+    @property
+    def quantization(self) -> dict | None:
+        return self._json(Key.QUANTIZATION, None)
+
+    @property
+    def passes(self) -> list[str]:
+        return [s for s in self.props.get(Key.PASSES, "").split(",") if s]
+
+    @property
+    def sampler(self) -> str | None:
+        return self.props.get(Key.SAMPLER)
+
+    @property
+    def train(self) -> dict[str, str]:
+        """The training head's fields (head, objective, seq, batch, trainable), as strings."""
+        return {k[len(Key.TRAIN):]: v for k, v in self.props.items() if k.startswith(Key.TRAIN)}
 
 
 class Scope:

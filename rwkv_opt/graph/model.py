@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from rwkv_opt.graph.contract import Key
 from rwkv_opt import __version__
 from rwkv_opt.checkpoint.weights import Weights
 from rwkv_opt.graph import blocks as B
@@ -124,12 +125,12 @@ class _ModelBuilder:
     def metadata(self) -> dict:
         c = self.cfg
         return {
-            "rwkv_opt.n_layer": c.n_layer, "rwkv_opt.n_embd": c.n_embd, "rwkv_opt.head_size": c.head_size,
-            "rwkv_opt.vocab": c.vocab, "rwkv_opt.variant": c.variant.value,
-            "rwkv_opt.config": json.dumps(c.to_dict()), "rwkv_opt.logits": self.opts.logits.value,
-            "rwkv_opt.precision": json.dumps({"weights": "fp32", "activations": "fp32", "wkv": "fp32"}),
-            "rwkv_opt.state_dtypes": json.dumps({"x_tmix": "float32", "wkv": "float32", "x_cmix": "float32"}),
-            "rwkv_opt.version": __version__, "rwkv_opt.source_digest": self.w.digest or "synthetic",
+            Key.N_LAYER: c.n_layer, Key.N_EMBD: c.n_embd, Key.HEAD_SIZE: c.head_size,
+            Key.VOCAB: c.vocab, Key.VARIANT: c.variant.value,
+            Key.CONFIG: json.dumps(c.to_dict()), Key.LOGITS: self.opts.logits.value,
+            Key.PRECISION: json.dumps({"weights": "fp32", "activations": "fp32", "wkv": "fp32"}),
+            Key.STATE_DTYPES: json.dumps({"x_tmix": "float32", "wkv": "float32", "x_cmix": "float32"}),
+            Key.VERSION: __version__, Key.SOURCE_DIGEST: self.w.digest or "synthetic",
         }
 
 

@@ -16,6 +16,7 @@ import re
 
 import onnx
 
+from rwkv_opt.graph.contract import Key
 from rwkv_opt.graph import contract
 from rwkv_opt.passes.base import drop_dead
 
@@ -46,7 +47,7 @@ def residual_out(graph: onnx.GraphProto, i: int) -> str:
 def truncate(model: onnx.ModelProto, k: int) -> onnx.ModelProto:
     """A copy of `model` (weightless or not) with blocks k..L-1 removed; metadata says n_layer = k."""
     meta = {p.key: p.value for p in model.metadata_props}
-    cfg = json.loads(meta["rwkv_opt.config"])
+    cfg = json.loads(meta[Key.CONFIG])
     n_layer = int(cfg["n_layer"])
     if not 1 <= k <= n_layer:
         raise ValueError(f"truncate: k must be in 1..{n_layer}, got {k}")
@@ -75,8 +76,8 @@ def truncate(model: onnx.ModelProto, k: int) -> onnx.ModelProto:
     g.input.extend(ins)
     cfg["n_layer"] = k
     for p in out.metadata_props:
-        if p.key == "rwkv_opt.config":
+        if p.key == Key.CONFIG:
             p.value = json.dumps(cfg)
-        elif p.key == "rwkv_opt.n_layer":
+        elif p.key == Key.N_LAYER:
             p.value = str(k)
     return out

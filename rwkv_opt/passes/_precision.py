@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import onnx
 
+from rwkv_opt.graph.contract import Key, Meta
 from rwkv_opt.errors import RwkvOptError
 from rwkv_opt.graph.contract import Scope as S
 from rwkv_opt.graph.contract import scope_path
@@ -19,10 +20,7 @@ from rwkv_opt.passes.base import Pass, PassConfig, PassResult, applied_passes, g
 
 
 def model_precision(model: onnx.ModelProto) -> dict:
-    try:
-        return json.loads(get_meta(model, "rwkv_opt.precision", "{}"))
-    except json.JSONDecodeError:
-        return {}
+    return Meta.of(model).precision
 
 
 def coerce_enum(cfg, name: str, enum_type) -> None:
@@ -48,7 +46,7 @@ class PrecisionPass(Pass):
         raise NotImplementedError
 
     def check(self, model: onnx.ModelProto) -> str | None:
-        if get_meta(model, "rwkv_opt.config") is None:
+        if get_meta(model, Key.CONFIG) is None:
             return "model has no rwkv-opt metadata; build it with rwkv_opt.graph.model.build_model or `rwkv-opt build`"
         if self.config.io_dtype not in self.allowed_io:
             return (f"io_dtype {self.config.io_dtype.value} is not valid for {self.name}; "
@@ -69,8 +67,8 @@ class PrecisionPass(Pass):
         policy = self.policy(model)
         out, stats = convert(model, policy)
         io = NP_NAME[policy.low] if policy.io_low else "float32"
-        set_meta(out, "rwkv_opt.precision", json.dumps(self.precision_meta(policy)))
-        set_meta(out, "rwkv_opt.state_dtypes", json.dumps({"x_tmix": io, "wkv": "float32", "x_cmix": io}))
+        set_meta(out, Key.PRECISION, json.dumps(self.precision_meta(policy)))
+        set_meta(out, Key.STATE_DTYPES, json.dumps({"x_tmix": io, "wkv": "float32", "x_cmix": io}))
         mark_applied(out, self.name)
         return PassResult(out, True, stats.notes(policy.low))
 

@@ -24,6 +24,7 @@ from typing import ClassVar
 import onnx
 
 from rwkv_opt.errors import RwkvOptError
+from rwkv_opt.graph.contract import Key, Meta, get_meta, set_meta  # noqa: F401  (passes import them here)
 from rwkv_opt.onnx_util import drop_dead, fresh_name, names_read, weightless  # noqa: F401  (passes import them here)
 
 
@@ -155,31 +156,8 @@ def get_pass(name: str) -> type[Pass]:
 
 
 def applied_passes(model: onnx.ModelProto) -> list[str]:
-    for p in model.metadata_props:
-        if p.key == "rwkv_opt.passes":
-            return [s for s in p.value.split(",") if s]
-    return []
+    return Meta.of(model).passes
 
 
 def mark_applied(model: onnx.ModelProto, name: str) -> None:
-    done = applied_passes(model) + [name]
-    for p in model.metadata_props:
-        if p.key == "rwkv_opt.passes":
-            p.value = ",".join(done)
-            return
-    model.metadata_props.add(key="rwkv_opt.passes", value=",".join(done))
-
-
-def set_meta(model: onnx.ModelProto, key: str, value: str) -> None:
-    for p in model.metadata_props:
-        if p.key == key:
-            p.value = value
-            return
-    model.metadata_props.add(key=key, value=value)
-
-
-def get_meta(model: onnx.ModelProto, key: str, default: str | None = None) -> str | None:
-    for p in model.metadata_props:
-        if p.key == key:
-            return p.value
-    return default
+    set_meta(model, Key.PASSES, ",".join(applied_passes(model) + [name]))

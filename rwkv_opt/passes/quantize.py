@@ -37,6 +37,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from rwkv_opt.graph.contract import Key
 from rwkv_opt.artifact import initializer_bytes
 from rwkv_opt.errors import RwkvOptError
 from rwkv_opt.passes import _quant_core as qc
@@ -52,7 +53,7 @@ from rwkv_opt.tensorstore import make_tensor, read_array
 QUANT_OPS = frozenset({"MatMulNBits", "DynamicQuantizeMatMul", "MatMulInteger", "MatMulIntegerToFloat",
                        "GatherBlockQuantized", "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear",
                        "QLinearMatMul", "MatMulBnb4"})
-META_KEY = "rwkv_opt.quantization"
+META_KEY = Key.QUANTIZATION
 
 
 class Scheme(str, enum.Enum):
@@ -265,7 +266,7 @@ class Quantize(Pass):
 
     def _calibrate(self, model: onnx.ModelProto, jobs: list[_Job]):
         cfg = self.config
-        vocab = int(get_meta(model, "rwkv_opt.vocab") or 0)
+        vocab = int(get_meta(model, Key.VOCAB) or 0)
         if not vocab:
             raise RwkvOptError("quantize: gptq needs the model's vocabulary size (rwkv_opt.vocab metadata); "
                                "build the model with rwkv-opt.")

@@ -21,10 +21,11 @@ from dataclasses import dataclass
 
 import onnx
 
+from rwkv_opt.graph.contract import Key
 from rwkv_opt.passes.base import (Pass, PassConfig, PassResult, applied_passes, get_meta, mark_applied, register,
                                   set_meta)
 
-HEAD_KEY = "rwkv_opt.train.head"
+HEAD_KEY = Key.TRAIN + "head"
 TRAINING_HEADS = ("sft", "reinforce")
 
 
@@ -45,7 +46,7 @@ class _TrainingHead(Pass):
     in_place = True  # records the head in the model's metadata
 
     def check(self, model: onnx.ModelProto) -> str | None:
-        if get_meta(model, "rwkv_opt.n_layer") is None:
+        if get_meta(model, Key.N_LAYER) is None:
             return "the model has no rwkv_opt metadata; build it with `rwkv-opt build` or `pipeline`"
         have = get_meta(model, HEAD_KEY) or next((p for p in applied_passes(model) if p in TRAINING_HEADS), None)
         if have:
@@ -56,7 +57,7 @@ class _TrainingHead(Pass):
         c = self.config
         for key, value in (("head", self.name), ("objective", self.name), ("seq", c.seq), ("batch", c.batch),
                            ("trainable", c.trainable)):
-            set_meta(model, f"rwkv_opt.train.{key}", str(value))
+            set_meta(model, Key.TRAIN + key, str(value))
         mark_applied(model, self.name)
         return PassResult(model, True, [f"training artifact ({self.name}, {c.batch}x{c.seq}); "
                                         "`rwkv-opt train` builds its step and eval graphs from the source checkpoint"])

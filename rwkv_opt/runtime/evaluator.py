@@ -5,15 +5,14 @@ as a GPU EP does (rounding_evaluator). It is slow: tiny models only.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 import onnx
 
+from rwkv_opt.graph.contract import Meta
 from rwkv_opt.artifact import model_path
-from rwkv_opt.config import ModelConfig
 from rwkv_opt.runtime.session import Session
 
 _ELEM = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}
@@ -90,9 +89,8 @@ class EvaluatorSession(Session):
     def __init__(self, artifact, max_chunk: int = 1024):  # noqa: super().__init__ would start ORT
         self.path = model_path(Path(artifact))
         model = onnx.load(str(self.path))
-        self.meta = {p.key: p.value for p in model.metadata_props}
-        self.config = ModelConfig.from_dict(json.loads(self.meta["rwkv_opt.config"]))
-        self.logits_mode = self.meta.get("rwkv_opt.logits", "all")
+        meta = Meta.of(model)
+        self.meta, self.config, self.logits_mode = meta.props, meta.config(), meta.logits
         self.ev = rounding_evaluator(model)
         self.output_names = [o.name for o in model.graph.output]
         self._in_types = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from rwkv_opt.graph.contract import Key
 from rwkv_opt.checkpoint.weights import Weights
 from rwkv_opt.config import ModelConfig
 from rwkv_opt.graph import blocks as B
@@ -143,8 +144,8 @@ class _LossBuilder:
         g.output(loss, LOSS, FLOAT, [])
         g.output(nll, NLL, FLOAT, [s.batch, s.seq])
         # parameters are inputs in first-use order, after the data inputs
-        model = g.model(metadata={"rwkv_opt.train.objective": self.objective.value,
-                                  "rwkv_opt.train.shape": f"{s.batch}x{s.seq}"})
+        model = g.model(metadata={Key.TRAIN + "objective": self.objective.value,
+                                  Key.TRAIN + "shape": f"{s.batch}x{s.seq}"})
         used = {k: self.params[k] for k in self.inputs}
         return LossGraph(model, used, self.objective, s, frozenset(self.stop), tuple(self.embeddings))
 

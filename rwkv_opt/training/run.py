@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 import onnx
 
+from rwkv_opt.graph.contract import Meta
 from rwkv_opt.artifact import MANIFEST_FILE, read_manifest, staging_dir, write_json
 from rwkv_opt.checkpoint.weights import Weights
 from rwkv_opt.errors import RwkvOptError
@@ -47,9 +48,7 @@ def training_head(artifact: Path) -> dict:
     meta = {}
     model = Path(artifact) / "model.onnx"
     if model.is_file():
-        m = onnx.load(str(model), load_external_data=False)
-        prefix = "rwkv_opt.train."
-        meta = {p.key[len(prefix):]: p.value for p in m.metadata_props if p.key.startswith(prefix)}
+        meta = Meta.of(onnx.load(str(model), load_external_data=False)).train
     return {"head": heads[0], "seq": int(meta.get("seq", 64)), "batch": int(meta.get("batch", 1)),
             "trainable": meta.get("trainable", "all"), "source": man.get("source", {})}
 

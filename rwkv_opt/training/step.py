@@ -37,6 +37,7 @@ import onnx
 import onnx.inliner
 from onnx import TensorProto, helper, numpy_helper
 
+from rwkv_opt.graph.contract import Key
 from rwkv_opt.errors import RwkvOptError
 from rwkv_opt.training.graph import LOSS, MASK, OPSET, REWARD, TOKENS, LossGraph, Objective
 
@@ -293,7 +294,7 @@ def build_step_graph(lg: LossGraph, trainable, frozen: str = "constants") -> Ste
     outs = [helper.make_tensor_value_info(LOSS, TensorProto.FLOAT, []),
             helper.make_tensor_value_info(GRAD_NORM, TensorProto.FLOAT, [])] + outputs
     model = _assemble(lg, b, "rwkv7_train_step", inputs, outs, inits)
-    model.metadata_props.add(key="rwkv_opt.train.trainable", value=",".join(trainable))
+    model.metadata_props.add(key=Key.TRAIN + "trainable", value=",".join(trainable))
     return StepGraph(model, trainable, state, tuple(i.name for i in data))
 
 
