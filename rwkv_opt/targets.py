@@ -60,8 +60,6 @@ class Target:
     description: str
     quantization: str = "none"
     logits: LogitsMode = LogitsMode.LAST
-    threads: int | None = None
-    opt_level: str = "all"
 
     @property
     def pass_names(self) -> list[str]:

@@ -45,7 +45,7 @@ class PrecisionPass(Pass):
     def precision_meta(self, policy: Policy) -> dict:
         raise NotImplementedError
 
-    def check(self, model: onnx.ModelProto) -> str | None:
+    def requires(self, model: onnx.ModelProto) -> str | None:
         if get_meta(model, Key.CONFIG) is None:
             return "model has no rwkv-opt metadata; build it with rwkv_opt.graph.model.build_model or `rwkv-opt build`"
         if self.config.io_dtype not in self.allowed_io:

@@ -3,14 +3,14 @@
 A pass is a small named unit with a frozen, typed config. The base class enforces its contract:
 
     config.problem()   the config's own validation (values out of range); None when fine
-    check(model)       precondition on the model: why the pass cannot run on it, or None
+    requires(model)    precondition on the model: why the pass cannot run on it, or None
     run(model)         the rewrite -> PassResult(model, changed, notes)
     ensures(model)     postcondition on the result (e.g. the fp32 WKV state path); None when it holds
 
 and how a pass treats its input is declared, not a convention: `in_place = True` passes edit the
 model they are given and return it; functional passes (the default) return a new model and leave
 their input untouched (its structure and metadata are fingerprinted around run() to prove it), or
-return it unchanged with changed=False. Order rules between passes are preconditions: check() reads
+return it unchanged with changed=False. Order rules between passes are preconditions: requires() reads
 what earlier passes recorded in the model (`rwkv_opt.passes` metadata, precision), so they hold for
 models made by another process too. Passes register under a stable name; targets name them.
 """
@@ -48,7 +48,7 @@ class PassBug(RwkvOptError):
 @dataclass(frozen=True)
 class PassConfig:
     """Base for pass configs (frozen, typed, with defaults). Enum fields accept their values as strings
-    (coerce in __post_init__); range checks go in problem(), which the base calls before check()."""
+    (coerce in __post_init__); range checks go in problem(), which the base calls before requires()."""
 
     def problem(self) -> str | None:
         return None
@@ -86,7 +86,7 @@ class Pass:
         except (TypeError, ValueError) as e:
             raise PassRefused(f"pass '{cls.name}': {e}") from None
 
-    def check(self, model: onnx.ModelProto) -> str | None:
+    def requires(self, model: onnx.ModelProto) -> str | None:
         """Return why this pass cannot run on `model`, or None."""
         return None
 
@@ -98,7 +98,7 @@ class Pass:
         return None
 
     def __call__(self, model: onnx.ModelProto) -> PassResult:
-        reason = self.config.problem() or self.check(model)
+        reason = self.config.problem() or self.requires(model)
         if reason:
             raise PassRefused(f"pass '{self.name}' refused: {reason}")
         before = None if self.in_place else _fingerprint(model)
@@ -145,6 +145,8 @@ def load_builtin() -> dict[str, type[Pass]]:
 
 
 def get_pass(name: str) -> type[Pass]:
+    """The pass class registered as `name` ("fp16-mixed", the precision's spelling, finds fp16_mixed)."""
+    name = name.replace("-", "_")
     if name in EXPERIMENTAL:
         import rwkv_opt.passes.experimental  # noqa: F401  (registers them; one sentence if graphsurgeon is missing)
     elif name not in REGISTRY:

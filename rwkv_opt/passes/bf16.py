@@ -47,8 +47,8 @@ class Bf16(PrecisionPass):
     mode_name = Precision.BF16.value
     allowed_io = (IoDtype.FP32, IoDtype.BF16)
 
-    def check(self, model: onnx.ModelProto) -> str | None:
-        reason = super().check(model)
+    def requires(self, model: onnx.ModelProto) -> str | None:
+        reason = super().requires(model)
         if reason:
             return reason
         if "MatMul" not in bf16_ops(self.config.provider, opset(model)):

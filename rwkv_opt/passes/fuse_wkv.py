@@ -396,7 +396,7 @@ class FuseWkv(Pass):
     Config = FuseWkvConfig
     description = "Per call: direct WKV step for T == 1, the Scan for short T, the chunked WKV for long T."
 
-    def check(self, model: onnx.ModelProto) -> str | None:
+    def requires(self, model: onnx.ModelProto) -> str | None:
         if (version := opset(model)) < MIN_OPSET:
             return f"the model's opset {version} is below {MIN_OPSET} (the chunked WKV pads with Pad axes)"
         if not find_wkv_scans(model.graph):

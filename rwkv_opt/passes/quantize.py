@@ -165,7 +165,7 @@ class Quantize(Pass):
     Config = QuantizeConfig
     description = "weight-only MatMulNBits (int4/int8) or DynamicQuantizeMatMul (int8) on matched projections"
 
-    def check(self, model: onnx.ModelProto) -> str | None:
+    def requires(self, model: onnx.ModelProto) -> str | None:
         if self.name in applied_passes(model) or any(n.op_type in QUANT_OPS for n in model.graph.node):
             return "the model is already quantized; quantize the float model once"
         inits = {t.name: t for t in model.graph.initializer}

@@ -445,7 +445,7 @@ class SamplingHead(Pass):
     in_place = True  # appends its nodes to the model it is given
     description = "in-graph official sampler: penalties, top-p, top-k, temperature, draw -> y, occurence_next"
 
-    def check(self, model: onnx.ModelProto) -> str | None:
+    def requires(self, model: onnx.ModelProto) -> str | None:
         out = _logits_info(model)
         if out is None or len(out.type.tensor_type.shape.dim) != 3:
             return f"the model has no rank-3 '{contract.LOGITS}' (logits) output to sample from"

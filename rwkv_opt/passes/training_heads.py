@@ -45,7 +45,7 @@ class _TrainingHead(Pass):
     Config = TrainingHeadConfig
     in_place = True  # records the head in the model's metadata
 
-    def check(self, model: onnx.ModelProto) -> str | None:
+    def requires(self, model: onnx.ModelProto) -> str | None:
         if get_meta(model, Key.N_LAYER) is None:
             return "the model has no rwkv_opt metadata; build it with `rwkv-opt build` or `pipeline`"
         have = get_meta(model, HEAD_KEY) or next((p for p in applied_passes(model) if p in TRAINING_HEADS), None)

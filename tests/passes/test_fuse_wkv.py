@@ -306,7 +306,7 @@ def test_refuses_model_without_wkv_scan():
         get_pass("fuse_wkv")()(fused("auto").model)      # already fused: the Scans are inside Ifs
     g = GraphBuilder("plain")
     g.output(g.Relu(g.input("x", FLOAT, [2])), "y", FLOAT, [2])
-    assert get_pass("fuse_wkv")().check(g.model()) == "no WKV Scan found"
+    assert get_pass("fuse_wkv")().requires(g.model()) == "no WKV Scan found"
 
 
 def test_refuses_bad_config_and_old_opset():

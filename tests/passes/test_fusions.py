@@ -208,27 +208,27 @@ def test_finds_its_pattern_in_a_graph_it_did_not_build(rule, kind):
 
 def test_lerp_refuses_a_graph_whose_lerps_are_already_stacked():
     # after the pass only the channel mix's single lerp per block remains: nothing to stack
-    reason = LERP.check(fused("lerp"))
+    reason = LERP.requires(fused("lerp"))
     assert reason and "share the same x and delta" in reason
     with pytest.raises(PassRefused, match="share the same x and delta"):
         LERP(fused("lerp"))
 
 
 def test_lerp_refuses_a_graph_without_lerps():
-    assert "no Add(x, Mul(delta, constant mix))" in LERP.check(_matmul_relu())
+    assert "no Add(x, Mul(delta, constant mix))" in LERP.requires(_matmul_relu())
 
 
 def test_lerp_refuses_an_old_opset():
     model = _matmul_relu(opset=11)
-    assert "opset >= 13" in LERP.check(model)
+    assert "opset >= 13" in LERP.requires(model)
 
 
 def test_lora_refuses_without_a_sibling_or_a_stack():
     # the base graph has no stacked lerps, so batch-only finds nothing
-    reason = FuseLora(LoraConfig(concat_siblings=False)).check(base())
+    reason = FuseLora(LoraConfig(concat_siblings=False)).requires(base())
     assert reason and "stacked tensor" in reason
-    assert "no LoRA down-projection" in LORA.check(_matmul_relu())
-    assert "both" in FuseLora(LoraConfig(concat_siblings=False, batch_stacked=False)).check(base())
+    assert "no LoRA down-projection" in LORA.requires(_matmul_relu())
+    assert "both" in FuseLora(LoraConfig(concat_siblings=False, batch_stacked=False)).requires(base())
 
 
 def test_lerp_config_takes_plain_strings():

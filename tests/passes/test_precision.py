@@ -300,16 +300,16 @@ def test_refuses_model_without_metadata(base):
     m = onnx.ModelProto()
     m.CopyFrom(base)
     del m.metadata_props[:]
-    assert "no rwkv-opt metadata" in get_pass("fp16_mixed")().check(m)
+    assert "no rwkv-opt metadata" in get_pass("fp16_mixed")().requires(m)
 
 
 def test_bf16_config(base):
     cfg = get_pass("bf16").Config(provider="cuda", io_dtype="bf16")
     assert cfg.provider is Provider.CUDA and cfg.io_dtype.value == "bf16"
-    reason = get_pass("bf16")(get_pass("bf16").Config(provider="cpu")).check(base)
+    reason = get_pass("bf16")(get_pass("bf16").Config(provider="cpu")).requires(base)
     assert "no bf16 MatMul kernel" in reason
     mixed = get_pass("fp16_mixed")
-    assert "not valid for fp16_mixed" in mixed(mixed.Config(io_dtype="bf16")).check(base)
+    assert "not valid for fp16_mixed" in mixed(mixed.Config(io_dtype="bf16")).requires(base)
     with pytest.raises(RwkvOptError, match="choose one of"):
         get_pass("bf16").Config(provider="tpu")
 

@@ -188,7 +188,7 @@ class FuseLora(Pass):
         batches = find_batches(graph) if self.config.batch_stacked else []
         return sets, batches
 
-    def check(self, model: onnx.ModelProto) -> str | None:
+    def requires(self, model: onnx.ModelProto) -> str | None:
         if opset(model) < 13:
             return f"needs opset >= 13 (Split and Slice with tensor inputs); the model has {opset(model)}"
         if not (self.config.concat_siblings or self.config.batch_stacked):

@@ -205,7 +205,7 @@ class FuseTokenShiftLerp(Pass):
     description = "Stack the token-shift lerps sharing (x, delta) into one Mul+Add; optionally batch r/k/v."
     enabled_by_default: ClassVar[bool] = False  # neutral on ORT CPU at 0.1B; see the module docstring
 
-    def check(self, model: onnx.ModelProto) -> str | None:
+    def requires(self, model: onnx.ModelProto) -> str | None:
         if opset(model) < 13:
             return f"needs opset >= 13 (Split/Squeeze/Slice with tensor inputs); the model has {opset(model)}"
         return find_groups(import_with_shapes(model), self.config.min_group)[1]
