@@ -8,8 +8,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -109,3 +111,68 @@ def model_path(artifact: Path) -> Path:
 def artifact_size(artifact: Path) -> int:
     artifact = Path(artifact)
     return sum(f.stat().st_size for f in artifact.glob("model.onnx*") if f.is_file())
+
+
+# ---- the source an artifact was built from ------------------------------------------------------
+_SYNTH = re.compile(r"^synthetic:(?P<preset>[\w.]+?)(?P<deep>-deepembed)?:seed(?P<seed>\d+)$")
+
+
+@dataclass(frozen=True)
+class SourceRef:
+    """manifest.json's "source": the checkpoint path (or `synthetic:<preset>[-deepembed]:seed<N>` for a
+    built-in synthetic model), its digest and its ModelConfig as a dict. Formats, parses and loads the
+    weights it names, refusing weights that are not the ones the artifact was built from."""
+
+    path: str
+    digest: str = ""
+    config: dict | None = None
+
+    @staticmethod
+    def synthetic_name(preset: str, deepembed: bool, seed: int) -> str:
+        return f"synthetic:{preset}{'-deepembed' if deepembed else ''}:seed{seed}"
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> "SourceRef":
+        src = manifest.get("source") or {}
+        return cls(str(src.get("path", "")), str(src.get("digest", "")), src.get("config"))
+
+    @property
+    def is_synthetic(self) -> bool:
+        return _SYNTH.match(self.path) is not None
+
+    def locate(self, checkpoint: str | os.PathLike | None = None, beside: Path | None = None) -> Path | None:
+        """The checkpoint file to read (None for a synthetic source), or one sentence when it is missing.
+        A relative path in the manifest is relative to where the artifact was built, which is unknown:
+        it is looked up from the current directory, then beside the artifact directory (`beside`)."""
+        if checkpoint is None and self.is_synthetic:
+            return None
+        if checkpoint is not None:
+            candidates = [Path(checkpoint)]
+        else:
+            p = Path(self.path)
+            candidates = [p] + ([beside / p] if beside is not None and self.path and not p.is_absolute() else [])
+        for path in candidates:
+            if str(path) and path.is_file():
+                return path
+        raise RwkvOptError(f"the artifact was built from '{checkpoint or self.path}', which is not on this machine; "
+                           "pass --checkpoint with the same checkpoint.")
+
+    def load(self, checkpoint: str | os.PathLike | None = None, beside: Path | None = None, same_weights: bool = True):
+        """The Weights this source names, or `checkpoint`: of the same shape, and with the same digest
+        unless `same_weights` is False (training may start from other weights of the same model)."""
+        from rwkv_opt.checkpoint import load_source
+        from rwkv_opt.checkpoint.weights import load_weights
+
+        path = self.locate(checkpoint, beside)
+        if path is None:
+            m = _SYNTH.match(self.path)
+            return load_source(None, m["preset"], bool(m["deep"]), int(m["seed"]))
+        same_weights = same_weights or checkpoint is None
+        w = load_weights(path, digest=same_weights and bool(self.digest) and not self.digest.startswith("synthetic"))
+        if same_weights and w.digest and self.digest and w.digest != self.digest:
+            raise RwkvOptError(f"{path} is not the checkpoint the artifact was built from (digest {w.digest[:19]}... "
+                               f"vs {self.digest[:19]}... in its manifest); pass the original file.")
+        if self.config is not None and w.config.to_dict() != self.config:
+            raise RwkvOptError(f"{path} has a different model shape than the artifact's source; "
+                               "pass the checkpoint it was built from.")
+        return w

@@ -6,16 +6,12 @@ digest compared with the manifest's so a reference never runs on different weigh
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from rwkv_opt.artifact import artifact_size, model_path, read_manifest
+from rwkv_opt.artifact import SourceRef, artifact_size, model_path, read_manifest
 from rwkv_opt.config import Precision, Provider
 from rwkv_opt.errors import RwkvOptError
-
-_SYNTH = re.compile(r"^synthetic:(?P<preset>[\w.]+?)(?P<de>-deepembed)?:seed(?P<seed>\d+)$")
-
 
 @dataclass(frozen=True)
 class ArtifactInfo:
@@ -66,21 +62,8 @@ def refuse_unrunnable(info: ArtifactInfo, provider: Provider) -> None:
 
 
 def source_path(info: ArtifactInfo, checkpoint: str | Path | None = None) -> Path | None:
-    """The checkpoint file to load (None for a built-in synthetic source); refuses when it is missing.
-
-    A relative source path in the manifest is relative to where `pipeline` ran, which is unknown:
-    it is looked up from the current directory, then beside the artifact directory."""
-    if checkpoint is None and _SYNTH.match(info.source):
-        return None
-    if checkpoint is not None:
-        candidates = [Path(checkpoint)]
-    else:
-        candidates = [Path(info.source)] + ([] if Path(info.source).is_absolute() else [info.path.parent / info.source])
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise RwkvOptError(f"{info.name} was built from {checkpoint or info.source}, which is not on this machine; "
-                       "pass --checkpoint with the same .pth file (or bench without accuracy).")
+    """The checkpoint file to load (None for a built-in synthetic source); refuses when it is missing."""
+    return _ref(info).locate(checkpoint, beside=info.path.parent)
 
 
 def check_source(info: ArtifactInfo, checkpoint: str | Path | None = None) -> None:
@@ -90,17 +73,8 @@ def check_source(info: ArtifactInfo, checkpoint: str | Path | None = None) -> No
 
 def load_weights_for(info: ArtifactInfo, checkpoint: str | Path | None = None):
     """The Weights the artifact was built from (or `checkpoint`, which must have the same digest)."""
-    from rwkv_opt.checkpoint import load_source
-    from rwkv_opt.checkpoint.weights import load_weights
+    return _ref(info).load(checkpoint, beside=info.path.parent)
 
-    path = source_path(info, checkpoint)
-    if path is None:
-        m = _SYNTH.match(info.source)
-        return load_source(None, m["preset"], bool(m["de"]), int(m["seed"]))
-    w = load_weights(path, digest=bool(info.digest) and not info.digest.startswith("synthetic"))
-    if w.digest and info.digest and w.digest != info.digest:
-        raise RwkvOptError(f"{path} is not the checkpoint {info.name} was built from (digest {w.digest[:12]}... "
-                           f"vs {info.digest[:12]}... in its manifest); pass the original file.")
-    if w.config.to_dict() != info.config:
-        raise RwkvOptError(f"{path} has a different model shape than {info.name}; pass the checkpoint it was built from.")
-    return w
+
+def _ref(info: ArtifactInfo) -> SourceRef:
+    return SourceRef(info.source, info.digest, info.config)

@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import re
 import sys
 import time
 from dataclasses import replace
@@ -21,7 +20,7 @@ import numpy as np
 import onnx
 
 from rwkv_opt.graph.contract import Meta
-from rwkv_opt.artifact import MANIFEST_FILE, read_manifest, staging_dir, write_json
+from rwkv_opt.artifact import MANIFEST_FILE, SourceRef, read_manifest, staging_dir, write_json
 from rwkv_opt.checkpoint.weights import Weights
 from rwkv_opt.errors import RwkvOptError
 from rwkv_opt.training.data import all_batches, batches, read_jsonl, windows
@@ -30,7 +29,6 @@ from rwkv_opt.training.loop import TrainConfig, Trainer
 
 PTH_FILE = "model.pth"
 EVAL_BATCHES = 32
-_SYNTH = re.compile(r"^synthetic:(?P<preset>[\w.]+?)(?P<deep>-deepembed)?:seed(?P<seed>\d+)$")
 _DTYPES = {"fp32": np.float32, "fp16": np.float16}
 
 
@@ -54,30 +52,9 @@ def training_head(artifact: Path) -> dict:
 
 
 def source_weights(head: dict, checkpoint: Path | None = None) -> Weights:
-    """The artifact's source weights in the checkpoint's own parameterisation (see passes/training_heads.py)."""
-    from rwkv_opt.checkpoint import load_source
-    from rwkv_opt.checkpoint.weights import load_weights
-
-    src = head["source"]
-    if checkpoint is not None:
-        w = load_weights(checkpoint)
-        want = src.get("config")
-        if want and w.config.to_dict() != want:
-            raise RwkvOptError(f"{checkpoint} has a different architecture than the artifact's source; "
-                               "pass a checkpoint of the same model.")
-        return w
-    path = str(src.get("path", ""))
-    m = _SYNTH.match(path)
-    if m:
-        return load_source(None, m["preset"], bool(m["deep"]), int(m["seed"]))
-    if not path or not Path(path).is_file():
-        raise RwkvOptError(f"the artifact's source checkpoint '{path}' is not available here; "
-                           "pass it with --checkpoint.")
-    w = load_weights(path)
-    if src.get("digest") and w.digest != src["digest"]:
-        raise RwkvOptError(f"{path} changed since the artifact was built (digest {w.digest[:19]}... != "
-                           f"{src['digest'][:19]}...); rebuild the artifact or pass --checkpoint.")
-    return w
+    """The artifact's source weights in the checkpoint's own parameterisation (see passes/training_heads.py),
+    or `checkpoint`: another checkpoint of the same model (training may start from other weights)."""
+    return SourceRef.from_manifest({"source": head["source"]}).load(checkpoint, same_weights=False)
 
 
 def train(weights: Weights, config: TrainConfig, data: Path, steps: int, out: Path, *, dtype: str = "fp32",
