@@ -326,17 +326,20 @@ class _Archive:
         return f"member {excerpt(self.prefix + member)}"
 
     def record(self, member: str, cap: int = MAX_RECORD_BYTES) -> bytes | None:
-        """A small member, read through zipfile (which checks its CRC-32 and never inflates more than
-        the declared size), refused above ``cap`` bytes before any of it is read."""
+        """A small member, read through zipfile (which checks its CRC-32), refused when it declares
+        more than ``cap`` bytes, and never inflated past its declared size."""
         info = self.members.get(member)
         if info is None:
             return None
         if info.file_size > cap:
             raise _Refused(f"has {info.file_size:,} bytes in {self.where(member)} (after "
                            f"decompression), above the {cap:,} it can need", _DAMAGED)
-        return self.zf.read(info)
+        # read(n) inflates at most n bytes at a time and stops at the declared size, where it checks
+        # the CRC. read() (and zf.read) inflates the whole stream in one call: 1 GiB for a 1 MB record.
+        with self.zf.open(info) as fh:
+            return fh.read(info.file_size)
 
-    def storage_span(self, mm: np.memmap, key: str, nbytes: int) -> tuple[int, int, int, str]:
+    def storage_span(self, mm: np.ndarray, key: str, nbytes: int) -> tuple[int, int, int, str]:
         """(file offset, size, CRC-32, member) of data/<key>'s bytes, after the section 5.3 #2 and #6
         checks."""
         info = self.members.get(f"data/{key}")
@@ -380,17 +383,19 @@ def _refuse_non_zip(name: str, head: bytes) -> None:
     raise CheckpointError(f"{name} is {what}; {_RESAVE}")
 
 
-def _build(ref: _TensorRef, mm, archive: _Archive, spans: dict) -> np.ndarray:
+def _build(ref: _TensorRef, data: np.ndarray, archive: _Archive, spans: dict) -> np.ndarray:
+    """The read-only view of ``ref`` in ``data`` (the whole mapped file as a plain uint8 array).
+
+    ``np.ndarray(buffer=...)`` rather than slicing the np.memmap and ``as_strided``: 2 us instead of
+    20 us a tensor, which matters for a file of 60,000 tensor records; it re-checks the bounds too.
+    """
     store = ref.storage
     nbytes = store.numel * store.dtype.itemsize if store.dtype is not None else store.numel
     if store.key not in spans:
-        spans[store.key] = archive.storage_span(mm, store.key, nbytes)
-    start = spans[store.key][0]
-    flat = mm[start:start + nbytes].view(ref.dtype)
+        spans[store.key] = archive.storage_span(data, store.key, nbytes)
     itemsize = ref.dtype.itemsize
-    arr = np.lib.stride_tricks.as_strided(
-        flat[ref.offset:], ref.shape, tuple(s * itemsize for s in ref.strides), writeable=False
-    )
+    arr = np.ndarray(ref.shape, ref.dtype, buffer=data, offset=spans[store.key][0] + ref.offset * itemsize,
+                     strides=tuple(s * itemsize for s in ref.strides))
     if archive.byteorder == "big":
         arr = arr.byteswap()
         arr.flags.writeable = False
@@ -503,12 +508,16 @@ def _map(name: str) -> MappedPth:
     with open(name, "rb") as fh:
         file_size = os.fstat(fh.fileno()).st_size
         _refuse_non_zip(name, fh.read(512))
-        mm = np.memmap(name, np.uint8, mode="r")
+        data = np.memmap(name, np.uint8, mode="r").view(np.ndarray)  # read-only; release_pages finds the map
         with zipfile.ZipFile(fh) as zf:
             archive = _Archive(zf, file_size)
             refs = _unpickle(archive.record("data.pkl", MAX_PICKLE_BYTES))
             spans: dict[str, tuple] = {}
-            tensors = {k: _build(r, mm, archive, spans) for k, r in refs.items()}
+            views: dict[int, np.ndarray] = {}  # one view per tensor record, however many keys share it
+            for ref in refs.values():
+                if id(ref) not in views:
+                    views[id(ref)] = _build(ref, data, archive, spans)
+            tensors = {k: views[id(r)] for k, r in refs.items()}
     return MappedPth(name, file_size, tensors, _disjoint(spans.values()))
 
 
