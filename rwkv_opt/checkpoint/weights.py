@@ -7,6 +7,7 @@ consumer asks for one in a float dtype; conversion then happens one tensor at a 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,8 +15,9 @@ from typing import Mapping
 
 import numpy as np
 
-from rwkv_opt.checkpoint.torchzip import release_pages
-from rwkv_opt.config import SQUEEZABLE, ModelConfig, config_from_shapes, expected_shapes
+from rwkv_opt.checkpoint.bounds import check_sizes, excerpt, require_finite
+from rwkv_opt.checkpoint.torchzip import open_pth, release_pages
+from rwkv_opt.config import SQUEEZABLE, ModelConfig, config_from_shapes, iter_expected
 from rwkv_opt.errors import CheckpointError
 
 LN_EPS = 1e-5
@@ -75,23 +77,29 @@ def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float = LN_EPS)
 
 
 def validate(raw: Mapping[str, np.ndarray], source: str) -> ModelConfig:
-    """Check every key and shape against the derived config; name the first problem."""
+    """Check every key and shape against the derived config; name the first problem.
+
+    Expected keys are made one block at a time and the check stops at the first missing one, so a
+    file of a few keys that claims a million blocks costs a few keys' work.
+    """
     shapes = {k: tuple(np.shape(v)) for k, v in raw.items()}
     cfg = config_from_shapes(shapes, source)
-    want = expected_shapes(cfg)
-    for key, shape in want.items():
-        if key not in shapes:
-            if key in _OPTIONAL:
-                continue
-            raise CheckpointError(f"{source} is missing key '{key}' (expected shape {shape}).")
-        got = shapes[key]
-        same = got == shape or (SQUEEZABLE.search(key) and int(np.prod(got)) == int(np.prod(shape)))
-        if not same:
-            raise CheckpointError(f"{source}: '{key}' has shape {got}, expected {shape} for this model "
-                                  f"(n_embd={cfg.n_embd}, vocab={cfg.vocab}, n_layer={cfg.n_layer}).")
-    unexpected = sorted(set(shapes) - set(want))
+    known: set[str] = set()
+    for group in iter_expected(cfg):
+        for key, shape in group.items():
+            known.add(key)
+            if key not in shapes:
+                if key in _OPTIONAL:
+                    continue
+                raise CheckpointError(f"{source} is missing key '{key}' (expected shape {shape}).")
+            got = shapes[key]
+            same = got == shape or (SQUEEZABLE.search(key) and math.prod(got) == math.prod(shape))
+            if not same:
+                raise CheckpointError(f"{source}: '{key}' has shape {got}, expected {shape} for this model "
+                                      f"(n_embd={cfg.n_embd}, vocab={cfg.vocab}, n_layer={cfg.n_layer}).")
+    unexpected = sorted(set(shapes) - known)
     if unexpected:
-        raise CheckpointError(f"{source} has an unexpected key '{unexpected[0]}' for an "
+        raise CheckpointError(f"{source} has an unexpected key {excerpt(unexpected[0])} for an "
                               f"{cfg.variant.value} model; is it an RWKV-7 state dict?")
     for key, arr in raw.items():
         if np.dtype(arr.dtype).kind != "f" and str(arr.dtype) != "bfloat16":
@@ -107,16 +115,32 @@ def file_digest(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def load_pth(path: Path, *, digest: bool = True) -> Weights:
+    """Read, bound, validate and integrity-check a .pth, cheapest refusal first (issue 14).
+
+    1. ``open_pth``: zip and pickle structure, every bound; maps the file, reads none of its data.
+    2. ``validate`` and ``check_sizes``: keys and shapes, then the tensors' bytes against the file's,
+       so no later float copy can be larger than a small multiple of the file.
+    3. ``verify``: one read of the file checks every CRC-32 and, in the same read, makes the sha256.
+    4. ``require_finite``: NaN/inf in any weight, named. Here rather than in ``Weights.f32``: every
+       consumer (graph builder, reference, training via ``raw``) is covered before any work starts,
+       while the file is still in the page cache; each tensor's pages leave the RSS once checked.
+    """
+    mapped = open_pth(path)
+    cfg = validate(mapped.tensors, path.name)
+    check_sizes(mapped.tensors, mapped.file_size, path.name)
+    sha = hashlib.sha256() if digest else None
+    mapped.verify(sha)
+    require_finite(mapped.tensors, path.name, release=release_pages)
+    return Weights(mapped.tensors, cfg, source=str(path), digest="sha256:" + sha.hexdigest() if sha else "")
+
+
 def load_weights(path: str | os.PathLike, *, digest: bool = True) -> Weights:
     """Read and validate a BlinkDL .pth checkpoint (no torch needed)."""
-    from rwkv_opt.checkpoint.torchzip import read_pth
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist or is not a file; pass a BlinkDL RWKV-7 .pth checkpoint.")
-    raw = read_pth(path)
-    cfg = validate(raw, path.name)
-    return Weights(raw, cfg, source=str(path), digest=file_digest(path) if digest else "")
+    return load_pth(path, digest=digest)
 
 
 def from_state_dict(raw: Mapping[str, np.ndarray], source: str = "synthetic", digest: str = "") -> Weights:

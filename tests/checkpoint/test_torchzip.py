@@ -53,7 +53,7 @@ def assert_same(ours: dict, theirs: dict) -> None:
         assert np.array_equal(np_bits(a), torch_bits(t)), k
 
 
-def refused(path, *, verify_crc=False) -> str:
+def refused(path, *, verify_crc=True) -> str:
     """Read ``path`` expecting a refusal; returns the message after checking its form."""
     with pytest.raises(CheckpointError) as info:
         read_pth(path, verify_crc=verify_crc)
@@ -401,8 +401,8 @@ def test_crc_checks(tmp_path):
     raw = bytearray(path.read_bytes())
     raw[ofs + 5] ^= 0x10
     path.write_bytes(raw)
-    assert read_pth(path)["w"].view(np.uint32)[1] == 0x1000  # mmap path: like torch, no check
-    assert "CRC-32" in refused(path, verify_crc=True)
+    assert read_pth(path, verify_crc=False)["w"].view(np.uint32)[1] == 0x1000  # opted out: like torch
+    assert "CRC-32" in refused(path)  # checked by default
     pkl_ofs = member_data_offsets(path)["flip/data.pkl"]
     raw[pkl_ofs + 40] ^= 0x01
     path.write_bytes(raw)
