@@ -47,7 +47,8 @@ def _check_tokenizer(artifact: Path) -> None:
         tok = read_manifest(folder).get("source", {}).get("tokenizer") or {}
         if tok.get("name", WORLD) != WORLD:
             raise RwkvOptError(f"{folder / MANIFEST_FILE}: source.tokenizer is '{tok['name']}' "
-                               f"({tok.get('evidence')}), but generate and chat only speak the RWKV World vocabulary ({WORLD}).")
+                               f"({tok.get('evidence')}), but generate and chat only speak the RWKV World "
+                               f"vocabulary ({WORLD}).")
 
 
 def _open(a):

@@ -189,7 +189,7 @@ def _to_blink_dict(path: Path, arrays: Mapping[str, np.ndarray], out: dict) -> N
         mapped = to_blink(key)
         if mapped is None:
             raise CheckpointError(f"{path}: tensor '{key}' is not part of an RWKV-7 fla-hub model; "
-                                  "is the folder of another architecture?")
+                                  "pass a folder of RWKV-7 weights saved by flash-linear-attention.")
         blink, transposed = mapped
         a = a.T if transposed else a
         out[blink] = a.reshape(1, 1, -1) if SQUEEZABLE.search(blink) else a
