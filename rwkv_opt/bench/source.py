@@ -77,7 +77,7 @@ def source_path(info: ArtifactInfo, checkpoint: str | Path | None = None) -> Pat
     else:
         candidates = [Path(info.source)] + ([] if Path(info.source).is_absolute() else [info.path.parent / info.source])
     for path in candidates:
-        if path.is_file():
+        if path.exists():  # a file, or a Hugging Face folder
             return path
     raise RwkvOptError(f"{info.name} was built from {checkpoint or info.source}, which is not on this machine; "
                        "pass --checkpoint with the same .pth file (or bench without accuracy).")

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rwkv_opt.checkpoint.torchzip import release_pages
 from rwkv_opt.config import SQUEEZABLE, ModelConfig, expected_shapes
 from rwkv_opt.errors import CheckpointError
 from rwkv_opt.reference.tokenizer import VOCAB_NAME, default_vocab_path
@@ -352,6 +353,30 @@ def _copy_tokenizer(weights, dest: Path) -> None:
         shutil.copyfile(default_vocab_path(), dest / VOCAB_NAME)
 
 
+class _Releasing(Mapping):
+    """A state dict for write_pth's streaming path (it has `spec`): when the writer asks for a tensor,
+    the pages of the one it wrote before leave the RSS, so a converted file is never resident whole."""
+
+    def __init__(self, raw: Mapping[str, np.ndarray]):
+        self.raw, self.last = raw, None
+
+    def spec(self, key: str) -> tuple[np.dtype, tuple]:
+        a = self.raw[key]
+        return a.dtype, a.shape
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if self.last is not None:
+            release_pages(self.last)
+        self.last = self.raw[key]
+        return self.last
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.raw)
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+
 def convert(src, to: str, out) -> object:
     """Write checkpoint `src` in layout `to` (pth, safetensors or hf) at `out`; returns its Weights."""
     from rwkv_opt.checkpoint.safetensors_io import write_safetensors
@@ -362,7 +387,7 @@ def convert(src, to: str, out) -> object:
         raise CheckpointError(f"{out} is the checkpoint being converted; choose another output path.")
     weights = open_checkpoint(src, digest=False)
     if to == "pth":
-        write_pth(out, weights.raw)
+        write_pth(out, _Releasing(weights.raw))
     elif to == "safetensors":
         write_safetensors(out, weights.raw, _ST_METADATA)
     elif to == "hf":

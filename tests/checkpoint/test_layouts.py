@@ -11,15 +11,13 @@ import json
 import re
 import shutil
 import struct
-import subprocess
-import sys
 
 import ml_dtypes
 import numpy as np
 import pytest
 from onnx import numpy_helper
+from rwkv_testutil import cli, ort_session, zero_feed
 
-from rwkv_testutil import ort_session, zero_feed
 from rwkv_opt.checkpoint.layouts import CONFIG, INDEX, SINGLE, WORLD, convert, open_checkpoint, write_hf
 from rwkv_opt.checkpoint.safetensors_io import read_safetensors, write_safetensors
 from rwkv_opt.checkpoint.synth import synthetic_state_dict
@@ -29,11 +27,6 @@ from rwkv_opt.graph.model import build_model
 from rwkv_opt.reference.tokenizer import VOCAB_NAME
 
 UNUSED = {"blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2"}  # fla has no place for them
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "rwkv_opt.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=300)
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["rwkv7", "rwkv7a"])
