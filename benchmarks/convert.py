@@ -81,7 +81,8 @@ def main() -> None:
         print(json.dumps(r))
     if a.out:
         lines = [f"# rwkv-opt convert, preset {a.preset} ({'cold' if a.drop_caches else 'warm'} page cache)", "",
-                 "| from | to | MiB | cat s | convert s | cat/convert | peak RSS MiB |", "|---|---|---|---|---|---|---|"]
+                 "| from | to | MiB | cat s | convert s | cat/convert | peak RSS MiB |",
+                 "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['from']} | {r['to']} | {r['bytes'] / 2**20:.0f} | {r['cat_s']} | {r['convert_s']} | "
                   f"{r['ratio']} | {r['peak_rss_mib']} |" for r in rows]
         a.out.write_text("\n".join(lines) + "\n")

@@ -132,8 +132,9 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"{path} is larger than {_JSON_CAP >> 20} MiB; it is not a model config or index.")
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); re-download it.") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # deep nesting: RecursionError
+        raise CheckpointError(f"{path} is not valid JSON ({type(e).__name__}: {str(e)[:80]}); "
+                              "re-download it.") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a JSON {type(obj).__name__}, not an object.")
     return obj
@@ -245,6 +246,15 @@ def file_tokenizer() -> dict:
                                                     "and RWKV-7 releases use the World vocabulary"}
 
 
+def _with_fla_names(msg: str) -> str:
+    """A validate() message for a folder: each quoted BlinkDL key becomes "'fla key' (BlinkDL 'key')"."""
+    def name(m: re.Match) -> str:
+        fla = to_fla(m.group(1))
+        return m.group(0) if fla is None else f"'{fla[0]}' (BlinkDL '{m.group(1)}')"
+
+    return re.sub(r"'([\w.]+)'", name, msg)
+
+
 def _read_hf(folder: Path, digest: bool):
     from rwkv_opt.checkpoint.weights import Weights, validate
 
@@ -257,7 +267,10 @@ def _read_hf(folder: Path, digest: bool):
     raw: dict[str, np.ndarray] = {}
     for shard in files:
         _to_blink_dict(folder / shard, _read_shard(folder, shard, None if shards is None else shards[shard]), raw)
-    cfg = validate(raw, str(folder))
+    try:
+        cfg = validate(raw, str(folder))
+    except CheckpointError as e:
+        raise CheckpointError(_with_fla_names(str(e))) from None
     check_config(folder, config, cfg)
     raw = {k: raw[k] for k in expected_shapes(cfg) if k in raw}  # BlinkDL order
     names = [CONFIG] + ([INDEX] if shards is not None else []) + files

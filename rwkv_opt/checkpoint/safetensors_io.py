@@ -83,8 +83,8 @@ def read_header(path) -> tuple[dict, dict, int, int]:
         raw = fh.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _refuse(path, f"has a header that is not valid JSON ({e}); re-download it.") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # deep nesting: RecursionError
+        raise _refuse(path, f"has a header that is not valid JSON ({type(e).__name__}); re-download it.") from None
     if not isinstance(header, dict):
         raise _refuse(path, "has a header that is not a JSON object.")
     meta = header.pop("__metadata__", None) or {}
@@ -168,8 +168,7 @@ def write_safetensors(path, tensors: Mapping[str, np.ndarray], metadata: dict | 
             fh.write(struct.pack("<Q", len(raw)) + raw)
             for i, key in enumerate(tensors):
                 src = tensors[key]
-                for chunk in _tensor_chunks(np.asarray(src)):
-                    fh.write(chunk)
+                fh.writelines(_tensor_chunks(np.asarray(src)))
                 if isinstance(src, np.ndarray):
                     release_pages(src)  # a mapped source's pages leave the RSS once copied
                 tick(i + 1)

@@ -71,7 +71,7 @@ def source_weights(head: dict, checkpoint: Path | None = None) -> Weights:
     m = _SYNTH.match(path)
     if m:
         return load_source(None, m["preset"], bool(m["deep"]), int(m["seed"]))
-    if not path or not Path(path).is_file():
+    if not path or not Path(path).exists():  # a file or a Hugging Face folder
         raise RwkvOptError(f"the artifact's source checkpoint '{path}' is not available here; "
                            "pass it with --checkpoint.")
     w = load_weights(path)

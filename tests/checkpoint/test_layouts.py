@@ -219,6 +219,14 @@ def _foreign_key(hf7, d):
     return d, [SINGLE, "'model.layers.0.attn.q_proj.weight'"]
 
 
+def _missing_tensor(hf7, d):
+    shutil.copytree(hf7 / "hf", d)
+    t = dict(read_safetensors(hf7 / "hf" / SINGLE))
+    del t["model.layers.1.attn.w_lora.lora.0.weight"]
+    write_safetensors(d / SINGLE, t)
+    return d, [str(d), "'model.layers.1.attn.w_lora.lora.0.weight' (BlinkDL 'blocks.1.att.w1')"]
+
+
 def _rwkv6_blink_keys(hf7, d):
     d.mkdir()
     sd = synthetic_state_dict("tiny", dtype="fp32").materialize()
@@ -239,6 +247,13 @@ def _header_beyond_file(hf7, d):
     d.mkdir()
     (d / "x.safetensors").write_bytes(struct.pack("<Q", 1_000_000) + b'{"a": 1}')
     return d / "x.safetensors", ["x.safetensors", "1000000-byte header"]
+
+
+def _nested_header(hf7, d):
+    d.mkdir()
+    raw = b"[" * 200_000 + b"]" * 200_000
+    (d / "x.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
+    return d / "x.safetensors", ["x.safetensors", "not valid JSON"]
 
 
 def _overlap(hf7, d):
@@ -263,9 +278,11 @@ def _no_config(hf7, d):
     return d, [str(d), CONFIG]
 
 
-@pytest.mark.parametrize("case", [_missing_shard, _lying_index, _wrong_dtype, _llama_folder, _rwkv6_folder,
-                                  _foreign_key, _rwkv6_blink_keys, _truncated, _header_beyond_file, _overlap,
-                                  _config_lies, _no_config], ids=lambda f: f.__name__.strip("_"))
+CASES = [_missing_shard, _lying_index, _wrong_dtype, _llama_folder, _rwkv6_folder, _foreign_key, _missing_tensor,
+         _rwkv6_blink_keys, _truncated, _header_beyond_file, _nested_header, _overlap, _config_lies, _no_config]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda f: f.__name__.strip("_"))
 def test_malformed_checkpoints_are_refused_in_one_sentence(hf7, tmp_path, case):
     path, names = case(hf7, tmp_path / "bad")
     with pytest.raises(CheckpointError) as e:
