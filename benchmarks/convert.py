@@ -6,7 +6,8 @@ A synthetic bf16 .pth of the preset is written first (not timed), then converted
 and to an fla-hub folder, and each of those back to .pth. For every conversion the source file is
 read once with `cat FILE > /dev/null` and then converted, each timed in its own process; the
 ratio is cat time / convert time (the same bytes read; convert also writes and fsyncs them).
-Peak RSS is the converting process's own, to check that it holds about one tensor at a time.
+Convert time includes the interpreter's start (about a second on a loaded 2-core machine; noise at
+1.5B, everything at the tiny preset). Peak RSS is the converting process's own, to check that it holds about one tensor at a time.
 With --drop-caches (root) the page cache is emptied before each timed step, so both read the disk;
 without it both read warm pages, which measures the copy path rather than the disk.
 """

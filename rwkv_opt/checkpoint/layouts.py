@@ -29,7 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from rwkv_opt.checkpoint.torchzip import release_pages
+from rwkv_opt.checkpoint.safetensors_io import is_safetensors, read_safetensors, write_safetensors
+from rwkv_opt.checkpoint.torchzip import read_pth, release_pages, write_pth
+from rwkv_opt.checkpoint.weights import _OPTIONAL, Weights, file_digest, validate
 from rwkv_opt.config import SQUEEZABLE, ModelConfig, expected_shapes
 from rwkv_opt.errors import CheckpointError
 from rwkv_opt.reference.tokenizer import VOCAB_NAME, default_vocab_path
@@ -42,7 +44,6 @@ WORLD = Path(VOCAB_NAME).stem  # the tokenizer name recorded for the RWKV World 
 _JSON_CAP = 64 << 20  # config and index files are a few KiB to a few MiB
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt")
 _ST_METADATA = {"format": "pt"}  # transformers refuses safetensors files without it
-_UNUSED = ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")  # layer 0 makes v_first itself
 
 
 def _pairs() -> list[tuple[str, str, bool]]:
@@ -77,7 +78,7 @@ def to_fla(key: str) -> tuple[str, bool] | None:
     if key in _GLOBAL:
         return _GLOBAL[key], False
     m = _BLINK_LAYER.match(key)
-    if not m or m.group(2) not in _TO_FLA or key in _UNUSED:
+    if not m or m.group(2) not in _TO_FLA or key in _OPTIONAL:
         return None
     fla, transposed = _TO_FLA[m.group(2)]
     return f"model.layers.{m.group(1)}.{fla}", transposed
@@ -170,8 +171,6 @@ def _weight_files(folder: Path) -> tuple[dict[str, list[str]] | None, list[str]]
 
 
 def _read_shard(folder: Path, shard: str, listed: list[str] | None) -> dict[str, np.ndarray]:
-    from rwkv_opt.checkpoint.safetensors_io import read_safetensors
-
     arrays = read_safetensors(folder / shard)
     if listed is not None:
         for key in listed:
@@ -221,8 +220,6 @@ def check_config(folder: Path, config: dict, cfg: ModelConfig) -> None:
 
 def folder_digest(folder: Path, files: list[str]) -> str:
     """See the module docstring: a digest over each listed file's own sha256."""
-    from rwkv_opt.checkpoint.weights import file_digest
-
     lines = "".join(f"{name} {file_digest(folder / name).removeprefix('sha256:')}\n" for name in files)
     return "sha256:" + hashlib.sha256(lines.encode()).hexdigest()
 
@@ -255,9 +252,7 @@ def _with_fla_names(msg: str) -> str:
     return re.sub(r"'([\w.]+)'", name, msg)
 
 
-def _read_hf(folder: Path, digest: bool):
-    from rwkv_opt.checkpoint.weights import Weights, validate
-
+def _read_hf(folder: Path, digest: bool) -> Weights:
     if not (folder / CONFIG).is_file():
         raise CheckpointError(f"{folder} is a folder without {CONFIG}; pass a Hugging Face model folder, "
                               "or the .pth/.safetensors file itself.")
@@ -278,12 +273,8 @@ def _read_hf(folder: Path, digest: bool):
                    layout="hf", tokenizer=folder_tokenizer(folder))
 
 
-def open_checkpoint(path, *, digest: bool = True):
+def open_checkpoint(path, *, digest: bool = True) -> Weights:
     """Weights from a .pth, a .safetensors/.st file with BlinkDL keys, or a fla-hub folder."""
-    from rwkv_opt.checkpoint.safetensors_io import is_safetensors, read_safetensors
-    from rwkv_opt.checkpoint.torchzip import read_pth
-    from rwkv_opt.checkpoint.weights import Weights, file_digest, validate
-
     path = Path(path)
     if path.is_dir():
         return _read_hf(path, digest)
@@ -332,10 +323,9 @@ def _shards(view: Mapping[str, np.ndarray], max_bytes: int | None) -> list[list[
     return groups
 
 
-def write_hf(out: Path, weights, max_shard_bytes: int | None = None) -> None:
+def write_hf(out: Path, weights: Weights, max_shard_bytes: int | None = None) -> None:
     """An fla-hub folder: config.json, model.safetensors (or shards + index), the tokenizer files."""
     from rwkv_opt.artifact import staging_dir, write_json
-    from rwkv_opt.checkpoint.safetensors_io import write_safetensors
 
     if weights.config.deepembed:
         raise CheckpointError(f"{weights.source} is an RWKV-7a (DeepEmbed) model, which has no fla-hub layout "
@@ -356,7 +346,7 @@ def write_hf(out: Path, weights, max_shard_bytes: int | None = None) -> None:
         _copy_tokenizer(weights, tmp)
 
 
-def _copy_tokenizer(weights, dest: Path) -> None:
+def _copy_tokenizer(weights: Weights, dest: Path) -> None:
     """The source folder's tokenizer files, else the bundled World vocabulary (which llama.cpp reads)."""
     files = weights.tokenizer.get("files", [])
     if weights.layout == "hf" and files:
@@ -390,11 +380,8 @@ class _Releasing(Mapping):
         return len(self.raw)
 
 
-def convert(src, to: str, out) -> object:
+def convert(src, to: str, out) -> Weights:
     """Write checkpoint `src` in layout `to` (pth, safetensors or hf) at `out`; returns its Weights."""
-    from rwkv_opt.checkpoint.safetensors_io import write_safetensors
-    from rwkv_opt.checkpoint.torchzip_write import write_pth
-
     src, out = Path(src), Path(out)
     if out.exists() and os.path.samefile(src, out):
         raise CheckpointError(f"{out} is the checkpoint being converted; choose another output path.")
