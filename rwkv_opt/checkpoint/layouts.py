@@ -171,6 +171,7 @@ def _weight_files(folder: Path) -> tuple[dict[str, list[str]] | None, list[str]]
 
 
 def _read_shard(folder: Path, shard: str, listed: list[str] | None) -> dict[str, np.ndarray]:
+    """One weight file of a folder; with an index, its keys must be exactly the ones the index puts there."""
     arrays = read_safetensors(folder / shard)
     if listed is not None:
         for key in listed:
