@@ -152,7 +152,7 @@ class SourceRef:
             p = Path(self.path)
             candidates = [p] + ([beside / p] if beside is not None and self.path and not p.is_absolute() else [])
         for path in candidates:
-            if str(path) and path.is_file():
+            if str(path) and path.exists():  # a file, or a Hugging Face folder
                 return path
         raise RwkvOptError(f"the artifact was built from '{checkpoint or self.path}', which is not on this machine; "
                            "pass --checkpoint with the same checkpoint.")

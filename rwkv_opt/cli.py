@@ -8,11 +8,14 @@ from pathlib import Path
 from rwkv_opt.errors import RwkvOptError
 
 
+_CHECKPOINT_HELP = "RWKV-7 checkpoint: BlinkDL .pth, .safetensors with BlinkDL keys, or an fla-hub Hugging Face folder"
+
+
 def _source_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
     if positional:
-        p.add_argument("checkpoint", nargs="?", type=Path, help="BlinkDL RWKV-7 .pth (default: synthetic preset)")
+        p.add_argument("checkpoint", nargs="?", type=Path, help=_CHECKPOINT_HELP + " (default: synthetic preset)")
     else:
-        p.add_argument("--checkpoint", type=Path, help="BlinkDL RWKV-7 .pth (default: built-in synthetic model)")
+        p.add_argument("--checkpoint", type=Path, help=_CHECKPOINT_HELP + " (default: built-in synthetic model)")
     p.add_argument("--preset", default="tiny", help="synthetic preset when no checkpoint is given (tiny, 0.1b, ...)")
     p.add_argument("--deepembed", action="store_true", help="synthetic RWKV-7a (DeepEmbed)")
     p.add_argument("--seed", type=int, default=0, help="synthetic seed")
@@ -53,8 +56,7 @@ def cmd_build(a) -> int:
         save_model(model, tmp / MODEL_FILE, external=a.external_data or None)
         write_json(tmp / MANIFEST_FILE, {"tool": "rwkv-opt", "target": "base-fp32", "precision": "fp32",
                                          "provider": "cpu", "quantization": "none", "logits": a.logits,
-                                         "source": {"path": w.source, "digest": w.digest or "synthetic",
-                                                    "config": w.config.to_dict()},
+                                         "source": w.manifest_source(),
                                          "passes": [], "versions": versions()})
     print(f"wrote {a.output}/{MODEL_FILE} ({len(model.graph.node)} nodes)")
     return 0
@@ -146,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
 
-    for extra in ("rwkv_opt.bench.cli", "rwkv_opt.generate_cli", "rwkv_opt.train_cli"):
+    for extra in ("rwkv_opt.bench.cli", "rwkv_opt.generate_cli", "rwkv_opt.train_cli", "rwkv_opt.convert_cli"):
         try:
             mod = __import__(extra, fromlist=["register"])
         except ModuleNotFoundError as e:

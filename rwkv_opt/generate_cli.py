@@ -7,6 +7,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from rwkv_opt.errors import RwkvOptError
 from rwkv_opt.reference.sampler import OFFICIAL_PIPELINE_ARGS, SamplingParams
 
 PRESETS = {"g1": SamplingParams(), "official": OFFICIAL_PIPELINE_ARGS}
@@ -36,12 +37,27 @@ def _params(a) -> SamplingParams:
     return replace(PRESETS[a.preset], **given)
 
 
+def _check_tokenizer(artifact: Path) -> None:
+    """Refuse a model whose manifest records a tokenizer other than the World vocabulary used here."""
+    from rwkv_opt.artifact import MANIFEST_FILE, read_manifest
+    from rwkv_opt.checkpoint.layouts import WORLD
+
+    folder = artifact if artifact.is_dir() else artifact.parent
+    if (folder / MANIFEST_FILE).is_file():
+        tok = read_manifest(folder).get("source", {}).get("tokenizer") or {}
+        if tok.get("name", WORLD) != WORLD:
+            raise RwkvOptError(f"{folder / MANIFEST_FILE}: source.tokenizer is '{tok['name']}' "
+                               f"({tok.get('evidence')}), but generate and chat only speak the RWKV World "
+                               f"vocabulary ({WORLD}).")
+
+
 def _open(a):
     import onnxruntime as ort
 
     from rwkv_opt.reference.tokenizer import load_world_tokenizer
     from rwkv_opt.runtime import Session
 
+    _check_tokenizer(a.artifact)
     ort.set_default_logger_severity(3)  # the head's overridable defaults each log a warning at load
     return Session(a.artifact, a.provider, threads=a.threads), load_world_tokenizer()
 

@@ -293,7 +293,7 @@ def run_pipeline(target: Target, weights: Weights, out: Path, *, heads=(), logit
             manifest = {
                 "tool": "rwkv-opt", "target": target.name, "provider": target.provider.value,
                 "precision": target.precision.value, "quantization": target.quantization, "logits": logits.value,
-                "source": {"path": weights.source, "digest": weights.digest or "synthetic", "config": cfg.to_dict()},
+                "source": weights.manifest_source(),
                 "build_seconds": round(t_build, 3),
                 "passes": [r.__dict__ for r in records],
                 "heads": [h for h, _ in heads],

@@ -13,6 +13,12 @@ import pytest
 HERE = Path(__file__).parent
 
 
+def cli(*args, cwd=None) -> subprocess.CompletedProcess:
+    """`rwkv-opt ARGS` in a subprocess, from the worktree (python -m), output captured as text."""
+    return subprocess.run([sys.executable, "-m", "rwkv_opt.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=600, cwd=cwd, check=False)
+
+
 def ort_session(model, optimize: bool = True, threads: int = 2):
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads

@@ -3,20 +3,14 @@
 import json
 import os
 import pickle
-import subprocess
-import sys
 import zipfile
 
 import numpy as np
 import pytest
+from rwkv_testutil import cli
 
 from rwkv_opt.checkpoint.synth import synthetic_state_dict
 from rwkv_opt.checkpoint.torchzip import write_pth
-
-
-def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "rwkv_opt.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=600, cwd=cwd)
 
 
 def leftovers(d):

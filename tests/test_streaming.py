@@ -22,7 +22,7 @@ from onnx import numpy_helper
 from rwkv_opt.artifact import save_model
 from rwkv_opt.checkpoint.synth import synthetic_state_dict
 from rwkv_opt.checkpoint.torchzip import read_pth, release_pages, write_pth
-from rwkv_opt.checkpoint.weights import from_state_dict, load_weights
+from rwkv_opt.checkpoint.weights import load_weights
 from rwkv_opt.graph.model import build_model
 from rwkv_opt.pipeline import run_passes
 from rwkv_opt.targets import get_target

@@ -1,9 +1,10 @@
-"""Checkpoints: the torch-free .pth reader/writer, validation and folding, synthetic presets."""
+"""Checkpoints: torch-free .pth and .safetensors readers/writers, fla-hub folders (layouts.py), validation
+and folding, synthetic presets."""
 from __future__ import annotations
 
 
 def load_source(checkpoint=None, preset: str = "tiny", deepembed: bool = False, seed: int = 0):
-    """Weights from a .pth file, or (no checkpoint) from a built-in synthetic preset."""
+    """Weights from a .pth, a .safetensors file or an fla-hub folder, or (no checkpoint) a synthetic preset."""
     from rwkv_opt.artifact import SourceRef
     from rwkv_opt.checkpoint.synth import synthetic_state_dict
     from rwkv_opt.checkpoint.weights import from_state_dict, load_weights

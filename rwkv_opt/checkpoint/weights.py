@@ -33,6 +33,8 @@ class Weights:
     config: ModelConfig
     source: str = "synthetic"
     digest: str = ""
+    layout: str = "synthetic"  # pth, safetensors, hf (checkpoint.layouts) or synthetic
+    tokenizer: dict = field(default_factory=dict)  # what layouts.folder_tokenizer/file_tokenizer found
     _cache: dict = field(default_factory=dict, repr=False)
 
     def f32(self, key: str, dtype=np.float32) -> np.ndarray:
@@ -59,6 +61,11 @@ class Weights:
             release_pages(src)
             self._cache[key] = out
         return self._cache[key]
+
+    def manifest_source(self) -> dict:
+        """The manifest's "source" block: where the weights came from, in which layout, with which tokenizer."""
+        return {"path": self.source, "digest": self.digest or "synthetic", "layout": self.layout,
+                "tokenizer": self.tokenizer, "config": self.config.to_dict()}
 
     def drop_cache(self) -> None:
         """Forget the folded tables (emb_ln0 is V x C floats: 1 GiB at 7.2B)."""
@@ -136,12 +143,13 @@ def load_pth(path: Path, *, digest: bool = True) -> Weights:
 
 
 def load_weights(path: str | os.PathLike, *, digest: bool = True) -> Weights:
-    """Read and validate a BlinkDL .pth checkpoint (no torch needed)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path} does not exist or is not a file; pass a BlinkDL RWKV-7 .pth checkpoint.")
-    return load_pth(path, digest=digest)
+    """Read and validate a .pth, a .safetensors file or an fla-hub folder (no torch needed)."""
+    from rwkv_opt.checkpoint.layouts import open_checkpoint
+
+    return open_checkpoint(path, digest=digest)
 
 
 def from_state_dict(raw: Mapping[str, np.ndarray], source: str = "synthetic", digest: str = "") -> Weights:
-    return Weights(raw, validate(raw, source), source=source, digest=digest)
+    from rwkv_opt.checkpoint.layouts import file_tokenizer
+
+    return Weights(raw, validate(raw, source), source=source, digest=digest, tokenizer=file_tokenizer())

@@ -97,7 +97,7 @@ def train(weights: Weights, config: TrainConfig, data: Path, steps: int, out: Pa
     progress(f"[4/4] write {out}/{PTH_FILE} ({dtype})")
     manifest = {
         "tool": "rwkv-opt", "kind": "trained-checkpoint", "checkpoint": PTH_FILE, "dtype": dtype,
-        "source": {"path": weights.source, "digest": weights.digest or "synthetic", "config": cfg.to_dict()},
+        "source": weights.manifest_source(),
         "train": {**config.to_dict(), "steps": steps, "seed": seed, "data": str(data), "rows": len(examples),
                   "windows": len(wins), "trainable_tensors": trainer.trainable},
         "loss": {"eval_before": loss_before, "eval_after": loss_after, "first_step": log[0]["loss"],

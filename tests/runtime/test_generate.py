@@ -15,7 +15,6 @@ from rwkv_opt.reference.sampler import OFFICIAL_PIPELINE_ARGS, SamplingParams
 from rwkv_opt.reference.tokenizer import load_world_tokenizer
 from rwkv_opt.runtime import Session
 from rwkv_opt.runtime.generate import Chat, TokenCodec, generate, uses_graph_sampler
-from rwkv_opt.targets import get_target
 
 CLI = [sys.executable, "-m", "rwkv_opt.cli"]
 

@@ -1,0 +1,319 @@
+"""Checkpoint layouts (issue 16): BlinkDL .pth, BlinkDL .safetensors and fla-hub folders.
+
+The same tiny synthetic model (RWKV-7 and 7a) in every layout must give bit-identical ONNX
+initializers and identical logits; conversions round-trip bit for bit; sharded folders load; and
+malformed files and folders are refused in one sentence naming the file (and key).
+"""
+from __future__ import annotations
+
+import filecmp
+import json
+import re
+import shutil
+import struct
+
+import ml_dtypes
+import numpy as np
+import pytest
+from onnx import numpy_helper
+from rwkv_testutil import cli, ort_session, zero_feed
+
+from rwkv_opt.checkpoint.layouts import CONFIG, INDEX, SINGLE, WORLD, convert, open_checkpoint, write_hf
+from rwkv_opt.checkpoint.safetensors_io import read_safetensors, write_safetensors
+from rwkv_opt.checkpoint.synth import synthetic_state_dict
+from rwkv_opt.checkpoint.torchzip import read_pth, write_pth
+from rwkv_opt.errors import CheckpointError
+from rwkv_opt.graph.model import build_model
+from rwkv_opt.reference.tokenizer import VOCAB_NAME
+
+UNUSED = {"blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2"}  # fla has no place for them
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["rwkv7", "rwkv7a"])
+def layouts(request, tmp_path_factory):
+    """{layout: path} of one tiny model; no fla-hub folder for 7a (fla has no DeepEmbed)."""
+    d = tmp_path_factory.mktemp("layouts")
+    write_pth(d / "m.pth", synthetic_state_dict("tiny", deepembed=request.param, seed=5))
+    paths = {"pth": d / "m.pth", "safetensors": d / "m.safetensors"}
+    convert(paths["pth"], "safetensors", paths["safetensors"])
+    if not request.param:
+        paths["hf"] = d / "hf"
+        convert(paths["pth"], "hf", paths["hf"])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def hf7(tmp_path_factory):
+    d = tmp_path_factory.mktemp("hf7")
+    write_pth(d / "m.pth", synthetic_state_dict("tiny", seed=9))
+    convert(d / "m.pth", "hf", d / "hf")
+    return d
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and np.ascontiguousarray(a).tobytes() == \
+        np.ascontiguousarray(b).tobytes()
+
+
+def _initializers(model) -> dict:
+    return {t.name: (t.data_type, tuple(t.dims), numpy_helper.to_array(t).tobytes()) for t in model.graph.initializer}
+
+
+def _logits(model, cfg) -> np.ndarray:
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab, (1, 12))
+    sess = ort_session(model, optimize=False)
+    return sess.run(["head"], {"x": tokens, **zero_feed(cfg, 1)})[0]
+
+
+def test_every_layout_gives_the_same_graph_and_logits(layouts):
+    models = {}
+    for layout, path in layouts.items():
+        w = open_checkpoint(path)
+        assert w.layout == layout and w.digest.startswith("sha256:") and w.tokenizer["name"] == WORLD
+        models[layout] = (build_model(w), w.config)
+    want = _initializers(models["pth"][0])
+    want_logits = _logits(*models["pth"])
+    assert len(want) > 40 and np.abs(want_logits).max() > 0.1
+    for layout, (model, cfg) in models.items():
+        assert cfg == models["pth"][1]
+        assert _initializers(model) == want, layout
+        assert np.array_equal(_logits(model, cfg), want_logits), layout
+
+
+def test_round_trips_are_bit_identical(layouts, tmp_path):
+    original = read_pth(layouts["pth"])
+    (tmp_path / "st").mkdir()
+    back = tmp_path / "st" / "m.pth"  # the same stem: torch names the archive folder after it
+    convert(layouts["safetensors"], "pth", back)
+    assert filecmp.cmp(layouts["pth"], back, shallow=False)  # pth -> safetensors -> pth: the same file
+    if "hf" not in layouts:
+        return
+    convert(layouts["hf"], "pth", tmp_path / "hf.pth")
+    again = read_pth(tmp_path / "hf.pth")
+    assert set(original) - set(again) == UNUSED and set(again) <= set(original)
+    assert all(_same(original[k], again[k]) for k in again)
+    assert list(again) == [k for k in original if k not in UNUSED]  # BlinkDL order comes back
+    convert(layouts["hf"], "hf", tmp_path / "hf2")  # hf -> hf: the same weights file
+    assert filecmp.cmp(layouts["hf"] / SINGLE, tmp_path / "hf2" / SINGLE, shallow=False)
+
+
+def test_rwkv7a_has_no_fla_hub_layout(tmp_path):
+    write_pth(tmp_path / "a.pth", synthetic_state_dict("tiny", deepembed=True))
+    with pytest.raises(CheckpointError, match="RWKV-7a.*no fla-hub layout"):
+        convert(tmp_path / "a.pth", "hf", tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pth"]
+
+
+def test_fla_folder_follows_fla_shapes_and_config(hf7):
+    """Shapes as fla/layers/rwkv7.py declares them; config fields fla's RWKV7Config and llama.cpp read."""
+    t = read_safetensors(hf7 / "hf" / SINGLE)
+    C, d = 128, 16
+    assert t["model.layers.1.attn.x_r"].shape == (1, 1, C) and t["model.layers.1.attn.k_k"].shape == (C,)
+    assert t["model.layers.1.ffn.x_k"].shape == (C,) and t["model.layers.1.attn.w_lora.lora.2.bias"].shape == (C,)
+    assert t["model.layers.1.attn.w_lora.lora.0.weight"].shape == (d, C)
+    assert t["model.layers.1.attn.w_lora.lora.2.weight"].shape == (C, d)
+    assert "model.layers.0.attn.v_lora.lora.0.weight" not in t and "model.layers.0.pre_norm.weight" in t
+    assert not any(k.startswith("model.layers.1.pre_norm") for k in t)
+    cfg = json.loads((hf7 / "hf" / CONFIG).read_text())
+    assert cfg["architectures"] == ["RWKV7ForCausalLM"] and cfg["model_type"] == "rwkv7"
+    assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"], cfg["head_dim"]) == (C, 2, 1024, 64)
+    assert (cfg["decay_low_rank_dim"], cfg["a_low_rank_dim"], cfg["v_low_rank_dim"], cfg["gate_low_rank_dim"],
+            cfg["intermediate_size"], cfg["norm_eps"], cfg["torch_dtype"]) == (16, 16, 8, 32, 4 * C, 1e-5, "bfloat16")
+    assert (hf7 / "hf" / VOCAB_NAME).is_file()  # llama.cpp's _set_vocab_rwkv_world reads it
+
+
+def test_older_converter_shapes_are_accepted(hf7, tmp_path):
+    """Converters that kept (1,1,C) for k_k, k_a, ffn.x_k and the LoRA biases load the same."""
+    src = read_safetensors(hf7 / "hf" / SINGLE)
+    vector = re.compile(r"attn\.k_[ka]$|ffn\.x_k$|lora\.2\.bias$")
+    old = {k: (a.reshape(1, 1, -1) if vector.search(k) else a) for k, a in src.items()}
+    assert sum(a.ndim == 3 for a in old.values()) == 2 * (6 + 3 + 2) + 1  # x_*; k_k, k_a, x_k; w0, a0; v0 (layer 1)
+    shutil.copytree(hf7 / "hf", tmp_path / "old")
+    write_safetensors(tmp_path / "old" / SINGLE, old, {"format": "pt"})
+    a, b = open_checkpoint(hf7 / "hf").raw, open_checkpoint(tmp_path / "old").raw
+    assert list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+
+
+def test_sharded_folder_loads(hf7, tmp_path):
+    w = open_checkpoint(hf7 / "hf")
+    write_hf(tmp_path / "sh", w, max_shard_bytes=200_000)
+    shards = sorted(p.name for p in (tmp_path / "sh").glob("model-*.safetensors"))
+    assert len(shards) >= 3 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert not (tmp_path / "sh" / SINGLE).exists()
+    s = open_checkpoint(tmp_path / "sh")
+    assert s.layout == "hf" and s.config == w.config and s.digest != w.digest
+    assert list(s.raw) == list(w.raw) and all(_same(s.raw[k], w.raw[k]) for k in w.raw)
+
+
+def test_safetensors_package_reads_ours_and_we_read_its(tmp_path):
+    st = pytest.importorskip("safetensors.numpy")
+    sd = synthetic_state_dict("tiny", seed=2, dtype="fp32")
+    write_safetensors(tmp_path / "ours.safetensors", sd)
+    theirs = st.load_file(str(tmp_path / "ours.safetensors"))
+    assert list(theirs) == list(sd) and all(_same(theirs[k], sd[k]) for k in sd)
+    half = synthetic_state_dict("tiny", seed=2, dtype="fp16").materialize()
+    st.save_file(half, str(tmp_path / "theirs.st"))
+    w = open_checkpoint(tmp_path / "theirs.st")
+    assert w.layout == "safetensors" and all(_same(w.raw[k], half[k]) for k in half)
+
+
+# ---- refusals ---------------------------------------------------------------------------------
+
+def _rewrite_header(path, edit) -> None:
+    """Apply `edit` to a safetensors file's header dict and write it back with the same data."""
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    edit(header)
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+
+
+def _edit_json(path, edit) -> None:
+    obj = json.loads(path.read_text())
+    edit(obj)
+    path.write_text(json.dumps(obj))
+
+
+def _sharded(hf7, dst) -> list[str]:
+    """Write a sharded copy of the tiny folder; -> its shard names."""
+    write_hf(dst, open_checkpoint(hf7 / "hf"), max_shard_bytes=200_000)
+    return sorted(p.name for p in dst.glob("model-*.safetensors"))
+
+
+def _missing_shard(hf7, d):
+    second = _sharded(hf7, d)[1]
+    (d / second).unlink()
+    return d, [INDEX, second, "'model."]
+
+
+def _lying_index(hf7, d):
+    first = _sharded(hf7, d)[0]
+    _edit_json(d / INDEX, lambda o: o["weight_map"].update({"lm_head.weight": first}))
+    return d, [INDEX, "'lm_head.weight'", first]
+
+
+def _wrong_dtype(hf7, d):
+    shutil.copytree(hf7 / "hf", d)
+    _rewrite_header(d / SINGLE, lambda h: h["lm_head.weight"].update(dtype="I16"))
+    return d, [SINGLE, "'lm_head.weight'", "I16"]
+
+
+def _llama_folder(hf7, d):
+    shutil.copytree(hf7 / "hf", d)
+    _edit_json(d / CONFIG, lambda o: o.update(architectures=["LlamaForCausalLM"], model_type="llama"))
+    return d, [CONFIG, "'architectures'", "LlamaForCausalLM"]
+
+
+def _rwkv6_folder(hf7, d):
+    shutil.copytree(hf7 / "hf", d)
+    _edit_json(d / CONFIG, lambda o: o.update(architectures=["RWKV6ForCausalLM"]))
+    return d, [CONFIG, "'architectures'", "RWKV6ForCausalLM"]
+
+
+def _foreign_key(hf7, d):
+    shutil.copytree(hf7 / "hf", d)
+    t = dict(read_safetensors(hf7 / "hf" / SINGLE))
+    t["model.layers.0.attn.q_proj.weight"] = np.zeros((128, 128), ml_dtypes.bfloat16)
+    write_safetensors(d / SINGLE, t)
+    return d, [SINGLE, "'model.layers.0.attn.q_proj.weight'"]
+
+
+def _missing_tensor(hf7, d):
+    shutil.copytree(hf7 / "hf", d)
+    t = dict(read_safetensors(hf7 / "hf" / SINGLE))
+    del t["model.layers.1.attn.w_lora.lora.0.weight"]
+    write_safetensors(d / SINGLE, t)
+    return d, [str(d), "'model.layers.1.attn.w_lora.lora.0.weight' (BlinkDL 'blocks.1.att.w1')"]
+
+
+def _rwkv6_blink_keys(hf7, d):
+    d.mkdir()
+    sd = synthetic_state_dict("tiny", dtype="fp32").materialize()
+    sd["blocks.0.att.time_maa_x"] = np.zeros((1, 1, 128), np.float32)
+    write_safetensors(d / "v6.safetensors", sd)
+    return d / "v6.safetensors", ["v6.safetensors", "RWKV-6"]
+
+
+def _truncated(hf7, d):
+    shutil.copytree(hf7 / "hf", d)
+    last = list(read_safetensors(d / SINGLE))[-1]
+    with open(d / SINGLE, "r+b") as f:
+        f.truncate((d / SINGLE).stat().st_size - 100)
+    return d, [SINGLE, f"'{last}'", "truncated"]
+
+
+def _header_beyond_file(hf7, d):
+    d.mkdir()
+    (d / "x.safetensors").write_bytes(struct.pack("<Q", 1_000_000) + b'{"a": 1}')
+    return d / "x.safetensors", ["x.safetensors", "1000000-byte header"]
+
+
+def _nested_header(hf7, d):
+    d.mkdir()
+    raw = b"[" * 200_000 + b"]" * 200_000
+    (d / "x.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
+    return d / "x.safetensors", ["x.safetensors", "not valid JSON"]
+
+
+def _overlap(hf7, d):
+    def edit(header):
+        begin, end = header["lm_head.weight"]["data_offsets"]
+        header["lm_head.weight"]["data_offsets"] = [0, end - begin]  # over the first tensor
+
+    shutil.copytree(hf7 / "hf", d)
+    _rewrite_header(d / SINGLE, edit)
+    return d, [SINGLE, "overlaps"]
+
+
+def _config_lies(hf7, d):
+    shutil.copytree(hf7 / "hf", d)
+    _edit_json(d / CONFIG, lambda o: o.update(hidden_size=256))
+    return d, [CONFIG, "'hidden_size'", "256", "128"]
+
+
+def _no_config(hf7, d):
+    shutil.copytree(hf7 / "hf", d)
+    (d / CONFIG).unlink()
+    return d, [str(d), CONFIG]
+
+
+CASES = [_missing_shard, _lying_index, _wrong_dtype, _llama_folder, _rwkv6_folder, _foreign_key, _missing_tensor,
+         _rwkv6_blink_keys, _truncated, _header_beyond_file, _nested_header, _overlap, _config_lies, _no_config]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda f: f.__name__.strip("_"))
+def test_malformed_checkpoints_are_refused_in_one_sentence(hf7, tmp_path, case):
+    path, names = case(hf7, tmp_path / "bad")
+    with pytest.raises(CheckpointError) as e:
+        open_checkpoint(path)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.endswith("."), msg
+    for name in names:
+        assert name in msg, (name, msg)
+
+
+# ---- the command line -------------------------------------------------------------------------
+
+def test_cli_convert_build_and_tokenizer_check(hf7, tmp_path):
+    out = tmp_path / "hf"
+    r = cli("convert", hf7 / "m.pth", "--to", "hf", "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert f"wrote {out} (hf)" in r.stdout and (out / SINGLE).is_file()
+    r = cli("build", out, "-o", tmp_path / "art")
+    assert r.returncode == 0, r.stderr
+    source = json.loads((tmp_path / "art" / "manifest.json").read_text())["source"]
+    assert source["layout"] == "hf" and source["tokenizer"]["name"] == WORLD
+    assert source["digest"] == open_checkpoint(out).digest
+
+    (out / VOCAB_NAME).unlink()  # a folder with another tokenizer
+    (out / "tokenizer.json").write_text("{}")
+    r = cli("build", out, "-o", tmp_path / "other")
+    assert r.returncode == 0, r.stderr
+    r = cli("generate", tmp_path / "other", "--prompt", "hi", "--max-tokens", "2")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "source.tokenizer is 'unknown'" in r.stderr and "tokenizer.json" in r.stderr
+
+    r = cli("convert", tmp_path / "nothing.pth", "--to", "safetensors", "-o", tmp_path / "x.safetensors")
+    assert r.returncode == 2 and r.stderr.startswith("rwkv-opt: error:") and "nothing.pth does not exist" in r.stderr
+    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "x.safetensors.tmp").exists()
