@@ -1,0 +1,86 @@
+"""The RWKV World vocabulary as a byte-level BPE tokenizer.json, the closest format og.Tokenizer loads.
+
+og.Tokenizer (onnxruntime-extensions) reads BPE (HF tokenizer.json, tiktoken) and SentencePiece; the
+World tokenizer is a greedy longest match over UTF-8 bytes. Every World token is a vocabulary entry
+here under GPT-2's byte-to-unicode mapping (so decoding is exact, byte for byte), and the merges are
+ordered so that BPE comes as close to greedy longest match as one global merge order can:
+
+- every split of a token into two vocabulary tokens is a merge, not one split per token, so a token
+  forms whichever way its span was cut before (one split per token leaves many tokens unreachable);
+- merges that make longer tokens rank first, so when two overlapping merges compete, the one building
+  the longer token wins, as greedy longest match would pick it.
+
+BPE cannot know position, so it still differs where greedy's left-to-right order matters
+(reports/genai_tokenizer.md measures it). The exact path is: encode with rwkv-opt's World tokenizer
+(or the official one) and hand the ids to the generator with append_tokens.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rwkv_opt.reference.tokenizer import END_OF_DOC, load_world_tokenizer
+
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+END_OF_DOC_TEXT = "<|endoftext|>"  # World id 0 (end of document) has no bytes; genai needs a name for it
+_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+
+
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table, which ByteLevel (de)coders use."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {b: chr(b) for b in printable}, 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def bpe_model(vocab: dict[int, bytes]) -> tuple[dict[str, int], list[list[str]]]:
+    """(vocab, merges) of the BPE model for World tokens {id: bytes}; see the module docstring for
+    the merge order."""
+    b2u = byte_to_unicode()
+    text = {i: "".join(b2u[b] for b in token) for i, token in vocab.items()}
+    ids = {token: i for i, token in vocab.items()}
+    merges = []
+    for token in sorted((t for t in vocab.values() if len(t) > 1), key=lambda t: (-len(t), ids[t])):
+        for k in range(len(token) - 1, 0, -1):  # longest left part first (one per pair, so order is moot)
+            left, right = ids.get(token[:k]), ids.get(token[k:])
+            if left is not None and right is not None:
+                merges.append([text[left], text[right]])
+    return {text[i]: i for i in vocab}, merges
+
+
+def tokenizer_json(vocab: dict[int, bytes]) -> dict:
+    """The HF tokenizer.json document (byte-level BPE, end of document as special token 0)."""
+    bpe_vocab, merges = bpe_model(vocab)
+    return {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": END_OF_DOC, "content": END_OF_DOC_TEXT, "single_word": False, "lstrip": False,
+                          "rstrip": False, "normalized": False, "special": True}],
+        "normalizer": None, "pre_tokenizer": _BYTE_LEVEL, "post_processor": None, "decoder": _BYTE_LEVEL,
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                  "vocab": {END_OF_DOC_TEXT: END_OF_DOC, **bpe_vocab}, "merges": merges},
+    }
+
+
+def tokenizer_config() -> dict:
+    """tokenizer_config.json: no BOS/EOS added on encode (RWKV prompts start bare)."""
+    special = {"content": END_OF_DOC_TEXT, "special": True, "lstrip": False, "rstrip": False,
+               "normalized": False, "single_word": False}
+    return {"tokenizer_class": "GPT2Tokenizer", "add_bos_token": False, "add_eos_token": False,
+            "bos_token": END_OF_DOC_TEXT, "eos_token": END_OF_DOC_TEXT, "unk_token": END_OF_DOC_TEXT,
+            "pad_token": END_OF_DOC_TEXT, "clean_up_tokenization_spaces": False, "model_max_length": 1 << 30,
+            "added_tokens_decoder": {str(END_OF_DOC): special}}
+
+
+def write_tokenizer(directory: Path) -> None:
+    """Write tokenizer.json and tokenizer_config.json for the bundled World vocabulary into `directory`."""
+    world = load_world_tokenizer()
+    vocab = {i: t for i, t in world.idx2token.items() if i != END_OF_DOC}
+    with open(Path(directory) / TOKENIZER_FILE, "w", encoding="utf-8") as f:
+        json.dump(tokenizer_json(vocab), f, ensure_ascii=False)
+    (Path(directory) / TOKENIZER_CONFIG_FILE).write_text(json.dumps(tokenizer_config(), indent=1) + "\n")
