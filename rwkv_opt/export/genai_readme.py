@@ -35,6 +35,16 @@ Exact World tokens (see "Tokenizer"): `generator.append_tokens(WorldTokenizer().
 `from rwkv_opt.reference.tokenizer import WorldTokenizer` (or the official `rwkv` package's
 `TRIE_TOKENIZER`).
 
+Two things differ from transformer models, because RWKV is a recurrent network (measured with
+onnxruntime-genai 0.18.0):
+
+- Multi-turn: genai does not run the last generated token through the model when more tokens are
+  appended after it, so start the next turn with that token:
+  `generator.append_tokens([last_token] + next_turn_ids)`. Then the state equals one run over every
+  token once (`generator.rewind_to(0)` starts a conversation afresh).
+- Batches: give every row the same number of prompt tokens. `tokenizer.encode_batch` pads shorter
+  rows with token 0, which the model reads like any token and which changes that row's state.
+
 ## C#
 
 ```csharp
