@@ -2,22 +2,29 @@
 
 og.Tokenizer (onnxruntime-extensions) reads BPE (HF tokenizer.json, tiktoken) and SentencePiece; the
 World tokenizer is a greedy longest match over UTF-8 bytes. Every World token is a vocabulary entry
-here under GPT-2's byte-to-unicode mapping (so decoding is exact, byte for byte), and the merges are
-ordered so that BPE comes as close to greedy longest match as one global merge order can:
+here under GPT-2's byte-to-unicode mapping with its World id, so decoding is exact, byte for byte.
+Encoding comes as close to greedy longest match as one global merge order can
+(reports/genai_tokenizer.md measures it, benchmarks/genai_tokenizer.py):
 
+- the whole text is one pre-token: no word splitting that would cut tokens such as "\n\n" or ".\n";
 - every split of a token into two vocabulary tokens is a merge, not one split per token, so a token
-  forms whichever way its span was cut before (one split per token leaves many tokens unreachable);
-- merges that make longer tokens rank first, so when two overlapping merges compete, the one building
-  the longer token wins, as greedy longest match would pick it.
+  forms whichever way its span was cut before (one split per token leaves thousands unreachable);
+- merges that make longer tokens rank first, so when two overlapping merges compete the one building
+  the longer token wins, as greedy longest match would; among tokens of one length, those that occur
+  most often inside longer tokens rank first (they are the building blocks the longer merges need).
 
-BPE cannot know position, so it still differs where greedy's left-to-right order matters
-(reports/genai_tokenizer.md measures it). The exact path is: encode with rwkv-opt's World tokenizer
-(or the official one) and hand the ids to the generator with append_tokens.
+BPE has no left-to-right order, so it still differs where greedy's order matters, and 2,238 World
+tokens (mostly 3-byte characters such as U+732B) have no split into two tokens and come out as bytes.
+The exact path is: encode with rwkv-opt's World tokenizer (or the official one) and hand the ids to
+the generator with append_tokens.
 """
 from __future__ import annotations
 
+import functools
 import json
+from collections import Counter
 from pathlib import Path
+from typing import Iterable
 
 from rwkv_opt.reference.tokenizer import END_OF_DOC, load_world_tokenizer
 
@@ -25,6 +32,10 @@ TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 END_OF_DOC_TEXT = "<|endoftext|>"  # World id 0 (end of document) has no bytes; genai needs a name for it
 _BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+# One pre-token for the whole text: onnxruntime-extensions applies GPT-2's word-splitting regex unless the
+# pre-tokenizer names its own split, and that regex cuts World tokens such as "\n\n" in two.
+_WHOLE_TEXT = {"type": "Sequence", "pretokenizers": [
+    {"type": "Split", "pattern": {"Regex": "[\\s\\S]+"}, "behavior": "Isolated", "invert": False}, _BYTE_LEVEL]}
 
 
 def byte_to_unicode() -> dict[int, str]:
@@ -44,13 +55,28 @@ def bpe_model(vocab: dict[int, bytes]) -> tuple[dict[str, int], list[list[str]]]
     b2u = byte_to_unicode()
     text = {i: "".join(b2u[b] for b in token) for i, token in vocab.items()}
     ids = {token: i for i, token in vocab.items()}
+    uses = building_block_counts(vocab.values())
     merges = []
-    for token in sorted((t for t in vocab.values() if len(t) > 1), key=lambda t: (-len(t), ids[t])):
-        for k in range(len(token) - 1, 0, -1):  # longest left part first (one per pair, so order is moot)
+    for token in sorted((t for t in vocab.values() if len(t) > 1), key=lambda t: (-len(t), -uses[t], ids[t])):
+        for k in range(len(token) - 1, 0, -1):  # every split; the order within one token is moot
             left, right = ids.get(token[:k]), ids.get(token[k:])
             if left is not None and right is not None:
                 merges.append([text[left], text[right]])
     return {text[i]: i for i in vocab}, merges
+
+
+def building_block_counts(tokens: Iterable[bytes], longest: int = 12) -> Counter:
+    """How often each token (up to `longest` bytes) occurs inside longer tokens of the vocabulary: among
+    merges that make tokens of one length, those that make common building blocks rank first."""
+    tokens = list(tokens)
+    known, counts = set(tokens), Counter()
+    for token in tokens:
+        for start in range(len(token)):
+            for end in range(start + 2, min(len(token) - (start == 0), start + longest) + 1):
+                piece = token[start:end]
+                if piece in known:
+                    counts[piece] += 1
+    return counts
 
 
 def tokenizer_json(vocab: dict[int, bytes]) -> dict:
@@ -60,7 +86,7 @@ def tokenizer_json(vocab: dict[int, bytes]) -> dict:
         "version": "1.0", "truncation": None, "padding": None,
         "added_tokens": [{"id": END_OF_DOC, "content": END_OF_DOC_TEXT, "single_word": False, "lstrip": False,
                           "rstrip": False, "normalized": False, "special": True}],
-        "normalizer": None, "pre_tokenizer": _BYTE_LEVEL, "post_processor": None, "decoder": _BYTE_LEVEL,
+        "normalizer": None, "pre_tokenizer": _WHOLE_TEXT, "post_processor": None, "decoder": _BYTE_LEVEL,
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                   "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
                   "vocab": {END_OF_DOC_TEXT: END_OF_DOC, **bpe_vocab}, "merges": merges},
@@ -77,10 +103,15 @@ def tokenizer_config() -> dict:
             "added_tokens_decoder": {str(END_OF_DOC): special}}
 
 
+@functools.lru_cache(maxsize=1)
+def _tokenizer_text() -> str:
+    """tokenizer.json's text for the bundled World vocabulary (built once per process: ~2 s)."""
+    world = load_world_tokenizer()
+    return json.dumps(tokenizer_json({i: t for i, t in world.idx2token.items() if i != END_OF_DOC}),
+                      ensure_ascii=False)
+
+
 def write_tokenizer(directory: Path) -> None:
     """Write tokenizer.json and tokenizer_config.json for the bundled World vocabulary into `directory`."""
-    world = load_world_tokenizer()
-    vocab = {i: t for i, t in world.idx2token.items() if i != END_OF_DOC}
-    with open(Path(directory) / TOKENIZER_FILE, "w", encoding="utf-8") as f:
-        json.dump(tokenizer_json(vocab), f, ensure_ascii=False)
+    (Path(directory) / TOKENIZER_FILE).write_text(_tokenizer_text(), encoding="utf-8")
     (Path(directory) / TOKENIZER_CONFIG_FILE).write_text(json.dumps(tokenizer_config(), indent=1) + "\n")

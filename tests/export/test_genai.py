@@ -240,4 +240,4 @@ def test_tokenizer_decodes_world_ids_exactly_and_reports_encode_agreement(built)
     assert same / len(texts) >= AGREEMENT_FLOOR and ours / theirs <= RATIO_CEILING
 
 
-AGREEMENT_FLOOR, RATIO_CEILING = 0.35, 1.05
+AGREEMENT_FLOOR, RATIO_CEILING = 0.40, 1.04  # measured 25/60 = 0.42, 1.036 (onnxruntime-genai 0.18.0)
