@@ -9,10 +9,14 @@ Exported by `rwkv-opt export genai` from the rwkv-opt artifact of target `{targe
 
 | file | what |
 |---|---|
-| `model.onnx` (+ `model.onnx.data`) | the model; inputs `input_ids`, `past_key_values.{{i}}.conv_state` [B,2,C] (the two token-shift states), `past_key_values.{{i}}.recurrent_state` [B,H,N,N] (the WKV state, fp32); outputs `logits`, `present.{{i}}.*` |
+| `model.onnx` (+ `model.onnx.data`) | the model (inputs and outputs below) |
 | `genai_config.json` | model facts, end-of-document token 0 as eos/pad, provider options, search defaults |
 | `tokenizer.json`, `tokenizer_config.json` | the RWKV World vocabulary as byte-level BPE (see "Tokenizer") |
 | `manifest.json` | where this export came from (source artifact, target, versions) |
+
+Inputs: `input_ids` int64 [B,T]; per layer i `past_key_values.{{i}}.conv_state` [B,2,C] (the two
+token-shift states, time mix then channel mix) and `past_key_values.{{i}}.recurrent_state` [B,H,N,N]
+(the WKV state, fp32). Outputs: `logits` and `present.{{i}}.conv_state` / `present.{{i}}.recurrent_state`.
 
 ## Python
 

@@ -204,8 +204,8 @@ def test_refuses_heads(tmp_path, head):
     assert cli("pipeline", "--head", head, "--no-verify", "-o", art).returncode == 0
     r = cli("export", "genai", art, "-o", tmp_path / "out")
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip() == (f"rwkv-opt: error: {art} carries the '{head}' head, but onnxruntime-genai runs "
-                                "plain logits models (it samples on the host); export an artifact built without --head.")
+    assert r.stderr.strip() == (f"rwkv-opt: error: {art} carries the '{head}' head, but onnxruntime-genai runs plain "
+                                "logits models (it samples on the host); export an artifact built without --head.")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
 
 
