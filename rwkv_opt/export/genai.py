@@ -45,6 +45,7 @@ MAX_LENGTH = 4096          # default generation bound (prompt + new tokens), cha
 COPY_CHUNK = 64 << 20      # a weight file copied across filesystems goes through a buffer this large
 END_OF_DOC = 0             # World token 0 ends a document: eos, and the pad genai needs
 UNLIMITED_TOP_K = 0        # the model card's top_k 0: no top-k limit
+GENAI_VERSION = "0.18.0"   # the onnxruntime-genai release this layout and config were verified with (tests/export)
 
 
 def export_genai(artifact: Path, out: Path) -> dict:
@@ -62,15 +63,14 @@ def export_genai(artifact: Path, out: Path) -> dict:
     onnx.checker.check_model(_weightless(model)[0])  # the graph alone: the checker refuses hard-linked data
     provider = manifest.get("provider", "cpu")
     with staging_dir(out) as tmp:
-        for location in _data_files(model):
-            _link_or_copy(artifact / location, tmp / location)
+        weights = {location: _link_or_copy(artifact / location, tmp / location) for location in _data_files(model)}
         onnx.save_model(model, str(tmp / MODEL_FILE))
         write_json(tmp / CONFIG_FILE, genai_config(config, provider))
         write_tokenizer(tmp)
         (tmp / README_FILE).write_text(render(manifest.get("target", "?"), provider, MAX_LENGTH))
         record = {"tool": "rwkv-opt", "export": "genai", "source": str(artifact.absolute()),
                   "target": manifest.get("target"), "provider": provider, "rwkv_opt": __version__,
-                  "onnxruntime_genai": "0.18.0", "config": config,
+                  "verified_with_onnxruntime_genai": GENAI_VERSION, "config": config, "weight_files": weights,
                   "artifact_bytes": artifact_size(artifact), "export_bytes": _dir_bytes(tmp)}
         write_json(tmp / MANIFEST_FILE, record)
     return record
@@ -108,15 +108,12 @@ def rewire(model: onnx.ModelProto, n_layer: int) -> None:
         _rename(g, wkv, PAST_RECURRENT % i)
         _rename(g, wkv_next, PRESENT_RECURRENT % i)
         shift = inputs[tmix].type.tensor_type
-        dtype, channels = shift.elem_type, shift.shape.dim[2].dim_value
-        for vi, name in ((inputs[tmix], PAST_CONV % i), (inputs[cmix], None)):
-            g.input.remove(vi)
-            if name:
-                g.input.append(helper.make_tensor_value_info(name, dtype, ["batch", 2, channels]))
-        for vi, name in ((outputs[tmix_next], PRESENT_CONV % i), (outputs[cmix_next], None)):
-            g.output.remove(vi)
-            if name:
-                g.output.append(helper.make_tensor_value_info(name, dtype, ["batch", 2, channels]))
+        packed = ["batch", 2, shift.shape.dim[2].dim_value]
+        for field, pair, name in ((g.input, (inputs[tmix], inputs[cmix]), PAST_CONV % i),
+                                  (g.output, (outputs[tmix_next], outputs[cmix_next]), PRESENT_CONV % i)):
+            for vi in pair:
+                field.remove(vi)
+            field.append(helper.make_tensor_value_info(name, shift.elem_type, packed))
         splits.append(helper.make_node("Split", [PAST_CONV % i, SPLIT_SIZES], [tmix, cmix], axis=1,
                                        name=f"/genai/split_conv_{i}"))
         concats.append(helper.make_node("Concat", [tmix_next, cmix_next], [PRESENT_CONV % i], axis=1,
@@ -182,17 +179,19 @@ def _data_files(model: onnx.ModelProto) -> list[str]:
     return sorted(locations)
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
+def _link_or_copy(src: Path, dst: Path) -> str:
     """Hard-link `src` to `dst` (no bytes copied), or copy it in chunks when they are on different
-    filesystems or the filesystem has no hard links."""
+    filesystems or the filesystem has no hard links -> "hard link" or "copy"."""
     if not src.is_file():
         raise RwkvOptError(f"{src.parent / MODEL_FILE} needs weight file {src.name}, which is missing; "
                            "re-run `rwkv-opt pipeline` for this artifact.")
     try:
         os.link(src, dst)
+        return "hard link"
     except OSError:
         with open(src, "rb") as fi, open(dst, "wb") as fo:
             shutil.copyfileobj(fi, fo, COPY_CHUNK)
+        return "copy"
 
 
 def _dir_bytes(d: Path) -> int:

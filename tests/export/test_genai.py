@@ -1,5 +1,5 @@
-"""`rwkv-opt export genai` on the tiny model, run by the real onnxruntime-genai (og.Model, og.Generator,
-og.Tokenizer) against rwkv_opt.runtime.Session: greedy tokens and logits on the direct-step (1 token),
+"""`rwkv-opt export genai` on the tiny model (RWKV-7, and 7a), run by the real onnxruntime-genai (og.Model,
+og.Generator, og.Tokenizer) against rwkv_opt.runtime.Session: greedy tokens and logits on the direct-step (1 token),
 Scan (2-31) and chunked-WKV (>= 32, fuse_wkv's min_chunked_len) paths, batch 2, multi-turn, the
 tokenizer, the weight file hard link, CUDA exports, and every refusal."""
 from __future__ import annotations
@@ -15,6 +15,8 @@ import onnx
 import pytest
 
 from rwkv_opt.artifact import DATA_FILE, MODEL_FILE
+from rwkv_opt.checkpoint.synth import synthetic_state_dict
+from rwkv_opt.checkpoint.weights import from_state_dict
 from rwkv_opt.export.genai import CONFIG_FILE, export_genai
 from rwkv_opt.pipeline import run_pipeline
 from rwkv_opt.reference.tokenizer import load_world_tokenizer
@@ -38,10 +40,12 @@ def cli(*args):
 def built(tmp_path_factory, tiny7):
     """target -> (artifact dir, genai dir), built once for the module."""
     root = tmp_path_factory.mktemp("genai")
+    deepembed = from_state_dict(synthetic_state_dict("tiny", deepembed=True, seed=7).materialize())
     out = {}
-    for name in ("cpu-fp32", "cpu-int4", "cuda-fp16"):
+    for name, target, weights in (("cpu-fp32", "cpu-fp32", tiny7), ("cpu-int4", "cpu-int4", tiny7),
+                                  ("cuda-fp16", "cuda-fp16", tiny7), ("rwkv7a", "cpu-fp32", deepembed)):
         art = root / name
-        run_pipeline(get_target(name), tiny7, art, do_verify=False, progress=lambda _m: None)
+        run_pipeline(get_target(target), weights, art, do_verify=False, progress=lambda _m: None)
         export_genai(art, root / f"{name}-genai")
         out[name] = (art, root / f"{name}-genai")
     return out
@@ -89,8 +93,9 @@ def model_for(genai_dir: Path, cpu: bool = False):
     return og.Model(config)
 
 
-@pytest.mark.parametrize("target", ["cpu-fp32", "cpu-int4", "cuda-fp16"])
+@pytest.mark.parametrize("target", ["cpu-fp32", "cpu-int4", "cuda-fp16", "rwkv7a"])
 def test_greedy_tokens_and_logits_equal_session(built, target):
+    """rwkv7a: the cpu-fp32 target on an RWKV-7a (DeepEmbed) model."""
     art, genai_dir = built[target]
     session = Session(art, threads=1)
     model = model_for(genai_dir, cpu=target.startswith("cuda"))
