@@ -10,8 +10,11 @@ Encoding comes as close to greedy longest match as one global merge order can
 - every split of a token into two vocabulary tokens is a merge, not one split per token, so a token
   forms whichever way its span was cut before (one split per token leaves thousands unreachable);
 - merges that make longer tokens rank first, so when two overlapping merges compete the one building
-  the longer token wins, as greedy longest match would; among tokens of one length, those that occur
-  most often inside longer tokens rank first (they are the building blocks the longer merges need).
+  the longer token wins, as greedy longest match would;
+- among tokens of one length, those that start where greedy's tokens start (after whitespace, at a
+  capital) rank first: greedy reads left to right, so of two overlapping tokens it takes the one that
+  starts a word (" Mad" + "am", not " M" + "adam");
+- then those that occur most often inside longer tokens (the building blocks longer merges need).
 
 BPE has no left-to-right order, so it still differs where greedy's order matters, and 2,238 World
 tokens (mostly 3-byte characters such as U+732B) have no split into two tokens and come out as bytes.
@@ -57,12 +60,28 @@ def bpe_model(vocab: dict[int, bytes]) -> tuple[dict[str, int], list[list[str]]]
     ids = {token: i for i, token in vocab.items()}
     uses = building_block_counts(vocab.values())
     merges = []
-    for token in sorted((t for t in vocab.values() if len(t) > 1), key=lambda t: (-len(t), -uses[t], ids[t])):
+    order = sorted((t for t in vocab.values() if len(t) > 1),
+                   key=lambda t: (-len(t), start_class(t), -uses[t], ids[t]))
+    for token in order:
         for k in range(len(token) - 1, 0, -1):  # every split; the order within one token is moot
             left, right = ids.get(token[:k]), ids.get(token[k:])
             if left is not None and right is not None:
                 merges.append([text[left], text[right]])
     return {text[i]: i for i in vocab}, merges
+
+
+def start_class(token: bytes) -> int:
+    """How likely greedy longest match is to start a token here, as a rank (lower first): after
+    whitespace or at a capital a word begins, and greedy's tokens begin with words; mid-word letters
+    and digits less so, a UTF-8 continuation byte (mid-character) least."""
+    first = token[:1]
+    if first in (b" ", b"\n", b"\t", b"\r"):
+        return 0
+    if first.isupper():
+        return 1
+    if first.isalnum():
+        return 3
+    return 4 if 0x80 <= first[0] < 0xC0 else 2
 
 
 def building_block_counts(tokens: Iterable[bytes], longest: int = 12) -> Counter:

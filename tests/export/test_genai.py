@@ -245,4 +245,4 @@ def test_tokenizer_decodes_world_ids_exactly_and_reports_encode_agreement(built)
     assert same / len(texts) >= AGREEMENT_FLOOR and ours / theirs <= RATIO_CEILING
 
 
-AGREEMENT_FLOOR, RATIO_CEILING = 0.40, 1.04  # measured 25/60 = 0.42, 1.036 (onnxruntime-genai 0.18.0)
+AGREEMENT_FLOOR, RATIO_CEILING = 0.45, 1.035  # measured 29/60 = 0.48, 1.031 (onnxruntime-genai 0.18.0)
