@@ -126,8 +126,8 @@ def main() -> None:
               "- decode exact: og.Tokenizer.decode(World ids) gives the text back.", ""]
     report += table(results)
     report += ["", f"Held out: {len(held_out)} paragraphs (20-600 characters, fixed sample) of this repository's "
-               "Markdown (README, reports) and Python sources as of the commit that wrote this report, text the merge order "
-               "was not tuned on:", ""]
+               "Markdown (README, reports) and Python sources as of the commit that wrote this report, text "
+               "the merge order was not tuned on:", ""]
     report += table(held)
     report += ["", "## Why BPE stays short of World", "",
                "- BPE merges by one global rank, anywhere in the text; greedy longest match decides left to right. "
