@@ -26,7 +26,8 @@ import onnx
 from onnx import TensorProto, helper
 
 from rwkv_opt import __version__
-from rwkv_opt.artifact import MANIFEST_FILE, MODEL_FILE, artifact_size, read_manifest, staging_dir, write_json
+from rwkv_opt.artifact import (MANIFEST_FILE, MODEL_FILE, artifact_size, model_path, read_manifest, staging_dir,
+                               write_json)
 from rwkv_opt.errors import RwkvOptError
 from rwkv_opt.export.genai_readme import render
 from rwkv_opt.export.tokenizer_bpe import write_tokenizer
@@ -55,7 +56,7 @@ def export_genai(artifact: Path, out: Path) -> dict:
         raise RwkvOptError(f"artifact directory {artifact} does not exist; pass a directory made by "
                            "`rwkv-opt pipeline` or `rwkv-opt build`.")
     manifest = read_manifest(artifact)
-    model = onnx.load(str(artifact / MODEL_FILE), load_external_data=False)
+    model = onnx.load(str(model_path(artifact)), load_external_data=False)
     meta = {p.key: p.value for p in model.metadata_props}
     _refuse_heads(artifact, manifest, meta)
     config = json.loads(meta["rwkv_opt.config"])
