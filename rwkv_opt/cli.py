@@ -148,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
 
-    for extra in ("rwkv_opt.bench.cli", "rwkv_opt.generate_cli", "rwkv_opt.train_cli", "rwkv_opt.convert_cli"):
+    for extra in ("rwkv_opt.bench.cli", "rwkv_opt.generate_cli", "rwkv_opt.train_cli", "rwkv_opt.convert_cli",
+                  "rwkv_opt.export_cli"):
         try:
             mod = __import__(extra, fromlist=["register"])
         except ModuleNotFoundError as e:

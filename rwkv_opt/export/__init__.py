@@ -1,0 +1,1 @@
+"""Exports of rwkv-opt artifacts for other runtimes (onnxruntime-genai: `rwkv-opt export genai`)."""
