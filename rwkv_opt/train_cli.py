@@ -36,7 +36,7 @@ def register(sub) -> None:
                                    "onnxruntime call per AdamW step. Data: JSON Lines, one object per line: "
                                    '{"text": "..."} for SFT (optional "prompt": context, not trained on); '
                                    '{"text": "...", "reward": 1.0}, {"text": "...", "rewards": [one per token]} '
-                                   'or {"segments": [{"text": "...", "reward": 1.0}, ...]} for REINFORCE.")
+                                   'or {"segments": [{"text": "...", "reward": 1.0}, ...]} for REINFORCE.')
     p.add_argument("artifact", type=Path, help="artifact directory built with `pipeline --head sft|reinforce`")
     p.add_argument("--data", type=Path, required=True,
                    help='JSON Lines: {"text"} (+"prompt") for SFT; {"text","reward"|"rewards"} or {"segments"} '
