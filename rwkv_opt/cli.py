@@ -12,7 +12,7 @@ from rwkv_opt.errors import RwkvOptError
 PRESETS_HELP = "tiny (2 layers, seconds), 0.1b, 0.4b, 1.5b, 2.9b, 7.2b"
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+class HelpFormatter(argparse.HelpFormatter):
     """Every option's help ends with its default (unless it is None/False or the text already says it)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
