@@ -155,9 +155,8 @@ def cmd_targets(a) -> int:
 def target_detail(t) -> str:
     """`rwkv-opt targets NAME`: the target's passes with the configs they run with, its budget, and what
     the execution provider must support (the ops of the tiny synthetic model built through its passes)."""
-    from rwkv_opt.config import Precision
     from rwkv_opt.passes.base import get_pass
-    from rwkv_opt.pipeline import EMULATED_VERIFY_TOKENS, VERIFY_TOKENS
+    from rwkv_opt.pipeline import VERIFY_TOKENS, verify_tokens
     from rwkv_opt.targets import TOP1_ALPHA, runnable_here
 
     b = t.budget
@@ -172,9 +171,10 @@ def target_detail(t) -> str:
         cfg = cls(cls.Config(**overrides)).config_dict()
         lines.append(f"    {i}. {name:<11} {cls.description}".rstrip())
         lines.append(f"       {', '.join(f'{k}={_plain(v)}' for k, v in cfg.items()) or '(no options)'}")
-    prompt, decode = EMULATED_VERIFY_TOKENS if t.precision is Precision.BF16 else VERIFY_TOKENS
-    lines += [f"  budget vs the fp32 numpy reference ({decode + 1} teacher-forced positions: {prompt} prompt tokens, "
-              f"{decode} decoded{'; bf16 is emulated in onnx.reference, ~100x slower' if prompt != VERIFY_TOKENS[0] else ''}):",
+    prompt, decode = verify_tokens(t)
+    slow = "; bf16 runs emulated in onnx.reference, ~100x slower" if (prompt, decode) != VERIFY_TOKENS else ""
+    lines += [f"  budget vs the fp32 numpy reference ({decode + 1} teacher-forced positions: {prompt} prompt "
+              f"tokens, {decode} decoded{slow}):",
               f"    top-1 agreement >= {b.min_top1:.0%} (refused when a one-sided binomial test gives p < "
               f"{TOP1_ALPHA}), max|err|/std <= {b.max_rel_err}, mean KL <= {b.max_kl}",
               "  the execution provider must run (the tiny synthetic model through these passes):",

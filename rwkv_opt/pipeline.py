@@ -132,7 +132,7 @@ def verify(artifact: Path, weights: Weights, target: Target, prompt_len: int = V
             return {"status": "skipped",
                     "skipped": "ORT's CPU EP has no bf16 kernels and the model is too large to emulate; "
                                "verify on a CUDA machine with `rwkv-opt check`"}
-        prompt_len, decode_len = EMULATED_VERIFY_TOKENS
+        prompt_len, decode_len = verify_tokens(target)
     why = (f"{prompt_len} + {decode_len} tokens: ORT's CPU EP has no bf16 kernels, so the bf16 graph runs in onnx.reference with "
            "GPU-like rounding, about 100x slower than ORT" if emulate else f"{prompt_len} + {decode_len} tokens")
     # a fifth of the free memory stays free: the page cache feeds the layers converted again per token
@@ -183,6 +183,12 @@ def verify(artifact: Path, weights: Weights, target: Target, prompt_len: int = V
                      f"the reference samples itself, {why}")
     m["reference_top1_prob_median"] = round(ref_top1_prob, 4)
     return m
+
+
+def verify_tokens(target: Target) -> tuple[int, int]:
+    """(prompt, decoded) tokens verify compares for `target` (positions: decoded + 1): fewer for bf16,
+    which runs emulated in onnx.reference."""
+    return EMULATED_VERIFY_TOKENS if target.precision is Precision.BF16 else VERIFY_TOKENS
 
 
 def _softmax_max(logits: np.ndarray) -> np.ndarray:

@@ -7,6 +7,7 @@ import json
 import os
 import pty
 import re
+import select
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,15 @@ STRICT = Budget(min_top1=1.0, max_rel_err=1e-9, max_kl=0.0)  # no artifact meets
 def cli(*args, stdin: str | None = None):
     return subprocess.run([sys.executable, "-m", "rwkv_opt", *map(str, args)], cwd=REPO, capture_output=True,
                           text=True, input=stdin, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def sampler(tmp_path_factory):
+    """A tiny cpu-fp32 artifact with the sampling head, built through the CLI, and that run's stderr (a log)."""
+    art = tmp_path_factory.mktemp("ux") / "sampler"
+    r = cli("pipeline", "--head", "sampling", "-o", art)
+    assert r.returncode == 0, r.stderr
+    return art, r.stderr
 
 
 # ---- basics: --version, help, targets NAME --------------------------------------------------------------
@@ -50,15 +60,12 @@ def test_every_option_says_what_it_does_and_its_default():
 
 
 def test_targets_name_shows_passes_budget_and_ops(capsys):
-    assert main(["targets", "cpu-int4"]) == 0
+    assert main(["targets", "cpu-int8"]) == 0
     out = capsys.readouterr().out
-    assert 'scheme="nbits4"' in out and 'algorithm="gptq"' in out  # the quantize pass's config, as it runs
-    assert "1. fuse_wkv" in out and "3. quantize" in out
-    assert "top-1 agreement >= 90%" in out and "max|err|/std <= 3.0" in out and "33 teacher-forced" in out
-    assert re.search(r"com\.microsoft ops: .*MatMulNBits", out)
-    assert main(["targets", "cuda-bf16"]) == 0
-    out = capsys.readouterr().out
-    assert "9 teacher-forced positions" in out and "bfloat16" in out and "CUDAExecutionProvider" in out
+    assert 'scheme="int8"' in out and 'algorithm="rtn"' in out  # the quantize pass's whole config, as it runs
+    assert "1. fuse_wkv" in out and "3. quantize" in out and "CPUExecutionProvider" in out
+    assert "top-1 agreement >= 98%" in out and "max|err|/std <= 0.5" in out and "33 teacher-forced" in out
+    assert re.search(r"com\.microsoft ops: .*DynamicQuantizeMatMul", out) and "weights: float, int64, int8" in out
     assert main(["targets", "nope"]) == 2 and "unknown target 'nope'" in capsys.readouterr().err
 
 
@@ -84,22 +91,32 @@ def test_progress_bar_with_eta_on_a_terminal(monkeypatch):
     with progress.set_sink(), progress.phase("build", 4, "layers"):
         for i in range(4):
             progress.tick(i + 1)
-    tty.flush()
-    shown = os.read(master, 65536).decode()
     tty.close()
+    shown = b""
+    while select.select([master], [], [], 1.0)[0]:  # everything written, however the pty splits it
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the writer closed (EIO)
+            break
+        if not chunk:
+            break
+        shown += chunk
     os.close(master)
+    shown = shown.decode()
     assert "\r\x1b[K      [######" in shown and "build 2/4 layers" in shown and "ETA" in shown
     assert "build: 4 layers in" in shown  # the bar is replaced by the phase's total time
 
 
-def test_pipeline_quiet_and_no_bars_in_logs(tmp_path):
+def test_pipeline_quiet(tmp_path):
     quiet = cli("pipeline", "-q", "-o", tmp_path / "q")
     assert quiet.returncode == 0 and quiet.stderr == "" and "verified" in quiet.stdout
-    loud = cli("pipeline", "-o", tmp_path / "l")
-    assert loud.returncode == 0 and "[1/4]" in loud.stderr
-    assert "\r" not in loud.stderr and "\x1b[" not in loud.stderr  # stderr is a pipe: lines only
-    assert loud.stderr.index("[4/4] verify") < loud.stderr.index("wrote artifact")
-    assert "write artifact" not in loud.stderr.split("[4/4]")[0]
+
+
+def test_pipeline_logs_have_no_bars_and_write_after_verifying(sampler):
+    _, stderr = sampler
+    assert "[1/4]" in stderr and "\r" not in stderr and "\x1b[" not in stderr  # stderr is a pipe: lines only
+    assert stderr.index("[4/4] verify") < stderr.index("wrote artifact")
+    assert "write artifact" not in stderr.split("[4/4]")[0]
 
 
 # ---- refusals and --keep-unverified ---------------------------------------------------------------------------
@@ -148,14 +165,6 @@ def test_verification_explains_positions_and_the_binomial_decision(tiny7, tmp_pa
 
 
 # ---- slips ----------------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def sampler(tmp_path_factory):
-    art = tmp_path_factory.mktemp("ux") / "sampler"
-    r = cli("pipeline", "--head", "sampling", "-o", art)
-    assert r.returncode == 0, r.stderr
-    return art, r.stderr
-
 
 def test_sampling_head_verifies_without_ort_warnings(sampler):
     _, stderr = sampler
