@@ -133,8 +133,9 @@ def verify(artifact: Path, weights: Weights, target: Target, prompt_len: int = V
                     "skipped": "ORT's CPU EP has no bf16 kernels and the model is too large to emulate; "
                                "verify on a CUDA machine with `rwkv-opt check`"}
         prompt_len, decode_len = verify_tokens(target)
-    why = (f"{prompt_len} + {decode_len} tokens: ORT's CPU EP has no bf16 kernels, so the bf16 graph runs in onnx.reference with "
-           "GPU-like rounding, about 100x slower than ORT" if emulate else f"{prompt_len} + {decode_len} tokens")
+    why = f"{prompt_len} + {decode_len} tokens" + (": ORT's CPU EP has no bf16 kernels, so the bf16 graph runs in "
+                                                   "onnx.reference with GPU-like rounding, about 100x slower than ORT"
+                                                   if emulate else "")
     # a fifth of the free memory stays free: the page cache feeds the layers converted again per token
     cache = max(0, int(0.8 * available_memory()) - _ref_reserve(weights.config))
     ref = ReferenceModel(weights, np.float32, cache_bytes=cache)

@@ -103,15 +103,17 @@ class _Phase:
         sink.emit(f"      {self.status(done, now)}{'  ' + note if note else ''}"
                   f"  (RSS {rss_bytes() / 2**30:.2f} GiB)")
 
-    def end(self) -> None:
-        """Replace the bar (or follow the lines) with the phase's total time, if anything was shown."""
+    def end(self, completed: bool = True) -> None:
+        """Replace the bar (or follow the lines) with the phase's total time, if anything was shown; an
+        interrupted phase only erases its bar, so the error that follows starts on a clean line."""
         if not _sink or not self.said:
             return
         sink = _sink[-1]
         if sink.bar is not None:
             sink.bar.write("\r\033[K")
             sink.bar.flush()
-        sink.emit(f"      {self.name}: {self.total} {self.unit} in {_clock(time.perf_counter() - self.t0)}")
+        if completed:
+            sink.emit(f"      {self.name}: {self.total} {self.unit} in {_clock(time.perf_counter() - self.t0)}")
 
 
 @contextlib.contextmanager
@@ -121,6 +123,10 @@ def phase(name: str, total: int, unit: str = "steps"):
     _phases.append(p)
     try:
         yield p
+    except BaseException:
+        p.end(completed=False)
+        raise
+    else:
         p.end()
     finally:
         _phases.remove(p)

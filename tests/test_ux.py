@@ -91,6 +91,9 @@ def test_progress_bar_with_eta_on_a_terminal(monkeypatch):
     with progress.set_sink(), progress.phase("build", 4, "layers"):
         for i in range(4):
             progress.tick(i + 1)
+    with pytest.raises(KeyboardInterrupt), progress.set_sink(), progress.phase("verify", 9, "calls"):
+        progress.tick(1)
+        raise KeyboardInterrupt  # an interrupted phase erases its bar and says nothing more
     tty.close()
     shown = b""
     while select.select([master], [], [], 1.0)[0]:  # everything written, however the pty splits it
@@ -105,6 +108,9 @@ def test_progress_bar_with_eta_on_a_terminal(monkeypatch):
     shown = shown.decode()
     assert "\r\x1b[K      [######" in shown and "build 2/4 layers" in shown and "ETA" in shown
     assert "build: 4 layers in" in shown  # the bar is replaced by the phase's total time
+    build, verify = shown.split("verify 1/9 calls")
+    assert build.count("\r\x1b[K") == 6  # 4 redraws, the erase before the total line, the next bar
+    assert verify.endswith("\r\x1b[K") and "verify:" not in verify
 
 
 def test_pipeline_quiet(tmp_path):

@@ -148,7 +148,8 @@ def summary_frame(df: pd.DataFrame) -> pd.DataFrame:
         first = g.iloc[0]
         rows.append({"artifact": art, "target": first["target"], "EP": prov,
                      "precision": precision_label(first["precision"], first["quantization"]),
-                     "decode ms/token": small["decode_ms_p50"].median(), "prefill tok/s": small["prefill_tok_s"].median(),
+                     "decode ms/token": small["decode_ms_p50"].median(),
+                     "prefill tok/s": small["prefill_tok_s"].median(),
                      "top-1": g["top1"].min(), "KL": g["mean_kl"].max(), "size MB": first["size_mb"],
                      "within budget": mark, "why": next(w for m, w in checks if m == mark)})
     return pd.DataFrame(rows, columns=list(SUMMARY_HEADS) + ["why"])
