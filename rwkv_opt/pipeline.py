@@ -35,7 +35,9 @@ Progress = Callable[[str], None]
 EMULATE_MAX_PARAMS = 20_000_000  # bf16 graphs are checked through onnx.reference up to this size
 VERIFY_TOKENS = (16, 32)           # prompt + decoded tokens verify compares: 33 positions
 EMULATED_VERIFY_TOKENS = (8, 8)    # bf16 under onnx.reference (~100x slower than ORT): 9 positions
-FLAT_TOP1_PROB = 0.2  # a reference whose median top-1 probability is below this has near-flat logits
+# near-flat logits: the reference's median top-1 probability under this (the synthetic 0.1B's is under 3%,
+# a 0.1B trained here 9% on held-out text; targets.py)
+FLAT_TOP1_PROB = 0.05
 
 
 def versions() -> dict:
@@ -381,22 +383,27 @@ def refusal(target: Target, v: dict, weights: Weights) -> str:
     hits = round(v["top1"] * v["positions"])
     if any(m.startswith("top-1") for m in v["misses"]):
         by.append(f"top-1 {hits}/{v['positions']} = {v['top1']:.1%} against a {b.min_top1:.0%} budget "
-                  f"(p = {v['top1_p_value']:.3f} < {TOP1_ALPHA} in the one-sided binomial test)")
+                  f"(p = {v['top1_p_value']:.2g} < {TOP1_ALPHA} in the one-sided binomial test)")
     if not v["max_rel_err"] <= b.max_rel_err:
-        by.append(f"max|err|/std {v['max_rel_err']:.2e} > {b.max_rel_err} ({v['max_rel_err'] / b.max_rel_err:.1f}x)")
+        by.append(f"max|err|/std {v['max_rel_err']:.2e} > {b.max_rel_err}{_times(v['max_rel_err'], b.max_rel_err)}")
     if not v["mean_kl"] <= b.max_kl:
-        by.append(f"mean KL {v['mean_kl']:.2e} > {b.max_kl} ({v['mean_kl'] / max(b.max_kl, 1e-300):.1f}x)")
-    flat = v.get("reference_top1_prob_median", 1.0) < FLAT_TOP1_PROB
-    synthetic = weights.source.startswith("synthetic")
+        by.append(f"mean KL {v['mean_kl']:.2e} > {b.max_kl}{_times(v['mean_kl'], b.max_kl)}")
+    prob = v.get("reference_top1_prob_median", 1.0)
     why = ""
-    if flat or synthetic:
-        why = (f" Likely cause: {'a synthetic checkpoint' if synthetic else 'this checkpoint'}'s near-flat logits "
-               f"(the reference's median top-1 probability is {v.get('reference_top1_prob_median', 0):.1%}), where "
-               "near-tied tokens swap under small weight errors; a trained model's logits are sharper.")
+    synthetic = weights.source.startswith("synthetic")
+    if synthetic or prob < FLAT_TOP1_PROB:
+        what = "a synthetic checkpoint (random weights)" if synthetic else "this checkpoint"
+        why = (f" Likely cause: {what} has near-flat logits (the reference's median top-1 probability is "
+               f"{prob:.1%}), so near-tied tokens swap under small weight errors; a trained model's are sharper.")
     return (f"target {target.name} missed its accuracy budget on {v['positions']} teacher-forced positions: "
             f"{'; '.join(by)}; nothing was written.{why} Next: use a trained checkpoint (--checkpoint "
             "RWKV-x070-World-0.1B.pth), or skip the check with --no-verify, or keep this artifact marked "
             "unverified with --keep-unverified (manifest \"verification\": {\"status\": \"failed\"}).")
+
+
+def _times(value: float, limit: float) -> str:
+    """' (5.3x)': how far over a positive limit a value is."""
+    return f" ({value / limit:.1f}x)" if limit > 0 else ""
 
 
 def _check_memory(cfg, target: Target, plan: dict, do_verify: bool) -> None:

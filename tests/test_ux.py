@@ -133,7 +133,7 @@ def test_refusal_says_what_was_missed_why_and_what_next(tmp_path, monkeypatch, c
     err = capsys.readouterr().err
     msg = err.split("rwkv-opt: error: ")[1]
     assert re.search(r"max\|err\|/std \S+ > 1e-09 \(\d[\d.e+]*x\)", msg), msg  # missed, and by how much
-    assert "synthetic checkpoint" in msg and "near-flat logits" in msg
+    assert "synthetic checkpoint (random weights) has near-flat logits" in msg
     assert "--checkpoint" in msg and "--no-verify" in msg and "--keep-unverified" in msg
     assert "nothing was written" in msg and list(tmp_path.iterdir()) == []
     assert "wrote artifact" not in err and "write artifact" not in err
