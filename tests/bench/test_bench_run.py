@@ -160,6 +160,8 @@ def test_html_summary_on_top_full_table_behind_a_toggle(df, tmp_path):
     assert "rwkv_opt/bench/report.py" not in html and "decode p95 is not shown" in html
     full = html[html.index("<details>"):]
     assert f"All {len(df)} rows &times; {len(COLUMNS)} columns" in full and "decode_ms_p95" in full
+    single = write_report(df.iloc[:1], tmp_path / "one")["html"].read_text()  # nothing to compare: no plots
+    assert "<img" not in single and "one setting was measured" in single and "id='summary'" in single
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed and the README's test command "
