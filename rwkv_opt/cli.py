@@ -50,7 +50,6 @@ def _weights(a):
 def cmd_synth(a) -> int:
     from rwkv_opt.checkpoint.synth import synthetic_state_dict
     from rwkv_opt.checkpoint.torchzip import write_pth
-
     from rwkv_opt.progress import set_sink, stderr_line
 
     sd = synthetic_state_dict(a.preset, deepembed=a.deepembed, seed=a.seed, dtype=a.dtype)
@@ -67,10 +66,8 @@ def cmd_build(a) -> int:
     from rwkv_opt.artifact import MANIFEST_FILE, MODEL_FILE, save_model, staging_dir, write_json
     from rwkv_opt.graph.model import BuildOptions, LogitsMode, build_model
     from rwkv_opt.pipeline import check, versions
-
-    from rwkv_opt.tensorstore import scratch_store
-
     from rwkv_opt.progress import set_sink, stderr_line
+    from rwkv_opt.tensorstore import scratch_store
 
     w = _weights(a)
     with set_sink(None if a.quiet else stderr_line), staging_dir(a.output) as tmp, scratch_store(tmp):
@@ -87,16 +84,15 @@ def cmd_build(a) -> int:
 
 
 def cmd_pipeline(a) -> int:
-    from rwkv_opt.pipeline import run_pipeline
     from rwkv_opt.graph.model import LogitsMode
+    from rwkv_opt.pipeline import run_pipeline
+    from rwkv_opt.progress import stderr_line
     from rwkv_opt.targets import get_target
 
     target = get_target(a.target)  # refuse an unknown target before loading anything
     if a.wkv_op:
         target = target.with_wkv_op()
     heads = [(h, {}) for h in a.head]
-    from rwkv_opt.progress import stderr_line
-
     if a.keep_unverified and a.no_verify:
         raise RwkvOptError("--keep-unverified keeps an artifact that failed verification, and --no-verify skips "
                            "verification; pass one of them.")
@@ -113,10 +109,10 @@ def cmd_pipeline(a) -> int:
 def verification_lines(target, v: dict) -> list[str]:
     """What verification did and decided, for a person: the figures, the positions and why that many,
     and the binomial test's decision when top-1 is under the budget's rate."""
-    if "top1" not in v:
-        return [f"{target.name}: verification skipped: {v['skipped']}"] if v else []
     from rwkv_opt.targets import TOP1_ALPHA
 
+    if "top1" not in v:
+        return [f"{target.name}: verification skipped: {v['skipped']}"] if v else []
     b = target.budget
     verdict = "verified" if v["within_budget"] else "FAILED verification (kept unverified)"
     out = [f"{target.name}: {verdict} vs numpy reference on {v['positions']} positions: "
@@ -149,6 +145,7 @@ def cmd_targets(a) -> int:
         print(f"{t.name:<12} {t.provider.value:<5} {t.precision.value:<11} passes: {' -> '.join(t.pass_names)}")
         print(f"{'':<12} {t.description}; budget top1>={t.budget.min_top1}, max|err|/std<={t.budget.max_rel_err}, "
               f"KL<={t.budget.max_kl}{'' if here is None else '  [cannot run here: build only]'}")
+    print("`rwkv-opt targets NAME` shows one target's pass configs, budget and the ops its provider must run.")
     return 0
 
 
@@ -237,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ap = argparse.ArgumentParser(prog="rwkv-opt", description=__doc__, formatter_class=HelpFormatter,
                                  epilog="`rwkv-opt COMMAND --help` shows a command's options; start with "
-                                        "`rwkv-opt pipeline -o artifacts/demo`.")
+                                        "`rwkv-opt pipeline -o work/demo`.")
     ap.add_argument("--version", action="version", version=f"rwkv-opt {__version__}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
