@@ -342,6 +342,7 @@ def run_pipeline(target: Target, weights: Weights, out: Path, *, heads=(), logit
         check(tmp / MODEL_FILE, "saving")
         phases["write"] = time.perf_counter() - t0
         manifest["artifact_bytes"] = artifact_size(tmp)
+        progress(f"      {manifest['artifact_bytes'] / 2**20:.1f} MiB, {phases['write']:.1f}s")
         if do_verify:
             progress("[4/4] verify against the numpy reference (prompt, then teacher-forced decode steps)")
             t0 = time.perf_counter()
