@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from dataclasses import replace
@@ -10,6 +11,7 @@ from pathlib import Path
 from rwkv_opt.errors import RwkvOptError
 from rwkv_opt.reference.sampler import OFFICIAL_PIPELINE_ARGS, SamplingParams
 
+CHAT_HELP = "/reset clears the state, /help shows this, /quit or end of input leaves"
 PRESETS = {"g1": SamplingParams(), "official": OFFICIAL_PIPELINE_ARGS}
 SAMPLERS = {"auto": None, "graph": True, "host": False}
 
@@ -18,17 +20,17 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact", type=Path, help="artifact directory (or model.onnx)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="g1",
                    help="sampling defaults: g1 (RWKV-7 G1 model card, the default) or official (PIPELINE_ARGS)")
-    p.add_argument("--temperature", type=float, help="0 = greedy")
-    p.add_argument("--top-p", type=float, help=">= 1 = no filtering")
-    p.add_argument("--top-k", type=int, help="0 = off")
-    p.add_argument("--alpha-presence", type=float)
-    p.add_argument("--alpha-frequency", type=float)
-    p.add_argument("--alpha-decay", type=float)
+    p.add_argument("--temperature", type=float, help="0 = greedy (default: the preset's)")
+    p.add_argument("--top-p", type=float, help="nucleus mass kept; >= 1 = no filtering (default: the preset's)")
+    p.add_argument("--top-k", type=int, help="candidates kept; 0 = off (default: the preset's)")
+    p.add_argument("--alpha-presence", type=float, help="penalty once a token occurred (default: the preset's)")
+    p.add_argument("--alpha-frequency", type=float, help="penalty per occurrence (default: the preset's)")
+    p.add_argument("--alpha-decay", type=float, help="per-token decay of the occurrence counts (default: the preset's)")
     p.add_argument("--seed", type=int, help="seed of the uniform stream (default: a fresh one)")
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default="auto",
                    help="auto: in the graph when the model has the sampling head, else on the host")
-    p.add_argument("--provider", default="cpu")
-    p.add_argument("--threads", type=int, help="ORT intra-op threads")
+    p.add_argument("--provider", default="cpu", choices=["cpu", "cuda"], help="ONNX Runtime execution provider")
+    p.add_argument("--threads", type=int, help="ORT intra-op threads (default: ORT's choice)")
 
 
 def _params(a) -> SamplingParams:
@@ -52,14 +54,22 @@ def _check_tokenizer(artifact: Path) -> None:
 
 
 def _open(a):
-    import onnxruntime as ort
-
+    """The artifact's session and the tokenizer; says so on stderr when the model has random weights."""
+    from rwkv_opt.config import Provider
+    from rwkv_opt.graph.contract import Key
+    from rwkv_opt.errors import RwkvOptError
     from rwkv_opt.reference.tokenizer import load_world_tokenizer
-    from rwkv_opt.runtime import Session
+    from rwkv_opt.runtime import Session, available_providers
 
+    if Provider(a.provider) not in available_providers():
+        raise RwkvOptError(f"execution provider '{a.provider}' is not available in this onnxruntime; install "
+                           "onnxruntime-gpu on a CUDA machine, or use --provider cpu.")
     _check_tokenizer(a.artifact)
-    ort.set_default_logger_severity(3)  # the head's overridable defaults each log a warning at load
-    return Session(a.artifact, a.provider, threads=a.threads), load_world_tokenizer()
+    session = Session(a.artifact, a.provider, threads=a.threads)
+    if session.meta.get(Key.SOURCE_DIGEST, "").startswith("synthetic"):
+        print(f"note: {a.artifact} was built from a synthetic checkpoint (random weights), so its text is random "
+              "tokens, not language; build from a trained .pth (--checkpoint) for real text", file=sys.stderr)
+    return session, load_world_tokenizer()
 
 
 def cmd_generate(a) -> int:
@@ -67,14 +77,14 @@ def cmd_generate(a) -> int:
 
     session, tokenizer = _open(a)
     in_graph = SAMPLERS[a.sampler]
-    t0, n = time.perf_counter(), 0
-    for piece in generate(session, tokenizer, a.prompt, a.max_tokens, _params(a), a.seed, in_graph):
+    t0, tokens = time.perf_counter(), []
+    for piece in generate(session, tokenizer, a.prompt, a.max_tokens, _params(a), a.seed, in_graph,
+                          on_token=tokens.append):
         sys.stdout.write(piece)
         sys.stdout.flush()
-        n += 1
     sys.stdout.write("\n")
     where = "in the graph" if (uses_graph_sampler(session) if in_graph is None else in_graph) else "on the host"
-    print(f"[{n} pieces in {time.perf_counter() - t0:.2f}s, sampling {where}]", file=sys.stderr)
+    print(f"[{len(tokens)} tokens in {time.perf_counter() - t0:.2f}s, sampling {where}]", file=sys.stderr)
     return 0
 
 
@@ -83,7 +93,7 @@ def cmd_chat(a) -> int:
 
     session, tokenizer = _open(a)
     chat = Chat(session, tokenizer, _params(a), a.seed, a.max_tokens, SAMPLERS[a.sampler])
-    print(f"chatting with {a.artifact} (/reset clears the state, /quit or end of input leaves)", file=sys.stderr)
+    print(f"chatting with {a.artifact} ({CHAT_HELP})", file=sys.stderr)
     while True:
         sys.stdout.write("User: ")
         sys.stdout.flush()
@@ -98,6 +108,9 @@ def cmd_chat(a) -> int:
             chat.reset()
             print("(state reset)")
             continue
+        if message in ("/help", "/?") or re.fullmatch(r"/\w+", message):  # a command, never sent to the model
+            print(CHAT_HELP if message in ("/help", "/?") else f"unknown command {message}: {CHAT_HELP}")
+            continue
         if not message:
             continue
         sys.stdout.write("Assistant:")
@@ -110,8 +123,8 @@ def cmd_chat(a) -> int:
 def register(sub) -> None:
     p = sub.add_parser("generate", help="stream a continuation of a prompt")
     _sampling_args(p)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-tokens", type=int, default=200)
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--max-tokens", type=int, default=200, help="most tokens to generate")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive chat that keeps the state between turns")

@@ -62,5 +62,9 @@ def describe(artifact: Path, as_json: bool = False) -> str:
         if k != "rwkv_opt.config":
             lines.append(f"meta       {k} = {v}")
     if d["verification"]:
-        lines.append(f"verified   {json.dumps(d['verification'])}")
+        v = d["verification"]
+        status = v.get("status") or ("skipped" if "skipped" in v else "passed" if v.get("within_budget") else "failed")
+        label = {"failed": "FAILED: missed its accuracy budget, kept with --keep-unverified; do not trust it",
+                 "skipped": "SKIPPED: not verified"}.get(status, status)
+        lines.append(f"verified   {label}  {json.dumps(v)}")
     return "\n".join(lines)

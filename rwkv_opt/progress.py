@@ -1,62 +1,133 @@
-"""Progress lines with an ETA for long phases, and the process's memory figures.
+"""Progress for long phases: a bar with an ETA on a terminal, lines with elapsed time otherwise;
+and the process's memory figures.
 
-    with phase("build", total=n_layer, unit="layers"):   # prints nothing for a phase under ~10 s
+    with phase("build", total=n_layer, unit="layers"):   # says nothing for a phase under ~10 s
         for i in ...:
             tick(i + 1)                                   # "  build 12/24 layers  31 s, ETA 31 s"
 
 Library code calls tick() without knowing who listens: the pipeline installs a sink (set_sink),
-tests and library users get silence. Lines go out at most every `EVERY` seconds, the first after
-`EVERY` seconds, so only phases that take longer than that say anything.
+tests and library users get silence. Without a terminal (CI logs) lines go out at most every
+`EVERY` seconds, the first after `EVERY` seconds, and a phase that printed one ends with a line of
+its total time. On a terminal (`bar=True`) the phase redraws one bar line in place instead, from
+`BAR_AFTER` seconds on, and leaves its total time behind when it ends.
 """
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
 import sys
 import time
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, TextIO
 
-EVERY = 10.0
-_sink: list[Callable[[str], None]] = []
+EVERY = 10.0     # seconds between progress lines (no terminal)
+BAR_AFTER = 2.0  # a terminal's bar appears once a phase has run this long
+BAR_WIDTH = 24
+_REDRAW = 0.2    # seconds between a bar's redraws
+
+
+@dataclass
+class _Sink:
+    emit: Callable[[str], None]
+    bar: TextIO | None = None  # the terminal a bar is drawn on, or None for lines only
+
+
+_sink: list[_Sink] = []
 _phases: list["_Phase"] = []
 
 
-def _stderr(msg: str) -> None:
+def stderr_line(msg: str) -> None:
+    """The default sink: one line on stderr."""
     print(msg, file=sys.stderr, flush=True)
 
 
+def is_terminal(stream: TextIO) -> bool:
+    """Whether bars may be drawn on `stream`: an interactive terminal that understands carriage returns."""
+    return bool(getattr(stream, "isatty", lambda: False)()) and os.environ.get("TERM") != "dumb"
+
+
 @contextlib.contextmanager
-def set_sink(emit: Callable[[str], None] | None = _stderr):
-    """Send progress lines to `emit` (stderr by default) inside the block."""
-    _sink.append(emit or (lambda _m: None))
+def set_sink(emit: Callable[[str], None] | None = stderr_line, bar: bool | None = None):
+    """Send progress to `emit` inside the block (None: silence, for -q).
+
+    bar=None draws bars when `emit` is the stderr sink and stderr is a terminal; True/False force it."""
+    if bar is None:
+        bar = emit is stderr_line and is_terminal(sys.stderr)
+    _sink.append(_Sink(emit or (lambda _m: None), sys.stderr if bar and emit else None))
     try:
         yield
     finally:
         _sink.pop()
 
 
+def _clock(seconds: float) -> str:
+    """12 s, 3 min 05 s, 1 h 02 min."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
 class _Phase:
     def __init__(self, name: str, total: int, unit: str):
         self.name, self.total, self.unit = name, total, unit
         self.t0 = self.last = time.perf_counter()
+        self.said = False  # whether anything was shown (then the end is shown too)
+
+    def status(self, done: int, now: float) -> str:
+        """'name 12/24 layers  31 s, ETA 31 s'."""
+        took = now - self.t0
+        eta = took / max(done, 1e-9) * (self.total - done) if done else float("nan")
+        return (f"{self.name} {done}/{self.total} {self.unit}  {_clock(took)}, "
+                f"ETA {_clock(eta) if eta == eta else '?'}")
 
     def tick(self, done: int, note: str = "") -> None:
         now = time.perf_counter()
-        if not _sink or now - self.last < EVERY or not self.total:
+        if not _sink or not self.total:
             return
-        self.last = now
-        took = now - self.t0
-        eta = took / max(done, 1e-9) * (self.total - done)
-        _sink[-1](f"      {self.name} {done}/{self.total} {self.unit}  {took:.0f} s, ETA {eta:.0f} s"
-                  f"{'  ' + note if note else ''}  (RSS {rss_bytes() / 2**30:.2f} GiB)")
+        sink = _sink[-1]
+        if sink.bar is not None:
+            if now - self.t0 >= BAR_AFTER and now - self.last >= _REDRAW:
+                self.last, self.said = now, True
+                filled = int(BAR_WIDTH * min(done, self.total) / self.total)
+                sink.bar.write(f"\r\033[K      [{'#' * filled}{'.' * (BAR_WIDTH - filled)}] "
+                               f"{self.status(done, now)}{'  ' + note if note else ''}")
+                sink.bar.flush()
+            return
+        if now - self.last < EVERY:
+            return
+        self.last, self.said = now, True
+        sink.emit(f"      {self.status(done, now)}{'  ' + note if note else ''}"
+                  f"  (RSS {rss_bytes() / 2**30:.2f} GiB)")
+
+    def end(self, completed: bool = True) -> None:
+        """Replace the bar (or follow the lines) with the phase's total time, if anything was shown; an
+        interrupted phase only erases its bar, so the error that follows starts on a clean line."""
+        if not _sink or not self.said:
+            return
+        sink = _sink[-1]
+        if sink.bar is not None:
+            sink.bar.write("\r\033[K")
+            sink.bar.flush()
+        if completed:
+            sink.emit(f"      {self.name}: {self.total} {self.unit} in {_clock(time.perf_counter() - self.t0)}")
 
 
 @contextlib.contextmanager
 def phase(name: str, total: int, unit: str = "steps"):
+    """A phase of `total` units of work (layers, matrices, tokens) that tick() reports on."""
     p = _Phase(name, total, unit)
     _phases.append(p)
     try:
         yield p
+    except BaseException:
+        p.end(completed=False)
+        raise
+    else:
+        p.end()
     finally:
         _phases.remove(p)
 

@@ -33,7 +33,10 @@ def cmd_train(a) -> int:
 def register(sub) -> None:
     p = sub.add_parser("train", help="fine-tune an artifact's weights (SFT or REINFORCE) and write a .pth",
                        description="Train with the artifact's training head (pipeline --head sft|reinforce): one "
-                                   "onnxruntime call per AdamW step. Data: JSON Lines, see rwkv_opt/training/data.py.")
+                                   "onnxruntime call per AdamW step. Data: JSON Lines, one object per line: "
+                                   '{"text": "..."} for SFT (optional "prompt": context, not trained on); '
+                                   '{"text": "...", "reward": 1.0}, {"text": "...", "rewards": [one per token]} '
+                                   'or {"segments": [{"text": "...", "reward": 1.0}, ...]} for REINFORCE.')
     p.add_argument("artifact", type=Path, help="artifact directory built with `pipeline --head sft|reinforce`")
     p.add_argument("--data", type=Path, required=True,
                    help='JSON Lines: {"text"} (+"prompt") for SFT; {"text","reward"|"rewards"} or {"segments"} '

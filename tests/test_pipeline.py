@@ -30,6 +30,9 @@ def test_cuda_targets_build_and_verify_on_cpu(tiny7, tmp_path, target):
             assert io["dtype"] == "float32", io
     v = man["verification"]
     assert v["within_budget"] and v["top1"] >= 0.99, v
+    assert v["status"] == "passed" and v["protocol"].startswith(f"{v['positions']} teacher-forced positions")
+    if target == "cuda-bf16":  # the verification says why it checks 9 positions, not 33
+        assert v["positions"] == 9 and "8 + 8 tokens: ORT's CPU EP has no bf16 kernels" in v["protocol"], v
     assert [p["name"] for p in man["passes"]] == get_target(target).pass_names
     assert json.loads(d["metadata"]["rwkv_opt.precision"])["weights"] == {"cuda-fp16": "fp16", "cuda-bf16": "bf16"}[target]
 

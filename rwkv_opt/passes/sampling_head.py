@@ -13,8 +13,8 @@ Layout letters: B batch, V vocab, K candidates, NB histogram bins, n present/kep
 
 I/O added (seed-compatible names). Every input has a default (an initializer of the same name,
 which ORT honours as an overridable default and lists under get_overridable_initializers(), not
-get_inputs(); it logs one warning per such input at load), so a program that feeds only `x` and
-the state runs:
+get_inputs(); it would log one warning per such input at load, so rwkv_opt.runtime.Session loads
+models with this head at log severity "error"), so a program that feeds only `x` and the state runs:
 
     input            type     shape       default
     occurence        float32  [B|1, V]    zeros [1, V]: nothing generated yet ([1, V] serves all rows)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -99,10 +99,11 @@ class _Sampler:
 
 def generate(session: Session, tokenizer: WorldTokenizer, prompt: str, max_tokens: int = 200,
              params: SamplingParams = SamplingParams(), seed: int | None = None,
-             in_graph: bool | None = None) -> Iterator[str]:
+             in_graph: bool | None = None, on_token: Callable[[int], None] | None = None) -> Iterator[str]:
     """Stream the continuation of `prompt`, piece by piece, until max_tokens or end of document.
 
     in_graph: None = the model's head when it has one; False forces host-side sampling.
+    on_token(id) is called for each generated token (a piece can hold several tokens, or none yet).
     """
     if max_tokens <= 0:
         return
@@ -115,6 +116,8 @@ def generate(session: Session, tokenizer: WorldTokenizer, prompt: str, max_token
     for n in range(max_tokens):
         if token == END_OF_DOC:
             break
+        if on_token is not None:
+            on_token(token)
         piece = decoder.feed(token)
         if piece:
             yield piece

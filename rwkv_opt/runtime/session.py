@@ -75,9 +75,10 @@ class Session:
                                f"(have: {', '.join(p.value for p in available_providers())}); "
                                "install onnxruntime-gpu for CUDA or use --providers cpu.")
         providers = [self.provider.ort_name] + (["CPUExecutionProvider"] if self.provider is not Provider.CPU else [])
-        self.sess = ort.InferenceSession(str(self.path), session_options(threads, opt_level, profile, low_memory,
-                                                         quantized="rwkv_opt.quantization" in self.meta),
-                                         providers=providers)
+        so = session_options(threads, opt_level, profile, low_memory, quantized="rwkv_opt.quantization" in self.meta)
+        if self.meta.get("rwkv_opt.head") == "sampling":  # its overridable defaults would each log a warning
+            so.log_severity_level = 3                       # (passes/sampling_head.py); errors still show
+        self.sess = ort.InferenceSession(str(self.path), so, providers=providers)
         self.inputs = {i.name: i for i in self.sess.get_inputs()}
         self.output_names = [o.name for o in self.sess.get_outputs()]
         self.max_chunk = max_chunk
