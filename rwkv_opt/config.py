@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
-from typing import Iterator, Mapping
 
 from rwkv_opt.errors import CheckpointError
 

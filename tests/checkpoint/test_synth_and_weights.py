@@ -1,10 +1,12 @@
 """Synthetic presets, config derivation, validation, and key-order independence on real files."""
+import zipfile
+
 import numpy as np
 import pytest
 
 from rwkv_opt.checkpoint.synth import PRESETS, preset_config, synthetic_state_dict
 from rwkv_opt.checkpoint.torchzip import write_pth
-from rwkv_opt.checkpoint.weights import from_state_dict, load_weights
+from rwkv_opt.checkpoint.weights import file_digest, from_state_dict, load_weights
 from rwkv_opt.config import Variant, config_from_shapes, expected_shapes
 from rwkv_opt.errors import CheckpointError
 from rwkv_opt.reference import ReferenceModel
@@ -77,3 +79,16 @@ def test_layer_gap_is_named():
     sd.update({k.replace("blocks.0.", "blocks.2.", 1): v for k, v in sd.items() if k.startswith("blocks.0.")})
     with pytest.raises(CheckpointError, match="none for block 1"):
         from_state_dict(sd)
+
+
+def test_one_read_makes_the_digest_and_checks_every_crc(tmp_path):
+    """load_weights' sha256 comes from the same read as the CRC check and equals a plain hash of the file."""
+    p = tmp_path / "model.pth"
+    write_pth(p, synthetic_state_dict("tiny", seed=1))
+    w = load_weights(p)
+    assert w.digest == file_digest(p) and load_weights(p, digest=False).digest == ""
+    raw = p.read_bytes()
+    with zipfile.ZipFile(p) as zf:
+        sid = zf.read("model/.data/serialization_id")  # 40 digits torch only logs: no tensor depends on it
+    p.write_bytes(raw.replace(sid, sid[::-1]))
+    assert load_weights(p).digest not in ("", w.digest)  # the digest covers every byte, not only the tensors
