@@ -17,7 +17,7 @@ def cmd_export_genai(a) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `export` with its `genai` sub-command to the rwkv-opt parser."""
     p = sub.add_parser("export", help="export an artifact for another runtime")
-    kinds = p.add_subparsers(dest="export_kind", required=True)
+    kinds = p.add_subparsers(dest="export_kind", required=True, metavar="KIND", help="what to export for: genai")
     g = kinds.add_parser("genai", help="a directory that onnxruntime-genai (og.Model) runs: C#, C, C++, Java, Python")
     g.add_argument("artifact", type=Path, help="artifact directory made by `rwkv-opt pipeline` or `build`")
     g.add_argument("-o", "--output", type=Path, required=True, help="output directory (DIR)")
