@@ -77,13 +77,14 @@ class _Sampler:
         self.occurence = np.zeros((1, self.vocab), np.float32)  # the head's encoding
 
     def step(self, tokens: Sequence[int]) -> int:
-        """Feed `tokens` (>= 1) and draw the token that follows them."""
-        ids = np.asarray(tokens, np.int64).reshape(1, -1)
-        if ids.size == 0 or ids.min() < 0 or ids.max() >= self.vocab:
-            raise RwkvOptError(f"token ids must be in [0, {self.vocab}); got {ids.min()}..{ids.max()}.")
+        """Feed `tokens` (>= 1) and draw the token that follows them. Non-finite logits (or, with the
+        sampling head, which keeps the logits inside, a non-finite state) are refused: a broken model
+        must not print nothing and succeed."""
+        ids = self.session.check_tokens(np.asarray(tokens).reshape(1, -1))
         u = self.rng.random(1)
         if not self.in_graph:
             logits, self.state = self.session.forward(ids, self.state)
+            _refuse_non_finite(self.session, "logits", logits[0, -1])
             return int(sample_step(logits[0, -1], self.occurrence, self.params, float(u[0]), self.exempt))
         chunk = self.session.max_chunk
         for s in range(0, ids.shape[1], chunk):
@@ -93,8 +94,16 @@ class _Sampler:
             out = self.session.run(feed)
             self.state = {dst: out[src] for i in range(self.session.config.n_layer)
                           for src, dst in zip(contract.state_outputs(i), contract.state_inputs(i))}
+        for name, value in self.state.items():
+            _refuse_non_finite(self.session, f"state '{name}'", value)
         self.occurence = out[head.OCCURRENCE_NEXT]
         return int(out[head.TOKEN][0])
+
+
+def _refuse_non_finite(session: Session, what: str, values: np.ndarray) -> None:
+    if not np.isfinite(values).all():
+        raise RwkvOptError(f"{session.path} produced non-finite {what} (NaN or inf): its weights are broken; "
+                           "rebuild it from a sound checkpoint (`rwkv-opt inspect --verify` checks the files).")
 
 
 def generate(session: Session, tokenizer: WorldTokenizer, prompt: str, max_tokens: int = 200,
