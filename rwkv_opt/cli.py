@@ -46,6 +46,11 @@ def cmd_build(a) -> int:
 
     from rwkv_opt.tensorstore import scratch_store
 
+    import onnx
+
+    if not 18 <= a.opset <= onnx.defs.onnx_opset_version():  # 18: ReduceL2 with axes as an input
+        raise RwkvOptError(f"--opset must be between 18 and {onnx.defs.onnx_opset_version()} (this onnx's newest), "
+                           f"got {a.opset}.")
     w = _weights(a)
     with staging_dir(a.output) as tmp, scratch_store(tmp):  # weights go to disk as they are made
         model = build_model(w, BuildOptions(logits=LogitsMode(a.logits), opset=a.opset))
@@ -97,7 +102,7 @@ def cmd_targets(a) -> int:
 def cmd_inspect(a) -> int:
     from rwkv_opt.inspect import describe
 
-    print(describe(a.artifact, as_json=a.json))
+    print(describe(a.artifact, as_json=a.json, verify=a.verify))
     return 0
 
 
@@ -144,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="show an artifact's config, I/O, sizes and metadata")
     p.add_argument("artifact", type=Path)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--verify", action="store_true", help="check every file against the sha256 in manifest.json")
     p.set_defaults(func=cmd_inspect)
 
     for extra in ("rwkv_opt.bench.cli", "rwkv_opt.generate_cli", "rwkv_opt.train_cli"):
