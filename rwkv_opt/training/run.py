@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import onnx
 
-from rwkv_opt.artifact import MANIFEST_FILE, read_manifest, staging_dir, write_json
+from rwkv_opt.artifact import MANIFEST_FILE, load_proto, read_manifest, staging_dir, write_json
 from rwkv_opt.checkpoint.weights import Weights
 from rwkv_opt.errors import RwkvOptError
 from rwkv_opt.training.data import all_batches, batches, read_jsonl, windows
@@ -40,18 +39,21 @@ def _stderr(msg: str) -> None:
 def training_head(artifact: Path) -> dict:
     """The training head recorded in `artifact` (head, seq, batch, trainable), or a clear refusal."""
     man = read_manifest(artifact)
-    heads = [h for h in man.get("heads", []) if h in ("sft", "reinforce")]
+    heads = [h for h in man.get("heads", []) if h in ("sft", "reinforce")] if isinstance(man.get("heads"), list) else []
     if not heads:
         raise RwkvOptError(f"{artifact} has no training head; build it with "
                            "`rwkv-opt pipeline --head sft` (or --head reinforce).")
     meta = {}
     model = Path(artifact) / "model.onnx"
     if model.is_file():
-        m = onnx.load(str(model), load_external_data=False)
         prefix = "rwkv_opt.train."
-        meta = {p.key[len(prefix):]: p.value for p in m.metadata_props if p.key.startswith(prefix)}
+        meta = {p.key[len(prefix):]: p.value for p in load_proto(model).metadata_props if p.key.startswith(prefix)}
+    source = man.get("source", {})
+    if not all(str(meta.get(k, "1")).isdigit() for k in ("seq", "batch")) or not isinstance(source, dict):
+        raise RwkvOptError(f"{artifact} has a malformed training head record (seq, batch or source); rebuild it with "
+                           "`rwkv-opt pipeline --head sft`.")
     return {"head": heads[0], "seq": int(meta.get("seq", 64)), "batch": int(meta.get("batch", 1)),
-            "trainable": meta.get("trainable", "all"), "source": man.get("source", {})}
+            "trainable": meta.get("trainable", "all"), "source": source}
 
 
 def source_weights(head: dict, checkpoint: Path | None = None) -> Weights:
