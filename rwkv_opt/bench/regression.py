@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from rwkv_opt.artifact import MANIFEST_MAX_BYTES, read_manifest, verify_files, write_json
+from rwkv_opt.artifact import MANIFEST_MAX_BYTES, verify_recorded, write_json
 from rwkv_opt.bench.source import ArtifactInfo, artifact_info, refuse_unrunnable
 from rwkv_opt.config import Provider
 from rwkv_opt.errors import RwkvOptError
@@ -76,8 +76,7 @@ def _number(v) -> bool:
 def checked_info(artifact) -> ArtifactInfo:
     """artifact_info, after checking the artifact's files against their recorded sha256 (when recorded)."""
     info = artifact_info(artifact)
-    if "files" in read_manifest(info.path):
-        verify_files(info.path)
+    verify_recorded(info.path)
     return info
 
 

@@ -8,15 +8,15 @@ tokens' batch): each violation is one RwkvOptError sentence, never a silent cast
 """
 from __future__ import annotations
 
-import contextlib
 import json
+import re
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 import onnxruntime as ort
 
-from rwkv_opt.artifact import MANIFEST_FILE, load_proto, model_path, verify_files
+from rwkv_opt.artifact import load_proto, model_path, verify_files, verify_recorded
 from rwkv_opt.config import ModelConfig, Provider
 from rwkv_opt.errors import RwkvOptError
 from rwkv_opt.graph import contract
@@ -99,10 +99,9 @@ class Session:
         try:
             return ort.InferenceSession(str(self.path), options, providers=providers)
         except _ORT_LOAD_ERRORS as e:
-            if (self.path.parent / MANIFEST_FILE).is_file():
-                with contextlib.suppress(RwkvOptError):  # no digests recorded: ORT's own reason below
-                    verify_files(self.path.parent)
-            reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            verify_recorded(self.path.parent)  # a missing or changed file is the better sentence
+            reason = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", str(e).splitlines()[0] if str(e) else "")
+            reason = re.split(r"\.\s", reason)[0][:200] or type(e).__name__
             raise RwkvOptError(f"onnxruntime cannot load {self.path} ({reason}); rebuild the artifact.") from None
 
     # ---- state ----------------------------------------------------------------------------------

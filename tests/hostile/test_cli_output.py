@@ -109,7 +109,7 @@ def test_a_second_run_into_the_same_output_refuses(tmp_path):
     """Two real runs: a pipeline holds .out.lock while it builds; a second run into the same -o refuses in
     one sentence and the first completes."""
     out = tmp_path / "out"
-    first = subprocess.Popen([sys.executable, "-m", "rwkv_opt.cli", "pipeline", "-o", str(out)], cwd=REPO, env=ENV,
+    first = subprocess.Popen([sys.executable, "-m", "rwkv_opt.cli", "pipeline", "--no-verify", "-o", str(out)], cwd=REPO, env=ENV,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     lock = tmp_path / ".out.lock"
     deadline = time.time() + 120
@@ -140,19 +140,25 @@ def _dead_pid() -> int:
 
 
 def test_stale_staging_dirs_of_dead_runs_are_removed(tmp_path):
-    dead, live = _dead_pid(), os.getpid()
-    for name in (f".out.tmp-{dead}-abc", f".out.old-{dead}", f".out.tmp-{live}-keep", f".other.tmp-{dead}-x"):
+    dead = _dead_pid()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    for name in (f".out.tmp-{dead}-abc", f".out.old-{dead}", f".out.tmp-{live.pid}-keep", f".other.tmp-{dead}-x"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "model.onnx").write_bytes(b"half written")
-    rc, _out, err = run_proc("build", "-o", tmp_path / "out")
+    rc, _out, err = run_main("build", "-o", tmp_path / "out")
     assert rc == 0, err
     # the dead run's dirs are gone; a live process's dir and another output's dir are left alone
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f".other.tmp-{dead}-x", f".out.tmp-{live}-keep", "out"]
+    live.kill()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".other.tmp-{dead}-x", f".out.tmp-{live.pid}-keep", "out"]
 
 
 @pytest.mark.parametrize("umask,dir_mode,file_mode", [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)])
 def test_modes_follow_the_umask(tmp_path, umask, dir_mode, file_mode):
-    rc, _out, err = run_proc("build", "--external-data", "-o", tmp_path / "out", umask=umask)
+    old = os.umask(umask)
+    try:
+        rc, _out, err = run_main("build", "--external-data", "-o", tmp_path / "out")
+    finally:
+        os.umask(old)
     assert rc == 0, err
     out = tmp_path / "out"
     assert out.stat().st_mode & 0o777 == dir_mode
