@@ -300,7 +300,8 @@ def read_manifest(artifact: Path) -> dict:
     if not p.is_file():
         raise RwkvOptError(f"{artifact} has no {MANIFEST_FILE}; pass a directory made by `rwkv-opt pipeline` or `build`.")
     if p.stat().st_size > MANIFEST_MAX_BYTES:
-        raise RwkvOptError(f"{p} is {p.stat().st_size:,} bytes, too large for an rwkv-opt manifest; rebuild the artifact.")
+        raise RwkvOptError(f"{p} is {p.stat().st_size:,} bytes, too large for an rwkv-opt manifest; rebuild the "
+                           "artifact.")
     try:
         man = json.loads(p.read_bytes().decode("utf-8"))
     except json.JSONDecodeError as e:

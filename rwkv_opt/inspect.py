@@ -27,7 +27,7 @@ def info(artifact: Path, verify: bool = False) -> dict:
     m = load_proto(path)
     meta = {p.key: p.value for p in m.metadata_props}
     manifest = read_manifest(path.parent) if (path.parent / MANIFEST_FILE).is_file() else {}
-    passes = manifest.get("passes")
+    passes = manifest.get("passes") if isinstance(manifest.get("passes"), list) else []
     return {
         "path": str(path),
         "size_bytes": artifact_size(path.parent),
@@ -38,7 +38,7 @@ def info(artifact: Path, verify: bool = False) -> dict:
         "ops": dict(Counter(n.op_type for n in m.graph.node).most_common()),
         "metadata": meta,
         "target": manifest.get("target"),
-        "passes": [p["name"] for p in passes if isinstance(p, dict) and "name" in p] if isinstance(passes, list) else [],
+        "passes": [p["name"] for p in passes if isinstance(p, dict) and "name" in p],
         "verification": manifest.get("verification"),
         **({"files_verified": checked} if verify else {}),
     }

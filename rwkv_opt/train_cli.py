@@ -22,7 +22,8 @@ def _check_options(a) -> None:
     rules = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "in [0, 1)": lambda v: 0 <= v < 1,
              "": lambda v: True}
     floats = {"--lr": (a.lr, "> 0"), "--eps": (a.eps, "> 0"), "--weight-decay": (a.weight_decay, ">= 0"),
-              "--beta1": (a.beta1, "in [0, 1)"), "--beta2": (a.beta2, "in [0, 1)"), "--max-grad-norm": (a.max_grad_norm, "")}
+              "--beta1": (a.beta1, "in [0, 1)"), "--beta2": (a.beta2, "in [0, 1)"),
+              "--max-grad-norm": (a.max_grad_norm, "")}
     for flag, (v, rule) in floats.items():
         if v is not None and not (math.isfinite(v) and rules[rule](v)):
             raise RwkvOptError(f"{flag} must be a finite number {rule}".rstrip() + f", got {v}.")

@@ -139,7 +139,8 @@ def read_jsonl(path: Path, objective: Objective, vocab: int) -> list[Example]:
                 line = raw.decode("utf-8")
                 row = json.loads(line) if line.strip() else None
             except UnicodeDecodeError as e:
-                raise RwkvOptError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}).") from None
+                raise RwkvOptError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}).") \
+                    from None
             except json.JSONDecodeError as e:
                 raise RwkvOptError(f"{where}: not valid JSON ({e.msg}).") from None
             except RecursionError:

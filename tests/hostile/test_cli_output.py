@@ -109,8 +109,8 @@ def test_a_second_run_into_the_same_output_refuses(tmp_path):
     """Two real runs: a pipeline holds .out.lock while it builds; a second run into the same -o refuses in
     one sentence and the first completes."""
     out = tmp_path / "out"
-    first = subprocess.Popen([sys.executable, "-m", "rwkv_opt.cli", "pipeline", "--no-verify", "-o", str(out)], cwd=REPO, env=ENV,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first = subprocess.Popen([sys.executable, "-m", "rwkv_opt.cli", "pipeline", "--no-verify", "-o", str(out)],
+                             cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     lock = tmp_path / ".out.lock"
     deadline = time.time() + 120
     while not lock.exists() and first.poll() is None and time.time() < deadline:
