@@ -78,8 +78,9 @@ class _Sampler:
 
     def step(self, tokens: Sequence[int]) -> int:
         """Feed `tokens` (>= 1) and draw the token that follows them. Non-finite logits (or, with the
-        sampling head, which keeps the logits inside, a non-finite state) are refused: a broken model
-        must not print nothing and succeed."""
+        sampling head, which keeps the logits inside, a non-finite last-layer state: NaN weights in any layer
+        reach it; only NaN in the head itself goes unseen there) are refused: a broken model must not print
+        nothing and succeed."""
         ids = self.session.check_tokens(np.asarray(tokens).reshape(1, -1))
         u = self.rng.random(1)
         if not self.in_graph:
@@ -94,8 +95,8 @@ class _Sampler:
             out = self.session.run(feed)
             self.state = {dst: out[src] for i in range(self.session.config.n_layer)
                           for src, dst in zip(contract.state_outputs(i), contract.state_inputs(i))}
-        for name, value in self.state.items():
-            _refuse_non_finite(self.session, f"state '{name}'", value)
+        last = contract.state_inputs(self.session.config.n_layer - 1)[2]  # downstream of every layer but the head,
+        _refuse_non_finite(self.session, f"state '{last}'", self.state[last])  # and (B, 1, C): cheap per token
         self.occurence = out[head.OCCURRENCE_NEXT]
         return int(out[head.TOKEN][0])
 

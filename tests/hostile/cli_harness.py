@@ -7,6 +7,7 @@ import contextlib
 import io
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}  # this checkout's rwkv_opt from any cwd
 MAX_SECONDS = 60.0
+MAX_CHILD_RSS = 1 << 30  # the memory bound for refusing hostile input
 
 
 def snapshot(root: Path) -> dict[str, tuple]:
@@ -45,6 +47,8 @@ def run_proc(*args, cwd=None, stdin: bytes | None = None, umask: int | None = No
     cmd = [*prefix, sys.executable, "-m", "rwkv_opt.cli", *(a if isinstance(a, bytes) else str(a) for a in args)]
     r = subprocess.run(cmd, cwd=cwd or REPO, env=ENV, input=stdin if stdin is not None else b"", capture_output=True,
                        timeout=300, preexec_fn=(lambda: os.umask(umask)) if umask is not None else None)
+    # the peak RSS of the largest child this process has waited for so far (KiB on Linux): an upper bound
+    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 < MAX_CHILD_RSS
     return r.returncode, r.stdout.decode("utf-8", "replace"), r.stderr.decode("utf-8", "replace")
 
 
