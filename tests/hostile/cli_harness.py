@@ -1,6 +1,6 @@
 """What every hostile CLI case asserts: exit code 2, one sentence on stderr, no traceback, the directory
 tree unchanged, within a time bound. Runs the real CLI: in this process (cli.main, for the cases that
-need no fresh process) or as `python -m rwkv_opt.cli` (argv bytes, stdin, signals, umask, mounts)."""
+need no fresh process) or as `python -m rwkv_opt.cli` (argv bytes, stdin, another cwd, signals, mounts)."""
 from __future__ import annotations
 
 import contextlib
@@ -42,11 +42,10 @@ def run_main(*args) -> tuple[int, str, str]:
     return rc, out.getvalue(), err.getvalue()
 
 
-def run_proc(*args, cwd=None, stdin: bytes | None = None, umask: int | None = None, prefix=()) -> tuple[int, str, str]:
+def run_proc(*args, cwd=None, stdin: bytes = b"") -> tuple[int, str, str]:
     """`python -m rwkv_opt.cli args` in a fresh process (args may be bytes) -> (exit code, stdout, stderr)."""
-    cmd = [*prefix, sys.executable, "-m", "rwkv_opt.cli", *(a if isinstance(a, bytes) else str(a) for a in args)]
-    r = subprocess.run(cmd, cwd=cwd or REPO, env=ENV, input=stdin if stdin is not None else b"", capture_output=True,
-                       timeout=300, preexec_fn=(lambda: os.umask(umask)) if umask is not None else None)
+    cmd = [sys.executable, "-m", "rwkv_opt.cli", *(a if isinstance(a, bytes) else str(a) for a in args)]
+    r = subprocess.run(cmd, cwd=cwd or REPO, env=ENV, input=stdin, capture_output=True, timeout=300)
     # the peak RSS of the largest child this process has waited for so far (KiB on Linux): an upper bound
     assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 < MAX_CHILD_RSS
     return r.returncode, r.stdout.decode("utf-8", "replace"), r.stderr.decode("utf-8", "replace")
