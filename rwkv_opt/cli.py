@@ -40,13 +40,13 @@ def cmd_synth(a) -> int:
 
 
 def cmd_build(a) -> int:
+    import onnx
+
     from rwkv_opt.artifact import MANIFEST_FILE, MODEL_FILE, save_model, staging_dir, write_json
     from rwkv_opt.graph.model import BuildOptions, LogitsMode, build_model
     from rwkv_opt.pipeline import check, versions
 
     from rwkv_opt.tensorstore import scratch_store
-
-    import onnx
 
     if not 18 <= a.opset <= onnx.defs.onnx_opset_version():  # 18: ReduceL2 with axes as an input
         raise RwkvOptError(f"--opset must be between 18 and {onnx.defs.onnx_opset_version()} (this onnx's newest), "
