@@ -39,7 +39,7 @@ MANIFEST_MAX_BYTES = 64 << 20  # a manifest is a few KiB; a larger "manifest" is
 EXTERNAL_THRESHOLD = 64 << 20
 _HASH_CHUNK = 8 << 20
 # errors that mean the output cannot be written there (disk full, quota, read-only, no permission)
-_WRITE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
+WRITE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
                  errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
                  errno.EPERM: "permission denied"}
 
@@ -105,8 +105,13 @@ def staging_dir(out: Path):
     except OSError as e:
         if not _output_error(e, out):
             raise
-        raise RwkvOptError(f"cannot write {out}: {_WRITE_ERRNOS[e.errno]} ({e.filename or out.parent}); free some "
-                           "space or choose a writable -o, nothing was written.") from None
+        raise write_refusal(e, out) from None
+
+
+def write_refusal(e: OSError, path: Path) -> RwkvOptError:
+    """The one sentence for an output that cannot be written (disk full, quota, read-only, permission)."""
+    return RwkvOptError(f"cannot write {path}: {WRITE_ERRNOS[e.errno]} ({e.filename or Path(path).parent}); free "
+                        "some space or choose a writable path, nothing was written.")
 
 
 def _output_error(e: OSError, out: Path) -> bool:
@@ -114,7 +119,7 @@ def _output_error(e: OSError, out: Path) -> bool:
     for the staging dir, the lock file or a parent being made (not for an input file that cannot be read)."""
     if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
         return True
-    if e.errno not in _WRITE_ERRNOS or not e.filename:
+    if e.errno not in WRITE_ERRNOS or not e.filename:
         return False
     fn = Path(os.fsdecode(e.filename)).absolute()
     mine = f".{out.name}."
@@ -289,9 +294,14 @@ def _exchange(a: Path, b: Path) -> bool:
 # ---- files in it ------------------------------------------------------------------------------------------
 
 def write_json(path: Path, obj) -> None:
+    """`obj` as JSON at `path`, through a temp file renamed into place (removed when the write fails)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_manifest(artifact: Path) -> dict:

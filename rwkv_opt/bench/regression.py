@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from rwkv_opt.artifact import MANIFEST_MAX_BYTES, verify_recorded, write_json
+from rwkv_opt.artifact import MANIFEST_MAX_BYTES, WRITE_ERRNOS, verify_recorded, write_json, write_refusal
 from rwkv_opt.bench.source import ArtifactInfo, artifact_info, refuse_unrunnable
 from rwkv_opt.config import Provider
 from rwkv_opt.errors import RwkvOptError
@@ -95,8 +95,13 @@ def write_baseline(path: str | Path, artifacts, provider: str | None = None, che
                         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                         "metrics": measure(info, prov, PROTOCOL, checkpoint), "tolerances": TOLERANCES}
     doc = {"schema": SCHEMA_ID, "protocol": PROTOCOL, "artifacts": entries}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    write_json(Path(path), doc)
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        write_json(Path(path), doc)
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        raise write_refusal(e, Path(path)) from None
     return doc
 
 

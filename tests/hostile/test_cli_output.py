@@ -211,6 +211,14 @@ def test_read_only_output_is_one_sentence(tmp_path):
                               "build", "-o", mnt / "out"), "read-only", tree=tmp_path / "ro")
 
 
+def test_baseline_on_a_read_only_disk_is_one_sentence(tmp_path, tmp_path_factory):
+    mnt, art = tmp_path / "mnt", built(tmp_path_factory, "base")
+    (tmp_path / "ro").mkdir()
+    refused(lambda: _in_mount(tmp_path, f"mount --bind {tmp_path / 'ro'} {mnt} && mount -o remount,bind,ro {mnt}",
+                              "check", "--write-baseline", mnt / "b.json", art), "cannot write", "read-only",
+            tree=tmp_path / "ro")
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
 def test_permission_denied_output_is_one_sentence(tmp_path):
     (tmp_path / "locked").mkdir(mode=0o555)
