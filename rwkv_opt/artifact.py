@@ -22,6 +22,7 @@ from pathlib import Path
 
 import onnx
 
+from rwkv_opt.config import ModelConfig
 from rwkv_opt.errors import RwkvOptError
 
 MODEL_FILE = "model.onnx"
@@ -374,6 +375,21 @@ def load_proto(path: Path) -> onnx.ModelProto:
     except (DecodeError, RuntimeWarning, ValueError) as e:
         raise RwkvOptError(f"{path} is not a readable ONNX model ({str(e).splitlines()[0][:120] or 'truncated'}); "
                            "rebuild the artifact.") from None
+
+
+def model_config(path: Path, meta: dict[str, str]) -> ModelConfig:
+    """The rwkv_opt.config metadata entry of model `path` (its metadata_props `meta`) as a ModelConfig;
+    a missing or malformed one (not JSON, unknown keys, sizes that are not positive integers) is refused."""
+    if "rwkv_opt.config" not in meta:
+        raise RwkvOptError(f"{path} has no rwkv-opt metadata; build it with `rwkv-opt build` or `pipeline`.")
+    try:
+        cfg = ModelConfig.from_dict(json.loads(meta["rwkv_opt.config"]))
+    except (json.JSONDecodeError, TypeError, KeyError, ValueError, RecursionError):
+        cfg = None
+    sizes = [getattr(cfg, k, None) for k in ("n_layer", "n_embd", "head_size", "vocab", "dim_ffn")]
+    if cfg is None or not all(type(v) is int and v > 0 for v in sizes) or cfg.n_embd % cfg.head_size:
+        raise RwkvOptError(f"{path} has a malformed rwkv_opt.config metadata entry; rebuild the artifact.")
+    return cfg
 
 
 def model_path(artifact: Path) -> Path:

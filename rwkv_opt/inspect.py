@@ -7,8 +7,8 @@ from pathlib import Path
 
 import onnx
 
-from rwkv_opt.artifact import MANIFEST_FILE, artifact_size, load_proto, model_path, read_manifest, verify_files
-from rwkv_opt.errors import RwkvOptError
+from rwkv_opt.artifact import (MANIFEST_FILE, artifact_size, load_proto, model_config, model_path, read_manifest,
+                               verify_files)
 
 
 def _shape(vi) -> list:
@@ -45,13 +45,8 @@ def info(artifact: Path, verify: bool = False) -> dict:
 
 
 def _config(path: Path, meta: dict) -> dict:
-    try:
-        config = json.loads(meta.get("rwkv_opt.config", "{}"))
-    except json.JSONDecodeError:
-        config = None
-    if not isinstance(config, dict):
-        raise RwkvOptError(f"{path} has a malformed rwkv_opt.config metadata entry; rebuild the artifact.")
-    return config
+    """The model's config ({} for an ONNX model without rwkv-opt metadata)."""
+    return model_config(path, meta).to_dict() if "rwkv_opt.config" in meta else {}
 
 
 def describe(artifact: Path, as_json: bool = False, verify: bool = False) -> str:

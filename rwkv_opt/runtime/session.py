@@ -8,7 +8,6 @@ tokens' batch): each violation is one RwkvOptError sentence, never a silent cast
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -16,8 +15,8 @@ import ml_dtypes
 import numpy as np
 import onnxruntime as ort
 
-from rwkv_opt.artifact import load_proto, model_path, verify_files, verify_recorded
-from rwkv_opt.config import ModelConfig, Provider
+from rwkv_opt.artifact import load_proto, model_config, model_path, verify_files, verify_recorded
+from rwkv_opt.config import Provider
 from rwkv_opt.errors import RwkvOptError
 from rwkv_opt.graph import contract
 
@@ -75,9 +74,7 @@ class Session:
         if verify:
             verify_files(self.path.parent)
         self.meta = _read_meta(self.path)
-        if "rwkv_opt.config" not in self.meta:
-            raise RwkvOptError(f"{self.path} has no rwkv-opt metadata; build it with `rwkv-opt build` or `pipeline`.")
-        self.config = ModelConfig.from_dict(json.loads(self.meta["rwkv_opt.config"]))
+        self.config = model_config(self.path, self.meta)
         self.logits_mode = self.meta.get("rwkv_opt.logits", "all")
         self.provider = Provider(provider)
         if self.provider not in available_providers():

@@ -226,3 +226,16 @@ def test_train_data_errors_name_file_and_line(tmp_path, tmp_path_factory, lines,
     refused(lambda: run_main("train", built(tmp_path_factory, "reinforce"), "--data", data, "--steps", "1",
                              "-o", tmp_path / "out"), words)
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("config", ['{"n_layer": 2', '{"n_layer": "2"}', "[1]", '{"bogus": 1}'],
+                         ids=["not-json", "string-size", "list", "unknown-key"])
+def test_malformed_config_metadata(art, tmp_path, config):
+    """A model whose rwkv_opt.config metadata is not a model config: generate and inspect refuse it."""
+    import onnx
+
+    m = onnx.load(str(art / "model.onnx"))
+    next(p for p in m.metadata_props if p.key == "rwkv_opt.config").value = config
+    onnx.save(m, str(art / "model.onnx"))
+    refused(lambda: run_main("generate", art, "--prompt", "x"), "malformed rwkv_opt.config", tree=tmp_path)
+    refused(lambda: run_main("inspect", art), "malformed rwkv_opt.config", tree=tmp_path)
