@@ -181,6 +181,23 @@ def test_signal_during_a_run_leaves_nothing(tmp_path, sig, when):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_sigkill_leftovers_are_removed_by_the_next_run(tmp_path):
+    """SIGKILL during verify cannot be caught: the staging dir (with its model) and the lock file stay; the
+    next run into the same -o takes the dead run's lock and removes its staging dir."""
+    p = subprocess.Popen([sys.executable, "-m", "rwkv_opt.cli", "pipeline", "-o", str(tmp_path / "out")], cwd=REPO,
+                         env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for line in p.stderr:
+        if line.startswith("[4/4] verify"):
+            p.kill()
+            break
+    p.wait(timeout=120)
+    left = sorted(q.name for q in tmp_path.iterdir())
+    assert left[0] == ".out.lock" and left[1].startswith(f".out.tmp-{p.pid}-") and len(left) == 2, left
+    rc, _out, err = run_main("build", "-o", tmp_path / "out")
+    assert rc == 0, err
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["out"]
+
+
 def _in_mount(tmp_path, setup: str, *args) -> tuple[int, str, str]:
     """Run the CLI in a private mount namespace after `setup` (shell) mounted something on tmp_path/mnt;
     stdout ends with "LEFT:" and what the mount holds afterwards."""
