@@ -66,12 +66,17 @@ def cmd_synth(a) -> int:
 
 
 def cmd_build(a) -> int:
+    import onnx
+
     from rwkv_opt.artifact import MANIFEST_FILE, MODEL_FILE, save_model, staging_dir, write_json
     from rwkv_opt.graph.model import BuildOptions, LogitsMode, build_model
     from rwkv_opt.pipeline import check, versions
     from rwkv_opt.progress import set_sink, stderr_line
     from rwkv_opt.tensorstore import scratch_store
 
+    if not 18 <= a.opset <= onnx.defs.onnx_opset_version():  # 18: ReduceL2 with axes as an input
+        raise RwkvOptError(f"--opset must be between 18 and {onnx.defs.onnx_opset_version()} (this onnx's newest), "
+                           f"got {a.opset}.")
     w = _weights(a)
     with set_sink(None if a.quiet else stderr_line), staging_dir(a.output) as tmp, scratch_store(tmp):
         model = build_model(w, BuildOptions(logits=LogitsMode(a.logits), opset=a.opset))
@@ -221,7 +226,7 @@ def _target_ops(t) -> list[str]:
 def cmd_inspect(a) -> int:
     from rwkv_opt.inspect import describe
 
-    text = describe(a.artifact, as_json=a.json)
+    text = describe(a.artifact, as_json=a.json, verify=a.verify)
     try:
         print(text)
         sys.stdout.flush()
@@ -290,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="show an artifact's config, I/O, sizes, metadata and verification")
     p.add_argument("artifact", type=Path, help="artifact directory (or its model.onnx)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--verify", action="store_true", help="check every file against the sha256 in manifest.json")
     p.set_defaults(func=cmd_inspect)
 
     for extra in ("rwkv_opt.bench.cli", "rwkv_opt.generate_cli", "rwkv_opt.train_cli", "rwkv_opt.convert_cli",

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import itertools
+import math
 import re
 import sys
 import time
@@ -34,8 +36,18 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def _params(a) -> SamplingParams:
+    """The sampling settings; an option out of range is refused in one sentence."""
+    from rwkv_opt.errors import RwkvOptError
+
     given = {k: getattr(a, k) for k in ("temperature", "top_p", "top_k", "alpha_presence", "alpha_frequency",
                                         "alpha_decay") if getattr(a, k) is not None}
+    for k, v in given.items():
+        if not math.isfinite(v) or v < 0:
+            raise RwkvOptError(f"--{k.replace('_', '-')} must be a finite number >= 0, got {v}.")
+    if not 1 <= a.max_tokens <= 1_000_000:
+        raise RwkvOptError(f"--max-tokens must be between 1 and 1000000, got {a.max_tokens}.")
+    if a.threads is not None and a.threads < 1:
+        raise RwkvOptError(f"--threads must be at least 1, got {a.threads}.")
     return replace(PRESETS[a.preset], **given)
 
 
@@ -51,6 +63,32 @@ def _check_tokenizer(artifact: Path) -> None:
             raise RwkvOptError(f"{folder / MANIFEST_FILE}: source.tokenizer is '{tok['name']}' "
                                f"({tok.get('evidence')}), but generate and chat only speak the RWKV World "
                                f"vocabulary ({WORLD}).")
+
+
+def _utf8(text: str, what: str) -> str:
+    """`text` if it is valid UTF-8 (argv and stdin keep undecodable bytes as lone surrogates), else refused."""
+    from rwkv_opt.errors import RwkvOptError
+
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RwkvOptError(f"{what} is not valid UTF-8 (a stray byte at character {e.start}); pass UTF-8 text.") \
+            from None
+    return text
+
+
+def _read_line(n: int) -> str:
+    """Line `n` of the chat input ("" at its end); bytes that are not UTF-8 are refused."""
+    from rwkv_opt.errors import RwkvOptError
+
+    raw = sys.stdin.buffer.readline() if hasattr(sys.stdin, "buffer") else sys.stdin.readline()
+    if isinstance(raw, str):
+        return _utf8(raw, f"line {n} of the chat input")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RwkvOptError(f"line {n} of the chat input is not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset "
+                           f"{e.start}); send UTF-8 text.") from None
 
 
 def _open(a):
@@ -75,11 +113,11 @@ def _open(a):
 def cmd_generate(a) -> int:
     from rwkv_opt.runtime.generate import generate, uses_graph_sampler
 
+    prompt, params = _utf8(a.prompt, "--prompt"), _params(a)
     session, tokenizer = _open(a)
     in_graph = SAMPLERS[a.sampler]
     t0, tokens = time.perf_counter(), []
-    for piece in generate(session, tokenizer, a.prompt, a.max_tokens, _params(a), a.seed, in_graph,
-                          on_token=tokens.append):
+    for piece in generate(session, tokenizer, prompt, a.max_tokens, params, a.seed, in_graph, on_token=tokens.append):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -91,13 +129,14 @@ def cmd_generate(a) -> int:
 def cmd_chat(a) -> int:
     from rwkv_opt.runtime.generate import Chat
 
+    params = _params(a)
     session, tokenizer = _open(a)
-    chat = Chat(session, tokenizer, _params(a), a.seed, a.max_tokens, SAMPLERS[a.sampler])
+    chat = Chat(session, tokenizer, params, a.seed, a.max_tokens, SAMPLERS[a.sampler])
     print(f"chatting with {a.artifact} ({CHAT_HELP})", file=sys.stderr)
-    while True:
+    for n in itertools.count(1):
         sys.stdout.write("User: ")
         sys.stdout.flush()
-        line = sys.stdin.readline()
+        line = _read_line(n)
         if not line:
             sys.stdout.write("\n")
             return 0

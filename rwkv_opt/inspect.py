@@ -7,7 +7,9 @@ from pathlib import Path
 
 import onnx
 
-from rwkv_opt.artifact import MANIFEST_FILE, artifact_size, model_path
+from rwkv_opt.graph.contract import Key
+from rwkv_opt.artifact import (MANIFEST_FILE, artifact_size, load_proto, model_config, model_path, read_manifest,
+                               verify_files)
 
 
 def _shape(vi) -> list:
@@ -19,29 +21,37 @@ def _dtype(vi) -> str:
         if vi.type.tensor_type.elem_type != onnx.TensorProto.BFLOAT16 else "bfloat16"
 
 
-def info(artifact: Path) -> dict:
+def info(artifact: Path, verify: bool = False) -> dict:
+    """The artifact's facts; `verify` first checks every file against the sha256 its manifest records."""
     path = model_path(Path(artifact))
-    m = onnx.load(str(path), load_external_data=False)
+    checked = verify_files(path.parent) if verify else None
+    m = load_proto(path)
     meta = {p.key: p.value for p in m.metadata_props}
-    man_path = path.parent / MANIFEST_FILE
-    manifest = json.loads(man_path.read_text()) if man_path.is_file() else {}
+    manifest = read_manifest(path.parent) if (path.parent / MANIFEST_FILE).is_file() else {}
+    passes = manifest.get("passes") if isinstance(manifest.get("passes"), list) else []
     return {
         "path": str(path),
         "size_bytes": artifact_size(path.parent),
-        "config": json.loads(meta.get("rwkv_opt.config", "{}")),
+        "config": _config(path, meta),
         "inputs": [{"name": i.name, "dtype": _dtype(i), "shape": _shape(i)} for i in m.graph.input],
         "outputs": [{"name": o.name, "dtype": _dtype(o), "shape": _shape(o)} for o in m.graph.output],
         "nodes": len(m.graph.node),
         "ops": dict(Counter(n.op_type for n in m.graph.node).most_common()),
         "metadata": meta,
         "target": manifest.get("target"),
-        "passes": [p["name"] for p in manifest.get("passes", [])],
+        "passes": [p["name"] for p in passes if isinstance(p, dict) and "name" in p],
         "verification": manifest.get("verification"),
+        **({"files_verified": checked} if verify else {}),
     }
 
 
-def describe(artifact: Path, as_json: bool = False) -> str:
-    d = info(artifact)
+def _config(path: Path, meta: dict) -> dict:
+    """The model's config ({} for an ONNX model without rwkv-opt metadata)."""
+    return model_config(path, meta).to_dict() if Key.CONFIG in meta else {}
+
+
+def describe(artifact: Path, as_json: bool = False, verify: bool = False) -> str:
+    d = info(artifact, verify)
     if as_json:
         return json.dumps(d, indent=2)
     c = d["config"]
@@ -59,7 +69,7 @@ def describe(artifact: Path, as_json: bool = False) -> str:
     io_lines(d["inputs"], "input")
     io_lines(d["outputs"], "output")
     for k, v in d["metadata"].items():
-        if k != "rwkv_opt.config":
+        if k != Key.CONFIG:
             lines.append(f"meta       {k} = {v}")
     if d["verification"]:
         v = d["verification"]
@@ -67,4 +77,6 @@ def describe(artifact: Path, as_json: bool = False) -> str:
         label = {"failed": "FAILED: missed its accuracy budget, kept with --keep-unverified; do not trust it",
                  "skipped": "SKIPPED: not verified"}.get(status, status)
         lines.append(f"verified   {label}  {json.dumps(v)}")
+    if verify:
+        lines.append(f"files      {d['files_verified']} files match the sha256 in {MANIFEST_FILE}")
     return "\n".join(lines)

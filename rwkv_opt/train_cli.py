@@ -2,16 +2,38 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
+
+from rwkv_opt.errors import RwkvOptError
+
+MAX_SEQ = 16384    # longer rows are cut into windows of --seq tokens anyway; past this one step's activations
+MAX_BATCH = 1024   # outgrow any machine's memory
+
+
+def _check_options(a) -> None:
+    """Refuse an option value out of range in one sentence, before the artifact or data are read."""
+    ranges = {"--batch": (a.batch, 1, MAX_BATCH), "--seq": (a.seq, 2, MAX_SEQ), "--steps": (a.steps, 1, None),
+              "--log-every": (a.log_every, 1, None), "--threads": (a.threads, 1, None),
+              "--warmup": (a.warmup, 0, None)}
+    for flag, (v, lo, hi) in ranges.items():
+        if v is not None and (v < lo or hi is not None and v > hi):
+            raise RwkvOptError(f"{flag} must be {f'between {lo} and {hi}' if hi else f'at least {lo}'}, got {v}.")
+    rules = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "in [0, 1)": lambda v: 0 <= v < 1,
+             "": lambda v: True}
+    floats = {"--lr": (a.lr, "> 0"), "--eps": (a.eps, "> 0"), "--weight-decay": (a.weight_decay, ">= 0"),
+              "--beta1": (a.beta1, "in [0, 1)"), "--beta2": (a.beta2, "in [0, 1)"),
+              "--max-grad-norm": (a.max_grad_norm, "")}
+    for flag, (v, rule) in floats.items():
+        if v is not None and not (math.isfinite(v) and rules[rule](v)):
+            raise RwkvOptError(f"{flag} must be a finite number {rule}".rstrip() + f", got {v}.")
 
 
 def cmd_train(a) -> int:
-    from rwkv_opt.errors import RwkvOptError
     from rwkv_opt.training.run import config_for, source_weights, train, training_head
 
+    _check_options(a)
     head = training_head(a.artifact)
-    if a.batch is not None and a.batch < 1 or a.seq is not None and a.seq < 2:
-        raise RwkvOptError("--batch must be >= 1 and --seq >= 2.")
     config = config_for(head, batch=a.batch, seq=a.seq, trainable=a.trainable, lr=a.lr, warmup=a.warmup,
                         beta1=a.beta1, beta2=a.beta2, eps=a.eps, weight_decay=a.weight_decay,
                         max_grad_norm=a.max_grad_norm, threads=a.threads)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from rwkv_opt.bench.metrics import LogitStats, compare_logits, log_softmax, rel_err
+from rwkv_opt.errors import RwkvOptError
 from rwkv_opt.graph import contract
 from rwkv_opt.progress import tick
 from rwkv_opt.reference import ReferenceModel
@@ -103,8 +104,17 @@ def reference_record(ref: ReferenceModel, length: int, prompt_len: int, seed: in
             "logits": np.stack(logits[first:])[None], "wkv": state.wkv}
 
 
+def refuse_non_finite(logits: np.ndarray, who: str) -> None:
+    """Verification compares numbers: NaN or inf logits are a broken model, never a figure to report."""
+    bad = ~np.isfinite(logits).all(axis=-1)
+    if bad.any():
+        raise RwkvOptError(f"{who} produced non-finite logits (NaN or inf) at {int(bad.sum())} of {bad.size} "
+                           f"positions, the first at position {int(np.argmax(bad.reshape(-1)))}; its weights are "
+                           "broken, check the checkpoint for NaN/inf values.")
+
+
 def compare_recorded(session: Session, rec: dict) -> dict:
-    """teacher_forced's metrics for `session` against a reference_record."""
+    """teacher_forced's metrics for `session` against a reference_record; non-finite logits are refused."""
     tokens, prompt_len = rec["tokens"], rec["prompt_len"]
     got_p, st = session.forward(tokens[:, :prompt_len])
     got = [got_p]
@@ -114,6 +124,8 @@ def compare_recorded(session: Session, rec: dict) -> dict:
         tick(t - prompt_len + 1)
     got = np.concatenate(got, 1).astype(np.float32)
     want = rec["logits"][:, -got.shape[1]:]
+    refuse_non_finite(want, "the numpy reference")
+    refuse_non_finite(got, "the artifact")
     m = compare_logits(want, got)
     m["state_drift"] = _state_drift(rec["wkv"], st)
     m["positions"] = int(got.shape[1] * tokens.shape[0])

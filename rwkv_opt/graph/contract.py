@@ -85,12 +85,24 @@ class Meta:
     def is_rwkv_opt(self) -> bool:
         return Key.CONFIG in self.props
 
-    def config(self):
-        """The ModelConfig, or None for a model rwkv-opt did not build."""
-        from rwkv_opt.config import ModelConfig
+    def config(self, where: str = "the model"):
+        """The ModelConfig, or None for a model rwkv-opt did not build; a malformed entry (not JSON,
+        unknown keys, sizes that are not positive integers) is refused in one sentence naming `where`."""
+        import json
 
-        d = self._json(Key.CONFIG, None)
-        return None if d is None else ModelConfig.from_dict(d)
+        from rwkv_opt.config import ModelConfig
+        from rwkv_opt.errors import RwkvOptError
+
+        if Key.CONFIG not in self.props:
+            return None
+        try:
+            cfg = ModelConfig.from_dict(json.loads(self.props[Key.CONFIG]))
+        except (json.JSONDecodeError, TypeError, KeyError, ValueError, RecursionError):
+            cfg = None
+        sizes = [getattr(cfg, k, None) for k in ("n_layer", "n_embd", "head_size", "vocab", "dim_ffn")]
+        if cfg is None or not all(type(v) is int and v > 0 for v in sizes) or cfg.n_embd % cfg.head_size:
+            raise RwkvOptError(f"{where} has a malformed {Key.CONFIG} metadata entry; rebuild the artifact.")
+        return cfg
 
     @property
     def logits(self) -> str:

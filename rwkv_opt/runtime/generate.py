@@ -23,6 +23,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from rwkv_opt.graph.contract import Meta
 from rwkv_opt.errors import RwkvOptError
 from rwkv_opt.graph import contract
 from rwkv_opt.passes import sampling_head as head
@@ -53,7 +54,7 @@ class TokenCodec:
 
 
 def uses_graph_sampler(session: Session) -> bool:
-    return session.meta.get("rwkv_opt.head") == head.NAME
+    return Meta(session.meta).sampler == head.NAME
 
 
 class _Sampler:
@@ -77,13 +78,15 @@ class _Sampler:
         self.occurence = np.zeros((1, self.vocab), np.float32)  # the head's encoding
 
     def step(self, tokens: Sequence[int]) -> int:
-        """Feed `tokens` (>= 1) and draw the token that follows them."""
-        ids = np.asarray(tokens, np.int64).reshape(1, -1)
-        if ids.size == 0 or ids.min() < 0 or ids.max() >= self.vocab:
-            raise RwkvOptError(f"token ids must be in [0, {self.vocab}); got {ids.min()}..{ids.max()}.")
+        """Feed `tokens` (>= 1) and draw the token that follows them. Non-finite logits (or, with the
+        sampling head, which keeps the logits inside, a non-finite last-layer state: NaN weights in any layer
+        reach it; only NaN in the head itself goes unseen there) are refused: a broken model must not print
+        nothing and succeed."""
+        ids = self.session.check_tokens(np.asarray(tokens).reshape(1, -1))
         u = self.rng.random(1)
         if not self.in_graph:
             logits, self.state = self.session.forward(ids, self.state)
+            _refuse_non_finite(self.session, "logits", logits[0, -1])
             return int(sample_step(logits[0, -1], self.occurrence, self.params, float(u[0]), self.exempt))
         chunk = self.session.max_chunk
         for s in range(0, ids.shape[1], chunk):
@@ -93,8 +96,16 @@ class _Sampler:
             out = self.session.run(feed)
             self.state = {dst: out[src] for i in range(self.session.config.n_layer)
                           for src, dst in zip(contract.state_outputs(i), contract.state_inputs(i))}
+        last = contract.state_inputs(self.session.config.n_layer - 1)[2]  # downstream of every layer but the head,
+        _refuse_non_finite(self.session, f"state '{last}'", self.state[last])  # and (B, 1, C): cheap per token
         self.occurence = out[head.OCCURRENCE_NEXT]
         return int(out[head.TOKEN][0])
+
+
+def _refuse_non_finite(session: Session, what: str, values: np.ndarray) -> None:
+    if not np.isfinite(values).all():
+        raise RwkvOptError(f"{session.path} produced non-finite {what} (NaN or inf): its weights are broken; "
+                           "rebuild it from a sound checkpoint (`rwkv-opt inspect --verify` checks the files).")
 
 
 def generate(session: Session, tokenizer: WorldTokenizer, prompt: str, max_tokens: int = 200,

@@ -2,22 +2,24 @@
 
 The model's facts (layers, sizes, logits mode, state dtypes) are read from the model's
 metadata_props, never guessed from tensor names. State is a dict of input name -> array in
-the model's contract layout (see rwkv_opt.graph.contract).
+the model's contract layout (see rwkv_opt.graph.contract). Inputs are checked before ORT sees them
+(integer ids of shape (batch, seq), every state tensor with the model's shape and dtype and the
+tokens' batch): each violation is one RwkvOptError sentence, never a silent cast or broadcast.
 """
 from __future__ import annotations
 
-import json
+import re
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
-import onnx
 import onnxruntime as ort
 
-from rwkv_opt.artifact import model_path
-from rwkv_opt.config import ModelConfig, Provider
+from rwkv_opt.artifact import load_proto, model_config, model_path, verify_files, verify_recorded
+from rwkv_opt.config import Provider
 from rwkv_opt.errors import RwkvOptError
 from rwkv_opt.graph import contract
+from rwkv_opt.graph.contract import Meta
 
 
 def available_providers() -> list[Provider]:
@@ -53,8 +55,13 @@ def session_options(threads: int | None = None, opt_level: str = "all", profile:
 
 
 def _read_meta(path: Path) -> dict[str, str]:
-    m = onnx.load(str(path), load_external_data=False)
-    return {p.key: p.value for p in m.metadata_props}
+    return {p.key: p.value for p in load_proto(path).metadata_props}
+
+
+# what onnxruntime raises for a model it cannot load (a damaged file, a missing .data file, a bad graph)
+_ORT_LOAD_ERRORS = tuple(getattr(ort.capi.onnxruntime_pybind11_state, n) for n in
+                         ("Fail", "InvalidArgument", "NoSuchFile", "InvalidProtobuf", "InvalidGraph",
+                          "RuntimeException", "NotImplemented"))
 
 
 class Session:
@@ -62,28 +69,40 @@ class Session:
 
     def __init__(self, artifact, provider: Provider | str = Provider.CPU, threads: int | None = None,
                  opt_level: str = "all", profile: str | None = None, max_chunk: int = 1024,
-                 low_memory: bool = False):
+                 low_memory: bool = False, verify: bool = False):
+        """`verify`: check every file against the sha256 its manifest records first (reads them all once)."""
         self.path = model_path(Path(artifact))
+        if verify:
+            verify_files(self.path.parent)
         self.meta = _read_meta(self.path)
-        if "rwkv_opt.config" not in self.meta:
-            raise RwkvOptError(f"{self.path} has no rwkv-opt metadata; build it with `rwkv-opt build` or `pipeline`.")
-        self.config = ModelConfig.from_dict(json.loads(self.meta["rwkv_opt.config"]))
-        self.logits_mode = self.meta.get("rwkv_opt.logits", "all")
+        self.config = model_config(self.path, self.meta)
+        self.logits_mode = Meta(self.meta).logits
         self.provider = Provider(provider)
         if self.provider not in available_providers():
             raise RwkvOptError(f"execution provider '{self.provider.value}' is not available in this onnxruntime "
                                f"(have: {', '.join(p.value for p in available_providers())}); "
                                "install onnxruntime-gpu for CUDA or use --providers cpu.")
         providers = [self.provider.ort_name] + (["CPUExecutionProvider"] if self.provider is not Provider.CPU else [])
-        so = session_options(threads, opt_level, profile, low_memory, quantized="rwkv_opt.quantization" in self.meta)
-        if self.meta.get("rwkv_opt.head") == "sampling":  # its overridable defaults would each log a warning
-            so.log_severity_level = 3                       # (passes/sampling_head.py); errors still show
-        self.sess = ort.InferenceSession(str(self.path), so, providers=providers)
+        so = session_options(threads, opt_level, profile, low_memory, quantized=Meta(self.meta).quantization is not None)
+        if Meta(self.meta).sampler == "sampling":  # its overridable defaults would each log a warning
+            so.log_severity_level = 3                    # (passes/sampling_head.py); errors still show
+        self.sess = self._load(so, providers)
         self.inputs = {i.name: i for i in self.sess.get_inputs()}
         self.output_names = [o.name for o in self.sess.get_outputs()]
         self.max_chunk = max_chunk
         # the sampling head's `occurence` has a default, so ORT lists it as an overridable initializer
-        self.has_sampler = "occurence" in self.inputs or self.meta.get("rwkv_opt.head") == "sampling"
+        self.has_sampler = "occurence" in self.inputs or Meta(self.meta).sampler == "sampling"
+
+    def _load(self, options, providers) -> ort.InferenceSession:
+        """The ORT session; a model ORT cannot load is one sentence (naming the changed file when the
+        manifest's digests tell which)."""
+        try:
+            return ort.InferenceSession(str(self.path), options, providers=providers)
+        except _ORT_LOAD_ERRORS as e:
+            verify_recorded(self.path.parent)  # a missing or changed file is the better sentence
+            reason = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", str(e).splitlines()[0] if str(e) else "")
+            reason = re.split(r"\.\s", reason)[0][:200] or type(e).__name__
+            raise RwkvOptError(f"onnxruntime cannot load {self.path} ({reason}); rebuild the artifact.") from None
 
     # ---- state ----------------------------------------------------------------------------------
     def _state_dtype(self, name: str):
@@ -92,18 +111,62 @@ class Session:
                 "tensor(bfloat16)": ml_dtypes.bfloat16}.get(t, np.float32)
 
     def zero_state(self, batch: int = 1) -> dict[str, np.ndarray]:
-        c = self.config
-        st = {}
-        for i in range(c.n_layer):
-            att, wkv, ffn = contract.state_inputs(i)
-            st[att] = np.zeros((batch, 1, c.n_embd), self._state_dtype(att))
-            st[wkv] = np.zeros((batch, c.n_head, c.head_size, c.head_size), np.float32)
-            st[ffn] = np.zeros((batch, 1, c.n_embd), self._state_dtype(ffn))
-        return st
+        return {name: np.zeros(shape, dtype) for name, (shape, dtype) in self.zero_state_spec(batch).items()}
 
     # ---- running --------------------------------------------------------------------------------
     def run(self, feed: dict) -> dict[str, np.ndarray]:
         return dict(zip(self.output_names, self.sess.run(None, feed)))
+
+    def check_tokens(self, tokens) -> np.ndarray:
+        """tokens (B,T) or (T,) of integer ids in [0, vocab) -> an int64 (B,T) array; anything else is refused."""
+        try:
+            arr = np.asarray(tokens)
+        except ValueError:
+            raise RwkvOptError("token ids must form a rectangular (batch, seq) array; the rows differ in length.") \
+                from None
+        if arr.dtype.kind not in "iu":
+            raise RwkvOptError(f"token ids must be integers, got {arr.dtype} values; convert them with "
+                               "np.asarray(ids, np.int64) after checking they are whole numbers.")
+        if arr.ndim not in (1, 2):
+            raise RwkvOptError(f"token ids must have shape (batch, seq) or (seq,), got shape {arr.shape}.")
+        arr = np.atleast_2d(arr)
+        if arr.shape[1] == 0 or arr.shape[0] == 0:
+            raise RwkvOptError("forward() needs at least one token per sequence.")
+        if arr.min() < 0 or arr.max() >= self.config.vocab:
+            raise RwkvOptError(f"token ids must be in [0, {self.config.vocab}); got {arr.min()}..{arr.max()}.")
+        return arr.astype(np.int64, copy=False)
+
+    def check_state(self, state, batch: int) -> None:
+        """Refuse a state that is not exactly the model's: every state input, its shape for `batch`, its dtype."""
+        if not isinstance(state, dict):
+            raise RwkvOptError(f"state must be a dict of input name -> array, got {type(state).__name__}.")
+        want = self.zero_state_spec(batch)
+        missing = [k for k in want if k not in state]
+        if missing:
+            raise RwkvOptError(f"state lacks '{missing[0]}'; pass the state forward() returned, or None to start.")
+        extra = [k for k in state if k not in want]
+        if extra:
+            raise RwkvOptError(f"state has '{extra[0]}', which is not a state input of this model.")
+        for name, (shape, dtype) in want.items():
+            v = state[name]
+            got = getattr(v, "shape", None)
+            if got is not None and len(got) and got[0] != batch and tuple(got[1:]) == shape[1:]:
+                raise RwkvOptError(f"state '{name}' has batch {got[0]} but the tokens have batch {batch}; "
+                                   "use a state of the same batch.")
+            if not isinstance(v, np.ndarray) or v.shape != shape or v.dtype != dtype:
+                raise RwkvOptError(f"state '{name}' must be a {np.dtype(dtype).name} array of shape {shape}, got "
+                                   f"{getattr(v, 'dtype', type(v).__name__)} {got}.")
+
+    def zero_state_spec(self, batch: int) -> dict[str, tuple[tuple[int, ...], type]]:
+        """Each state input's (shape, dtype) for `batch`, from the model's config and input types."""
+        c = self.config
+        spec = {}
+        for i in range(c.n_layer):
+            att, wkv, ffn = contract.state_inputs(i)
+            spec[att] = ((batch, 1, c.n_embd), self._state_dtype(att))
+            spec[wkv] = ((batch, c.n_head, c.head_size, c.head_size), np.float32)
+            spec[ffn] = ((batch, 1, c.n_embd), self._state_dtype(ffn))
+        return spec
 
     def _step(self, tokens: np.ndarray, state: dict, extra: dict | None = None):
         feed = {contract.TOKENS: tokens, **state, **(extra or {})}
@@ -119,12 +182,11 @@ class Session:
 
         Prompts longer than max_chunk are fed in chunks carrying the state, so memory stays bounded.
         """
-        tokens = np.atleast_2d(np.asarray(tokens, dtype=np.int64))
-        if tokens.shape[1] == 0:
-            raise RwkvOptError("forward() needs at least one token per sequence.")
-        if tokens.min() < 0 or tokens.max() >= self.config.vocab:
-            raise RwkvOptError(f"token ids must be in [0, {self.config.vocab}); got {tokens.min()}..{tokens.max()}.")
-        state = self.zero_state(tokens.shape[0]) if state is None else state
+        tokens = self.check_tokens(tokens)
+        if state is None:
+            state = self.zero_state(tokens.shape[0])
+        else:
+            self.check_state(state, tokens.shape[0])
         logits = []
         for s in range(0, tokens.shape[1], self.max_chunk):
             out, state = self._step(tokens[:, s:s + self.max_chunk], state)

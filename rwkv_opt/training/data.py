@@ -27,6 +27,7 @@ for pads, the leading 0 and prompt tokens. Each window starts from a zero state.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -71,6 +72,11 @@ class Batch:
         return f
 
 
+def _number(v) -> bool:
+    """A finite int or float (JSON's true/false, NaN and Infinity are not rewards)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _row_example(row: dict, objective: Objective, encode, where: str) -> Example:
     def need_str(key):
         if not isinstance(row.get(key), str):
@@ -86,8 +92,8 @@ def _row_example(row: dict, objective: Objective, encode, where: str) -> Example
     elif "segments" in row:
         segs = row["segments"]
         if not isinstance(segs, list) or not all(isinstance(s, dict) and isinstance(s.get("text"), str)
-                                                 and isinstance(s.get("reward"), (int, float)) for s in segs):
-            raise RwkvOptError(f"{where}: \"segments\" must be a list of {{\"text\": str, \"reward\": number}}.")
+                                                 and _number(s.get("reward")) for s in segs):
+            raise RwkvOptError(f"{where}: \"segments\" must be a list of {{\"text\": str, \"reward\": finite number}}.")
         text, rewards = [], []
         for s in segs:
             ids = encode(s["text"])
@@ -101,10 +107,14 @@ def _row_example(row: dict, objective: Objective, encode, where: str) -> Example
                 got = len(rewards) if isinstance(rewards, list) else repr(rewards)
                 raise RwkvOptError(f"{where}: \"rewards\" needs one number per token of \"text\" "
                                    f"({len(text)} tokens), got {got}.")
-        elif isinstance(row.get("reward"), (int, float)):
+            bad = next((i for i, r in enumerate(rewards) if not _number(r)), None)
+            if bad is not None:
+                raise RwkvOptError(f"{where}: \"rewards\"[{bad}] is {json.dumps(rewards[bad])[:40]}, not a finite "
+                                   "number.")
+        elif _number(row.get("reward")):
             rewards = [float(row["reward"])] * len(text)
         else:
-            raise RwkvOptError(f"{where}: a REINFORCE row needs \"reward\" (number), \"rewards\" (list) "
+            raise RwkvOptError(f"{where}: a REINFORCE row needs \"reward\" (finite number), \"rewards\" (list) "
                                "or \"segments\".")
     else:
         raise RwkvOptError(f"{where}: a REINFORCE row needs \"text\" or \"segments\".")
@@ -122,15 +132,21 @@ def read_jsonl(path: Path, objective: Objective, vocab: int) -> list[Example]:
         raise RwkvOptError(f"{path} does not exist; pass a JSON Lines file with one row per line.")
     encode = tokenizer_for(vocab)
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
             where = f"{path}:{lineno}"
             try:
-                row = json.loads(line)
+                line = raw.decode("utf-8")
+                row = json.loads(line) if line.strip() else None
+            except UnicodeDecodeError as e:
+                raise RwkvOptError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}).") \
+                    from None
             except json.JSONDecodeError as e:
                 raise RwkvOptError(f"{where}: not valid JSON ({e.msg}).") from None
+            except RecursionError:
+                raise RwkvOptError(f"{where}: the JSON nests too deeply.") from None
+            if row is None:
+                continue
             if not isinstance(row, dict):
                 raise RwkvOptError(f"{where}: each line must be a JSON object.")
             ex = _row_example(row, objective, encode, where)

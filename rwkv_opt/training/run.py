@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import onnx
 
 from rwkv_opt.graph.contract import Meta
-from rwkv_opt.artifact import MANIFEST_FILE, SourceRef, read_manifest, staging_dir, write_json
+from rwkv_opt.artifact import MANIFEST_FILE, SourceRef, load_proto, read_manifest, staging_dir, write_json
 from rwkv_opt.checkpoint.weights import Weights
 from rwkv_opt.errors import RwkvOptError
 from rwkv_opt.training.data import all_batches, batches, read_jsonl, windows
@@ -39,16 +38,20 @@ def _stderr(msg: str) -> None:
 def training_head(artifact: Path) -> dict:
     """The training head recorded in `artifact` (head, seq, batch, trainable), or a clear refusal."""
     man = read_manifest(artifact)
-    heads = [h for h in man.get("heads", []) if h in ("sft", "reinforce")]
+    heads = [h for h in man.get("heads", []) if h in ("sft", "reinforce")] if isinstance(man.get("heads"), list) else []
     if not heads:
         raise RwkvOptError(f"{artifact} has no training head; build it with "
                            "`rwkv-opt pipeline --head sft` (or --head reinforce).")
     meta = {}
     model = Path(artifact) / "model.onnx"
     if model.is_file():
-        meta = Meta.of(onnx.load(str(model), load_external_data=False)).train
+        meta = Meta.of(load_proto(model)).train
+    source = man.get("source", {})
+    if not all(str(meta.get(k, "1")).isdigit() for k in ("seq", "batch")) or not isinstance(source, dict):
+        raise RwkvOptError(f"{artifact} has a malformed training head record (seq, batch or source); rebuild it with "
+                           "`rwkv-opt pipeline --head sft`.")
     return {"head": heads[0], "seq": int(meta.get("seq", 64)), "batch": int(meta.get("batch", 1)),
-            "trainable": meta.get("trainable", "all"), "source": man.get("source", {})}
+            "trainable": meta.get("trainable", "all"), "source": source}
 
 
 def source_weights(head: dict, checkpoint: Path | None = None) -> Weights:

@@ -15,6 +15,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from rwkv_opt.artifact import seal
 from rwkv_opt.checkpoint import load_source
 from rwkv_opt.cli import main as cli_main
 from rwkv_opt.passes.base import load_builtin
@@ -41,7 +42,8 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def damaged(tiny_dir, tmp_path_factory) -> Path:
-    """cpu-fp32 with its largest non-embedding weight scaled by 1.05 (a 5% weight error)."""
+    """cpu-fp32 with its largest non-embedding weight scaled by 1.05 (a 5% weight error), sealed again (its
+    manifest's sha256s match): what a pass with a precision bug would write, not a tampered file."""
     d = tmp_path_factory.mktemp("damaged") / "cpu-fp32"
     shutil.copytree(tiny_dir / "cpu-fp32", d)
     m = onnx.load(str(d / "model.onnx"))
@@ -49,4 +51,5 @@ def damaged(tiny_dir, tmp_path_factory) -> Path:
     t = max(floats, key=lambda t: int(np.prod(t.dims)))
     t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * np.float32(1.05), t.name))
     onnx.save(m, str(d / "model.onnx"))
+    seal(d)
     return d

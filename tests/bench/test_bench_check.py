@@ -60,7 +60,7 @@ def _set_tol(doc):
     (lambda tmp: (tmp / "b.json").write_text("{not json") and tmp / "b.json", "is not valid JSON"),
     (lambda tmp: _baseline_variant(tmp, lambda d: d.update(schema="other/9")), "has schema 'other/9'"),
     (lambda tmp: _baseline_variant(tmp, lambda d: d["artifacts"]["cpu-fp32"]["metrics"].pop("top1")),
-     "no number for metric 'top1'"),
+     "no finite number for metric 'top1'"),
     (lambda tmp: _baseline_variant(tmp, _set_tol), "no valid tolerance for 'top1'"),
     (lambda tmp: _baseline_variant(tmp, lambda d: d["artifacts"].pop("cpu-fp32")), "is not in baseline"),
     (lambda tmp: _baseline_variant(tmp, lambda d: d["artifacts"]["cpu-fp32"].update(source="sha256:00")),
