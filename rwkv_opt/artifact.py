@@ -18,7 +18,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
@@ -464,3 +464,85 @@ class SourceRef:
             raise RwkvOptError(f"{path} has a different model shape than the artifact's source; "
                                "pass the checkpoint it was built from.")
         return w
+
+
+# ---- the manifest -------------------------------------------------------------------------------
+def versions() -> dict:
+    """The versions that made an artifact (recorded in its manifest and in bench reports)."""
+    import platform
+
+    import numpy as np
+    import onnxruntime
+    import onnxsim
+
+    from rwkv_opt import __version__
+
+    return {"rwkv_opt": __version__, "python": platform.python_version(), "numpy": np.__version__,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "onnxsim": getattr(onnxsim, "__version__", "?")}
+
+
+_TYPED = {"tool": str, "target": str, "provider": str, "precision": str, "quantization": str, "logits": str,
+          "source": dict, "passes": list, "heads": list, "versions": dict}
+
+
+@dataclass
+class Manifest:
+    """manifest.json of an artifact directory, written (`write`) and read (`read`) here only.
+
+    The typed fields are what other programs rely on; `extra` keeps the rest in order (build and phase
+    timings, sizes, quantization_algorithm, created), `verification` the accuracy check's record and
+    `files` the sha256 and size of every other file (added by `seal`). docs/architecture.md, Contract 4."""
+
+    target: str
+    provider: str
+    precision: str
+    quantization: str
+    logits: str
+    source: dict
+    passes: list = field(default_factory=list)
+    heads: list = field(default_factory=list)
+    versions: dict = field(default_factory=versions)
+    verification: dict | None = None
+    files: dict | None = None
+    extra: dict = field(default_factory=dict)
+    tool: str = TOOL
+
+    @property
+    def source_ref(self) -> SourceRef:
+        return SourceRef.from_manifest({"source": self.source})
+
+    def to_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in _TYPED}
+        d.update(self.extra)
+        for k in ("verification", "files"):
+            if getattr(self, k) is not None:
+                d[k] = getattr(self, k)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "manifest.json") -> "Manifest":
+        """A manifest from its JSON object; a typed field of the wrong kind is refused in one sentence.
+        Fields older manifests lack read as their defaults ("?" for the identity strings)."""
+        if d.get("tool", TOOL) != TOOL:
+            raise RwkvOptError(f"{where} was not written by rwkv-opt (tool {str(d.get('tool'))[:40]!r}); pass an "
+                               "rwkv-opt artifact.")
+        for k, kind in _TYPED.items():
+            if k in d and not isinstance(d[k], kind):
+                raise RwkvOptError(f"{where}: '{k}' should be a JSON {kind.__name__}, not {type(d[k]).__name__}; "
+                                   "rebuild the artifact.")
+        for k in ("verification", "files"):
+            if d.get(k) is not None and not isinstance(d[k], dict):
+                raise RwkvOptError(f"{where}: '{k}' should be a JSON object; rebuild the artifact.")
+        known = set(_TYPED) | {"verification", "files"}
+        return cls(**{k: d.get(k, "?") for k in ("target", "provider", "precision", "quantization", "logits")},
+                   source=d.get("source", {}), passes=d.get("passes", []), heads=d.get("heads", []),
+                   versions=d.get("versions", {}), verification=d.get("verification"), files=d.get("files"),
+                   extra={k: v for k, v in d.items() if k not in known})
+
+    @classmethod
+    def read(cls, artifact: Path) -> "Manifest":
+        return cls.from_dict(read_manifest(artifact), str(Path(artifact) / MANIFEST_FILE))
+
+    def write(self, directory: Path) -> None:
+        write_json(Path(directory) / MANIFEST_FILE, self.to_dict())

@@ -68,9 +68,9 @@ def cmd_synth(a) -> int:
 def cmd_build(a) -> int:
     import onnx
 
-    from rwkv_opt.artifact import MANIFEST_FILE, MODEL_FILE, save_model, staging_dir, write_json
+    from rwkv_opt.artifact import MODEL_FILE, Manifest, save_model, staging_dir
     from rwkv_opt.graph.model import BuildOptions, LogitsMode, build_model
-    from rwkv_opt.pipeline import check, versions
+    from rwkv_opt.pipeline import check
     from rwkv_opt.progress import set_sink, stderr_line
     from rwkv_opt.tensorstore import scratch_store
 
@@ -82,10 +82,8 @@ def cmd_build(a) -> int:
         model = build_model(w, BuildOptions(logits=LogitsMode(a.logits), opset=a.opset))
         check(model, "build")
         save_model(model, tmp / MODEL_FILE, external=a.external_data or None)
-        write_json(tmp / MANIFEST_FILE, {"tool": "rwkv-opt", "target": "base-fp32", "precision": "fp32",
-                                         "provider": "cpu", "quantization": "none", "logits": a.logits,
-                                         "source": w.manifest_source(),
-                                         "passes": [], "versions": versions()})
+        Manifest(target="base-fp32", provider="cpu", precision="fp32", quantization="none", logits=a.logits,
+                 source=w.manifest_source()).write(tmp)
     print(f"wrote {a.output}/{MODEL_FILE} ({len(model.graph.node)} nodes)")
     return 0
 

@@ -53,12 +53,12 @@ def _params(a) -> SamplingParams:
 
 def _check_tokenizer(artifact: Path) -> None:
     """Refuse a model whose manifest records a tokenizer other than the World vocabulary used here."""
-    from rwkv_opt.artifact import MANIFEST_FILE, read_manifest
+    from rwkv_opt.artifact import MANIFEST_FILE, Manifest
     from rwkv_opt.checkpoint.layouts import WORLD
 
     folder = artifact if artifact.is_dir() else artifact.parent
     if (folder / MANIFEST_FILE).is_file():
-        tok = read_manifest(folder).get("source", {}).get("tokenizer") or {}
+        tok = Manifest.read(folder).source.get("tokenizer") or {}
         if tok.get("name", WORLD) != WORLD:
             raise RwkvOptError(f"{folder / MANIFEST_FILE}: source.tokenizer is '{tok['name']}' "
                                f"({tok.get('evidence')}), but generate and chat only speak the RWKV World "

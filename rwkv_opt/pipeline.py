@@ -7,7 +7,6 @@ time, node count, op histogram before/after, size and whether it changed anythin
 from __future__ import annotations
 
 import dataclasses
-import platform
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -18,9 +17,8 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from rwkv_opt import __version__
-from rwkv_opt.artifact import (MANIFEST_FILE, MODEL_FILE, artifact_size, initializer_bytes, save_model, staging_dir,
-                               write_json)
+from rwkv_opt.artifact import MODEL_FILE, Manifest, artifact_size, initializer_bytes, save_model, staging_dir
+from rwkv_opt.artifact import versions  # noqa: F401  (its old home; bench and users import it from here)
 from rwkv_opt.checkpoint.weights import Weights
 from rwkv_opt.config import Precision, Provider
 from rwkv_opt.errors import RwkvOptError
@@ -38,15 +36,6 @@ EMULATED_VERIFY_TOKENS = (8, 8)    # bf16 under onnx.reference (~100x slower tha
 # near-flat logits: the reference's median top-1 probability under this (the synthetic 0.1B's is under 3%,
 # a 0.1B trained here 9% on held-out text; targets.py)
 FLAT_TOP1_PROB = 0.05
-
-
-def versions() -> dict:
-    import onnxruntime
-    import onnxsim
-
-    return {"rwkv_opt": __version__, "python": platform.python_version(), "numpy": np.__version__,
-            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
-            "onnxsim": getattr(onnxsim, "__version__", "?")}
 
 
 def check(model: onnx.ModelProto | Path, where: str) -> None:
@@ -320,25 +309,21 @@ def run_pipeline(target: Target, weights: Weights, out: Path, *, heads=(), logit
             model, records = run_passes(model, list(target.passes) + list(heads), progress,
                                         after_pass=store.release_unreferenced)  # the disk holds what is live
             phases["passes"] = time.perf_counter() - t0
-            manifest = {
-                "tool": "rwkv-opt", "target": target.name, "provider": target.provider.value,
-                "precision": target.precision.value, "quantization": target.quantization, "logits": logits.value,
-                "source": weights.manifest_source(),
-                "build_seconds": round(t_build, 3),
-                "passes": [r.__dict__ for r in records],
-                "heads": [h for h, _ in heads],
-                **({"quantization_algorithm": quant_choice} if quant_choice else {}),
-                "versions": versions(),
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            }
+            manifest = Manifest(
+                target=target.name, provider=target.provider.value, precision=target.precision.value,
+                quantization=target.quantization, logits=logits.value, source=weights.manifest_source(),
+                passes=[r.__dict__ for r in records], heads=[h for h, _ in heads],
+                extra={"build_seconds": round(t_build, 3),
+                       **({"quantization_algorithm": quant_choice} if quant_choice else {}),
+                       "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
             progress("[3/4] save the model to a staging directory (it becomes the artifact once verified)")
             t0 = time.perf_counter()
             save_model(model, tmp / MODEL_FILE, consume=True)
             del model
         check(tmp / MODEL_FILE, "saving")
         phases["write"] = time.perf_counter() - t0
-        manifest["artifact_bytes"] = artifact_size(tmp)
-        progress(f"      {manifest['artifact_bytes'] / 2**20:.1f} MiB, {phases['write']:.1f}s")
+        manifest.extra["artifact_bytes"] = artifact_size(tmp)
+        progress(f"      {manifest.extra['artifact_bytes'] / 2**20:.1f} MiB, {phases['write']:.1f}s")
         if do_verify:
             progress("[4/4] verify against the numpy reference (prompt, then teacher-forced decode steps)")
             t0 = time.perf_counter()
@@ -346,7 +331,7 @@ def run_pipeline(target: Target, weights: Weights, out: Path, *, heads=(), logit
             if blocks < cfg.n_layer:
                 progress(f"      the whole model's ORT CPU session needs about {plan['verify_session'] / 2**30:.1f} GiB: "
                          f"verifying the embedding, blocks 0-{blocks - 1} of {cfg.n_layer} and the head")
-            v = manifest["verification"] = verify(tmp / MODEL_FILE, weights, target, logits=logits, blocks=blocks)
+            v = manifest.verification = verify(tmp / MODEL_FILE, weights, target, logits=logits, blocks=blocks)
             phases["verify"] = time.perf_counter() - t0
             if v["status"] == "failed":
                 if not keep_unverified:
@@ -357,19 +342,19 @@ def run_pipeline(target: Target, weights: Weights, out: Path, *, heads=(), logit
                          "its manifest")
         else:
             fits = plan["verify_session"] <= available_memory()
-            manifest["verification"] = {
+            manifest.verification = {
                 "status": "skipped",
                 "skipped": "--no-verify: no logits were compared; the graph checks ran (onnx.checker after each "
                            "pass, the fp32 WKV state path)" + ("" if fits else
                            f"; verifying would need about {plan['verify_session'] / 2**30:.1f} GiB for the "
                            "artifact's ORT CPU session, more than this machine has")}
-        manifest["phase_seconds"] = {k: round(v, 3) for k, v in phases.items()}
-        manifest["peak_rss_bytes"] = peak_rss_bytes()
-        manifest["total_seconds"] = round(time.perf_counter() - t_start, 3)
-        write_json(tmp / MANIFEST_FILE, manifest)
+        manifest.extra.update(phase_seconds={k: round(v, 3) for k, v in phases.items()},
+                              peak_rss_bytes=peak_rss_bytes(), total_seconds=round(time.perf_counter() - t_start, 3))
+        manifest.write(tmp)
     progress(f"wrote artifact {out}")
-    progress(f"done in {manifest['total_seconds']:.1f}s, peak memory (RSS) {manifest['peak_rss_bytes'] / 2**30:.2f} GiB")
-    return manifest
+    m = manifest.to_dict()
+    progress(f"done in {m['total_seconds']:.1f}s, peak memory (RSS) {m['peak_rss_bytes'] / 2**30:.2f} GiB")
+    return m
 
 
 def refusal(target: Target, v: dict, weights: Weights) -> str:

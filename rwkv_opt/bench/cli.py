@@ -28,7 +28,7 @@ def _stderr(msg: str) -> None:
 def cmd_bench(a) -> int:
     from rwkv_opt.bench.report import SUMMARY, markdown_table, write_report
     from rwkv_opt.bench.runner import run
-    from rwkv_opt.pipeline import versions
+    from rwkv_opt.artifact import versions
 
     df = run(a.artifacts, providers=a.providers, batches=a.batch, prompt_lens=a.prompt_lens, decode=a.decode,
              repeat=a.repeat, threads=a.threads, accuracy=not a.no_accuracy, profile=a.profile,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from rwkv_opt.artifact import SourceRef, artifact_size, model_path, read_manifest
+from rwkv_opt.artifact import Manifest, SourceRef, artifact_size, model_path
 from rwkv_opt.config import Precision, Provider
 from rwkv_opt.errors import RwkvOptError
 
@@ -36,15 +36,13 @@ def artifact_info(artifact: str | Path) -> ArtifactInfo:
         raise RwkvOptError(f"{artifact} is not a directory; pass artifact directories made by `rwkv-opt pipeline` "
                            "or `rwkv-opt build`.")
     model_path(path)
-    man = read_manifest(path)
-    src = man.get("source", {})
-    if "config" not in src:
+    man = Manifest.read(path)
+    ref = man.source_ref
+    if not isinstance(ref.config, dict):
         raise RwkvOptError(f"{path / 'manifest.json'} has no source.config; rebuild the artifact with this version.")
-    return ArtifactInfo(path=path, name=path.name, target=str(man.get("target", path.name)),
-                        target_provider=str(man.get("provider", "cpu")), precision=str(man.get("precision", "?")),
-                        quantization=str(man.get("quantization", "none")), logits=str(man.get("logits", "?")),
-                        size_bytes=artifact_size(path), source=str(src.get("path", "")),
-                        digest=str(src.get("digest", "")), config=dict(src["config"]))
+    return ArtifactInfo(path=path, name=path.name, target=man.target, target_provider=man.provider,
+                        precision=man.precision, quantization=man.quantization, logits=man.logits,
+                        size_bytes=artifact_size(path), source=ref.path, digest=ref.digest, config=dict(ref.config))
 
 
 def refuse_unrunnable(info: ArtifactInfo, provider: Provider) -> None:

@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 
 from rwkv_opt.graph.contract import Meta
-from rwkv_opt.artifact import MANIFEST_FILE, SourceRef, load_proto, read_manifest, staging_dir, write_json
+from rwkv_opt.artifact import MANIFEST_FILE, Manifest, SourceRef, load_proto, staging_dir, write_json
 from rwkv_opt.checkpoint.weights import Weights
 from rwkv_opt.errors import RwkvOptError
 from rwkv_opt.training.data import all_batches, batches, read_jsonl, windows
@@ -37,8 +37,8 @@ def _stderr(msg: str) -> None:
 
 def training_head(artifact: Path) -> dict:
     """The training head recorded in `artifact` (head, seq, batch, trainable), or a clear refusal."""
-    man = read_manifest(artifact)
-    heads = [h for h in man.get("heads", []) if h in ("sft", "reinforce")] if isinstance(man.get("heads"), list) else []
+    man = Manifest.read(artifact)
+    heads = [h for h in man.heads if h in ("sft", "reinforce")]
     if not heads:
         raise RwkvOptError(f"{artifact} has no training head; build it with "
                            "`rwkv-opt pipeline --head sft` (or --head reinforce).")
@@ -46,8 +46,8 @@ def training_head(artifact: Path) -> dict:
     model = Path(artifact) / "model.onnx"
     if model.is_file():
         meta = Meta.of(load_proto(model)).train
-    source = man.get("source", {})
-    if not all(str(meta.get(k, "1")).isdigit() for k in ("seq", "batch")) or not isinstance(source, dict):
+    source = man.source
+    if not all(str(meta.get(k, "1")).isdigit() for k in ("seq", "batch")):
         raise RwkvOptError(f"{artifact} has a malformed training head record (seq, batch or source); rebuild it with "
                            "`rwkv-opt pipeline --head sft`.")
     return {"head": heads[0], "seq": int(meta.get("seq", 64)), "batch": int(meta.get("batch", 1)),
