@@ -70,7 +70,7 @@ def cmd_build(a) -> int:
 
     from rwkv_opt.artifact import MODEL_FILE, Manifest, save_model, staging_dir
     from rwkv_opt.graph.model import BuildOptions, LogitsMode, build_model
-    from rwkv_opt.pipeline import check
+    from rwkv_opt.pipeline import check_onnx
     from rwkv_opt.progress import set_sink, stderr_line
     from rwkv_opt.tensorstore import scratch_store
 
@@ -80,7 +80,7 @@ def cmd_build(a) -> int:
     w = _weights(a)
     with set_sink(None if a.quiet else stderr_line), staging_dir(a.output) as tmp, scratch_store(tmp):
         model = build_model(w, BuildOptions(logits=LogitsMode(a.logits), opset=a.opset))
-        check(model, "build")
+        check_onnx(model, "build")
         save_model(model, tmp / MODEL_FILE, external=a.external_data or None)
         Manifest(target="base-fp32", provider="cpu", precision="fp32", quantization="none", logits=a.logits,
                  source=w.manifest_source()).write(tmp)

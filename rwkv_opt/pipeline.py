@@ -38,14 +38,14 @@ EMULATED_VERIFY_TOKENS = (8, 8)    # bf16 under onnx.reference (~100x slower tha
 FLAT_TOP1_PROB = 0.05
 
 
-def check(model: onnx.ModelProto | Path, where: str) -> None:
+def check_onnx(model: onnx.ModelProto | Path, where: str) -> None:
     """onnx.checker full check; a weightless model (its weights in the active TensorStore) is checked
     from a file beside them, which costs no weight bytes; an in-memory model over 1 GiB is checked
     from its saved file instead."""
     if isinstance(model, onnx.ModelProto) and has_external(model) and active() is not None:
         path = active().session_path(model, "check.onnx")
         try:
-            return check(path, where)
+            return check_onnx(path, where)
         finally:
             path.unlink()
     if isinstance(model, onnx.ModelProto) and initializer_bytes(model) >= (1 << 30):
@@ -70,6 +70,9 @@ class PassRecord:
     notes: list
 
 
+check = check_onnx  # the old name; 'check' also names Pass preconditions and `rwkv-opt check`
+
+
 def run_passes(model: onnx.ModelProto, passes, progress: Progress = stderr_line, after_pass=None
                ) -> tuple[onnx.ModelProto, list[PassRecord]]:
     """Apply (name, config overrides) passes in order; check requires and validity after each;
@@ -81,7 +84,7 @@ def run_passes(model: onnx.ModelProto, passes, progress: Progress = stderr_line,
         t0 = time.perf_counter()
         res = p(model)
         dt = time.perf_counter() - t0
-        check(res.model, f"pass '{name}'")
+        check_onnx(res.model, f"pass '{name}'")
         after = Counter(n.op_type for n in res.model.graph.node)
         rec = PassRecord(name, p.config_dict(), round(dt, 3), sum(before.values()), sum(after.values()),
                          dict(sorted(before.items())), dict(sorted(after.items())),
@@ -300,7 +303,7 @@ def run_pipeline(target: Target, weights: Weights, out: Path, *, heads=(), logit
             with phase("build", cfg.n_layer, "layers"):
                 model = build_model(weights, BuildOptions(logits=logits))
             weights.drop_cache()
-            check(model, "build")
+            check_onnx(model, "build")
             t_build = phases["build"] = time.perf_counter() - t0
             progress(f"      {len(model.graph.node)} nodes, {initializer_bytes(model) / 2**20:.1f} MiB of weights, "
                      f"{t_build:.1f}s")
@@ -320,7 +323,7 @@ def run_pipeline(target: Target, weights: Weights, out: Path, *, heads=(), logit
             t0 = time.perf_counter()
             save_model(model, tmp / MODEL_FILE, consume=True)
             del model
-        check(tmp / MODEL_FILE, "saving")
+        check_onnx(tmp / MODEL_FILE, "saving")
         phases["write"] = time.perf_counter() - t0
         manifest.extra["artifact_bytes"] = artifact_size(tmp)
         progress(f"      {manifest.extra['artifact_bytes'] / 2**20:.1f} MiB, {phases['write']:.1f}s")

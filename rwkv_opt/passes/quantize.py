@@ -18,7 +18,7 @@ LoRA pairs /att/a/, /att/gate/, /att/v_mix/ and DeepEmbed's s1/s2. `overrides` g
 optionally a block size) per glob, first match wins, for MatMuls and tables alike (e.g. keep the
 head at 8 bits: (("/head/*", "nbits8"),); the embedding at 8 bits, block 128: (("/emb", "nbits8", 128),)).
 
-Constraints, refused in check(): a model already quantized; 8-bit MatMulNBits without
+Constraints, refused in requires(): a model already quantized; 8-bit MatMulNBits without
 accuracy_level 4 (measured ~30x slower than fp32 on ORT's CPU EP: the trap); DynamicQuantizeMatMul
 on fp16 weights (float32 kernels only); a block size that is not a power of 2 >= 16. Algorithms
 (see _quant_core): rtn, gptq (calibrated, see _quant_calib); int8 layers and embeddings are never
