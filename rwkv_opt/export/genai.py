@@ -25,6 +25,7 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto, helper
 
+from rwkv_opt.graph.contract import Genai
 from rwkv_opt import __version__
 from rwkv_opt.artifact import (MANIFEST_FILE, MODEL_FILE, artifact_size, model_path, read_manifest, staging_dir,
                                write_json)
@@ -37,9 +38,9 @@ from rwkv_opt.reference.sampler import SamplingParams
 
 CONFIG_FILE = "genai_config.json"
 README_FILE = "README.md"
-INPUT_IDS, LOGITS = "input_ids", "logits"
-PAST_CONV, PAST_RECURRENT = "past_key_values.%d.conv_state", "past_key_values.%d.recurrent_state"
-PRESENT_CONV, PRESENT_RECURRENT = "present.%d.conv_state", "present.%d.recurrent_state"
+INPUT_IDS, LOGITS = Genai.INPUT_IDS, Genai.LOGITS
+PAST_CONV, PAST_RECURRENT = Genai.PAST_CONV, Genai.PAST_RECURRENT
+PRESENT_CONV, PRESENT_RECURRENT = Genai.PRESENT_CONV, Genai.PRESENT_RECURRENT
 SPLIT_SIZES = "/genai/conv_split_sizes"
 CONTEXT_LENGTH = 1 << 20   # RWKV has no context limit; genai needs a positive bound on sequence length
 MAX_LENGTH = 4096          # default generation bound (prompt + new tokens), changeable per request

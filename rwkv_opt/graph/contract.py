@@ -12,6 +12,30 @@ from __future__ import annotations
 TOKENS = "x"
 LOGITS = "head"
 
+class Sampler:
+    """I/O of the in-graph sampler that `--head sampling` appends (passes/sampling_head.py); the seed's
+    spelling of "occurence" is kept, as programs feed it by name."""
+
+    TOKEN = "y"                          # int64 [batch]: the drawn token
+    OCCURRENCE = "occurence"             # float [batch, V]: the penalties' running counts (input)
+    OCCURRENCE_NEXT = "occurence_next"   # its next value (output)
+    UNIFORM = "uniform"                  # optional float [batch]: the draw's uniform sample
+    TOKEN_BAN = "token_ban"              # optional banned-token mask
+
+
+class Genai:
+    """Names of an `rwkv-opt export genai` model (rwkv_opt/export/genai.py): onnxruntime-genai's
+    defaults for a "decoder" with a recurrent state; per layer the two token-shift states are packed
+    into one [B, 2, C] conv_state and the WKV state is the recurrent_state."""
+
+    INPUT_IDS = "input_ids"
+    LOGITS = "logits"
+    PAST_CONV = "past_key_values.%d.conv_state"
+    PAST_RECURRENT = "past_key_values.%d.recurrent_state"
+    PRESENT_CONV = "present.%d.conv_state"
+    PRESENT_RECURRENT = "present.%d.recurrent_state"
+
+
 class Key:
     """metadata_props keys (values are strings; JSON where the reader parses them)."""
 

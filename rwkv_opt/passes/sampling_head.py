@@ -90,11 +90,11 @@ from rwkv_opt.reference.sampler import Occurrence, SamplingParams, occurrence_ex
 NAME = "sampling"
 DOUBLE = TensorProto.DOUBLE
 
-OCCURRENCE = "occurence"          # the seed's spelling
-OCCURRENCE_NEXT = "occurence_next"
-TOKEN = "y"
-UNIFORM = "uniform"
-TOKEN_BAN = "token_ban"
+OCCURRENCE = contract.Sampler.OCCURRENCE          # the seed's spelling
+OCCURRENCE_NEXT = contract.Sampler.OCCURRENCE_NEXT
+TOKEN = contract.Sampler.TOKEN
+UNIFORM = contract.Sampler.UNIFORM
+TOKEN_BAN = contract.Sampler.TOKEN_BAN
 #: scalar runtime parameters (named as the SamplingParams fields): input name -> (ONNX type, numpy dtype)
 PARAMS = {
     "temperature": (DOUBLE, np.float64),
