@@ -7,10 +7,12 @@ and to an fla-hub folder, and each of those back to .pth. For every conversion t
 read once with `cat FILE > /dev/null` and then converted, each timed in its own process; the
 ratio is cat time / convert time (the same bytes read; convert also writes and fsyncs them).
 Convert time includes the interpreter's start (about a second on a loaded 2-core machine; noise at
-1.5B, everything at the tiny preset). Peak RSS is the converting process's own, to check that it holds about one tensor at a time.
+1.5B, everything at the tiny preset). Peak RSS is the converting process's own, to check that it holds
+about one tensor at a time.
 With --drop-caches (root) the page cache is emptied before each timed step, so both read the disk;
 without it both read warm pages, which measures the copy path rather than the disk.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +25,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = [("m.pth", "safetensors", "m.safetensors"), ("m.pth", "hf", "hf"),
-         ("m.safetensors", "pth", "st.pth"), ("hf", "pth", "hf.pth")]
+STEPS = [
+    ("m.pth", "safetensors", "m.safetensors"),
+    ("m.pth", "hf", "hf"),
+    ("m.safetensors", "pth", "st.pth"),
+    ("hf", "pth", "hf.pth"),
+]
 
 
 def _drop_caches(enabled: bool) -> None:
@@ -55,17 +61,32 @@ def _cat(path: Path) -> list[str]:
 
 
 def run(preset: str, drop: bool, work: Path) -> list[dict]:
-    subprocess.run([sys.executable, "-m", "rwkv_opt.cli", "synth", "--preset", preset, "-o", str(work / "m.pth")],
-                   check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "rwkv_opt.cli", "synth", "--preset", preset, "-o", str(work / "m.pth")],
+        check=True,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+    )
     rows = []
     for src, to, out in STEPS:
         _drop_caches(drop)
         t_cat, _ = _timed(_cat(work / src))
         _drop_caches(drop)
-        t_conv, rss = _timed([sys.executable, "-m", "rwkv_opt.cli", "convert", str(work / src), "--to", to,
-                              "-o", str(work / out)], stdout=subprocess.DEVNULL)
-        rows.append({"from": src, "to": to, "bytes": _size(work / src), "cat_s": round(t_cat, 3),
-                     "convert_s": round(t_conv, 3), "ratio": round(t_cat / t_conv, 3), "peak_rss_mib": round(rss)})
+        t_conv, rss = _timed(
+            [sys.executable, "-m", "rwkv_opt.cli", "convert", str(work / src), "--to", to, "-o", str(work / out)],
+            stdout=subprocess.DEVNULL,
+        )
+        rows.append(
+            {
+                "from": src,
+                "to": to,
+                "bytes": _size(work / src),
+                "cat_s": round(t_cat, 3),
+                "convert_s": round(t_conv, 3),
+                "ratio": round(t_cat / t_conv, 3),
+                "peak_rss_mib": round(rss),
+            }
+        )
     return rows
 
 
@@ -81,11 +102,17 @@ def main() -> None:
     for r in rows:
         print(json.dumps(r))
     if a.out:
-        lines = [f"# rwkv-opt convert, preset {a.preset} ({'cold' if a.drop_caches else 'warm'} page cache)", "",
-                 "| from | to | MiB | cat s | convert s | cat/convert | peak RSS MiB |",
-                 "|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['from']} | {r['to']} | {r['bytes'] / 2**20:.0f} | {r['cat_s']} | {r['convert_s']} | "
-                  f"{r['ratio']} | {r['peak_rss_mib']} |" for r in rows]
+        lines = [
+            f"# rwkv-opt convert, preset {a.preset} ({'cold' if a.drop_caches else 'warm'} page cache)",
+            "",
+            "| from | to | MiB | cat s | convert s | cat/convert | peak RSS MiB |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['from']} | {r['to']} | {r['bytes'] / 2**20:.0f} | {r['cat_s']} | {r['convert_s']} | "
+            f"{r['ratio']} | {r['peak_rss_mib']} |"
+            for r in rows
+        ]
         a.out.write_text("\n".join(lines) + "\n")
 
 

@@ -14,6 +14,7 @@ and the median process CPU time. On a shared host, --no-spin makes CPU time a me
 (spinning workers would bill their waits).
 --profile instead compares ORT profiles: per op type, the sum of each node's median kernel time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -89,7 +90,7 @@ def time_interleaved(sessions: dict, feeds: dict, rounds: int, reps: int) -> dic
         for _ in range(2):
             sessions[n].run(None, feeds[n])
     for r in range(rounds):
-        for n in names[r % len(names):] + names[:r % len(names)]:
+        for n in names[r % len(names) :] + names[: r % len(names)]:
             best = (np.inf, np.inf)
             for _ in range(reps):
                 t0, c0 = time.perf_counter(), time.process_time()
@@ -103,14 +104,18 @@ def report(times: dict[str, np.ndarray]) -> None:
     """Medians, and the median of the per-round ratio to the base (paired, so a busy spell that
     slows one round slows both sides of its ratio)."""
     base = times["base"]
-    print(f"  {'variant':14s} {'wall median ms':>14s} {'paired ratio [IQR]':>24s} "
-          f"{'CPU median ms':>14s} {'CPU ratio':>10s}")
+    print(
+        f"  {'variant':14s} {'wall median ms':>14s} {'paired ratio [IQR]':>24s} "
+        f"{'CPU median ms':>14s} {'CPU ratio':>10s}"
+    )
     for n, t in times.items():
         ratio = t[:, 0] / base[:, 0]
         q1, q2, q3 = np.percentile(ratio, [25, 50, 75])
         cpu = np.median(t[:, 1])
-        print(f"  {n:14s} {np.median(t[:, 0]) * 1e3:14.2f}   x{q2:.3f} [{q1:.3f}-{q3:.3f}]  {cpu * 1e3:14.2f}"
-              f"     x{cpu / np.median(base[:, 1]):.3f}")
+        print(
+            f"  {n:14s} {np.median(t[:, 0]) * 1e3:14.2f}   x{q2:.3f} [{q1:.3f}-{q3:.3f}]  {cpu * 1e3:14.2f}"
+            f"     x{cpu / np.median(base[:, 1]):.3f}"
+        )
 
 
 def profile(model, threads: int, T: int, vocab: int, runs: int, spin: bool) -> dict[str, tuple[str, float]]:
@@ -128,8 +133,8 @@ def profile(model, threads: int, T: int, vocab: int, runs: int, spin: bool) -> d
     per_node, op_of = collections.defaultdict(list), {}
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-            per_node[e["name"][:-len("_kernel_time")]].append(e["dur"])
-            op_of[e["name"][:-len("_kernel_time")]] = e["args"]["op_name"]
+            per_node[e["name"][: -len("_kernel_time")]].append(e["dur"])
+            op_of[e["name"][: -len("_kernel_time")]] = e["args"]["op_name"]
     return {n: (op_of[n], statistics.median(d)) for n, d in per_node.items()}
 
 
@@ -157,8 +162,10 @@ def report_profiles(profiles: dict[str, dict], T: int, top: int = 10) -> None:
         removed = sum(base[n][1] for n in set(base) - common)
         added = sum(prof[n][1] for n in set(prof) - common) / drift
         ops = collections.Counter(prof[n][0] for n in set(prof) - common)
-        print(f"  {name:14s} {removed / 1e3:10.3f} {added / 1e3:9.3f} {(added - removed) / 1e3:+8.3f} {drift:6.3f}  "
-              + ", ".join(f"{k} x{v}" for k, v in sorted(ops.items())))
+        print(
+            f"  {name:14s} {removed / 1e3:10.3f} {added / 1e3:9.3f} {(added - removed) / 1e3:+8.3f} {drift:6.3f}  "
+            + ", ".join(f"{k} x{v}" for k, v in sorted(ops.items()))
+        )
 
 
 def main() -> None:
@@ -170,11 +177,17 @@ def main() -> None:
     ap.add_argument("--rounds-prefill", type=int, default=15, help="timed rounds at T>1")
     ap.add_argument("--reps", type=int, default=3, help="runs per variant per round; the fastest counts")
     ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
-    ap.add_argument("--profile", action="store_true",
-                    help="compare ORT profiles (per-node median kernel times) instead of timing whole runs")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="compare ORT profiles (per-node median kernel times) instead of timing whole runs",
+    )
     ap.add_argument("--profile-runs", type=int, default=40)
-    ap.add_argument("--no-spin", action="store_true",
-                    help="ORT worker threads sleep instead of spinning, so CPU time measures work (busy hosts)")
+    ap.add_argument(
+        "--no-spin",
+        action="store_true",
+        help="ORT worker threads sleep instead of spinning, so CPU time measures work (busy hosts)",
+    )
     args = ap.parse_args()
 
     names = list(dict.fromkeys(["base", *args.variants]))
@@ -183,8 +196,10 @@ def main() -> None:
     print(f"built {', '.join(names)} in {time.perf_counter() - t0:.0f} s")
     if args.profile:
         for T in args.lengths:
-            report_profiles({n: profile(m, args.threads, T, vocab, args.profile_runs, not args.no_spin)
-                             for n, m in models.items()}, T)
+            report_profiles(
+                {n: profile(m, args.threads, T, vocab, args.profile_runs, not args.no_spin) for n, m in models.items()},
+                T,
+            )
         return
     sessions = {}
     for n in names:
@@ -196,9 +211,12 @@ def main() -> None:
             err = max(float(np.abs(a - b).max()) for a, b in zip(ref, s.run(None, feeds[n])))
             assert err < 1e-3, f"{n} disagrees with base at T={T}: max|err| {err}"
         rounds = args.rounds if T == 1 else args.rounds_prefill
-        print(f"\nT={T}  threads={args.threads}  rounds={rounds} x best of {args.reps}  spin={not args.no_spin}  "
-              f"({args.preset}, batch 1, ORT_ENABLE_ALL)")
+        print(
+            f"\nT={T}  threads={args.threads}  rounds={rounds} x best of {args.reps}  spin={not args.no_spin}  "
+            f"({args.preset}, batch 1, ORT_ENABLE_ALL)"
+        )
         report(time_interleaved(sessions, feeds, rounds, args.reps))
+
 
 if __name__ == "__main__":
     main()

@@ -10,6 +10,7 @@ choice in rwkv_opt/export/tokenizer_bpe.py is measured, not assumed.
 
     python benchmarks/genai_tokenizer.py            # writes reports/genai_tokenizer.md
 """
+
 from __future__ import annotations
 
 import json
@@ -93,14 +94,18 @@ def measure(tokenizer, rows: list[dict], world) -> dict:
 
 
 def table(results: dict[str, dict]) -> list[str]:
-    lines = ["| tokenizer.json | kind | texts | identical ids | token-count ratio | token agreement | decode exact |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| tokenizer.json | kind | texts | identical ids | token-count ratio | token agreement | decode exact |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
     for name, per_kind in results.items():
         for kind in ["all"] + sorted(k for k in per_kind if k != "all"):
             m = per_kind[kind]
-            lines.append(f"| {name} | {kind} | {m['texts']} | {m['identical']}/{m['texts']} "
-                         f"({m['identical'] / m['texts']:.0%}) | {m['bpe'] / m['world']:.4f} | "
-                         f"{m['agree'] / m['world']:.1%} | {m['decoded']}/{m['texts']} |")
+            lines.append(
+                f"| {name} | {kind} | {m['texts']} | {m['identical']}/{m['texts']} "
+                f"({m['identical'] / m['texts']:.0%}) | {m['bpe'] / m['world']:.4f} | "
+                f"{m['agree'] / m['world']:.1%} | {m['decoded']}/{m['texts']} |"
+            )
     return lines
 
 
@@ -119,35 +124,49 @@ def main() -> None:
                 (out / TOKENIZER_FILE).write_text(json.dumps(doc, ensure_ascii=False), encoding="utf-8")
             tokenizer = og.Tokenizer(og.Model(str(out)))
             results[name], held[name] = measure(tokenizer, rows, world), measure(tokenizer, held_out, world)
-    report = ["# onnxruntime-genai tokenizer vs RWKV World", "",
-              f"`python benchmarks/genai_tokenizer.py`, onnxruntime-genai {og.__version__}, corpus "
-              f"`tests/export/tokenizer_corpus.json` ({len(rows)} texts). og.Tokenizer encodes each text; "
-              "World is rwkv-opt's greedy longest-match tokenizer (token-for-token the official one).", "",
-              "- identical ids: the whole text encodes to exactly World's ids;",
-              "- token-count ratio: BPE tokens / World tokens (over the kind's texts);",
-              "- token agreement: share of World's tokens whose byte span is also one BPE token;",
-              "- decode exact: og.Tokenizer.decode(World ids) gives the text back.", ""]
+    report = [
+        "# onnxruntime-genai tokenizer vs RWKV World",
+        "",
+        f"`python benchmarks/genai_tokenizer.py`, onnxruntime-genai {og.__version__}, corpus "
+        f"`tests/export/tokenizer_corpus.json` ({len(rows)} texts). og.Tokenizer encodes each text; "
+        "World is rwkv-opt's greedy longest-match tokenizer (token-for-token the official one).",
+        "",
+        "- identical ids: the whole text encodes to exactly World's ids;",
+        "- token-count ratio: BPE tokens / World tokens (over the kind's texts);",
+        "- token agreement: share of World's tokens whose byte span is also one BPE token;",
+        "- decode exact: og.Tokenizer.decode(World ids) gives the text back.",
+        "",
+    ]
     report += table(results)
-    report += ["", f"Held out: {len(held_out)} paragraphs (20-600 characters, fixed sample) of Python "
-               f"{platform.python_version()}'s standard library modules d*-z*.py (code and English docstrings; the "
-               "merge order was chosen on other text):", ""]
+    report += [
+        "",
+        f"Held out: {len(held_out)} paragraphs (20-600 characters, fixed sample) of Python "
+        f"{platform.python_version()}'s standard library modules d*-z*.py (code and English docstrings; the "
+        "merge order was chosen on other text):",
+        "",
+    ]
     report += table(held)
-    report += ["", "## Why BPE stays short of World", "",
-               "- BPE merges by one global rank, anywhere in the text; greedy longest match decides left to right. "
-               "Ranking longer results first, then tokens that start a word (after whitespace, at a capital), then "
-               "common building blocks is the order rwkv_opt/export/tokenizer_bpe.py ships; every two-token split "
-               "of a token is a merge.",
-               "- 2,238 World tokens (mostly 3-byte characters such as Korean syllables, CJK ideographs and emoji) "
-               "have no split into two World tokens, so BPE can never form them and spells them in bytes: the "
-               "ko and emoji rows. New intermediate tokens would need ids the model does not have.",
-               "- onnxruntime-genai 0.18 splits text into words with GPT-2's regex unless tokenizer.json names "
-               "its own Split; that cuts World tokens such as `\\n\\n`, so the shipped file makes the whole "
-               "text one pre-token. A Split regex that would make the pre-tokenizer itself greedy (an "
-               "alternation of the vocabulary, longest first) fails in its tokenizer (a `substr` error at "
-               "encode, already with 20 alternatives).",
-               "",
-               "Exact tokens: encode with rwkv-opt's World tokenizer (or the official one) and pass the ids "
-               "with `generator.append_tokens(ids)`; the BPE tokenizer is for apps that cannot run Python.", ""]
+    report += [
+        "",
+        "## Why BPE stays short of World",
+        "",
+        "- BPE merges by one global rank, anywhere in the text; greedy longest match decides left to right. "
+        "Ranking longer results first, then tokens that start a word (after whitespace, at a capital), then "
+        "common building blocks is the order rwkv_opt/export/tokenizer_bpe.py ships; every two-token split "
+        "of a token is a merge.",
+        "- 2,238 World tokens (mostly 3-byte characters such as Korean syllables, CJK ideographs and emoji) "
+        "have no split into two World tokens, so BPE can never form them and spells them in bytes: the "
+        "ko and emoji rows. New intermediate tokens would need ids the model does not have.",
+        "- onnxruntime-genai 0.18 splits text into words with GPT-2's regex unless tokenizer.json names "
+        "its own Split; that cuts World tokens such as `\\n\\n`, so the shipped file makes the whole "
+        "text one pre-token. A Split regex that would make the pre-tokenizer itself greedy (an "
+        "alternation of the vocabulary, longest first) fails in its tokenizer (a `substr` error at "
+        "encode, already with 20 alternatives).",
+        "",
+        "Exact tokens: encode with rwkv-opt's World tokenizer (or the official one) and pass the ids "
+        "with `generator.append_tokens(ids)`; the BPE tokenizer is for apps that cannot run Python.",
+        "",
+    ]
     REPORT.write_text("\n".join(report))
     print("\n".join(report))
 

@@ -5,6 +5,7 @@
 Each phase runs in a fresh process so its peak RSS is its own: (1) read + validate the
 checkpoint and touch every tensor, (2) read + build the base graph + save model.onnx.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,23 +57,37 @@ def main():
         d = Path(d)
         ckpt = d / "model.pth"
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "rwkv_opt.cli", "synth", "--preset", a.preset, "-o", str(ckpt)],
-                       check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, "-m", "rwkv_opt.cli", "synth", "--preset", a.preset, "-o", str(ckpt)],
+            check=True,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+        )
         t_synth = time.perf_counter() - t0
         size_mb = ckpt.stat().st_size / 2**20
         res = {}
         for phase in ("read", "build"):
-            r = subprocess.run([sys.executable, "-c", CHILD, phase, str(ckpt), str(d)], check=True,
-                               capture_output=True, text=True, cwd=ROOT)
+            r = subprocess.run(
+                [sys.executable, "-c", CHILD, phase, str(ckpt), str(d)],
+                check=True,
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+            )
             res[phase] = json.loads(r.stdout.strip().splitlines()[-1])
     rd, bd = res["read"], res["build"]
-    lines = [f"### {a.preset} synthetic, bf16 .pth of {size_mb:.0f} MiB (synth wrote it in {t_synth:.1f}s)", "",
-             "| phase | seconds | peak RSS (MiB) | private RSS at end (MiB) |", "|---|---|---|---|",
-             f"| read + validate + touch every page (mmap, zero copy) | {rd['read_s']:.2f} | {rd['peak_rss_mb']:.0f} | "
-             f"{rd['rss_anon_mb_end']:.0f} |",
-             f"| read + build fp32 graph + save ({bd['onnx_bytes'] / 2**20:.0f} MiB onnx) | "
-             f"{bd['read_s'] + bd['build_s'] + bd['save_s']:.2f} (read {bd['read_s']:.2f}, build {bd['build_s']:.2f}, "
-             f"save {bd['save_s']:.2f}) | {bd['peak_rss_mb']:.0f} | {bd['rss_anon_mb_end']:.0f} |", ""]
+    lines = [
+        f"### {a.preset} synthetic, bf16 .pth of {size_mb:.0f} MiB (synth wrote it in {t_synth:.1f}s)",
+        "",
+        "| phase | seconds | peak RSS (MiB) | private RSS at end (MiB) |",
+        "|---|---|---|---|",
+        f"| read + validate + touch every page (mmap, zero copy) | {rd['read_s']:.2f} | {rd['peak_rss_mb']:.0f} | "
+        f"{rd['rss_anon_mb_end']:.0f} |",
+        f"| read + build fp32 graph + save ({bd['onnx_bytes'] / 2**20:.0f} MiB onnx) | "
+        f"{bd['read_s'] + bd['build_s'] + bd['save_s']:.2f} (read {bd['read_s']:.2f}, build {bd['build_s']:.2f}, "
+        f"save {bd['save_s']:.2f}) | {bd['peak_rss_mb']:.0f} | {bd['rss_anon_mb_end']:.0f} |",
+        "",
+    ]
     text = "\n".join(lines)
     print(text)
     if a.out:

@@ -6,6 +6,7 @@ The runtime feeds the prompt in chunks carrying the state, so memory does not gr
 numpy reference (fp32 and fp64) runs the same tokens; we compare the last position's logits and
 the final WKV states.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,12 @@ def main():
     del sess
     src = man["source"]["path"]
     preset = src.split(":")[1] if src.startswith("synthetic:") else None
-    w = load_source(None if preset else src, preset=preset or "tiny",
-                    deepembed=cfg["variant"] == "rwkv7a", seed=int(src.rsplit("seed", 1)[1]) if preset else 0)
+    w = load_source(
+        None if preset else src,
+        preset=preset or "tiny",
+        deepembed=cfg["variant"] == "rwkv7a",
+        seed=int(src.rsplit("seed", 1)[1]) if preset else 0,
+    )
     rows = []
     for dtype in (np.float32, np.float64):
         ref, rst = ReferenceModel(w, dtype).forward(tokens, full_output=False)
@@ -52,14 +57,24 @@ def main():
         wkv = np.stack([st[f"wkv_state_{i}"] for i in range(cfg["n_layer"])])
         rows.append((np.dtype(dtype).name, m["max_rel_err"], m["mean_kl"], m["top1"], rel_err(rst.wkv, wkv)))
         del ref, rst
-    text = "\n".join([
-        f"### {a.tokens:,}-token prompt, {man['target']} artifact ({cfg['n_layer']} layers, C={cfg['n_embd']}), "
-        f"fed in chunks of {a.chunk}, {a.threads} threads",
-        "", f"- command: `python benchmarks/long_prompt.py {a.artifact} --tokens {a.tokens} --chunk {a.chunk}`",
-        f"- prefill: {dt:.1f} s ({a.tokens / dt:.0f} tok/s); peak RSS after session load {rss0:.0f} MiB, "
-        f"after the whole prompt {rss1:.0f} MiB (growth {rss1 - rss0:.0f} MiB)", "",
-        "| reference dtype | last logits max\\|err\\|/std | KL | top-1 | final WKV state max\\|err\\|/std |",
-        "|---|---|---|---|---|"] + [f"| {d} | {e:.2e} | {k:.2e} | {t:.0%} | {s:.2e} |" for d, e, k, t, s in rows]) + "\n"
+    text = (
+        "\n".join(
+            [
+                f"### {a.tokens:,}-token prompt, {man['target']} artifact "
+                f"({cfg['n_layer']} layers, C={cfg['n_embd']}), "
+                f"fed in chunks of {a.chunk}, {a.threads} threads",
+                "",
+                f"- command: `python benchmarks/long_prompt.py {a.artifact} --tokens {a.tokens} --chunk {a.chunk}`",
+                f"- prefill: {dt:.1f} s ({a.tokens / dt:.0f} tok/s); peak RSS after session load {rss0:.0f} MiB, "
+                f"after the whole prompt {rss1:.0f} MiB (growth {rss1 - rss0:.0f} MiB)",
+                "",
+                "| reference dtype | last logits max\\|err\\|/std | KL | top-1 | final WKV state max\\|err\\|/std |",
+                "|---|---|---|---|---|",
+            ]
+            + [f"| {d} | {e:.2e} | {k:.2e} | {t:.0%} | {s:.2e} |" for d, e, k, t, s in rows]
+        )
+        + "\n"
+    )
     print(text)
     if a.out:
         with open(a.out, "a") as f:

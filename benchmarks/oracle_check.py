@@ -6,6 +6,7 @@ A 64-token prompt as one sequence, token by token, and in two chunks (split at 2
 and batch 3 with different prompts (the official package runs each row on its own). Prints
 max|err| / std(ref) for logits and WKV states, and whether argmax is identical everywhere.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,7 @@ def onnx_modes(sess, tokens, split):
     res = {"seq": (seq, wkv(st))}
     st, outs = None, []
     for t in range(tokens.shape[1]):
-        lo, st = sess.forward(tokens[:, t:t + 1], st)
+        lo, st = sess.forward(tokens[:, t : t + 1], st)
         outs.append(lo)
     res["tok"] = (np.concatenate(outs, 1), wkv(st))
     a, st = sess.forward(tokens[:, :split])
@@ -54,7 +55,7 @@ def ref_modes(ref, tokens, split):
     res = {"seq": (seq, st.wkv.swapaxes(0, 1))}
     st, outs = None, []
     for t in range(tokens.shape[1]):
-        lo, st = ref.forward(tokens[:, t:t + 1], st)
+        lo, st = ref.forward(tokens[:, t : t + 1], st)
         outs.append(lo)
     res["tok"] = (np.concatenate(outs, 1), st.wkv.swapaxes(0, 1))
     a, st = ref.forward(tokens[:, :split])
@@ -79,9 +80,19 @@ def main():
         tokens = np.random.default_rng(0).integers(0, w.config.vocab, (3, 64))
         np.save(d / "tokens.npy", tokens)
         t0 = time.time()
-        subprocess.run([sys.executable, str(ROOT / "tests" / "oracle_worker.py"), str(ckpt), str(d / "tokens.npy"),
-                        "1" if a.deepembed else "0", str(d / "off.npz"), str(split)], check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "tests" / "oracle_worker.py"),
+                str(ckpt),
+                str(d / "tokens.npy"),
+                "1" if a.deepembed else "0",
+                str(d / "off.npz"),
+                str(split),
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         off = np.load(d / "off.npz")
         print(f"official done in {time.time() - t0:.0f}s", file=sys.stderr)
         ref = ref_modes(ReferenceModel(w, np.dtype(a.ref_dtype)), tokens, split)
@@ -98,18 +109,48 @@ def main():
             o_lo = np.stack([off[f"{mode}_{b}"] for b in range(3)])
             o_wkv = np.stack([off[f"{mode}_wkv_{b}"] for b in range(3)])
             r_lo, r_wkv = ref[mode]
-            rows.append(("official", "reference", mode, 3, rel(o_lo, r_lo), rel(o_wkv, r_wkv),
-                         bool((o_lo.argmax(-1) == r_lo.argmax(-1)).all())))
+            rows.append(
+                (
+                    "official",
+                    "reference",
+                    mode,
+                    3,
+                    rel(o_lo, r_lo),
+                    rel(o_wkv, r_wkv),
+                    bool((o_lo.argmax(-1) == r_lo.argmax(-1)).all()),
+                )
+            )
             for batch in (1, 3):
                 g_lo, g_wkv = ours[batch][mode]
-                rows.append(("onnx fp32", "reference", mode, batch, rel(g_lo, r_lo[:batch]), rel(g_wkv, r_wkv[:batch]),
-                             bool((g_lo.argmax(-1) == r_lo[:batch].argmax(-1)).all())))
-                rows.append(("onnx fp32", "official", mode, batch, rel(g_lo, o_lo[:batch]), rel(g_wkv, o_wkv[:batch]),
-                             bool((g_lo.argmax(-1) == o_lo[:batch].argmax(-1)).all())))
+                rows.append(
+                    (
+                        "onnx fp32",
+                        "reference",
+                        mode,
+                        batch,
+                        rel(g_lo, r_lo[:batch]),
+                        rel(g_wkv, r_wkv[:batch]),
+                        bool((g_lo.argmax(-1) == r_lo[:batch].argmax(-1)).all()),
+                    )
+                )
+                rows.append(
+                    (
+                        "onnx fp32",
+                        "official",
+                        mode,
+                        batch,
+                        rel(g_lo, o_lo[:batch]),
+                        rel(g_wkv, o_wkv[:batch]),
+                        bool((g_lo.argmax(-1) == o_lo[:batch].argmax(-1)).all()),
+                    )
+                )
     name = f"{a.preset}{' DeepEmbed (RWKV-7a)' if a.deepembed else ' (RWKV-7)'}"
-    lines = [f"### {name}, 64-token prompts, split at {split}; reference in {a.ref_dtype}", "",
-             "| model | against | mode | batch | logits max\\|err\\|/std | WKV state max\\|err\\|/std | argmax identical |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"### {name}, 64-token prompts, split at {split}; reference in {a.ref_dtype}",
+        "",
+        "| model | against | mode | batch | logits max\\|err\\|/std | WKV state max\\|err\\|/std | argmax identical |",
+        "|---|---|---|---|---|---|---|",
+    ]
     lines += [f"| {m} | {vs} | {mode} | {b} | {e:.2e} | {s:.2e} | {am} |" for m, vs, mode, b, e, s, am in rows]
     text = "\n".join(lines) + "\n"
     print(text)

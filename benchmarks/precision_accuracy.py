@@ -17,6 +17,7 @@ the same checkpoint and tokens (torch CPU, its own subprocess) as the peer row. 
 config: `fp16_mixed[elementwise=fp32]`. The goals for fp16_mixed (reports/precision-0.1b.md): top-1 100%,
 max|err|/std <= 3e-3, mean KL <= 1e-4.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,13 +74,14 @@ def teacher_forced(step, model, cfg, tokens: np.ndarray, prompt: int):
         state[a] = np.zeros((B, 1, cfg.n_embd), types[a])
         state[s] = np.zeros((B, cfg.n_head, cfg.head_size, cfg.head_size), np.float32)
         state[f] = np.zeros((B, 1, cfg.n_embd), types[f])
-    chunks = [tokens[:, :prompt]] + [tokens[:, t:t + 1] for t in range(prompt, tokens.shape[1])]
+    chunks = [tokens[:, :prompt]] + [tokens[:, t : t + 1] for t in range(prompt, tokens.shape[1])]
     logits = []
     for c in chunks:
         out = step({contract.TOKENS: c, **state})
         logits.append(out[contract.LOGITS].astype(np.float32))
-        state = {i: out[o] for k in range(cfg.n_layer)
-                 for o, i in zip(contract.state_outputs(k), contract.state_inputs(k))}
+        state = {
+            i: out[o] for k in range(cfg.n_layer) for o, i in zip(contract.state_outputs(k), contract.state_inputs(k))
+        }
     wkv = np.stack([state[contract.state_inputs(k)[1]] for k in range(cfg.n_layer)])
     return np.concatenate(logits, 1), wkv
 
@@ -109,12 +111,16 @@ np.save(out, np.stack(rows))
 def official_logits(state_dict, strategy: str, tokens: np.ndarray, prompt: int) -> np.ndarray:
     """The official package's logits at `strategy` on the same checkpoint and tokens (B, T, V)."""
     from rwkv_opt.checkpoint.torchzip import write_pth
+
     with tempfile.TemporaryDirectory() as d:
         ckpt, tok, out = Path(d) / "model.pth", Path(d) / "tokens.npy", Path(d) / "logits.npy"
         write_pth(ckpt, state_dict)
         np.save(tok, tokens)
-        subprocess.run([sys.executable, "-c", OFFICIAL, str(ckpt), strategy, str(tok), str(prompt), str(out)],
-                       check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        subprocess.run(
+            [sys.executable, "-c", OFFICIAL, str(ckpt), strategy, str(tok), str(prompt), str(out)],
+            check=True,
+            env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        )
         return np.load(out)
 
 
@@ -135,13 +141,21 @@ def main():
     ap.add_argument("--decode", type=int, default=192)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--opt-level", choices=sorted(_LEVEL), default="disable")
-    ap.add_argument("--passes", default="fp16_mixed,fp16_mixed[elementwise=fp32],fp16,bf16",
-                    help="bf16 runs only in the rounding evaluator")
-    ap.add_argument("--no-rounded", dest="rounded", action="store_false",
-                    help="skip the rounding-evaluator runs of the fp16 graphs")
+    ap.add_argument(
+        "--passes",
+        default="fp16_mixed,fp16_mixed[elementwise=fp32],fp16,bf16",
+        help="bf16 runs only in the rounding evaluator",
+    )
+    ap.add_argument(
+        "--no-rounded", dest="rounded", action="store_false", help="skip the rounding-evaluator runs of the fp16 graphs"
+    )
     ap.add_argument("--plot", type=Path, help="write a PNG of max|err|/std per position for every row")
-    ap.add_argument("--official", default=None, metavar="STRATEGY",
-                    help="also run the official rwkv package at this strategy, e.g. 'cpu fp16' (needs torch, rwkv)")
+    ap.add_argument(
+        "--official",
+        default=None,
+        metavar="STRATEGY",
+        help="also run the official rwkv package at this strategy, e.g. 'cpu fp16' (needs torch, rwkv)",
+    )
     a = ap.parse_args()
 
     t0 = time.perf_counter()
@@ -150,15 +164,18 @@ def main():
     cfg = w.config
     tokens = np.random.default_rng(0).integers(0, cfg.vocab, (a.batch, a.prompt + a.decode), dtype=np.int64)
     ref = ReferenceModel(w, dtype=np.float32)
-    ref_logits, st = ref.forward(tokens[:, :a.prompt])
+    ref_logits, st = ref.forward(tokens[:, : a.prompt])
     parts = [ref_logits]
     for t in range(a.prompt, tokens.shape[1]):
-        lg, st = ref.forward(tokens[:, t:t + 1], st)
+        lg, st = ref.forward(tokens[:, t : t + 1], st)
         parts.append(lg)
     ref_logits, ref_wkv = np.concatenate(parts, 1), st.wkv
     del ref, parts
-    print(f"{a.preset}: reference done in {time.perf_counter() - t0:.0f}s "
-          f"({tokens.shape[1]} positions x batch {a.batch}, V={cfg.vocab})", flush=True)
+    print(
+        f"{a.preset}: reference done in {time.perf_counter() - t0:.0f}s "
+        f"({tokens.shape[1]} positions x batch {a.batch}, V={cfg.vocab})",
+        flush=True,
+    )
 
     rows = []
     if a.official:
@@ -184,15 +201,20 @@ def main():
             gc.collect()
         del model
 
-    print(f"\n{a.preset}, prompt {a.prompt} + {a.decode} teacher-forced decode tokens, batch {a.batch}, vs fp32 "
-          f"numpy reference. ORT CPU: graph optimizations {a.opt_level}; rounded: onnx.reference rounding "
-          "every op to its dtype, fp32 accumulation in MatMul/reductions/LayerNorm (GPU-like)\n")
-    print("| graph | run | top-1 | max abs err / std(ref) | same, first position excluded | mean KL "
-          "| WKV state drift |")
+    print(
+        f"\n{a.preset}, prompt {a.prompt} + {a.decode} teacher-forced decode tokens, batch {a.batch}, vs fp32 "
+        f"numpy reference. ORT CPU: graph optimizations {a.opt_level}; rounded: onnx.reference rounding "
+        "every op to its dtype, fp32 accumulation in MatMul/reductions/LayerNorm (GPU-like)\n"
+    )
+    print(
+        "| graph | run | top-1 | max abs err / std(ref) | same, first position excluded | mean KL | WKV state drift |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name, how, m in rows:
-        print(f"| {name} | {how} | {m['top1'] * 100:.2f}% | {m['max_rel_err']:.2e} | {m['first_excluded']:.2e} | "
-              f"{m['mean_kl']:.2e} | {m['state_drift']:.2e} |")
+        print(
+            f"| {name} | {how} | {m['top1'] * 100:.2f}% | {m['max_rel_err']:.2e} | {m['first_excluded']:.2e} | "
+            f"{m['mean_kl']:.2e} | {m['state_drift']:.2e} |"
+        )
     if a.plot:
         plot(rows, a.plot, a.prompt)
         print(f"\nplot: {a.plot}")
@@ -209,7 +231,8 @@ def score(ref_logits: np.ndarray, got: np.ndarray, state_drift: float = float("n
 
 
 def plot(rows: list, path: Path, prompt: int) -> None:
-    """max|err|/std(ref) per position, one line per row (log scale), with the 3e-3 goal line (reports/precision-0.1b.md)."""
+    """max|err|/std(ref) per position, one line per row (log scale), with the 3e-3 goal line
+    (reports/precision-0.1b.md)."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -30,6 +30,7 @@ size      bytes of the artifact directory (model.onnx + model.onnx.data).
 --ablate  accuracy (same protocol) and size of quantize pass configs applied, one at a time, to the
           cpu-fp32 artifact: the algorithm and scheme comparisons in reports/quantization.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,7 +73,7 @@ def reference_logits(weights, tokens: np.ndarray, prompt: int) -> list[np.ndarra
     want, st = ref.forward(tokens[:, :prompt], full_output=False)
     out = [want[:, -1:]]
     for t in range(prompt, tokens.shape[1]):
-        want, st = ref.forward(tokens[:, t:t + 1], st)
+        want, st = ref.forward(tokens[:, t : t + 1], st)
         out.append(want)
     return out
 
@@ -88,13 +89,14 @@ def accuracy(session: Session, tokens: np.ndarray, prompt: int, want: list[np.nd
     got, st = session.forward(tokens[:, :prompt])
     stats.add(want[0], got[:, -1:].astype(np.float32))
     for i, t in enumerate(range(prompt, tokens.shape[1])):
-        got, st = session.forward(tokens[:, t:t + 1], st)
+        got, st = session.forward(tokens[:, t : t + 1], st)
         stats.add(want[i + 1], got.astype(np.float32))
     return {**stats.result(), "positions": stats.positions}
 
 
-def ablation(configs: list[dict], fp32_artifact: Path, tokens: np.ndarray, prompt: int,
-             want: list[np.ndarray]) -> list[dict]:
+def ablation(
+    configs: list[dict], fp32_artifact: Path, tokens: np.ndarray, prompt: int, want: list[np.ndarray]
+) -> list[dict]:
     """Accuracy and size of quantize configs applied to the cpu-fp32 artifact, one at a time."""
     import tempfile
 
@@ -115,8 +117,11 @@ def ablation(configs: list[dict], fp32_artifact: Path, tokens: np.ndarray, promp
             size = artifact_size(Path(d))
             acc = accuracy(Session(Path(d) / "model.onnx", threads=2), tokens, prompt, want)
         rows.append({"config": cfg, "size": size, "quantize_s": seconds, **acc})
-        print(f"{json.dumps(cfg)}: {size / 2**20:.1f} MiB, top-1 {acc['top1']:.4f}, KL {acc['mean_kl']:.3e}, "
-              f"max|err|/std {acc['max_rel_err']:.2e} ({seconds:.0f}s)", flush=True)
+        print(
+            f"{json.dumps(cfg)}: {size / 2**20:.1f} MiB, top-1 {acc['top1']:.4f}, KL {acc['mean_kl']:.3e}, "
+            f"max|err|/std {acc['max_rel_err']:.2e} ({seconds:.0f}s)",
+            flush=True,
+        )
     return rows
 
 
@@ -131,7 +136,7 @@ def speed(sessions: dict[str, Session], vocab: int, rounds: int, steps: int, pre
     pre = {n: [] for n in names}
     step = {n: [] for n in names}
     for r in range(rounds):
-        for n in names[r % len(names):] + names[:r % len(names)]:
+        for n in names[r % len(names) :] + names[: r % len(names)]:
             s = sessions[n]
             t0 = time.perf_counter()
             _, st = s.forward(prompt)
@@ -139,15 +144,17 @@ def speed(sessions: dict[str, Session], vocab: int, rounds: int, steps: int, pre
             times = []
             for t in range(steps):
                 t0 = time.perf_counter()
-                _, st = s.forward(dec[:, t:t + 1], st)
+                _, st = s.forward(dec[:, t : t + 1], st)
                 times.append(time.perf_counter() - t0)
             step[n].append(statistics.median(times))
     out = {}
     for n in names:
-        out[n] = {"prefill_tok_s": prefill_len / statistics.median(pre[n]),
-                  "decode_ms": 1e3 * statistics.median(step[n]),
-                  "prefill_x": statistics.median(b / p for b, p in zip(pre[BASE], pre[n])) if BASE in pre else None,
-                  "decode_x": statistics.median(b / d for b, d in zip(step[BASE], step[n])) if BASE in step else None}
+        out[n] = {
+            "prefill_tok_s": prefill_len / statistics.median(pre[n]),
+            "decode_ms": 1e3 * statistics.median(step[n]),
+            "prefill_x": statistics.median(b / p for b, p in zip(pre[BASE], pre[n])) if BASE in pre else None,
+            "decode_x": statistics.median(b / d for b, d in zip(step[BASE], step[n])) if BASE in step else None,
+        }
     return out
 
 
@@ -156,16 +163,38 @@ def _fmt(v, spec: str) -> str:
 
 
 def table(rows: dict[str, dict], base_size: int | None, prefill_len: int) -> str:
-    cols = ["target", "size MiB", "size x", "decode ms/token", "decode x", f"prefill T={prefill_len} tok/s",
-            "prefill x", "top-1", "mean KL", "max\\|err\\|/std", "budget (top-1, KL)", "within budget"]
+    cols = [
+        "target",
+        "size MiB",
+        "size x",
+        "decode ms/token",
+        "decode x",
+        f"prefill T={prefill_len} tok/s",
+        "prefill x",
+        "top-1",
+        "mean KL",
+        "max\\|err\\|/std",
+        "budget (top-1, KL)",
+        "within budget",
+    ]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for n, r in rows.items():
         b = get_target(n).budget
         ok = r["top1"] >= b.min_top1 and r["mean_kl"] <= b.max_kl and r["max_rel_err"] <= b.max_rel_err
-        cells = [n, f"{r['size'] / 2**20:.1f}", _fmt(r["size"] / base_size if base_size else None, ".3f"),
-                 _fmt(r["decode_ms"], ".2f"), _fmt(r["decode_x"], ".2f"), _fmt(r["prefill_tok_s"], ".0f"),
-                 _fmt(r["prefill_x"], ".2f"), f"{r['top1']:.4f}", f"{r['mean_kl']:.2e}", f"{r['max_rel_err']:.2e}",
-                 f">= {b.min_top1}, <= {b.max_kl}", "yes" if ok else "NO"]
+        cells = [
+            n,
+            f"{r['size'] / 2**20:.1f}",
+            _fmt(r["size"] / base_size if base_size else None, ".3f"),
+            _fmt(r["decode_ms"], ".2f"),
+            _fmt(r["decode_x"], ".2f"),
+            _fmt(r["prefill_tok_s"], ".0f"),
+            _fmt(r["prefill_x"], ".2f"),
+            f"{r['top1']:.4f}",
+            f"{r['mean_kl']:.2e}",
+            f"{r['max_rel_err']:.2e}",
+            f">= {b.min_top1}, <= {b.max_kl}",
+            "yes" if ok else "NO",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -186,8 +215,12 @@ def main(argv=None) -> int:
     ap.add_argument("--decoded", type=int, default=192)
     ap.add_argument("--out", type=Path, default=Path("/tmp/rwkv-opt-quant-speed"))
     ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
-    ap.add_argument("--ablate", nargs="+", metavar="CONFIG_JSON",
-                    help="instead: accuracy and size of these quantize configs applied to the cpu-fp32 artifact")
+    ap.add_argument(
+        "--ablate",
+        nargs="+",
+        metavar="CONFIG_JSON",
+        help="instead: accuracy and size of these quantize configs applied to the cpu-fp32 artifact",
+    )
     a = ap.parse_args(argv)
 
     w = load_source(a.checkpoint, a.preset, False, a.seed)
@@ -196,9 +229,13 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     manifests = build([BASE] if a.ablate else a.targets, w, out)
     print(f"artifacts ready in {time.perf_counter() - t0:.0f}s under {out}", file=sys.stderr)
-    tokens = (text_tokens(a.text, 1, a.prompt + a.decoded, w.config.vocab, what="--text",
-                          instead="drop --text (fixed random tokens)")
-              if a.text else fixed_tokens(w.config.vocab, 1, a.prompt + a.decoded, seed=0))
+    tokens = (
+        text_tokens(
+            a.text, 1, a.prompt + a.decoded, w.config.vocab, what="--text", instead="drop --text (fixed random tokens)"
+        )
+        if a.text
+        else fixed_tokens(w.config.vocab, 1, a.prompt + a.decoded, seed=0)
+    )
     want = reference_logits(w, tokens, a.prompt)
     conf = ref_confidence(want)
     if a.ablate:
@@ -211,12 +248,21 @@ def main(argv=None) -> int:
     timed = {n: s for n, s in sessions.items() if get_target(n).provider is Provider.CPU and not a.no_speed}
     spd = speed(timed, w.config.vocab, a.rounds, a.decode_steps, a.prefill_len) if timed else {}
     untimed = {"prefill_tok_s": None, "decode_ms": None, "prefill_x": None, "decode_x": None}
-    rows = {n: {**acc[n], **spd.get(n, untimed), "size": artifact_size(out / n),
-                "passes": [(p["name"], p["config"]) for p in manifests[n]["passes"]]} for n in a.targets}
+    rows = {
+        n: {
+            **acc[n],
+            **spd.get(n, untimed),
+            "size": artifact_size(out / n),
+            "passes": [(p["name"], p["config"]) for p in manifests[n]["passes"]],
+        }
+        for n in a.targets
+    }
     base_size = rows[BASE]["size"] if BASE in rows else None
-    print(f"{a.checkpoint or 'preset ' + a.preset}, {a.threads} threads, prompt {a.prompt} + {a.decoded} "
-          f"teacher-forced ({a.text or 'fixed random tokens'}; reference median top-1 probability {conf:.3f}), "
-          f"{a.rounds} rounds x {a.decode_steps} decode steps, prefill T={a.prefill_len}\n")
+    print(
+        f"{a.checkpoint or 'preset ' + a.preset}, {a.threads} threads, prompt {a.prompt} + {a.decoded} "
+        f"teacher-forced ({a.text or 'fixed random tokens'}; reference median top-1 probability {conf:.3f}), "
+        f"{a.rounds} rounds x {a.decode_steps} decode steps, prefill T={a.prefill_len}\n"
+    )
     print(table(rows, base_size, a.prefill_len))
     if a.json:
         a.json.write_text(json.dumps(rows, indent=1, default=str))

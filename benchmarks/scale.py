@@ -15,6 +15,7 @@ cuda-fp16 <= 10 min, cpu-int4 <= 30 min.
 Writes --out/scale.md, scale.csv and scale.png (peak RSS and wall time against parameters; both
 should be straight lines). Runs are sequential: each uses both cores and most of the memory.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,15 +52,32 @@ def ensure_checkpoint(size: str, ckpt_dir: Path) -> Path:
 
 def run_one(size: str, target: str, ckpt: Path, work: Path, verify: bool) -> dict:
     out = work / f"{size}-{target}"
-    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "rwkv_opt", "pipeline", "--target", target,
-           "--checkpoint", str(ckpt), "-o", str(out)] + ([] if verify else ["--no-verify"])
+    cmd = [
+        "/usr/bin/time",
+        "-v",
+        sys.executable,
+        "-m",
+        "rwkv_opt",
+        "pipeline",
+        "--target",
+        target,
+        "--checkpoint",
+        str(ckpt),
+        "-o",
+        str(out),
+    ] + ([] if verify else ["--no-verify"])
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr)
-    row = {"size": size, "target": target, "mode": "verify" if verify else "--no-verify", "rc": p.returncode,
-           "wall_s": round(wall, 1),
-           "peak_rss_gib": int(rss.group(1)) / 2**20 if rss else float("nan")}
+    row = {
+        "size": size,
+        "target": target,
+        "mode": "verify" if verify else "--no-verify",
+        "rc": p.returncode,
+        "wall_s": round(wall, 1),
+        "peak_rss_gib": int(rss.group(1)) / 2**20 if rss else float("nan"),
+    }
     from rwkv_opt.checkpoint.synth import preset_config
 
     n = preset_config(size).n_params()
@@ -72,11 +90,18 @@ def run_one(size: str, target: str, ckpt: Path, work: Path, verify: bool) -> dic
         row["error"] = lines[-1][:400] if lines else "?"
         return row
     man = json.loads((out / "manifest.json").read_text())
-    row.update({"artifact_gib": man.get("artifact_bytes", 0) / 2**30,
-                **{f"{k}_s": v for k, v in man.get("phase_seconds", {}).items()}})
+    row.update(
+        {
+            "artifact_gib": man.get("artifact_bytes", 0) / 2**30,
+            **{f"{k}_s": v for k, v in man.get("phase_seconds", {}).items()},
+        }
+    )
     v = man.get("verification")
-    row["verified"] = ("skipped: " + v["skipped"]) if v and "skipped" in v else \
-        (f"top-1 {v['top1']:.3f}, KL {v['mean_kl']:.1e}" if v else "off")
+    row["verified"] = (
+        ("skipped: " + v["skipped"])
+        if v and "skipped" in v
+        else (f"top-1 {v['top1']:.3f}, KL {v['mean_kl']:.1e}" if v else "off")
+    )
     if v and "blocks_verified" in v:
         row["verified"] += f" (emb, blocks 0-{v['blocks_verified'] - 1} of {cfg_layers(size)}, head)"
     quant = man.get("quantization_algorithm")
@@ -111,14 +136,20 @@ def goals(df) -> list[str]:
             continue
         if r["size"] in ("1.5b", "2.9b") and r.get("mode", "verify") == "verify":
             ok = r["peak_over_fp32"] <= 1.25
-            out.append(f"{r['size']} {r['target']}: peak {r['peak_rss_gib']:.2f} GiB = {r['peak_over_fp32']:.2f}x fp32 "
-                       f"({'meets' if ok else 'misses'} <= 1.25x)")
+            out.append(
+                f"{r['size']} {r['target']}: peak {r['peak_rss_gib']:.2f} GiB = {r['peak_over_fp32']:.2f}x fp32 "
+                f"({'meets' if ok else 'misses'} <= 1.25x)"
+            )
         if r["size"] == "0.1b":
             ok = r["peak_rss_gib"] <= 1.5
-            out.append(f"0.1b {r['target']}: peak {r['peak_rss_gib']:.2f} GiB ({'meets' if ok else 'misses'} <= 1.5 GiB)")
+            out.append(
+                f"0.1b {r['target']}: peak {r['peak_rss_gib']:.2f} GiB ({'meets' if ok else 'misses'} <= 1.5 GiB)"
+            )
         if r["size"] == "7.2b":
             ok = r["peak_rss_gib"] <= 22
-            out.append(f"7.2b {r['target']}: peak {r['peak_rss_gib']:.2f} GiB ({'meets' if ok else 'misses'} <= 22 GiB)")
+            out.append(
+                f"7.2b {r['target']}: peak {r['peak_rss_gib']:.2f} GiB ({'meets' if ok else 'misses'} <= 22 GiB)"
+            )
         if r["size"] == "2.9b":
             limit = 30 if "int4" in r["target"] else 10
             ok = r["wall_s"] <= limit * 60
@@ -147,8 +178,9 @@ def plot(df, path: Path) -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"rwkv-opt pipeline with verification, synthetic checkpoints, {cpu_name()}, "
-                 f"{os.cpu_count()} cores", fontsize=9)
+    fig.suptitle(
+        f"rwkv-opt pipeline with verification, synthetic checkpoints, {cpu_name()}, {os.cpu_count()} cores", fontsize=9
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -162,8 +194,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path("reports"))
     ap.add_argument("--no-verify", action="store_true")
     ap.add_argument("--json", type=Path, help="append rows here too (JSON lines), so runs can be merged")
-    ap.add_argument("--notes", type=Path, default=Path(__file__).with_name("scale_notes.md"),
-                    help="Markdown appended to the report (the measurements behind the design)")
+    ap.add_argument(
+        "--notes",
+        type=Path,
+        default=Path(__file__).with_name("scale_notes.md"),
+        help="Markdown appended to the report (the measurements behind the design)",
+    )
     ap.add_argument("--report-only", action="store_true", help="only rewrite the report from --json's rows")
     a = ap.parse_args(argv)
     import pandas as pd
@@ -171,7 +207,7 @@ def main(argv=None) -> int:
     from rwkv_opt.bench.report import markdown_table
 
     rows = []
-    for size in ([] if a.report_only else a.sizes):
+    for size in [] if a.report_only else a.sizes:
         ckpt = ensure_checkpoint(size, a.ckpt_dir)
         for target in a.targets:
             print(f"{size} {target} ...", flush=True)
@@ -188,22 +224,48 @@ def main(argv=None) -> int:
         df["mode"] = "verify"
     df["mode"] = df["mode"].fillna("verify")
     df = df.drop_duplicates(["size", "target", "mode"], keep="last")
-    df = df.sort_values(["target", "size"], key=lambda s: s.map(lambda v: float(v[:-1]) if v[-1] == "b" and
-                                                                   v[:-1].replace(".", "").isdigit() else v))
+    df = df.sort_values(
+        ["target", "size"],
+        key=lambda s: s.map(lambda v: float(v[:-1]) if v[-1] == "b" and v[:-1].replace(".", "").isdigit() else v),
+    )
     a.out.mkdir(parents=True, exist_ok=True)
     df.to_csv(a.out / "scale.csv", index=False)
     plot(df, a.out / "scale.png")
-    cols = [c for c in ["size", "target", "mode", "params_b", "fp32_gib", "peak_rss_gib", "peak_over_fp32", "wall_s",
-                        "build_s", "passes_s", "write_s", "verify_s", "artifact_gib", "quantization", "verified",
-                        "error"] if c in df]
-    md = [f"# Pipeline scale: memory and time against model size\n",
-          f"`python benchmarks/scale.py --sizes SIZE... --targets TARGET...` (one sequential run per row, "
-          f"merged with --json) on "
-          f"{cpu_name()}, {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB; "
-          "synthetic bf16 checkpoints; peak RSS from /usr/bin/time -v.\n",
-          markdown_table(df, cols), "\n## Goals\n", *[f"- {g}" for g in goals(df)],
-          "\n![peak RSS and wall time against parameters](scale.png)\n",
-          a.notes.read_text() if a.notes and a.notes.exists() else ""]
+    cols = [
+        c
+        for c in [
+            "size",
+            "target",
+            "mode",
+            "params_b",
+            "fp32_gib",
+            "peak_rss_gib",
+            "peak_over_fp32",
+            "wall_s",
+            "build_s",
+            "passes_s",
+            "write_s",
+            "verify_s",
+            "artifact_gib",
+            "quantization",
+            "verified",
+            "error",
+        ]
+        if c in df
+    ]
+    md = [
+        "# Pipeline scale: memory and time against model size\n",
+        f"`python benchmarks/scale.py --sizes SIZE... --targets TARGET...` (one sequential run per row, "
+        f"merged with --json) on "
+        f"{cpu_name()}, {os.cpu_count()} cores, "
+        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB; "
+        "synthetic bf16 checkpoints; peak RSS from /usr/bin/time -v.\n",
+        markdown_table(df, cols),
+        "\n## Goals\n",
+        *[f"- {g}" for g in goals(df)],
+        "\n![peak RSS and wall time against parameters](scale.png)\n",
+        a.notes.read_text() if a.notes and a.notes.exists() else "",
+    ]
     (a.out / "scale.md").write_text("\n".join(md) + "\n")
     print(f"wrote {a.out / 'scale.md'}")
     return 0

@@ -21,6 +21,7 @@ RWKV-7 checkpoint can be downloaded here, so this script trains one with rwkv-op
 
 Each step is skipped when its output already exists under --work, so a rerun only re-measures.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,7 +37,7 @@ import sysconfig
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SKIP = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo"}   # side effects / GUI
+SKIP = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo"}  # side effects / GUI
 
 
 def stdlib_docstrings() -> list[tuple[str, str]]:
@@ -49,7 +50,7 @@ def stdlib_docstrings() -> list[tuple[str, str]]:
             continue
         try:
             mod = importlib.import_module(name)
-        except BaseException:   # noqa: BLE001  (some modules exit or need a display on import)
+        except BaseException:  # noqa: BLE001  (some modules exit or need a display on import)
             continue
         if not (getattr(mod, "__file__", None) or "").startswith(stdlib):
             continue
@@ -100,14 +101,63 @@ def main(argv=None) -> int:
         run(*cli, "pipeline", "--target", "cpu-fp32", "--head", "sft", "--preset", "0.1b", "--no-verify", "-o", sft)
     stage1, stage2 = a.work / "stage1", a.work / "stage2"
     if not (stage1 / "model.pth").exists():
-        run(*cli, "train", sft, "--data", train, "--steps", 700, "--lr", 1e-3, "--warmup", 30,
-            "--trainable", "last:2", "--threads", a.threads, "--log-every", 50, "-o", stage1)
+        run(
+            *cli,
+            "train",
+            sft,
+            "--data",
+            train,
+            "--steps",
+            700,
+            "--lr",
+            1e-3,
+            "--warmup",
+            30,
+            "--trainable",
+            "last:2",
+            "--threads",
+            a.threads,
+            "--log-every",
+            50,
+            "-o",
+            stage1,
+        )
     if not (stage2 / "model.pth").exists():
-        run(*cli, "train", sft, "--checkpoint", stage1 / "model.pth", "--data", train, "--steps", 1200,
-            "--lr", 6e-4, "--warmup", 20, "--trainable", "all", "--threads", a.threads, "--log-every", 50,
-            "--no-eval", "-o", stage2)
-    qs = [sys.executable, HERE / "quant_speed.py", "--checkpoint", stage2 / "model.pth", "--no-speed",
-          "--threads", a.threads, "--out", a.work / "artifacts"]
+        run(
+            *cli,
+            "train",
+            sft,
+            "--checkpoint",
+            stage1 / "model.pth",
+            "--data",
+            train,
+            "--steps",
+            1200,
+            "--lr",
+            6e-4,
+            "--warmup",
+            20,
+            "--trainable",
+            "all",
+            "--threads",
+            a.threads,
+            "--log-every",
+            50,
+            "--no-eval",
+            "-o",
+            stage2,
+        )
+    qs = [
+        sys.executable,
+        HERE / "quant_speed.py",
+        "--checkpoint",
+        stage2 / "model.pth",
+        "--no-speed",
+        "--threads",
+        a.threads,
+        "--out",
+        a.work / "artifacts",
+    ]
     run(*qs, "--text", held, "--json", a.work / "accuracy-heldout.json")
     if a.random_too:
         run(*qs, "--json", a.work / "accuracy-random.json")

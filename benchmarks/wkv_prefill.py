@@ -10,6 +10,7 @@ ORT_ENABLE_ALL, intra_op threads as given, inter_op 1. Runs are interleaved acro
 run each per round with a short rest, so a throttling host slows every graph alike; medians are
 reported with the ratio to the Scan. Outputs are checked against the Scan before timing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,7 +46,7 @@ def build(kind: str, chunk: int = 64):
     g.output(y, "y", FLOAT, ["B", "T", H, N])
     g.output(s, "s", FLOAT, ["B", H, N, N])
     m = g.model()
-    if kind == "fused":   # the fuse_wkv pass on the Scan graph: If on T -> step / Scan / chunked
+    if kind == "fused":  # the fuse_wkv pass on the Scan graph: If on T -> step / Scan / chunked
         m = get_pass("fuse_wkv")(FuseWkvConfig(chunk=chunk)).run(m).model
     return m
 
@@ -53,7 +54,7 @@ def build(kind: str, chunk: int = 64):
 def session(model, threads: int, spin: bool = True):
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    if not spin:   # idle pool threads sleep instead of spinning (fairer on an oversubscribed host)
+    if not spin:  # idle pool threads sleep instead of spinning (fairer on an oversubscribed host)
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
@@ -65,8 +66,15 @@ def feeds(T: int, seed: int = 0) -> dict:
     lw = (W_SCALE / (1 + np.exp(-f(1, T, H, N) - 1))).astype(np.float32)
     kk = f(1, T, H, N)
     kk /= np.linalg.norm(kk, axis=-1, keepdims=True)
-    return dict(r=f(1, T, H, N), k=f(1, T, H, N) * 0.5, v=f(1, T, H, N), kk=kk,
-                a=1 / (1 + np.exp(-f(1, T, H, N))), lw=lw, s0=f(1, H, N, N) * 0.3)
+    return dict(
+        r=f(1, T, H, N),
+        k=f(1, T, H, N) * 0.5,
+        v=f(1, T, H, N),
+        kk=kk,
+        a=1 / (1 + np.exp(-f(1, T, H, N))),
+        lw=lw,
+        s0=f(1, H, N, N) * 0.3,
+    )
 
 
 def bench(T: int, graphs: dict, rounds: int, rest: float, clock) -> dict:
@@ -99,14 +107,20 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--rest", type=float, default=0.05, help="seconds between runs")
     ap.add_argument("--no-spin", action="store_true", help="ORT pool threads sleep instead of spinning")
-    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                    help="wall: perf_counter; cpu: this process's CPU time (steadier on a shared host; "
-                         "use with --threads 1, since pool threads spin)")
+    ap.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="wall: perf_counter; cpu: this process's CPU time (steadier on a shared host; "
+        "use with --threads 1, since pool threads spin)",
+    )
     args = ap.parse_args()
     clock = time.perf_counter if args.clock == "wall" else time.process_time
-    print(f"WKV only, H={H} N={N} B=1, ORT {ort.__version__} CPU, {args.threads} thread(s)"
-          f"{' (no spinning)' if args.no_spin else ''}, {args.clock} clock, "
-          f"median / min of {args.rounds} interleaved runs (ms), speed-up vs the Scan on medians")
+    print(
+        f"WKV only, H={H} N={N} B=1, ORT {ort.__version__} CPU, {args.threads} thread(s)"
+        f"{' (no spinning)' if args.no_spin else ''}, {args.clock} clock, "
+        f"median / min of {args.rounds} interleaved runs (ms), speed-up vs the Scan on medians"
+    )
     for T in args.lengths:
         sess = lambda m: session(m, args.threads, not args.no_spin)  # noqa: E731
         graphs = {"scan": sess(build("scan"))}

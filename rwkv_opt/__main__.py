@@ -1,4 +1,5 @@
 """`python -m rwkv_opt` = the `rwkv-opt` command."""
+
 import sys
 
 from rwkv_opt.cli import main

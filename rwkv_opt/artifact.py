@@ -6,6 +6,7 @@ replaced: an existing output directory must hold an rwkv-opt manifest and only f
 The manifest records the sha256 and size of every other file it sits beside ("files"), so a changed
 file is found before it is trusted (verify_files).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,8 +34,18 @@ MANIFEST_FILE = "manifest.json"
 TOOL = "rwkv-opt"
 # Files rwkv-opt's commands write into an output directory (pipeline/build: the model; train: model.pth and,
 # with --save-graphs, training/run.py's graphs), for manifests written before they recorded "files".
-OWN_FILES = frozenset({MODEL_FILE, DATA_FILE, MANIFEST_FILE, "model.pth", "train_step.onnx", "eval.onnx",
-                       "optimizer_state.npz", "train_step.json"})
+OWN_FILES = frozenset(
+    {
+        MODEL_FILE,
+        DATA_FILE,
+        MANIFEST_FILE,
+        "model.pth",
+        "train_step.onnx",
+        "eval.onnx",
+        "optimizer_state.npz",
+        "train_step.json",
+    }
+)
 MANIFEST_MAX_BYTES = 64 << 20  # a manifest is a few KiB; a larger "manifest" is not read into memory
 # Weights go to model.onnx.data above this size: protobuf cannot serialise 2 GiB, and ORT maps
 # external data instead of parsing a copy (0.1B fp32: peak RSS 943 MiB vs 1102 MiB, load 1.3 s vs
@@ -42,9 +53,13 @@ MANIFEST_MAX_BYTES = 64 << 20  # a manifest is a few KiB; a larger "manifest" is
 EXTERNAL_THRESHOLD = 64 << 20
 _HASH_CHUNK = 8 << 20
 # errors that mean the output cannot be written there (disk full, quota, read-only, no permission)
-WRITE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
-                 errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
-                 errno.EPERM: "permission denied"}
+WRITE_ERRNOS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exhausted",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+}
 
 
 def initializer_bytes(model: onnx.ModelProto) -> int:
@@ -73,13 +88,20 @@ def save_model(model: onnx.ModelProto, path: Path, external: bool | None = None,
     if has_external(model) or (external and active() is not None):
         save_streamed(model, path, external=external, consume=consume)  # tensor by tensor from the store, in chunks
     elif external:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=path.name + ".data",
+            size_threshold=1024,
+        )
     else:
         onnx.save_model(model, str(path))
 
 
 # ---- the output directory ---------------------------------------------------------------------------------
+
 
 @contextlib.contextmanager
 def staging_dir(out: Path):
@@ -113,8 +135,10 @@ def staging_dir(out: Path):
 
 def write_refusal(e: OSError, path: Path) -> RwkvOptError:
     """The one sentence for an output that cannot be written (disk full, quota, read-only, permission)."""
-    return RwkvOptError(f"cannot write {path}: {WRITE_ERRNOS[e.errno]} ({e.filename or Path(path).parent}); free "
-                        "some space or choose a writable path, nothing was written.")
+    return RwkvOptError(
+        f"cannot write {path}: {WRITE_ERRNOS[e.errno]} ({e.filename or Path(path).parent}); free "
+        "some space or choose a writable path, nothing was written."
+    )
 
 
 def _output_error(e: OSError, out: Path) -> bool:
@@ -134,8 +158,10 @@ def _output_path(out: Path) -> Path:
     out = Path(out).resolve()
     cwd = Path.cwd().resolve()
     if out == cwd or out in cwd.parents:
-        raise RwkvOptError(f"output directory {out} is the current directory or holds it; pass a new directory "
-                           "such as -o artifacts/NAME, nothing was changed.")
+        raise RwkvOptError(
+            f"output directory {out} is the current directory or holds it; pass a new directory "
+            "such as -o artifacts/NAME, nothing was changed."
+        )
     return out
 
 
@@ -149,15 +175,19 @@ def refuse_foreign(out: Path) -> None:
         return
     owned = _owned_files(out)
     if owned is None:
-        raise RwkvOptError(f"output directory {out} is not empty and is not an rwkv-opt artifact (no rwkv-opt "
-                           f"{MANIFEST_FILE}); choose a new or empty directory, nothing was changed.")
+        raise RwkvOptError(
+            f"output directory {out} is not empty and is not an rwkv-opt artifact (no rwkv-opt "
+            f"{MANIFEST_FILE}); choose a new or empty directory, nothing was changed."
+        )
     for root, dirs, files in os.walk(out):
         for name in sorted(dirs) + sorted(files):
             p = Path(root, name)
             rel = p.relative_to(out).as_posix()
             if p.is_symlink() or not p.is_file() or rel not in owned:
-                raise RwkvOptError(f"output directory {out} holds {rel}, which rwkv-opt did not write; move it "
-                                   "away or choose another -o, nothing was changed.")
+                raise RwkvOptError(
+                    f"output directory {out} holds {rel}, which rwkv-opt did not write; move it "
+                    "away or choose another -o, nothing was changed."
+                )
 
 
 def _owned_files(out: Path) -> set[str] | None:
@@ -184,8 +214,9 @@ def _locked(out: Path):
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
             os.close(fd)
-            raise RwkvOptError(f"another rwkv-opt run (pid {holder}) is writing {out}; wait for it to finish or "
-                               "choose another -o.") from None
+            raise RwkvOptError(
+                f"another rwkv-opt run (pid {holder}) is writing {out}; wait for it to finish or choose another -o."
+            ) from None
         try:
             if os.path.samestat(os.fstat(fd), os.stat(path)):
                 break
@@ -296,6 +327,7 @@ def _exchange(a: Path, b: Path) -> bool:
 
 # ---- files in it ------------------------------------------------------------------------------------------
 
+
 def write_json(path: Path, obj) -> None:
     """`obj` as JSON at `path`, through a temp file renamed into place (removed when the write fails)."""
     tmp = path.with_name(path.name + ".tmp")
@@ -311,10 +343,13 @@ def read_manifest(artifact: Path) -> dict:
     """The manifest of `artifact` as a dict; a missing, oversized, undecodable or non-object one is refused."""
     p = Path(artifact) / MANIFEST_FILE
     if not p.is_file():
-        raise RwkvOptError(f"{artifact} has no {MANIFEST_FILE}; pass a directory made by `rwkv-opt pipeline` or `build`.")
+        raise RwkvOptError(
+            f"{artifact} has no {MANIFEST_FILE}; pass a directory made by `rwkv-opt pipeline` or `build`."
+        )
     if p.stat().st_size > MANIFEST_MAX_BYTES:
-        raise RwkvOptError(f"{p} is {p.stat().st_size:,} bytes, too large for an rwkv-opt manifest; rebuild the "
-                           "artifact.")
+        raise RwkvOptError(
+            f"{p} is {p.stat().st_size:,} bytes, too large for an rwkv-opt manifest; rebuild the artifact."
+        )
     try:
         man = json.loads(p.read_bytes().decode("utf-8"))
     except json.JSONDecodeError as e:
@@ -335,18 +370,23 @@ def verify_files(artifact: Path) -> int:
     man = read_manifest(artifact)
     files = man.get("files")
     if not isinstance(files, dict) or not files:
-        raise RwkvOptError(f"{artifact / MANIFEST_FILE} records no file digests (written by an older rwkv-opt); "
-                           "rebuild the artifact to verify it.")
+        raise RwkvOptError(
+            f"{artifact / MANIFEST_FILE} records no file digests (written by an older rwkv-opt); "
+            "rebuild the artifact to verify it."
+        )
     for rel, rec in files.items():
         p = artifact / rel
         if not isinstance(rec, dict) or Path(rel).is_absolute() or ".." in Path(rel).parts:
-            raise RwkvOptError(f"{artifact / MANIFEST_FILE} has a malformed entry for '{rel}' in \"files\"; "
-                               "rebuild the artifact.")
+            raise RwkvOptError(
+                f"{artifact / MANIFEST_FILE} has a malformed entry for '{rel}' in \"files\"; rebuild the artifact."
+            )
         if not p.is_file():
             raise RwkvOptError(f"{p} is missing, though {MANIFEST_FILE} lists it; rebuild or copy the whole artifact.")
         if p.stat().st_size != rec.get("bytes") or file_sha256(p) != rec.get("sha256"):
-            raise RwkvOptError(f"{p} does not match the sha256 in {MANIFEST_FILE}: it changed after rwkv-opt wrote "
-                               "it; rebuild the artifact.")
+            raise RwkvOptError(
+                f"{p} does not match the sha256 in {MANIFEST_FILE}: it changed after rwkv-opt wrote "
+                "it; rebuild the artifact."
+            )
     return len(files)
 
 
@@ -375,8 +415,10 @@ def load_proto(path: Path) -> onnx.ModelProto:
     try:
         return onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeWarning, ValueError) as e:
-        raise RwkvOptError(f"{path} is not a readable ONNX model ({str(e).splitlines()[0][:120] or 'truncated'}); "
-                           "rebuild the artifact.") from None
+        raise RwkvOptError(
+            f"{path} is not a readable ONNX model ({str(e).splitlines()[0][:120] or 'truncated'}); "
+            "rebuild the artifact."
+        ) from None
 
 
 def model_config(path: Path, meta: dict[str, str]) -> ModelConfig:
@@ -442,8 +484,10 @@ class SourceRef:
         for path in candidates:
             if str(path) and path.exists():  # a file, or a Hugging Face folder
                 return path
-        raise RwkvOptError(f"the artifact was built from '{checkpoint or self.path}', which is not on this machine; "
-                           "pass --checkpoint with the same checkpoint.")
+        raise RwkvOptError(
+            f"the artifact was built from '{checkpoint or self.path}', which is not on this machine; "
+            "pass --checkpoint with the same checkpoint."
+        )
 
     def load(self, checkpoint: str | os.PathLike | None = None, beside: Path | None = None, same_weights: bool = True):
         """The Weights this source names, or `checkpoint`: of the same shape, and with the same digest
@@ -458,11 +502,14 @@ class SourceRef:
         same_weights = same_weights or checkpoint is None
         w = load_weights(path, digest=same_weights and bool(self.digest) and not self.digest.startswith("synthetic"))
         if same_weights and w.digest and self.digest and w.digest != self.digest:
-            raise RwkvOptError(f"{path} is not the checkpoint the artifact was built from (digest {w.digest[:19]}... "
-                               f"vs {self.digest[:19]}... in its manifest); pass the original file.")
+            raise RwkvOptError(
+                f"{path} is not the checkpoint the artifact was built from (digest {w.digest[:19]}... "
+                f"vs {self.digest[:19]}... in its manifest); pass the original file."
+            )
         if self.config is not None and w.config.to_dict() != self.config:
-            raise RwkvOptError(f"{path} has a different model shape than the artifact's source; "
-                               "pass the checkpoint it was built from.")
+            raise RwkvOptError(
+                f"{path} has a different model shape than the artifact's source; pass the checkpoint it was built from."
+            )
         return w
 
 
@@ -477,13 +524,28 @@ def versions() -> dict:
 
     from rwkv_opt import __version__
 
-    return {"rwkv_opt": __version__, "python": platform.python_version(), "numpy": np.__version__,
-            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
-            "onnxsim": getattr(onnxsim, "__version__", "?")}
+    return {
+        "rwkv_opt": __version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "onnxsim": getattr(onnxsim, "__version__", "?"),
+    }
 
 
-_TYPED = {"tool": str, "target": str, "provider": str, "precision": str, "quantization": str, "logits": str,
-          "source": dict, "passes": list, "heads": list, "versions": dict}
+_TYPED = {
+    "tool": str,
+    "target": str,
+    "provider": str,
+    "precision": str,
+    "quantization": str,
+    "logits": str,
+    "source": dict,
+    "passes": list,
+    "heads": list,
+    "versions": dict,
+}
 
 
 @dataclass
@@ -525,20 +587,28 @@ class Manifest:
         """A manifest from its JSON object; a typed field of the wrong kind is refused in one sentence.
         Fields older manifests lack read as their defaults ("?" for the identity strings)."""
         if d.get("tool", TOOL) != TOOL:
-            raise RwkvOptError(f"{where} was not written by rwkv-opt (tool {str(d.get('tool'))[:40]!r}); pass an "
-                               "rwkv-opt artifact.")
+            raise RwkvOptError(
+                f"{where} was not written by rwkv-opt (tool {str(d.get('tool'))[:40]!r}); pass an rwkv-opt artifact."
+            )
         for k, kind in _TYPED.items():
             if k in d and not isinstance(d[k], kind):
-                raise RwkvOptError(f"{where}: '{k}' should be a JSON {kind.__name__}, not {type(d[k]).__name__}; "
-                                   "rebuild the artifact.")
+                raise RwkvOptError(
+                    f"{where}: '{k}' should be a JSON {kind.__name__}, not {type(d[k]).__name__}; rebuild the artifact."
+                )
         for k in ("verification", "files"):
             if d.get(k) is not None and not isinstance(d[k], dict):
                 raise RwkvOptError(f"{where}: '{k}' should be a JSON object; rebuild the artifact.")
         known = set(_TYPED) | {"verification", "files"}
-        return cls(**{k: d.get(k, "?") for k in ("target", "provider", "precision", "quantization", "logits")},
-                   source=d.get("source", {}), passes=d.get("passes", []), heads=d.get("heads", []),
-                   versions=d.get("versions", {}), verification=d.get("verification"), files=d.get("files"),
-                   extra={k: v for k, v in d.items() if k not in known})
+        return cls(
+            **{k: d.get(k, "?") for k in ("target", "provider", "precision", "quantization", "logits")},
+            source=d.get("source", {}),
+            passes=d.get("passes", []),
+            heads=d.get("heads", []),
+            versions=d.get("versions", {}),
+            verification=d.get("verification"),
+            files=d.get("files"),
+            extra={k: v for k, v in d.items() if k not in known},
+        )
 
     @classmethod
     def read(cls, artifact: Path) -> "Manifest":

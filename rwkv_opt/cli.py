@@ -1,4 +1,5 @@
 """rwkv-opt command line: a thin layer over the library (parse, call, print)."""
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,14 @@ class HelpFormatter(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         d = action.default
-        if d is None or d is False or d == [] or d is argparse.SUPPRESS or "default" in text or (
-                not action.option_strings and action.nargs not in ("?", "*")):
+        if (
+            d is None
+            or d is False
+            or d == []
+            or d is argparse.SUPPRESS
+            or "default" in text
+            or (not action.option_strings and action.nargs not in ("?", "*"))
+        ):
             return text
         shown = ",".join(map(str, d)) if isinstance(d, (list, tuple)) else str(d)
         return f"{text} (default: {shown.replace('%', '%%')})".strip()
@@ -34,11 +41,16 @@ _CHECKPOINT_HELP = "RWKV-7 checkpoint: BlinkDL .pth, .safetensors with BlinkDL k
 
 def _source_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
     if positional:
-        p.add_argument("checkpoint", nargs="?", type=Path,
-                       help=_CHECKPOINT_HELP + " (omitted: the built-in synthetic model of --preset)")
+        p.add_argument(
+            "checkpoint",
+            nargs="?",
+            type=Path,
+            help=_CHECKPOINT_HELP + " (omitted: the built-in synthetic model of --preset)",
+        )
     else:
-        p.add_argument("--checkpoint", type=Path,
-                       help=_CHECKPOINT_HELP + " (omitted: the built-in synthetic model of --preset)")
+        p.add_argument(
+            "--checkpoint", type=Path, help=_CHECKPOINT_HELP + " (omitted: the built-in synthetic model of --preset)"
+        )
     p.add_argument("--preset", default="tiny", help=f"synthetic preset when no checkpoint is given: {PRESETS_HELP}")
     p.add_argument("--deepembed", action="store_true", help="synthetic model: RWKV-7a (DeepEmbed) instead of RWKV-7")
     p.add_argument("--seed", type=int, default=0, help="synthetic model: seed of its random weights")
@@ -59,9 +71,11 @@ def cmd_synth(a) -> int:
     with set_sink(None if a.quiet else stderr_line):  # a bar or lines with an ETA (a 7.2b preset takes minutes)
         write_pth(a.output, sd)
     c = sd.config
-    print(f"wrote {a.output}: {a.preset}{' DeepEmbed' if a.deepembed else ''}, {c.n_layer} layers, C={c.n_embd}, "
-          f"V={c.vocab}, {c.n_params():,} params, {a.dtype} (random weights: its text is noise, its logits "
-          "near-flat)")
+    print(
+        f"wrote {a.output}: {a.preset}{' DeepEmbed' if a.deepembed else ''}, {c.n_layer} layers, C={c.n_embd}, "
+        f"V={c.vocab}, {c.n_params():,} params, {a.dtype} (random weights: its text is noise, its logits "
+        "near-flat)"
+    )
     return 0
 
 
@@ -75,15 +89,22 @@ def cmd_build(a) -> int:
     from rwkv_opt.tensorstore import scratch_store
 
     if not 18 <= a.opset <= onnx.defs.onnx_opset_version():  # 18: ReduceL2 with axes as an input
-        raise RwkvOptError(f"--opset must be between 18 and {onnx.defs.onnx_opset_version()} (this onnx's newest), "
-                           f"got {a.opset}.")
+        raise RwkvOptError(
+            f"--opset must be between 18 and {onnx.defs.onnx_opset_version()} (this onnx's newest), got {a.opset}."
+        )
     w = _weights(a)
     with set_sink(None if a.quiet else stderr_line), staging_dir(a.output) as tmp, scratch_store(tmp):
         model = build_model(w, BuildOptions(logits=LogitsMode(a.logits), opset=a.opset))
         check_onnx(model, "build")
         save_model(model, tmp / MODEL_FILE, external=a.external_data or None)
-        Manifest(target="base-fp32", provider="cpu", precision="fp32", quantization="none", logits=a.logits,
-                 source=w.manifest_source()).write(tmp)
+        Manifest(
+            target="base-fp32",
+            provider="cpu",
+            precision="fp32",
+            quantization="none",
+            logits=a.logits,
+            source=w.manifest_source(),
+        ).write(tmp)
     print(f"wrote {a.output}/{MODEL_FILE} ({len(model.graph.node)} nodes)")
     return 0
 
@@ -99,12 +120,22 @@ def cmd_pipeline(a) -> int:
         target = target.with_wkv_op()
     heads = [(h, {}) for h in a.head]
     if a.keep_unverified and a.no_verify:
-        raise RwkvOptError("--keep-unverified keeps an artifact that failed verification, and --no-verify skips "
-                           "verification; pass one of them.")
+        raise RwkvOptError(
+            "--keep-unverified keeps an artifact that failed verification, and --no-verify skips "
+            "verification; pass one of them."
+        )
     w = _weights(a)
-    m = run_pipeline(target, w, a.output, heads=heads, logits=LogitsMode(a.logits) if a.logits else None,
-                     do_verify=not a.no_verify, quant_algorithm=a.quant_algorithm,
-                     keep_unverified=a.keep_unverified, progress=(lambda _m: None) if a.quiet else stderr_line)
+    m = run_pipeline(
+        target,
+        w,
+        a.output,
+        heads=heads,
+        logits=LogitsMode(a.logits) if a.logits else None,
+        do_verify=not a.no_verify,
+        quant_algorithm=a.quant_algorithm,
+        keep_unverified=a.keep_unverified,
+        progress=(lambda _m: None) if a.quiet else stderr_line,
+    )
     for line in verification_lines(target, m.get("verification", {})):
         print(line)
     print(f"artifact: {a.output} ({m['total_seconds']:.1f}s)")
@@ -120,9 +151,11 @@ def verification_lines(target, v: dict) -> list[str]:
         return [f"{target.name}: verification skipped: {v['skipped']}"] if v else []
     b = target.budget
     verdict = "verified" if v["within_budget"] else "FAILED verification (kept unverified)"
-    out = [f"{target.name}: {verdict} vs numpy reference on {v['positions']} positions: "
-           f"max|err|/std {v['max_rel_err']:.2e}, mean KL {v['mean_kl']:.2e}, top-1 {v['top1']:.2%}, "
-           f"state drift {v['state_drift']:.2e}"]
+    out = [
+        f"{target.name}: {verdict} vs numpy reference on {v['positions']} positions: "
+        f"max|err|/std {v['max_rel_err']:.2e}, mean KL {v['mean_kl']:.2e}, top-1 {v['top1']:.2%}, "
+        f"state drift {v['state_drift']:.2e}"
+    ]
     if v.get("protocol"):
         out.append(f"  checked: {v['protocol']}")
     if v.get("scope"):
@@ -130,12 +163,16 @@ def verification_lines(target, v: dict) -> list[str]:
     hits = round(v["top1"] * v["positions"])
     if v["top1"] < b.min_top1:
         accepted = not any(m.startswith("top-1") for m in v.get("misses", []))
-        out.append(f"  top-1 {hits}/{v['positions']} is under the {b.min_top1:.0%} budget rate; the one-sided "
-                   f"binomial test {'accepts' if accepted else 'refuses'} it: p = {v['top1_p_value']:.3f} "
-                   f"{'>=' if accepted else '<'} {TOP1_ALPHA} that a {b.min_top1:.0%} rate agrees this little "
-                   f"or less")
-    out.append(f"  budget: top-1 >= {b.min_top1:.0%} (binomial test), max|err|/std <= {b.max_rel_err}, "
-               f"mean KL <= {b.max_kl}" + ("" if v["within_budget"] else "; missed: " + "; ".join(v["misses"])))
+        out.append(
+            f"  top-1 {hits}/{v['positions']} is under the {b.min_top1:.0%} budget rate; the one-sided "
+            f"binomial test {'accepts' if accepted else 'refuses'} it: p = {v['top1_p_value']:.3f} "
+            f"{'>=' if accepted else '<'} {TOP1_ALPHA} that a {b.min_top1:.0%} rate agrees this little "
+            f"or less"
+        )
+    out.append(
+        f"  budget: top-1 >= {b.min_top1:.0%} (binomial test), max|err|/std <= {b.max_rel_err}, "
+        f"mean KL <= {b.max_kl}" + ("" if v["within_budget"] else "; missed: " + "; ".join(v["misses"]))
+    )
     return out
 
 
@@ -148,8 +185,10 @@ def cmd_targets(a) -> int:
     for t in TARGETS.values():
         here = runnable_here(t)
         print(f"{t.name:<12} {t.provider.value:<5} {t.precision.value:<11} passes: {' -> '.join(t.pass_names)}")
-        print(f"{'':<12} {t.description}; budget top1>={t.budget.min_top1}, max|err|/std<={t.budget.max_rel_err}, "
-              f"KL<={t.budget.max_kl}{'' if here is None else '  [cannot run here: build only]'}")
+        print(
+            f"{'':<12} {t.description}; budget top1>={t.budget.min_top1}, max|err|/std<={t.budget.max_rel_err}, "
+            f"KL<={t.budget.max_kl}{'' if here is None else '  [cannot run here: build only]'}"
+        )
     print("`rwkv-opt targets NAME` shows one target's pass configs, budget and the ops its provider must run.")
     return 0
 
@@ -163,11 +202,13 @@ def target_detail(t) -> str:
 
     b = t.budget
     here = runnable_here(t)
-    lines = [f"{t.name}: {t.description}",
-             f"  provider   {t.provider.value} ({t.provider.ort_name}); precision {t.precision.value}; "
-             f"quantization {t.quantization}; logits {t.logits.value}",
-             f"  here       {'runs on this machine' if here is None else 'build only: ' + here}",
-             "  passes, in order, with the config each runs with:"]
+    lines = [
+        f"{t.name}: {t.description}",
+        f"  provider   {t.provider.value} ({t.provider.ort_name}); precision {t.precision.value}; "
+        f"quantization {t.quantization}; logits {t.logits.value}",
+        f"  here       {'runs on this machine' if here is None else 'build only: ' + here}",
+        "  passes, in order, with the config each runs with:",
+    ]
     for i, (name, overrides) in enumerate(t.passes, 1):
         cls = get_pass(name)
         cfg = cls.configure(overrides).config_dict()
@@ -175,12 +216,14 @@ def target_detail(t) -> str:
         lines.append(f"       {', '.join(f'{k}={_plain(v)}' for k, v in cfg.items()) or '(no options)'}")
     prompt, decode = verify_tokens(t)
     slow = "; bf16 runs emulated in onnx.reference, ~100x slower" if (prompt, decode) != VERIFY_TOKENS else ""
-    lines += [f"  budget vs the fp32 numpy reference ({decode + 1} teacher-forced positions: {prompt} prompt "
-              f"tokens, {decode} decoded{slow}):",
-              f"    top-1 agreement >= {b.min_top1:.0%} (refused when a one-sided binomial test gives p < "
-              f"{TOP1_ALPHA}), max|err|/std <= {b.max_rel_err}, mean KL <= {b.max_kl}",
-              "  the execution provider must run (the tiny synthetic model through these passes):",
-              *(f"    {line}" for line in _target_ops(t))]
+    lines += [
+        f"  budget vs the fp32 numpy reference ({decode + 1} teacher-forced positions: {prompt} prompt "
+        f"tokens, {decode} decoded{slow}):",
+        f"    top-1 agreement >= {b.min_top1:.0%} (refused when a one-sided binomial test gives p < "
+        f"{TOP1_ALPHA}), max|err|/std <= {b.max_rel_err}, mean KL <= {b.max_kl}",
+        "  the execution provider must run (the tiny synthetic model through these passes):",
+        *(f"    {line}" for line in _target_ops(t)),
+    ]
     return "\n".join(lines)
 
 
@@ -210,14 +253,19 @@ def _target_ops(t) -> list[str]:
     from rwkv_opt.graph.model import BuildOptions, build_model
     from rwkv_opt.pipeline import run_passes
 
-    model, _ = run_passes(build_model(load_source(None, "tiny"), BuildOptions(logits=t.logits)), list(t.passes),
-                          progress=lambda _m: None)
+    model, _ = run_passes(
+        build_model(load_source(None, "tiny"), BuildOptions(logits=t.logits)), list(t.passes), progress=lambda _m: None
+    )
     ops: dict[str, set] = {}
     _node_ops(model.graph.node, ops)
     for f in model.functions:  # function bodies are what runs when the EP has no kernel for the function
         _node_ops(f.node, ops)
-    dtypes = sorted({onnx.helper.tensor_dtype_to_string(w.data_type).removeprefix("TensorProto.").lower()
-                     for w in model.graph.initializer})
+    dtypes = sorted(
+        {
+            onnx.helper.tensor_dtype_to_string(w.data_type).removeprefix("TensorProto.").lower()
+            for w in model.graph.initializer
+        }
+    )
     return [f"{d} ops: {', '.join(sorted(o))}" for d, o in sorted(ops.items())] + [f"weights: {', '.join(dtypes)}"]
 
 
@@ -237,9 +285,12 @@ def cmd_inspect(a) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from rwkv_opt.targets import TARGETS
 
-    ap = argparse.ArgumentParser(prog="rwkv-opt", description=__doc__, formatter_class=HelpFormatter,
-                                 epilog="`rwkv-opt COMMAND --help` shows a command's options; start with "
-                                        "`rwkv-opt pipeline -o work/demo`.")
+    ap = argparse.ArgumentParser(
+        prog="rwkv-opt",
+        description=__doc__,
+        formatter_class=HelpFormatter,
+        epilog="`rwkv-opt COMMAND --help` shows a command's options; start with `rwkv-opt pipeline -o work/demo`.",
+    )
     ap.add_argument("--version", action="version", version=f"rwkv-opt {__version__}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -247,16 +298,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="tiny", help=f"model size: {PRESETS_HELP}")
     p.add_argument("--deepembed", action="store_true", help="RWKV-7a (DeepEmbed) instead of RWKV-7")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
-                   help="weight dtype in the file (BlinkDL's releases are bf16)")
+    p.add_argument(
+        "--dtype",
+        default="bf16",
+        choices=["bf16", "fp16", "fp32"],
+        help="weight dtype in the file (BlinkDL's releases are bf16)",
+    )
     p.add_argument("-o", "--output", type=Path, required=True, help="the .pth file to write")
     _quiet_arg(p)
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("build", help="build the base fp32 ONNX graph from a checkpoint")
     _source_args(p, positional=True)
-    p.add_argument("--logits", default="all", choices=["all", "last"],
-                   help="head output: logits at every position, or at the last one only")
+    p.add_argument(
+        "--logits",
+        default="all",
+        choices=["all", "last"],
+        help="head output: logits at every position, or at the last one only",
+    )
     p.add_argument("--opset", type=int, default=21, help="ONNX opset of the graph")
     p.add_argument("--external-data", action="store_true", help="weights in model.onnx.data")
     p.add_argument("-o", "--output", type=Path, required=True, help="artifact directory to write")
@@ -264,24 +323,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("pipeline", help="build, optimize and verify an artifact for a target")
-    p.add_argument("--target", default="cpu-fp32", metavar="NAME",
-                   help=f"one of: {', '.join(TARGETS)} (`rwkv-opt targets NAME` shows one)")
+    p.add_argument(
+        "--target",
+        default="cpu-fp32",
+        metavar="NAME",
+        help=f"one of: {', '.join(TARGETS)} (`rwkv-opt targets NAME` shows one)",
+    )
     _source_args(p)
-    p.add_argument("--head", action="append", default=[], choices=["sampling", "sft", "reinforce"],
-                   help="attach a head (repeatable): in-graph sampling, or a training step")
+    p.add_argument(
+        "--head",
+        action="append",
+        default=[],
+        choices=["sampling", "sft", "reinforce"],
+        help="attach a head (repeatable): in-graph sampling, or a training step",
+    )
     p.add_argument("--logits", choices=["all", "last"], help="override the target's logits mode")
-    p.add_argument("--wkv-op", action="store_true",
-                   help="one rwkv7.WKV7 node per layer (ONNX function body) for runtimes with their own WKV kernel")
-    p.add_argument("--no-verify", action="store_true",
-                   help="skip the accuracy check against the numpy reference (the manifest's verification says "
-                        "\"status\": \"skipped\")")
-    p.add_argument("--keep-unverified", action="store_true",
-                   help="write the artifact even when it misses its accuracy budget; its manifest then says "
-                        "\"verification\": {\"status\": \"failed\", ...} (inspect shows it)")
-    p.add_argument("--quant-algorithm", choices=["auto", "gptq", "rtn"], default="auto",
-                   help="quantized targets: GPTQ (calibrated, about 20 percent lower KL) or round-to-nearest; "
-                        "auto keeps the target's choice up to 1.6B parameters (0.5B for fp16 targets) and "
-                        "takes RTN above, where GPTQ's time grows faster than the model (reports/scale.md)")
+    p.add_argument(
+        "--wkv-op",
+        action="store_true",
+        help="one rwkv7.WKV7 node per layer (ONNX function body) for runtimes with their own WKV kernel",
+    )
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip the accuracy check against the numpy reference (the manifest's verification says "
+        '"status": "skipped")',
+    )
+    p.add_argument(
+        "--keep-unverified",
+        action="store_true",
+        help="write the artifact even when it misses its accuracy budget; its manifest then says "
+        '"verification": {"status": "failed", ...} (inspect shows it)',
+    )
+    p.add_argument(
+        "--quant-algorithm",
+        choices=["auto", "gptq", "rtn"],
+        default="auto",
+        help="quantized targets: GPTQ (calibrated, about 20 percent lower KL) or round-to-nearest; "
+        "auto keeps the target's choice up to 1.6B parameters (0.5B for fp16 targets) and "
+        "takes RTN above, where GPTQ's time grows faster than the model (reports/scale.md)",
+    )
     p.add_argument("-o", "--output", type=Path, required=True, help="artifact directory to write")
     _quiet_arg(p)
     p.set_defaults(func=cmd_pipeline)
@@ -296,8 +377,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true", help="check every file against the sha256 in manifest.json")
     p.set_defaults(func=cmd_inspect)
 
-    for extra in ("rwkv_opt.bench.cli", "rwkv_opt.generate_cli", "rwkv_opt.train_cli", "rwkv_opt.convert_cli",
-                  "rwkv_opt.export_cli"):
+    for extra in (
+        "rwkv_opt.bench.cli",
+        "rwkv_opt.generate_cli",
+        "rwkv_opt.train_cli",
+        "rwkv_opt.convert_cli",
+        "rwkv_opt.export_cli",
+    ):
         try:
             mod = __import__(extra, fromlist=["register"])
         except ModuleNotFoundError as e:

@@ -3,6 +3,7 @@
 Every dimension comes from the checkpoint's shapes (never from a file name):
 C = n_embd, N = head_size, H = n_head = C / N, F = ffn dim, V = vocab, L = n_layer.
 """
+
 from __future__ import annotations
 
 import enum
@@ -96,8 +97,10 @@ def detect_generation(keys) -> str | None:
 
 _BLOCK = re.compile(r"^blocks\.(0|[1-9]\d{0,8})\.")  # a canonical index below 10^9 (int() of 5,000 digits raises)
 _DIM_NAMES = {  # key -> names of its dimensions, for the keys config_from_shapes reads dimensions from
-    "emb.weight": ("vocab", "n_embd"), "blocks.0.att.r_k": ("n_head", "head_size"),
-    "blocks.0.ffn.key.weight": ("dim_ffn", "n_embd"), "blocks.0.ffn.s_emb.weight": ("vocab", "d_semb"),
+    "emb.weight": ("vocab", "n_embd"),
+    "blocks.0.att.r_k": ("n_head", "head_size"),
+    "blocks.0.ffn.key.weight": ("dim_ffn", "n_embd"),
+    "blocks.0.ffn.s_emb.weight": ("vocab", "d_semb"),
 }
 
 
@@ -106,8 +109,10 @@ def _dims(shapes: Mapping[str, tuple], key: str, source: str) -> tuple[int, ...]
     names = _DIM_NAMES.get(key, ("n_embd", "rank"))  # the others are LoRA down-projections (C, d)
     shape = tuple(shapes[key])
     if len(shape) != len(names) or min(shape) < 1:
-        raise CheckpointError(f"{source}: '{key}' has shape {shape}; an RWKV-7 checkpoint has it "
-                              f"{len(names)}-D ({', '.join(names)}), every dimension at least 1.")
+        raise CheckpointError(
+            f"{source}: '{key}' has shape {shape}; an RWKV-7 checkpoint has it "
+            f"{len(names)}-D ({', '.join(names)}), every dimension at least 1."
+        )
     return shape
 
 
@@ -140,8 +145,10 @@ def config_from_shapes(shapes: Mapping[str, tuple], source: str = "checkpoint") 
     V, C = _dims(shapes, "emb.weight", source)
     H, N = _dims(shapes, "blocks.0.att.r_k", source)
     if H * N != C:
-        raise CheckpointError(f"{source}: blocks.0.att.r_k has shape {tuple(shapes['blocks.0.att.r_k'])}, "
-                              f"but n_head * head_size must equal n_embd = {C}.")
+        raise CheckpointError(
+            f"{source}: blocks.0.att.r_k has shape {tuple(shapes['blocks.0.att.r_k'])}, "
+            f"but n_head * head_size must equal n_embd = {C}."
+        )
     L = _n_layer(shapes, source)
     v_layer = 1 if L > 1 else 0
 
@@ -150,10 +157,15 @@ def config_from_shapes(shapes: Mapping[str, tuple], source: str = "checkpoint") 
 
     deep = "blocks.0.ffn.s_emb.weight" in shapes
     return ModelConfig(
-        n_layer=L, n_embd=C, head_size=N, vocab=V,
+        n_layer=L,
+        n_embd=C,
+        head_size=N,
+        vocab=V,
         dim_ffn=_dims(shapes, "blocks.0.ffn.key.weight", source)[0],
-        d_decay=rank("blocks.0.att.w1"), d_aaa=rank("blocks.0.att.a1"),
-        d_mv=rank(f"blocks.{v_layer}.att.v1"), d_gate=rank("blocks.0.att.g1"),
+        d_decay=rank("blocks.0.att.w1"),
+        d_aaa=rank("blocks.0.att.a1"),
+        d_mv=rank(f"blocks.{v_layer}.att.v1"),
+        d_gate=rank("blocks.0.att.g1"),
         variant=Variant.RWKV7A if deep else Variant.RWKV7,
         d_semb=_dims(shapes, "blocks.0.ffn.s_emb.weight", source)[1] if deep else 0,
         d_srank=rank("blocks.0.ffn.s1") if deep else 0,
@@ -162,8 +174,14 @@ def config_from_shapes(shapes: Mapping[str, tuple], source: str = "checkpoint") 
 
 def _top_shapes(cfg: ModelConfig) -> dict[str, tuple]:
     C, V = cfg.n_embd, cfg.vocab
-    return {"emb.weight": (V, C), "blocks.0.ln0.weight": (C,), "blocks.0.ln0.bias": (C,),
-            "ln_out.weight": (C,), "ln_out.bias": (C,), "head.weight": (V, C)}
+    return {
+        "emb.weight": (V, C),
+        "blocks.0.ln0.weight": (C,),
+        "blocks.0.ln0.bias": (C,),
+        "ln_out.weight": (C,),
+        "ln_out.bias": (C,),
+        "head.weight": (V, C),
+    }
 
 
 def _block_shapes(cfg: ModelConfig, i: int) -> dict[str, tuple]:

@@ -1,4 +1,5 @@
 """`rwkv-opt export genai ARTIFACT -o DIR`: an artifact as a directory onnxruntime-genai apps load."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,8 +10,10 @@ def cmd_export_genai(a) -> int:
     from rwkv_opt.export.genai import export_genai
 
     record = export_genai(a.artifact, a.output)
-    print(f"wrote {a.output} for onnxruntime-genai (target {record['target']}, {record['provider']}; "
-          f"{record['export_bytes'] / 2**20:.1f} MiB, artifact {record['artifact_bytes'] / 2**20:.1f} MiB)")
+    print(
+        f"wrote {a.output} for onnxruntime-genai (target {record['target']}, {record['provider']}; "
+        f"{record['export_bytes'] / 2**20:.1f} MiB, artifact {record['artifact_bytes'] / 2**20:.1f} MiB)"
+    )
     return 0
 
 

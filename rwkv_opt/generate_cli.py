@@ -1,4 +1,5 @@
 """`rwkv-opt generate` and `rwkv-opt chat`: thin commands over rwkv_opt.runtime.generate."""
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,12 @@ SAMPLERS = {"auto": None, "graph": True, "host": False}
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact", type=Path, help="artifact directory (or model.onnx)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="g1",
-                   help="sampling defaults: g1 (RWKV-7 G1 model card, the default) or official (PIPELINE_ARGS)")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="g1",
+        help="sampling defaults: g1 (RWKV-7 G1 model card, the default) or official (PIPELINE_ARGS)",
+    )
     p.add_argument("--temperature", type=float, help="0 = greedy (default: the preset's)")
     p.add_argument("--top-p", type=float, help="nucleus mass kept; >= 1 = no filtering (default: the preset's)")
     p.add_argument("--top-k", type=int, help="candidates kept; 0 = off (default: the preset's)")
@@ -29,8 +34,12 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha-frequency", type=float, help="penalty per occurrence (default: the preset's)")
     p.add_argument("--alpha-decay", type=float, help="per-token decay of the occurrence counts (default: the preset's)")
     p.add_argument("--seed", type=int, help="seed of the uniform stream (default: a fresh one)")
-    p.add_argument("--sampler", choices=sorted(SAMPLERS), default="auto",
-                   help="auto: in the graph when the model has the sampling head, else on the host")
+    p.add_argument(
+        "--sampler",
+        choices=sorted(SAMPLERS),
+        default="auto",
+        help="auto: in the graph when the model has the sampling head, else on the host",
+    )
     p.add_argument("--provider", default="cpu", choices=["cpu", "cuda"], help="ONNX Runtime execution provider")
     p.add_argument("--threads", type=int, help="ORT intra-op threads (default: ORT's choice)")
 
@@ -39,8 +48,11 @@ def _params(a) -> SamplingParams:
     """The sampling settings; an option out of range is refused in one sentence."""
     from rwkv_opt.errors import RwkvOptError
 
-    given = {k: getattr(a, k) for k in ("temperature", "top_p", "top_k", "alpha_presence", "alpha_frequency",
-                                        "alpha_decay") if getattr(a, k) is not None}
+    given = {
+        k: getattr(a, k)
+        for k in ("temperature", "top_p", "top_k", "alpha_presence", "alpha_frequency", "alpha_decay")
+        if getattr(a, k) is not None
+    }
     for k, v in given.items():
         if not math.isfinite(v) or v < 0:
             raise RwkvOptError(f"--{k.replace('_', '-')} must be a finite number >= 0, got {v}.")
@@ -60,9 +72,11 @@ def _check_tokenizer(artifact: Path) -> None:
     if (folder / MANIFEST_FILE).is_file():
         tok = Manifest.read(folder).source.get("tokenizer") or {}
         if tok.get("name", WORLD) != WORLD:
-            raise RwkvOptError(f"{folder / MANIFEST_FILE}: source.tokenizer is '{tok['name']}' "
-                               f"({tok.get('evidence')}), but generate and chat only speak the RWKV World "
-                               f"vocabulary ({WORLD}).")
+            raise RwkvOptError(
+                f"{folder / MANIFEST_FILE}: source.tokenizer is '{tok['name']}' "
+                f"({tok.get('evidence')}), but generate and chat only speak the RWKV World "
+                f"vocabulary ({WORLD})."
+            )
 
 
 def _utf8(text: str, what: str) -> str:
@@ -72,8 +86,9 @@ def _utf8(text: str, what: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise RwkvOptError(f"{what} is not valid UTF-8 (a stray byte at character {e.start}); pass UTF-8 text.") \
-            from None
+        raise RwkvOptError(
+            f"{what} is not valid UTF-8 (a stray byte at character {e.start}); pass UTF-8 text."
+        ) from None
     return text
 
 
@@ -87,8 +102,10 @@ def _read_line(n: int) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise RwkvOptError(f"line {n} of the chat input is not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset "
-                           f"{e.start}); send UTF-8 text.") from None
+        raise RwkvOptError(
+            f"line {n} of the chat input is not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset "
+            f"{e.start}); send UTF-8 text."
+        ) from None
 
 
 def _open(a):
@@ -100,13 +117,18 @@ def _open(a):
     from rwkv_opt.runtime import Session, available_providers
 
     if Provider(a.provider) not in available_providers():
-        raise RwkvOptError(f"execution provider '{a.provider}' is not available in this onnxruntime; install "
-                           "onnxruntime-gpu on a CUDA machine, or use --provider cpu.")
+        raise RwkvOptError(
+            f"execution provider '{a.provider}' is not available in this onnxruntime; install "
+            "onnxruntime-gpu on a CUDA machine, or use --provider cpu."
+        )
     _check_tokenizer(a.artifact)
     session = Session(a.artifact, a.provider, threads=a.threads)
     if session.meta.get(Key.SOURCE_DIGEST, "").startswith("synthetic"):
-        print(f"note: {a.artifact} was built from a synthetic checkpoint (random weights), so its text is random "
-              "tokens, not language; build from a trained .pth (--checkpoint) for real text", file=sys.stderr)
+        print(
+            f"note: {a.artifact} was built from a synthetic checkpoint (random weights), so its text is random "
+            "tokens, not language; build from a trained .pth (--checkpoint) for real text",
+            file=sys.stderr,
+        )
     return session, load_world_tokenizer()
 
 

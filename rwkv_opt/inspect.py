@@ -1,4 +1,5 @@
 """Describe an artifact: config, I/O (names, dtypes, shapes), sizes, metadata and passes."""
+
 from __future__ import annotations
 
 import json
@@ -8,8 +9,15 @@ from pathlib import Path
 import onnx
 
 from rwkv_opt.graph.contract import Key
-from rwkv_opt.artifact import (MANIFEST_FILE, artifact_size, load_proto, model_config, model_path, read_manifest,
-                               verify_files)
+from rwkv_opt.artifact import (
+    MANIFEST_FILE,
+    artifact_size,
+    load_proto,
+    model_config,
+    model_path,
+    read_manifest,
+    verify_files,
+)
 
 
 def _shape(vi) -> list:
@@ -17,8 +25,11 @@ def _shape(vi) -> list:
 
 
 def _dtype(vi) -> str:
-    return onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type).name \
-        if vi.type.tensor_type.elem_type != onnx.TensorProto.BFLOAT16 else "bfloat16"
+    return (
+        onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type).name
+        if vi.type.tensor_type.elem_type != onnx.TensorProto.BFLOAT16
+        else "bfloat16"
+    )
 
 
 def info(artifact: Path, verify: bool = False) -> dict:
@@ -55,11 +66,13 @@ def describe(artifact: Path, as_json: bool = False, verify: bool = False) -> str
     if as_json:
         return json.dumps(d, indent=2)
     c = d["config"]
-    lines = [f"artifact   {d['path']}  ({d['size_bytes'] / 2**20:.1f} MiB on disk)",
-             f"target     {d['target']}   passes: {' -> '.join(d['passes']) or '(none)'}",
-             f"model      {c.get('variant')}  n_layer={c.get('n_layer')} n_embd={c.get('n_embd')} "
-             f"head_size={c.get('head_size')} vocab={c.get('vocab')}",
-             f"graph      {d['nodes']} nodes; top ops: " + ", ".join(f"{k} {v}" for k, v in list(d["ops"].items())[:8])]
+    lines = [
+        f"artifact   {d['path']}  ({d['size_bytes'] / 2**20:.1f} MiB on disk)",
+        f"target     {d['target']}   passes: {' -> '.join(d['passes']) or '(none)'}",
+        f"model      {c.get('variant')}  n_layer={c.get('n_layer')} n_embd={c.get('n_embd')} "
+        f"head_size={c.get('head_size')} vocab={c.get('vocab')}",
+        f"graph      {d['nodes']} nodes; top ops: " + ", ".join(f"{k} {v}" for k, v in list(d["ops"].items())[:8]),
+    ]
 
     def io_lines(items, kind):
         shown = items if len(items) <= 8 else items[:4] + [None] + items[-3:]
@@ -74,8 +87,10 @@ def describe(artifact: Path, as_json: bool = False, verify: bool = False) -> str
     if d["verification"]:
         v = d["verification"]
         status = v.get("status") or ("skipped" if "skipped" in v else "passed" if v.get("within_budget") else "failed")
-        label = {"failed": "FAILED: missed its accuracy budget, kept with --keep-unverified; do not trust it",
-                 "skipped": "SKIPPED: not verified"}.get(status, status)
+        label = {
+            "failed": "FAILED: missed its accuracy budget, kept with --keep-unverified; do not trust it",
+            "skipped": "SKIPPED: not verified",
+        }.get(status, status)
         lines.append(f"verified   {label}  {json.dumps(v)}")
     if verify:
         lines.append(f"files      {d['files_verified']} files match the sha256 in {MANIFEST_FILE}")

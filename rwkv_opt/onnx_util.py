@@ -6,6 +6,7 @@ Traversal rule used throughout: a node owns subgraphs through GRAPH and GRAPHS a
 If, Loop), and a subgraph may read names of any enclosing scope without listing them as inputs
 (captures); `node_reads` counts those as reads of the node that owns the subgraph.
 """
+
 from __future__ import annotations
 
 from typing import Iterator
@@ -110,7 +111,7 @@ def drop_dead(graph: onnx.GraphProto) -> int:
             graph.node.remove(n)
         removed += len(dead)
         read = names_read(graph)
-    inputs = {i.name for i in graph.input}   # an input's default value stays
+    inputs = {i.name for i in graph.input}  # an input's default value stays
     if removed:
         for t in [t for t in graph.initializer if t.name not in read and t.name not in inputs]:
             graph.initializer.remove(t)
@@ -166,5 +167,6 @@ def inferred_value_info(model: onnx.ModelProto, keep_up_to: int = 0) -> list[onn
 
 def value_types(model: onnx.ModelProto) -> dict[str, int]:
     """elem_type of every main-graph value (a model of any size infers in milliseconds)."""
-    return {vi.name: vi.type.tensor_type.elem_type for vi in inferred_value_info(model)
-            if vi.type.HasField("tensor_type")}
+    return {
+        vi.name: vi.type.tensor_type.elem_type for vi in inferred_value_info(model) if vi.type.HasField("tensor_type")
+    }

@@ -4,6 +4,7 @@
 Each pass is checked with onnx.checker afterwards; the manifest records, per pass, its config,
 time, node count, op histogram before/after, size and whether it changed anything.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,15 +25,14 @@ from rwkv_opt.config import Precision, Provider
 from rwkv_opt.errors import RwkvOptError
 from rwkv_opt.graph.model import BuildOptions, LogitsMode, build_model
 from rwkv_opt.passes.base import get_pass
-from rwkv_opt.progress import (available_memory, peak_rss_bytes, phase, release_freed_memory, set_sink,
-                               stderr_line)
+from rwkv_opt.progress import available_memory, peak_rss_bytes, phase, release_freed_memory, set_sink, stderr_line
 from rwkv_opt.targets import TOP1_ALPHA, Target
 from rwkv_opt.tensorstore import active, has_external, scratch_store
 
 Progress = Callable[[str], None]
 EMULATE_MAX_PARAMS = 20_000_000  # bf16 graphs are checked through onnx.reference up to this size
-VERIFY_TOKENS = (16, 32)           # prompt + decoded tokens verify compares: 33 positions
-EMULATED_VERIFY_TOKENS = (8, 8)    # bf16 under onnx.reference (~100x slower than ORT): 9 positions
+VERIFY_TOKENS = (16, 32)  # prompt + decoded tokens verify compares: 33 positions
+EMULATED_VERIFY_TOKENS = (8, 8)  # bf16 under onnx.reference (~100x slower than ORT): 9 positions
 # near-flat logits: the reference's median top-1 probability under this (the synthetic 0.1B's is under 3%,
 # a 0.1B trained here 9% on held-out text; targets.py)
 FLAT_TOP1_PROB = 0.05
@@ -73,8 +73,9 @@ class PassRecord:
 check = check_onnx  # the old name; 'check' also names Pass preconditions and `rwkv-opt check`
 
 
-def run_passes(model: onnx.ModelProto, passes, progress: Progress = stderr_line, after_pass=None
-               ) -> tuple[onnx.ModelProto, list[PassRecord]]:
+def run_passes(
+    model: onnx.ModelProto, passes, progress: Progress = stderr_line, after_pass=None
+) -> tuple[onnx.ModelProto, list[PassRecord]]:
     """Apply (name, config overrides) passes in order; check requires and validity after each;
     `after_pass(model)` is called with each result (the pipeline frees replaced weights there)."""
     records = []
@@ -86,21 +87,38 @@ def run_passes(model: onnx.ModelProto, passes, progress: Progress = stderr_line,
         dt = time.perf_counter() - t0
         check_onnx(res.model, f"pass '{name}'")
         after = Counter(n.op_type for n in res.model.graph.node)
-        rec = PassRecord(name, p.config_dict(), round(dt, 3), sum(before.values()), sum(after.values()),
-                         dict(sorted(before.items())), dict(sorted(after.items())),
-                         initializer_bytes(res.model), res.changed, list(res.notes))
+        rec = PassRecord(
+            name,
+            p.config_dict(),
+            round(dt, 3),
+            sum(before.values()),
+            sum(after.values()),
+            dict(sorted(before.items())),
+            dict(sorted(after.items())),
+            initializer_bytes(res.model),
+            res.changed,
+            list(res.notes),
+        )
         records.append(rec)
-        progress(f"  pass {name:<22} {dt:6.2f}s  nodes {rec.nodes_before} -> {rec.nodes_after}"
-                 f"{'' if res.changed else '  (no change)'}")
+        progress(
+            f"  pass {name:<22} {dt:6.2f}s  nodes {rec.nodes_before} -> {rec.nodes_after}"
+            f"{'' if res.changed else '  (no change)'}"
+        )
         model = res.model
         if after_pass is not None:
             after_pass(model)
     return model, records
 
 
-def verify(artifact: Path, weights: Weights, target: Target, prompt_len: int = VERIFY_TOKENS[0],
-           decode_len: int = VERIFY_TOKENS[1],
-           logits: LogitsMode = LogitsMode.LAST, blocks: int | None = None) -> dict:
+def verify(
+    artifact: Path,
+    weights: Weights,
+    target: Target,
+    prompt_len: int = VERIFY_TOKENS[0],
+    decode_len: int = VERIFY_TOKENS[1],
+    logits: LogitsMode = LogitsMode.LAST,
+    blocks: int | None = None,
+) -> dict:
     """Teacher-forced accuracy vs the fp32 numpy reference, on the CPU EP where it can run, over a
     sequence the reference samples itself (16 prompt + 32 decoded tokens: 33 positions; 8 + 8 under
     the slow GPU-like emulation).
@@ -119,13 +137,18 @@ def verify(artifact: Path, weights: Weights, target: Target, prompt_len: int = V
     emulate = target.precision is Precision.BF16  # ORT's CPU EP has no bf16 kernels: emulate a GPU EP
     if emulate:
         if weights.config.n_params() > EMULATE_MAX_PARAMS:
-            return {"status": "skipped",
-                    "skipped": "ORT's CPU EP has no bf16 kernels and the model is too large to emulate; "
-                               "verify on a CUDA machine with `rwkv-opt check`"}
+            return {
+                "status": "skipped",
+                "skipped": "ORT's CPU EP has no bf16 kernels and the model is too large to emulate; "
+                "verify on a CUDA machine with `rwkv-opt check`",
+            }
         prompt_len, decode_len = verify_tokens(target)
-    why = f"{prompt_len} + {decode_len} tokens" + (": ORT's CPU EP has no bf16 kernels, so the bf16 graph runs in "
-                                                   "onnx.reference with GPU-like rounding, about 100x slower than ORT"
-                                                   if emulate else "")
+    why = f"{prompt_len} + {decode_len} tokens" + (
+        ": ORT's CPU EP has no bf16 kernels, so the bf16 graph runs in "
+        "onnx.reference with GPU-like rounding, about 100x slower than ORT"
+        if emulate
+        else ""
+    )
     # a fifth of the free memory stays free: the page cache feeds the layers converted again per token
     cache = max(0, int(0.8 * available_memory()) - _ref_reserve(weights.config))
     ref = ReferenceModel(weights, np.float32, cache_bytes=cache)
@@ -162,16 +185,20 @@ def verify(artifact: Path, weights: Weights, target: Target, prompt_len: int = V
     del sess
     if blocks < n_layer:
         m["blocks_verified"] = blocks
-        m["scope"] = (f"embedding, blocks 0-{blocks - 1} of {n_layer} and the head (the whole model's ORT CPU "
-                      "session does not fit in memory); blocks past it passed the graph checks only")
+        m["scope"] = (
+            f"embedding, blocks 0-{blocks - 1} of {n_layer} and the head (the whole model's ORT CPU "
+            "session does not fit in memory); blocks past it passed the graph checks only"
+        )
     m["misses"] = target.budget.failures(m["top1"], m["positions"], m["max_rel_err"], m["mean_kl"])
     m["within_budget"] = not m["misses"]
     m["status"] = "passed" if m["within_budget"] else "failed"
     m["top1_p_value"] = target.budget.top1_p_value(round(m["top1"] * m["positions"]), m["positions"])
     m["provider"] = provider
     first = "every prompt position" if logits is LogitsMode.ALL else "the prompt's last position"
-    m["protocol"] = (f"{m['positions']} teacher-forced positions ({first} and each decode step) of a sequence "
-                     f"the reference samples itself, {why}")
+    m["protocol"] = (
+        f"{m['positions']} teacher-forced positions ({first} and each decode step) of a sequence "
+        f"the reference samples itself, {why}"
+    )
     m["reference_top1_prob_median"] = round(ref_top1_prob, 4)
     return m
 
@@ -215,9 +242,13 @@ def memory_plan(cfg, target: Target, artifact_bytes: int) -> dict:
     session = fp32 if target.precision in (Precision.FP16_MIXED, Precision.FP16, Precision.BF16) else artifact_bytes
     if target.quantization != "none":  # the float parts left are the small ones
         session = 2 * artifact_bytes
-    return {"passes": max(4 * largest, calib) + overhead, "passes_gptq": bool(calib),
-            "verify_reference": _ref_reserve(cfg),
-            "verify_session": session + 2 * largest + overhead, "verify_session_weights": session}
+    return {
+        "passes": max(4 * largest, calib) + overhead,
+        "passes_gptq": bool(calib),
+        "verify_reference": _ref_reserve(cfg),
+        "verify_session": session + 2 * largest + overhead,
+        "verify_session_weights": session,
+    }
 
 
 def verify_blocks(cfg, target: Target, plan: dict, avail: int) -> int:
@@ -227,7 +258,7 @@ def verify_blocks(cfg, target: Target, plan: dict, avail: int) -> int:
     weights = plan["verify_session_weights"]
     fixed = weights * (2 * cfg.vocab * cfg.n_embd) / max(cfg.n_params(), 1)  # the embedding and head's share
     per_block = (weights - fixed) / cfg.n_layer
-    room = avail - (plan["verify_session"] - weights) - fixed                 # less activations and overhead
+    room = avail - (plan["verify_session"] - weights) - fixed  # less activations and overhead
     return max(0, min(cfg.n_layer - 1, int(room // max(per_block, 1))))
 
 
@@ -262,11 +293,19 @@ def choose_quant_algorithm(target: Target, n_params: int, requested: str = "auto
     if requested == "auto":
         limit = GPTQ_AUTO_MAX_PARAMS if target.precision is Precision.FP32 else GPTQ_AUTO_MAX_PARAMS_FP16
         chosen = "rtn" if own == "gptq" and n_params > limit else own
-        cost = ("GPTQ's calibration and Hessian solves would take longer than the rest of the pipeline"
-                if limit == GPTQ_AUTO_MAX_PARAMS else
-                "GPTQ's calibration on the CPU EP would hold the fp16 weights and their fp32 casts (1.5x fp32)")
-        why = (f"auto: {n_params / 1e9:.2f}B parameters > {limit / 1e9:.1f}B, where {cost}; RTN (pass "
-               "--quant-algorithm gptq to insist)") if chosen != own else f"auto: the target's own ({own})"
+        cost = (
+            "GPTQ's calibration and Hessian solves would take longer than the rest of the pipeline"
+            if limit == GPTQ_AUTO_MAX_PARAMS
+            else "GPTQ's calibration on the CPU EP would hold the fp16 weights and their fp32 casts (1.5x fp32)"
+        )
+        why = (
+            (
+                f"auto: {n_params / 1e9:.2f}B parameters > {limit / 1e9:.1f}B, where {cost}; RTN (pass "
+                "--quant-algorithm gptq to insist)"
+            )
+            if chosen != own
+            else f"auto: the target's own ({own})"
+        )
     elif requested in ("gptq", "rtn"):
         chosen, why = requested, "asked for (--quant-algorithm)"
     else:
@@ -275,9 +314,18 @@ def choose_quant_algorithm(target: Target, n_params: int, requested: str = "auto
     return dataclasses.replace(target, passes=passes), {"chosen": chosen, "target_default": own, "why": why}
 
 
-def run_pipeline(target: Target, weights: Weights, out: Path, *, heads=(), logits: LogitsMode | None = None,
-                 do_verify: bool = True, progress: Progress = stderr_line, quant_algorithm: str = "auto",
-                 keep_unverified: bool = False) -> dict:
+def run_pipeline(
+    target: Target,
+    weights: Weights,
+    out: Path,
+    *,
+    heads=(),
+    logits: LogitsMode | None = None,
+    do_verify: bool = True,
+    progress: Progress = stderr_line,
+    quant_algorithm: str = "auto",
+    keep_unverified: bool = False,
+) -> dict:
     """Build, optimize and verify `target`'s artifact into `out`.
 
     An artifact that misses its budget is refused (RwkvOptError naming the next steps; nothing is
@@ -297,28 +345,41 @@ def run_pipeline(target: Target, weights: Weights, out: Path, *, heads=(), logit
     phases: dict[str, float] = {}
     with set_sink(progress), staging_dir(out) as tmp:
         with scratch_store(tmp) as store:
-            progress(f"[1/4] build base fp32 graph ({cfg.n_layer} layers, C={cfg.n_embd}, "
-                     f"V={cfg.vocab}, {cfg.variant.value})")
+            progress(
+                f"[1/4] build base fp32 graph ({cfg.n_layer} layers, C={cfg.n_embd}, "
+                f"V={cfg.vocab}, {cfg.variant.value})"
+            )
             t0 = time.perf_counter()
             with phase("build", cfg.n_layer, "layers"):
                 model = build_model(weights, BuildOptions(logits=logits))
             weights.drop_cache()
             check_onnx(model, "build")
             t_build = phases["build"] = time.perf_counter() - t0
-            progress(f"      {len(model.graph.node)} nodes, {initializer_bytes(model) / 2**20:.1f} MiB of weights, "
-                     f"{t_build:.1f}s")
+            progress(
+                f"      {len(model.graph.node)} nodes, {initializer_bytes(model) / 2**20:.1f} MiB of weights, "
+                f"{t_build:.1f}s"
+            )
             progress(f"[2/4] passes for target {target.name}")
             t0 = time.perf_counter()
-            model, records = run_passes(model, list(target.passes) + list(heads), progress,
-                                        after_pass=store.release_unreferenced)  # the disk holds what is live
+            model, records = run_passes(
+                model, list(target.passes) + list(heads), progress, after_pass=store.release_unreferenced
+            )  # the disk holds what is live
             phases["passes"] = time.perf_counter() - t0
             manifest = Manifest(
-                target=target.name, provider=target.provider.value, precision=target.precision.value,
-                quantization=target.quantization, logits=logits.value, source=weights.manifest_source(),
-                passes=[r.__dict__ for r in records], heads=[h for h, _ in heads],
-                extra={"build_seconds": round(t_build, 3),
-                       **({"quantization_algorithm": quant_choice} if quant_choice else {}),
-                       "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+                target=target.name,
+                provider=target.provider.value,
+                precision=target.precision.value,
+                quantization=target.quantization,
+                logits=logits.value,
+                source=weights.manifest_source(),
+                passes=[r.__dict__ for r in records],
+                heads=[h for h, _ in heads],
+                extra={
+                    "build_seconds": round(t_build, 3),
+                    **({"quantization_algorithm": quant_choice} if quant_choice else {}),
+                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                },
+            )
             progress("[3/4] save the model to a staging directory (it becomes the artifact once verified)")
             t0 = time.perf_counter()
             save_model(model, tmp / MODEL_FILE, consume=True)
@@ -332,27 +393,39 @@ def run_pipeline(target: Target, weights: Weights, out: Path, *, heads=(), logit
             t0 = time.perf_counter()
             blocks = verify_blocks(cfg, target, plan, available_memory())
             if blocks < cfg.n_layer:
-                progress(f"      the whole model's ORT CPU session needs about {plan['verify_session'] / 2**30:.1f} GiB: "
-                         f"verifying the embedding, blocks 0-{blocks - 1} of {cfg.n_layer} and the head")
+                progress(
+                    f"      the whole model's ORT CPU session needs about {plan['verify_session'] / 2**30:.1f} GiB: "
+                    f"verifying the embedding, blocks 0-{blocks - 1} of {cfg.n_layer} and the head"
+                )
             v = manifest.verification = verify(tmp / MODEL_FILE, weights, target, logits=logits, blocks=blocks)
             phases["verify"] = time.perf_counter() - t0
             if v["status"] == "failed":
                 if not keep_unverified:
                     raise RwkvOptError(refusal(target, v, weights))
                 v["kept"] = "--keep-unverified: written although it missed its budget"
-                progress(f"WARNING: {target.name} missed its accuracy budget ({'; '.join(v['misses'])}); kept "
-                         "because of --keep-unverified, marked \"verification\": {\"status\": \"failed\"} in "
-                         "its manifest")
+                progress(
+                    f"WARNING: {target.name} missed its accuracy budget ({'; '.join(v['misses'])}); kept "
+                    'because of --keep-unverified, marked "verification": {"status": "failed"} in '
+                    "its manifest"
+                )
         else:
             fits = plan["verify_session"] <= available_memory()
             manifest.verification = {
                 "status": "skipped",
                 "skipped": "--no-verify: no logits were compared; the graph checks ran (onnx.checker after each "
-                           "pass, the fp32 WKV state path)" + ("" if fits else
-                           f"; verifying would need about {plan['verify_session'] / 2**30:.1f} GiB for the "
-                           "artifact's ORT CPU session, more than this machine has")}
-        manifest.extra.update(phase_seconds={k: round(v, 3) for k, v in phases.items()},
-                              peak_rss_bytes=peak_rss_bytes(), total_seconds=round(time.perf_counter() - t_start, 3))
+                "pass, the fp32 WKV state path)"
+                + (
+                    ""
+                    if fits
+                    else f"; verifying would need about {plan['verify_session'] / 2**30:.1f} GiB for the "
+                    "artifact's ORT CPU session, more than this machine has"
+                ),
+            }
+        manifest.extra.update(
+            phase_seconds={k: round(v, 3) for k, v in phases.items()},
+            peak_rss_bytes=peak_rss_bytes(),
+            total_seconds=round(time.perf_counter() - t_start, 3),
+        )
         manifest.write(tmp)
     progress(f"wrote artifact {out}")
     m = manifest.to_dict()
@@ -367,8 +440,10 @@ def refusal(target: Target, v: dict, weights: Weights) -> str:
     by = []
     hits = round(v["top1"] * v["positions"])
     if any(m.startswith("top-1") for m in v["misses"]):
-        by.append(f"top-1 {hits}/{v['positions']} = {v['top1']:.1%} against a {b.min_top1:.0%} budget "
-                  f"(p = {v['top1_p_value']:.2g} < {TOP1_ALPHA} in the one-sided binomial test)")
+        by.append(
+            f"top-1 {hits}/{v['positions']} = {v['top1']:.1%} against a {b.min_top1:.0%} budget "
+            f"(p = {v['top1_p_value']:.2g} < {TOP1_ALPHA} in the one-sided binomial test)"
+        )
     if not v["max_rel_err"] <= b.max_rel_err:
         by.append(f"max|err|/std {v['max_rel_err']:.2e} > {b.max_rel_err}{_times(v['max_rel_err'], b.max_rel_err)}")
     if not v["mean_kl"] <= b.max_kl:
@@ -378,12 +453,16 @@ def refusal(target: Target, v: dict, weights: Weights) -> str:
     synthetic = weights.source.startswith("synthetic")
     if synthetic or prob < FLAT_TOP1_PROB:
         what = "a synthetic checkpoint (random weights)" if synthetic else "this checkpoint"
-        why = (f" Likely cause: {what} has near-flat logits (the reference's median top-1 probability is "
-               f"{prob:.1%}), so near-tied tokens swap under small weight errors; a trained model's are sharper.")
-    return (f"target {target.name} missed its accuracy budget on {v['positions']} teacher-forced positions: "
-            f"{'; '.join(by)}; nothing was written.{why} Next: use a trained checkpoint (--checkpoint "
-            "RWKV-x070-World-0.1B.pth), or skip the check with --no-verify, or keep this artifact marked "
-            "unverified with --keep-unverified (manifest \"verification\": {\"status\": \"failed\"}).")
+        why = (
+            f" Likely cause: {what} has near-flat logits (the reference's median top-1 probability is "
+            f"{prob:.1%}), so near-tied tokens swap under small weight errors; a trained model's are sharper."
+        )
+    return (
+        f"target {target.name} missed its accuracy budget on {v['positions']} teacher-forced positions: "
+        f"{'; '.join(by)}; nothing was written.{why} Next: use a trained checkpoint (--checkpoint "
+        "RWKV-x070-World-0.1B.pth), or skip the check with --no-verify, or keep this artifact marked "
+        'unverified with --keep-unverified (manifest "verification": {"status": "failed"}).'
+    )
 
 
 def _times(value: float, limit: float) -> str:
@@ -397,16 +476,20 @@ def _check_memory(cfg, target: Target, plan: dict, do_verify: bool) -> None:
     size = f"this {cfg.n_params() / 1e9:.1f}B-parameter model"
     if plan["passes"] > avail:
         gptq = plan["passes_gptq"]
-        raise RwkvOptError(f"building {target.name} for {size} needs about {plan['passes'] / 2**30:.1f} GiB"
-                           f"{' (GPTQ calibration runs the fp32 model)' if gptq else ''} and {avail / 2**30:.1f} GiB "
-                           f"is available; {'pass --quant-algorithm rtn, or ' if gptq else ''}use a machine with "
-                           "more memory.")
+        raise RwkvOptError(
+            f"building {target.name} for {size} needs about {plan['passes'] / 2**30:.1f} GiB"
+            f"{' (GPTQ calibration runs the fp32 model)' if gptq else ''} and {avail / 2**30:.1f} GiB "
+            f"is available; {'pass --quant-algorithm rtn, or ' if gptq else ''}use a machine with "
+            "more memory."
+        )
     if do_verify and verify_blocks(cfg, target, plan, avail) == 0:
-        raise RwkvOptError(f"verifying {target.name} on {size} needs about {plan['verify_session'] / 2**30:.1f} GiB "
-                           f"for the artifact's ORT CPU session (not even its embedding, first block and head "
-                           f"fit) and {avail / 2**30:.1f} GiB is available; pass "
-                           "--no-verify to write it unverified (the manifest says so), choose a quantized target "
-                           "(cpu-int4), or use a machine with more memory.")
+        raise RwkvOptError(
+            f"verifying {target.name} on {size} needs about {plan['verify_session'] / 2**30:.1f} GiB "
+            f"for the artifact's ORT CPU session (not even its embedding, first block and head "
+            f"fit) and {avail / 2**30:.1f} GiB is available; pass "
+            "--no-verify to write it unverified (the manifest says so), choose a quantized target "
+            "(cpu-int4), or use a machine with more memory."
+        )
 
 
 def _check_room(cfg, target: Target, out: Path) -> None:
@@ -419,13 +502,22 @@ def _check_room(cfg, target: Target, out: Path) -> None:
     # the fp32 scratch, plus what the weight-changing passes write while their inputs still live (each
     # pass's replaced tensors are released after it, and the artifact is moved out of the scratch file)
     fp32 = cfg.n_params() * 4
-    need = fp32 + (fp32 // 2 if target.precision is not Precision.FP32 else 0) + \
-        (estimated_artifact_bytes(cfg, target) if target.quantization != "none" else 0)
+    need = (
+        fp32
+        + (fp32 // 2 if target.precision is not Precision.FP32 else 0)
+        + (estimated_artifact_bytes(cfg, target) if target.quantization != "none" else 0)
+    )
     if (q := _gptq_config(target)) is not None:  # its spilled calibration inputs
-        need += q.calibration_sequences * q.calibration_length * (cfg.n_layer * (6 * cfg.n_embd + cfg.dim_ffn)
-                                                                  + cfg.n_embd) * 4
+        need += (
+            q.calibration_sequences
+            * q.calibration_length
+            * (cfg.n_layer * (6 * cfg.n_embd + cfg.dim_ffn) + cfg.n_embd)
+            * 4
+        )
     free = shutil.disk_usage(parent).free
     if need > free:
-        raise RwkvOptError(f"building {target.name} for this {cfg.n_params() / 1e9:.1f}B-parameter model needs about "
-                           f"{need / 2**30:.1f} GiB of disk beside {out} and {free / 2**30:.1f} GiB is free; "
-                           "free some space or write the artifact to a larger disk (-o).")
+        raise RwkvOptError(
+            f"building {target.name} for this {cfg.n_params() / 1e9:.1f}B-parameter model needs about "
+            f"{need / 2**30:.1f} GiB of disk beside {out} and {free / 2**30:.1f} GiB is free; "
+            "free some space or write the artifact to a larger disk (-o)."
+        )

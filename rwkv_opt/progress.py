@@ -11,6 +11,7 @@ tests and library users get silence. Without a terminal (CI logs) lines go out a
 its total time. On a terminal (`bar=True`) the phase redraws one bar line in place instead, from
 `BAR_AFTER` seconds on, and leaves its total time behind when it ends.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,10 +22,10 @@ import time
 from dataclasses import dataclass
 from typing import Callable, TextIO
 
-EVERY = 10.0     # seconds between progress lines (no terminal)
+EVERY = 10.0  # seconds between progress lines (no terminal)
 BAR_AFTER = 2.0  # a terminal's bar appears once a phase has run this long
 BAR_WIDTH = 24
-_REDRAW = 0.2    # seconds between a bar's redraws
+_REDRAW = 0.2  # seconds between a bar's redraws
 
 
 @dataclass
@@ -81,8 +82,7 @@ class _Phase:
         """'name 12/24 layers  31 s, ETA 31 s'."""
         took = now - self.t0
         eta = took / max(done, 1e-9) * (self.total - done) if done else float("nan")
-        return (f"{self.name} {done}/{self.total} {self.unit}  {_clock(took)}, "
-                f"ETA {_clock(eta) if eta == eta else '?'}")
+        return f"{self.name} {done}/{self.total} {self.unit}  {_clock(took)}, ETA {_clock(eta) if eta == eta else '?'}"
 
     def tick(self, done: int, note: str = "") -> None:
         now = time.perf_counter()
@@ -93,15 +93,16 @@ class _Phase:
             if now - self.t0 >= BAR_AFTER and now - self.last >= _REDRAW:
                 self.last, self.said = now, True
                 filled = int(BAR_WIDTH * min(done, self.total) / self.total)
-                sink.bar.write(f"\r\033[K      [{'#' * filled}{'.' * (BAR_WIDTH - filled)}] "
-                               f"{self.status(done, now)}{'  ' + note if note else ''}")
+                sink.bar.write(
+                    f"\r\033[K      [{'#' * filled}{'.' * (BAR_WIDTH - filled)}] "
+                    f"{self.status(done, now)}{'  ' + note if note else ''}"
+                )
                 sink.bar.flush()
             return
         if now - self.last < EVERY:
             return
         self.last, self.said = now, True
-        sink.emit(f"      {self.status(done, now)}{'  ' + note if note else ''}"
-                  f"  (RSS {rss_bytes() / 2**30:.2f} GiB)")
+        sink.emit(f"      {self.status(done, now)}{'  ' + note if note else ''}  (RSS {rss_bytes() / 2**30:.2f} GiB)")
 
     def end(self, completed: bool = True) -> None:
         """Replace the bar (or follow the lines) with the phase's total time, if anything was shown; an

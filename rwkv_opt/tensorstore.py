@@ -17,6 +17,7 @@ A store tensor is a TensorProto with data_location EXTERNAL whose `location` is 
 store's directory, so a weightless model saved into that directory (session_path) is a valid
 model that ORT and onnx.checker load straight from the store's file.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,9 +29,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-INLINE_BYTES = 1024       # smaller tensors stay inside the proto (onnx.save_model's size_threshold)
-ALIGN = 4096              # every external tensor starts on a page: ORT maps it without a copy
-COPY_CHUNK = 64 << 20     # save copies tensors through a buffer this large
+INLINE_BYTES = 1024  # smaller tensors stay inside the proto (onnx.save_model's size_threshold)
+ALIGN = 4096  # every external tensor starts on a page: ORT maps it without a copy
+COPY_CHUNK = 64 << 20  # save copies tensors through a buffer this large
 
 _ACTIVE: list["TensorStore"] = []
 
@@ -140,8 +141,11 @@ class TensorStore:
     def release_unreferenced(self, model: onnx.ModelProto) -> int:
         """Release every tensor `model` no longer references (what a pass replaced) -> bytes released.
         Only for a pipeline that drops the models before: earlier models' references die with it."""
-        live = {int(_ext(t).get("offset", 0)) for t in model.graph.initializer
-                if is_external(t) and _ext(t).get("location") == self.FILE}
+        live = {
+            int(_ext(t).get("offset", 0))
+            for t in model.graph.initializer
+            if is_external(t) and _ext(t).get("location") == self.FILE
+        }
         before = self.bytes_released
         for offset in [o for o in self.ranges if o not in live]:
             self.release(offset)
@@ -239,8 +243,15 @@ def save_streamed(model: onnx.ModelProto, path: Path, external: bool = True, con
             else:
                 raw = _little_contiguous(numpy_helper.to_array(t))
                 offset, length = _append_aligned(dst, raw), raw.nbytes
-                for fd in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data",
-                           "string_data"):
+                for fd in (
+                    "raw_data",
+                    "float_data",
+                    "int32_data",
+                    "int64_data",
+                    "double_data",
+                    "uint64_data",
+                    "string_data",
+                ):
                     t.ClearField(fd)
             _point_to(t, data_name, offset, length)
         dst.flush()

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny synthetic checkpoints (RWKV-7 and RWKV-7a), built graphs, the oracle."""
+
 from __future__ import annotations
 
 import pytest

@@ -5,6 +5,7 @@ need separate processes. Usage: python oracle_worker.py CKPT.pth TOKENS.npy DEEP
 For each row of TOKENS (B,T): logits of the whole sequence (full_output), token by token, and
 in two chunks split at SPLIT; plus the final state of each mode.
 """
+
 import os
 import sys
 
@@ -27,8 +28,11 @@ res = {}
 
 def flat_state(st):
     L = len(st) // 3
-    return (np.stack([st[3 * i].numpy() for i in range(L)]), np.stack([st[3 * i + 1].numpy() for i in range(L)]),
-            np.stack([st[3 * i + 2].numpy() for i in range(L)]))
+    return (
+        np.stack([st[3 * i].numpy() for i in range(L)]),
+        np.stack([st[3 * i + 1].numpy() for i in range(L)]),
+        np.stack([st[3 * i + 2].numpy() for i in range(L)]),
+    )
 
 
 with torch.no_grad():

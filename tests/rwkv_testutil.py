@@ -1,5 +1,6 @@
 """Helpers shared by the tests (kept out of conftest.py so test modules can import them
 by a unique name: several test folders have a conftest.py of their own)."""
+
 from __future__ import annotations
 
 import subprocess
@@ -15,8 +16,14 @@ HERE = Path(__file__).parent
 
 def cli(*args, cwd=None) -> subprocess.CompletedProcess:
     """`rwkv-opt ARGS` in a subprocess, from the worktree (python -m), output captured as text."""
-    return subprocess.run([sys.executable, "-m", "rwkv_opt.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=600, cwd=cwd, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "rwkv_opt.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=cwd,
+        check=False,
+    )
 
 
 def ort_session(model, optimize: bool = True, threads: int = 2):
@@ -42,8 +49,14 @@ def run_oracle(ckpt: Path, tokens: np.ndarray, deepembed: bool, out: Path, split
     pytest.importorskip("torch")
     pytest.importorskip("rwkv")
     np.save(out.with_suffix(".tokens.npy"), tokens)
-    cmd = [sys.executable, str(HERE / "oracle_worker.py"), str(ckpt), str(out.with_suffix(".tokens.npy")),
-           "1" if deepembed else "0", str(out)] + ([str(split)] if split else [])
+    cmd = [
+        sys.executable,
+        str(HERE / "oracle_worker.py"),
+        str(ckpt),
+        str(out.with_suffix(".tokens.npy")),
+        "1" if deepembed else "0",
+        str(out),
+    ] + ([str(split)] if split else [])
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     return dict(np.load(out))

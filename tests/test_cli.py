@@ -1,5 +1,6 @@
 """The CLI as a user drives it: the main job, synth, build, inspect, and every refusal
 (message, exit code, and that nothing half-written is left behind)."""
+
 import json
 import os
 import pickle
@@ -105,8 +106,11 @@ def test_refuses_missing_key(tmp_path, state_dict):
 
 
 def test_refuses_rwkv6(tmp_path):
-    v6 = {"emb.weight": np.zeros((16, 8), np.float32), "blocks.0.att.time_maa_x": np.zeros((1, 1, 8), np.float32),
-          "blocks.0.att.time_decay": np.zeros((8,), np.float32)}
+    v6 = {
+        "emb.weight": np.zeros((16, 8), np.float32),
+        "blocks.0.att.time_maa_x": np.zeros((1, 1, 8), np.float32),
+        "blocks.0.att.time_decay": np.zeros((8,), np.float32),
+    }
     p = _write_tensors(tmp_path / "v6.pth", v6)
     _refused(cli("build", p, "-o", tmp_path / "out"), "this is an RWKV-6 checkpoint; rwkv-opt supports RWKV-7")
     assert leftovers(tmp_path) == ["v6.pth"]
@@ -137,8 +141,11 @@ def test_sigterm_removes_the_staging_directory(tmp_path):
     import sys
     import time
 
-    p = subprocess.Popen([sys.executable, "-m", "rwkv_opt", "pipeline", "--preset", "0.1b", "-o", str(tmp_path / "out")],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "rwkv_opt", "pipeline", "--preset", "0.1b", "-o", str(tmp_path / "out")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while not list(tmp_path.glob(".out.tmp-*/.rwkv-opt-work-*")) and time.time() < deadline and p.poll() is None:
         time.sleep(0.05)

@@ -1,5 +1,6 @@
 """The typed contracts other programs rely on: the manifest (artifact.Manifest), the source reference
 (artifact.SourceRef) and the model metadata (contract.Meta) -- written and read in one place each."""
+
 import json
 
 import pytest
@@ -11,10 +12,18 @@ from rwkv_opt.graph.contract import Key, Meta
 
 
 def test_manifest_round_trip_keeps_every_field_in_order(tmp_path):
-    m = Manifest(target="cpu-fp32", provider="cpu", precision="fp32", quantization="none", logits="last",
-                 source={"path": "synthetic:tiny:seed0", "digest": "synthetic:tiny:seed0", "config": {"n_layer": 2}},
-                 passes=[{"name": "simplify"}], heads=["sampling"], verification={"status": "passed"},
-                 extra={"build_seconds": 1.5, "created": "2026-12-05T00:00:00+00:00"})
+    m = Manifest(
+        target="cpu-fp32",
+        provider="cpu",
+        precision="fp32",
+        quantization="none",
+        logits="last",
+        source={"path": "synthetic:tiny:seed0", "digest": "synthetic:tiny:seed0", "config": {"n_layer": 2}},
+        passes=[{"name": "simplify"}],
+        heads=["sampling"],
+        verification={"status": "passed"},
+        extra={"build_seconds": 1.5, "created": "2026-12-05T00:00:00+00:00"},
+    )
     m.write(tmp_path)
     d = json.loads((tmp_path / MANIFEST_FILE).read_text())
     assert list(d)[:7] == ["tool", "target", "provider", "precision", "quantization", "logits", "source"]
@@ -24,10 +33,15 @@ def test_manifest_round_trip_keeps_every_field_in_order(tmp_path):
     assert back.source_ref.is_synthetic and back.source_ref.locate() is None
 
 
-@pytest.mark.parametrize("bad, words", [({"tool": "other-tool"}, "was not written by rwkv-opt"),
-                                        ({"heads": "sampling"}, "'heads' should be a JSON list"),
-                                        ({"source": []}, "'source' should be a JSON dict"),
-                                        ({"verification": [1]}, "'verification' should be a JSON object")])
+@pytest.mark.parametrize(
+    "bad, words",
+    [
+        ({"tool": "other-tool"}, "was not written by rwkv-opt"),
+        ({"heads": "sampling"}, "'heads' should be a JSON list"),
+        ({"source": []}, "'source' should be a JSON dict"),
+        ({"verification": [1]}, "'verification' should be a JSON object"),
+    ],
+)
 def test_manifest_refuses_fields_of_the_wrong_kind(tmp_path, bad, words):
     (tmp_path / MANIFEST_FILE).write_text(json.dumps({"tool": "rwkv-opt", "target": "cpu-fp32", **bad}))
     with pytest.raises(RwkvOptError, match=words) as e:

@@ -1,4 +1,5 @@
 """The staged pipeline per target: artifacts, manifests, verification and budget gating."""
+
 import dataclasses
 import json
 
@@ -34,7 +35,9 @@ def test_cuda_targets_build_and_verify_on_cpu(tiny7, tmp_path, target):
     if target == "cuda-bf16":  # the verification says why it checks 9 positions, not 33
         assert v["positions"] == 9 and "8 + 8 tokens: ORT's CPU EP has no bf16 kernels" in v["protocol"], v
     assert [p["name"] for p in man["passes"]] == get_target(target).pass_names
-    assert json.loads(d["metadata"]["rwkv_opt.precision"])["weights"] == {"cuda-fp16": "fp16", "cuda-bf16": "bf16"}[target]
+    assert (
+        json.loads(d["metadata"]["rwkv_opt.precision"])["weights"] == {"cuda-fp16": "fp16", "cuda-bf16": "bf16"}[target]
+    )
 
 
 def test_manifest_records_each_pass(tiny7, tmp_path):
@@ -61,23 +64,25 @@ def test_top1_gate_is_a_binomial_test():
     """min_top1 is a rate: a sample fails only when it is evidence (p < 5%) that the rate is lower."""
     b = Budget(min_top1=0.98, max_rel_err=0.5, max_kl=0.02)
     assert b.top1_p_value(9, 9) == 1.0
-    assert b.top1_p_value(8, 9) == pytest.approx(1 - 0.98 ** 9)                     # 0.166: one flip in 9
-    assert b.top1_p_value(7, 9) == pytest.approx(1 - 0.98 ** 9 - 9 * 0.02 * 0.98 ** 8)   # 0.013
+    assert b.top1_p_value(8, 9) == pytest.approx(1 - 0.98**9)  # 0.166: one flip in 9
+    assert b.top1_p_value(7, 9) == pytest.approx(1 - 0.98**9 - 9 * 0.02 * 0.98**8)  # 0.013
     assert b.failures(8 / 9, 9, 0.1, 1e-3) == []
     assert [m.split(" (")[0] for m in b.failures(7 / 9, 9, 0.1, 1e-3)] == ["top-1 7/9"]
-    assert b.failures(29 / 33, 33, 0.1, 1e-3)                                        # the synthetic 0.1B's cpu-int8
+    assert b.failures(29 / 33, 33, 0.1, 1e-3)  # the synthetic 0.1B's cpu-int8
     assert b.failures(32 / 33, 33, 0.1, 1e-3) == []
     misses = b.failures(1.0, 33, 0.6, 0.03)
     assert len(misses) == 2 and misses[0].startswith("max|err|/std 6.00e-01") and misses[1].startswith("mean KL")
-    exact = Budget(min_top1=1.0, max_rel_err=1e-4, max_kl=1e-8)                     # fp32: any flip fails
+    exact = Budget(min_top1=1.0, max_rel_err=1e-4, max_kl=1e-8)  # fp32: any flip fails
     assert exact.failures(32 / 33, 33, 0, 0) and not exact.failures(1.0, 33, 0, 0)
 
 
 def test_pass_order_is_checked(tiny7, tmp_path):
     """Order rules are preconditions on what earlier passes recorded: quantizing twice is refused, and
     a precision pass after quantize is refused (the model is no longer fp32), with nothing written."""
-    for passes, why in [((("quantize", {}), ("quantize", {})), "already quantized"),
-                        ((("quantize", {}), ("fp16_mixed", {})), "fp32 models only")]:
+    for passes, why in [
+        ((("quantize", {}), ("quantize", {})), "already quantized"),
+        ((("quantize", {}), ("fp16_mixed", {})), "fp32 models only"),
+    ]:
         t = dataclasses.replace(get_target("cpu-fp32"), passes=passes)
         with pytest.raises(RwkvOptError, match=why):
             run_pipeline(t, tiny7, tmp_path / "out", **quiet)
@@ -103,7 +108,9 @@ def test_verification_tokens_are_the_models_own(tiny7):
     ref = ReferenceModel(tiny7, np.float32)
     toks = model_tokens(ref, 48, seed=0)
     assert toks.shape == (1, 48) and toks.dtype == np.int64 and 0 <= toks.min() and toks.max() < tiny7.config.vocab
-    assert np.array_equal(toks, model_tokens(ref, 48, seed=0)) and not np.array_equal(toks, model_tokens(ref, 48, seed=1))
+    assert np.array_equal(toks, model_tokens(ref, 48, seed=0)) and not np.array_equal(
+        toks, model_tokens(ref, 48, seed=1)
+    )
 
     def mean_logprob(t):
         logits, _ = ref.forward(t)
@@ -145,7 +152,10 @@ def test_refuses_up_front_when_verification_cannot_fit(tiny7, tmp_path, monkeypa
         run_pipeline(get_target("cpu-fp32"), tiny7, tmp_path / "a", **quiet)
     assert not (tmp_path / "a").exists() and not list(tmp_path.iterdir())  # nothing started
     man = run_pipeline(get_target("cpu-fp32"), tiny7, tmp_path / "a", do_verify=False, **quiet)
-    assert "--no-verify" in man["verification"]["skipped"] and "more than this machine has" in man["verification"]["skipped"]
+    assert (
+        "--no-verify" in man["verification"]["skipped"]
+        and "more than this machine has" in man["verification"]["skipped"]
+    )
     on_disk = json.loads((tmp_path / "a" / "manifest.json").read_text())
     assert on_disk["verification"] == man["verification"]
     assert set(on_disk["phase_seconds"]) == {"build", "passes", "write"} and on_disk["peak_rss_bytes"] > 0

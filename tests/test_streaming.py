@@ -1,12 +1,13 @@
 """Streaming from checkpoint to artifact (README "Real model sizes"; reports/scale.md).
 
-  * the streamed build (weights written to a TensorStore as they are made, the graph weightless)
-    gives the same graph and bit-identical initializers as the in-memory build, on tiny and 0.1B;
-  * a target's passes give the same artifact streamed as in memory (casts, quantization);
-  * mapped checkpoint pages leave the RSS once converted;
-  * the pipeline on a ~120 MB model holds the weights about once, not eight times (peak RSS over the
-    interpreter's own, measured in a fresh process).
+* the streamed build (weights written to a TensorStore as they are made, the graph weightless)
+  gives the same graph and bit-identical initializers as the in-memory build, on tiny and 0.1B;
+* a target's passes give the same artifact streamed as in memory (casts, quantization);
+* mapped checkpoint pages leave the RSS once converted;
+* the pipeline on a ~120 MB model holds the weights about once, not eight times (peak RSS over the
+  interpreter's own, measured in a fresh process).
 """
+
 from __future__ import annotations
 
 import json
@@ -48,6 +49,7 @@ def _graph(path) -> bytes:
             for a in n.attribute:
                 if a.type == onnx.AttributeProto.GRAPH:
                     normalize(a.g)
+
     normalize(m.graph)
     return m.graph.SerializeToString() + b"".join(p.SerializeToString() for p in m.metadata_props)
 
@@ -125,14 +127,20 @@ def test_pipeline_holds_the_weights_about_once(tmp_path, target):
 
     cfg = replace(synthetic_state_dict("tiny").config, n_layer=4, n_embd=512, vocab=16384, dim_ffn=2048)
     write_pth(tmp_path / "c.pth", replace(synthetic_state_dict("tiny"), config=cfg).__class__(cfg))
-    out = subprocess.run([sys.executable, "-c", _WORKER, str(tmp_path / "c.pth"), str(tmp_path / "a"), target],
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", _WORKER, str(tmp_path / "c.pth"), str(tmp_path / "a"), target],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["fp32"] > 90e6 and r["verified"]
     held = (r["peak"] - r["base"]) / r["fp32"]
-    print(f"\n  {target}: peak {r['peak'] / 2**20:.0f} MiB, interpreter {r['base'] / 2**20:.0f} MiB, "
-          f"fp32 weights {r['fp32'] / 2**20:.0f} MiB: {held:.2f}x the weights")
+    print(
+        f"\n  {target}: peak {r['peak'] / 2**20:.0f} MiB, interpreter {r['base'] / 2**20:.0f} MiB, "
+        f"fp32 weights {r['fp32'] / 2**20:.0f} MiB: {held:.2f}x the weights"
+    )
     # ~1.7x here: the weights once (the reference's fp32 layers, then the artifact's session) plus what a
     # 113 MiB model cannot hide (ORT's session, the logits); fp16 adds its mapped fp16 pages to the fp32
     # copies ORT's CPU EP folds its Casts into (1.5x by itself). The old pipeline held ~8x.
@@ -144,22 +152,25 @@ def test_tensor_store_roundtrip(tmp_path):
 
     from rwkv_opt.tensorstore import ALIGN, INLINE_BYTES, read_array, save_streamed
 
-    arrays = {"f32": np.arange(600, dtype=np.float32).reshape(20, 30),
-              "bf16": np.linspace(-3, 3, 1000).astype(ml_dtypes.bfloat16).reshape(10, 100),
-              "u8": np.arange(4096, dtype=np.uint8), "i64": np.arange(8, dtype=np.int64)}
+    arrays = {
+        "f32": np.arange(600, dtype=np.float32).reshape(20, 30),
+        "bf16": np.linspace(-3, 3, 1000).astype(ml_dtypes.bfloat16).reshape(10, 100),
+        "u8": np.arange(4096, dtype=np.uint8),
+        "i64": np.arange(8, dtype=np.int64),
+    }
     with TensorStore(tmp_path / "s") as store:
         ts = {k: make_tensor(a, k) for k, a in arrays.items()}
         assert [is_external(ts[k]) for k in arrays] == [True, True, True, False]  # 64 bytes stay inline
         for k, a in arrays.items():
             got = read_array(ts[k])
             assert got.dtype == a.dtype and got.shape == a.shape and got.tobytes() == a.tobytes()
-        offsets = [int(next(e.value for e in t.external_data if e.key == "offset")) for t in ts.values()
-                   if is_external(t)]
+        offsets = [
+            int(next(e.value for e in t.external_data if e.key == "offset")) for t in ts.values() if is_external(t)
+        ]
         assert all(o % ALIGN == 0 for o in offsets) and store.bytes_written >= 2400 + 2000 + 4096
         x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 20])
         y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 30])
-        g = onnx.helper.make_graph([onnx.helper.make_node("MatMul", ["x", "f32"], ["y"])], "g", [x], [y],
-                                   [ts["f32"]])
+        g = onnx.helper.make_graph([onnx.helper.make_node("MatMul", ["x", "f32"], ["y"])], "g", [x], [y], [ts["f32"]])
         m = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 21)], ir_version=10)
         save_streamed(m, tmp_path / "a.onnx", external=True)
         save_streamed(m, tmp_path / "b.onnx", external=False)
@@ -200,4 +211,3 @@ def test_store_gives_back_the_disk_of_replaced_tensors(tmp_path):
             pytest.skip("this file system cannot punch holes")
         assert freed == nbytes(a) and os.stat(store.path).st_blocks < blocks
         assert np.all(store.read(b) == 2)  # what is live is untouched
-

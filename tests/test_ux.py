@@ -1,5 +1,6 @@
 """A new user's first hour (issue 18): progress, refusals with next steps, help, verification explained,
 and the small slips (generate, chat, inspect | head, README paths). Real pipelines on the tiny preset."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,8 +26,14 @@ STRICT = Budget(min_top1=1.0, max_rel_err=1e-9, max_kl=0.0)  # no artifact meets
 
 
 def cli(*args, stdin: str | None = None):
-    return subprocess.run([sys.executable, "-m", "rwkv_opt", *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, input=stdin, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "rwkv_opt", *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +46,7 @@ def sampler(tmp_path_factory):
 
 
 # ---- basics: --version, help, targets NAME --------------------------------------------------------------
+
 
 def test_version_through_python_m():
     r = cli("--version")
@@ -70,6 +78,7 @@ def test_targets_name_shows_passes_budget_and_ops(capsys):
 
 
 # ---- progress: bars on a terminal, lines in logs, -q ---------------------------------------------------------
+
 
 def test_progress_lines_with_elapsed_time_without_a_terminal(monkeypatch):
     monkeypatch.setattr(progress, "EVERY", 0.0)
@@ -127,6 +136,7 @@ def test_pipeline_logs_have_no_bars_and_write_after_verifying(sampler):
 
 # ---- refusals and --keep-unverified ---------------------------------------------------------------------------
 
+
 def test_refusal_says_what_was_missed_why_and_what_next(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(TARGETS, "cpu-fp32", dataclasses.replace(get_target("cpu-fp32"), budget=STRICT))
     assert main(["pipeline", "-o", str(tmp_path / "art")]) == 2
@@ -165,12 +175,14 @@ def test_verification_explains_positions_and_the_binomial_decision(tiny7, tmp_pa
     text = "\n".join(verification_lines(t, v))
     p = t.budget.top1_p_value(hits, 33)
     verdict = "accepts" if p >= 0.05 else "refuses"
-    assert f"top-1 {hits}/33 is under the 90% budget rate; the one-sided binomial test {verdict} it: p = {p:.3f}" \
-        in text, text
+    assert (
+        f"top-1 {hits}/33 is under the 90% budget rate; the one-sided binomial test {verdict} it: p = {p:.3f}" in text
+    ), text
     assert "checked: 33 teacher-forced positions" in text
 
 
 # ---- slips ----------------------------------------------------------------------------------------------------
+
 
 def test_sampling_head_verifies_without_ort_warnings(sampler):
     _, stderr = sampler
@@ -202,8 +214,12 @@ def test_chat_help_is_not_sent_to_the_model(sampler):
 
 def test_inspect_into_a_closed_pipe_is_quiet(sampler):
     art, _ = sampler
-    p = subprocess.Popen([sys.executable, "-m", "rwkv_opt", "inspect", str(art)], cwd=REPO, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "rwkv_opt", "inspect", str(art)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     p.stdout.close()  # like `| head` that has already left
     err = p.stderr.read().decode()
     assert p.wait(timeout=120) == 0 and "Traceback" not in err and "BrokenPipe" not in err, err

@@ -7,12 +7,19 @@
 The column schema is fixed and documented in rwkv_opt.bench.report (SCHEMA). Attributes are
 loaded lazily so that `rwkv_opt.bench.accuracy` (used by the pipeline) does not pull in pandas.
 """
+
 from __future__ import annotations
 
 import importlib
 
-_LAZY = {"run": "runner", "write_report": "report", "SCHEMA": "report", "COLUMNS": "report",
-         "write_baseline": "regression", "check_baseline": "regression"}
+_LAZY = {
+    "run": "runner",
+    "write_report": "report",
+    "SCHEMA": "report",
+    "COLUMNS": "report",
+    "write_baseline": "regression",
+    "check_baseline": "regression",
+}
 
 __all__ = sorted(_LAZY)
 

@@ -5,6 +5,7 @@ at a time carrying the state (teacher forced: the same token stream for both). L
 compared at every decode step and at the prompt's last position (all positions when the model
 emits them); the final WKV states are compared too ("state drift").
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -57,8 +58,8 @@ def teacher_forced(session: Session, ref: ReferenceModel, tokens: np.ndarray, pr
     ref_p, rst = ref.forward(prompt, full_output=got_p.shape[1] > 1)
     got, want = [got_p], [ref_p]
     for t in range(rest.shape[1]):
-        g, st = session.forward(rest[:, t:t + 1], st)
-        r, rst = ref.forward(rest[:, t:t + 1], rst)
+        g, st = session.forward(rest[:, t : t + 1], st)
+        r, rst = ref.forward(rest[:, t : t + 1], rst)
         got.append(g)
         want.append(r)
     m = compare_logits(np.concatenate(want, 1), np.concatenate(got, 1).astype(np.float32))
@@ -67,8 +68,9 @@ def teacher_forced(session: Session, ref: ReferenceModel, tokens: np.ndarray, pr
     return m
 
 
-def teacher_forced_stream(session: Session, ref: ReferenceModel, tokens: np.ndarray, prompt_len: int,
-                          progress=None) -> dict:
+def teacher_forced_stream(
+    session: Session, ref: ReferenceModel, tokens: np.ndarray, prompt_len: int, progress=None
+) -> dict:
     """teacher_forced() in bounded memory, for long decodes (e.g. 1024 steps over V = 65536).
 
     Same protocol and keys; logits are compared step by step (metrics.LogitStats) instead of
@@ -80,8 +82,8 @@ def teacher_forced_stream(session: Session, ref: ReferenceModel, tokens: np.ndar
     want, rst = ref.forward(prompt, full_output=got.shape[1] > 1)
     stats.add(want, got.astype(np.float32))
     for t in range(rest.shape[1]):
-        got, st = session.forward(rest[:, t:t + 1], st)
-        want, rst = ref.forward(rest[:, t:t + 1], rst)
+        got, st = session.forward(rest[:, t : t + 1], st)
+        want, rst = ref.forward(rest[:, t : t + 1], rst)
         stats.add(want, got.astype(np.float32))
         if progress is not None and (t + 1) % 128 == 0:
             progress(t + 1, rest.shape[1])
@@ -91,8 +93,9 @@ def teacher_forced_stream(session: Session, ref: ReferenceModel, tokens: np.ndar
     return m
 
 
-def reference_record(ref: ReferenceModel, length: int, prompt_len: int, seed: int = 0, all_prompt: bool = False
-                     ) -> dict:
+def reference_record(
+    ref: ReferenceModel, length: int, prompt_len: int, seed: int = 0, all_prompt: bool = False
+) -> dict:
     """One token-at-a-time pass of the reference that both writes the sequence (as model_tokens) and
     records what teacher_forced compares: its logits at the prompt's last position (every prompt
     position when `all_prompt`) and at each later token, and the final WKV state. The artifact is
@@ -100,17 +103,23 @@ def reference_record(ref: ReferenceModel, length: int, prompt_len: int, seed: in
     """
     ids, logits, state = _self_written(ref, length, seed, record=True)
     first = 0 if all_prompt else prompt_len - 1
-    return {"tokens": np.asarray(ids, np.int64)[None], "prompt_len": prompt_len,
-            "logits": np.stack(logits[first:])[None], "wkv": state.wkv}
+    return {
+        "tokens": np.asarray(ids, np.int64)[None],
+        "prompt_len": prompt_len,
+        "logits": np.stack(logits[first:])[None],
+        "wkv": state.wkv,
+    }
 
 
 def refuse_non_finite(logits: np.ndarray, who: str) -> None:
     """Verification compares numbers: NaN or inf logits are a broken model, never a figure to report."""
     bad = ~np.isfinite(logits).all(axis=-1)
     if bad.any():
-        raise RwkvOptError(f"{who} produced non-finite logits (NaN or inf) at {int(bad.sum())} of {bad.size} "
-                           f"positions, the first at position {int(np.argmax(bad.reshape(-1)))}; its weights are "
-                           "broken, check the checkpoint for NaN/inf values.")
+        raise RwkvOptError(
+            f"{who} produced non-finite logits (NaN or inf) at {int(bad.sum())} of {bad.size} "
+            f"positions, the first at position {int(np.argmax(bad.reshape(-1)))}; its weights are "
+            "broken, check the checkpoint for NaN/inf values."
+        )
 
 
 def compare_recorded(session: Session, rec: dict) -> dict:
@@ -119,11 +128,11 @@ def compare_recorded(session: Session, rec: dict) -> dict:
     got_p, st = session.forward(tokens[:, :prompt_len])
     got = [got_p]
     for t in range(prompt_len, tokens.shape[1]):
-        g, st = session.forward(tokens[:, t:t + 1], st)
+        g, st = session.forward(tokens[:, t : t + 1], st)
         got.append(g)
         tick(t - prompt_len + 1)
     got = np.concatenate(got, 1).astype(np.float32)
-    want = rec["logits"][:, -got.shape[1]:]
+    want = rec["logits"][:, -got.shape[1] :]
     refuse_non_finite(want, "the numpy reference")
     refuse_non_finite(got, "the artifact")
     m = compare_logits(want, got)

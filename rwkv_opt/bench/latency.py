@@ -12,6 +12,7 @@ A decode step makes one token for each of the B sequences, so ms/token per seque
 Peak RSS is the process's VmHWM after the timed runs (imports included; `rss_before_mb` is
 the resident size after imports and before the session, so the session's share can be read off).
 """
+
 from __future__ import annotations
 
 import os
@@ -71,8 +72,12 @@ def gpu_mem_mb(provider: str) -> float:
     if provider == "cpu" or shutil.which("nvidia-smi") is None:
         return float("nan")
     try:
-        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=30).stdout
+        out = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return float("nan")
     return parse_nvidia_smi(out, os.getpid())
@@ -82,7 +87,7 @@ def _decode_steps(session, state, tokens: np.ndarray) -> tuple[list[float], dict
     times = []
     for t in range(tokens.shape[1]):
         t0 = time.perf_counter()
-        _, state = session.forward(tokens[:, t:t + 1], state)
+        _, state = session.forward(tokens[:, t : t + 1], state)
         times.append(time.perf_counter() - t0)
     return times, state
 
@@ -93,7 +98,7 @@ def measure(session, batch: int, prompt_len: int, decode: int, repeat: int, seed
     rng = np.random.default_rng(seed)
     prompt = rng.integers(0, vocab, (batch, prompt_len), dtype=np.int64)
     steps = rng.integers(0, vocab, (batch, max(decode, WARMUP_STEPS)), dtype=np.int64)
-    _, st = session.forward(prompt)                         # warm-up, not counted
+    _, st = session.forward(prompt)  # warm-up, not counted
     _decode_steps(session, st, steps[:, :WARMUP_STEPS])
     prefill, p50, p95 = [], [], []
     for _ in range(repeat):

@@ -1,4 +1,5 @@
 """Accuracy metrics of model logits against reference logits (both (..., V))."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -56,7 +57,7 @@ class LogitStats:
     """
 
     def __init__(self) -> None:
-        self.n = 0          # elements seen
+        self.n = 0  # elements seen
         self.mean = 0.0
         self.m2 = 0.0
         self.max_err = 0.0

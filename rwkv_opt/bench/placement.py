@@ -11,6 +11,7 @@ outermost event, per-op-type time uses each event's exclusive time.
                                   session or less than FALLBACK_TIME_SHARE of the time ran on it
     breakdown: ms per op type and per block (`/blocks.3/...` -> block 3; others by first scope)
 """
+
 from __future__ import annotations
 
 import json
@@ -70,7 +71,7 @@ def split_runs(events: list[dict]) -> list[list[dict]]:
 
 
 def _name(e: dict) -> str:
-    return e["name"][:-len(_SUFFIX)] if e["name"].endswith(_SUFFIX) else e["name"]
+    return e["name"][: -len(_SUFFIX)] if e["name"].endswith(_SUFFIX) else e["name"]
 
 
 def summarize(nodes: list[dict], ort_provider: str) -> dict:
@@ -89,9 +90,12 @@ def summarize(nodes: list[dict], ort_provider: str) -> dict:
             on.add(_name(e))
             t_on += e["dur"]
         t_all += e["dur"]
-    return {"nodes_on_provider": len(on) / len(names) if names else float("nan"),
-            "time_on_provider": t_on / t_all if t_all else float("nan"),
-            "op_ms": dict(ops), "block_ms": dict(blocks)}
+    return {
+        "nodes_on_provider": len(on) / len(names) if names else float("nan"),
+        "time_on_provider": t_on / t_all if t_all else float("nan"),
+        "op_ms": dict(ops),
+        "block_ms": dict(blocks),
+    }
 
 
 def parse_profile(events: list[dict], ort_provider: str, n_warm_runs: int, prefill_runs: int = 1) -> dict:
@@ -104,10 +108,15 @@ def parse_profile(events: list[dict], ort_provider: str, n_warm_runs: int, prefi
     prefill = summarize([e for r in runs[:prefill_runs] for e in r], ort_provider)
     decode = summarize([e for r in runs[prefill_runs:] for e in r], ort_provider)
     n_dec = len(runs) - prefill_runs
-    return {"nodes_on_provider": overall["nodes_on_provider"], "time_on_provider": overall["time_on_provider"],
-            "prefill": {"op_ms": prefill["op_ms"], "block_ms": prefill["block_ms"]},
-            "decode": {"op_ms": {k: v / n_dec for k, v in decode["op_ms"].items()},
-                       "block_ms": {k: v / n_dec for k, v in decode["block_ms"].items()}}}
+    return {
+        "nodes_on_provider": overall["nodes_on_provider"],
+        "time_on_provider": overall["time_on_provider"],
+        "prefill": {"op_ms": prefill["op_ms"], "block_ms": prefill["block_ms"]},
+        "decode": {
+            "op_ms": {k: v / n_dec for k, v in decode["op_ms"].items()},
+            "block_ms": {k: v / n_dec for k, v in decode["block_ms"].items()},
+        },
+    }
 
 
 def profile_run(artifact: Path, provider, threads: int | None, batch: int, prompt_len: int, seed: int = 0) -> dict:
@@ -122,7 +131,7 @@ def profile_run(artifact: Path, provider, threads: int | None, batch: int, promp
         for _ in range(2):
             _, st = sess.forward(prompt)
             for t in range(PROFILE_STEPS):
-                _, st = sess.forward(steps[:, t:t + 1], st)
+                _, st = sess.forward(steps[:, t : t + 1], st)
         used = sess.sess.get_providers()
         chunks = -(-prompt_len // sess.max_chunk)
         events = json.loads(Path(sess.sess.end_profiling()).read_text())

@@ -7,6 +7,7 @@ decode_by_batch:     decode ms/step p50 (bar) to p95 (whisker, only when each re
                      report.MIN_P95_STEPS steps) and decode tok/s, by batch size (median over prompt lengths).
 Log axes are labelled with plain numbers at 1, 2 and 5 per decade (never "6x10^0").
 """
+
 from __future__ import annotations
 
 import io
@@ -85,8 +86,10 @@ def accuracy_figure(df: pd.DataFrame):
     colors = _colors(labels)
     markers = {b: MARKERS[i % len(MARKERS)] for i, b in enumerate(sorted(df["batch"].unique()))}
     err = df["max_rel_err"].astype(float).clip(lower=ERR_FLOOR)
-    panels = [("decode_ms_p50", "decode ms / step (p50, lower is better)"),
-              ("prefill_tok_s", "prefill tokens / s (higher is better)")]
+    panels = [
+        ("decode_ms_p50", "decode ms / step (p50, lower is better)"),
+        ("prefill_tok_s", "prefill tokens / s (higher is better)"),
+    ]
     for ax, (col, xlabel) in zip(axes, panels):
         for j in df.index:
             x, y = float(df.at[j, col]), err[j]
@@ -104,9 +107,9 @@ def accuracy_figure(df: pd.DataFrame):
             ax.text(0.5, 0.5, "accuracy not measured", transform=ax.transAxes, ha="center")
     axes[0].set_ylabel("max|err| / std(ref)  (vs fp32 numpy reference)")
     if len(markers) == 1:  # one batch size: the legend shows the marker that is drawn
-        (b, m), = markers.items()
+        ((b, m),) = markers.items()
         handles = [Line2D([], [], color=c, marker=m, ls="", label=f"{lab} (batch {b})") for lab, c in colors.items()]
-    else:                  # colour = series, marker = batch size, each explained once
+    else:  # colour = series, marker = batch size, each explained once
         handles = [Patch(color=c, label=lab) for lab, c in colors.items()]
         handles += [Line2D([], [], color="gray", marker=m, ls="", label=f"batch {b}") for b, m in markers.items()]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), fontsize=8, frameon=False)
@@ -144,8 +147,14 @@ def batch_figure(df: pd.DataFrame):
         ax.set_xlabel("batch size")
         ax.set_ylabel(ylabel)
         ax.grid(True, axis="y", alpha=0.3)
-    fig.legend(handles=axes[1].patches[::len(batches)], labels=series, loc="lower center",
-               ncol=min(len(series), 5), fontsize=8, frameon=False)
+    fig.legend(
+        handles=axes[1].patches[:: len(batches)],
+        labels=series,
+        loc="lower center",
+        ncol=min(len(series), 5),
+        fontsize=8,
+        frameon=False,
+    )
     fig.suptitle("Decode latency by batch (median over prompt lengths)")
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     return fig

@@ -14,6 +14,7 @@ wrong schema, a metric or tolerance that is not a finite number, a protocol past
 the baseline does not know, another source checkpoint or model shape, an artifact whose files do not
 match their recorded sha256) is an RwkvOptError: exit code 2.
 """
+
 from __future__ import annotations
 
 import json
@@ -56,10 +57,18 @@ def measure(info: ArtifactInfo, provider: Provider, protocol: dict, checkpoint=N
     """The protocol's accuracy figures, measured in a worker process (see runner.run_worker)."""
     from rwkv_opt.bench.runner import run_worker
 
-    res = run_worker({"kind": "accuracy", "artifact": str(info.path), "provider": provider.value, "threads": None,
-                      "checkpoint": str(checkpoint) if checkpoint else None,
-                      "settings": [[protocol["batch"], protocol["prompt_len"]]], "drift_tokens": protocol["decode"],
-                      "seed": protocol["seed"]})
+    res = run_worker(
+        {
+            "kind": "accuracy",
+            "artifact": str(info.path),
+            "provider": provider.value,
+            "threads": None,
+            "checkpoint": str(checkpoint) if checkpoint else None,
+            "settings": [[protocol["batch"], protocol["prompt_len"]]],
+            "drift_tokens": protocol["decode"],
+            "seed": protocol["seed"],
+        }
+    )
     return {k: float(res["results"][0][k]) for k in METRICS}
 
 
@@ -89,11 +98,18 @@ def write_baseline(path: str | Path, artifacts, provider: str | None = None, che
         prov = Provider(provider or info.target_provider)
         key = baseline_key(info, set(entries))
         progress(f"measuring {info.name} ({info.target}) on {prov.value} as '{key}'")
-        entries[key] = {"artifact": info.name, "target": info.target, "provider": prov.value,
-                        "precision": info.precision, "quantization": info.quantization, "source": info.digest,
-                        "config": info.config,
-                        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                        "metrics": measure(info, prov, PROTOCOL, checkpoint), "tolerances": TOLERANCES}
+        entries[key] = {
+            "artifact": info.name,
+            "target": info.target,
+            "provider": prov.value,
+            "precision": info.precision,
+            "quantization": info.quantization,
+            "source": info.digest,
+            "config": info.config,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "metrics": measure(info, prov, PROTOCOL, checkpoint),
+            "tolerances": TOLERANCES,
+        }
     doc = {"schema": SCHEMA_ID, "protocol": PROTOCOL, "artifacts": entries}
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -116,10 +132,14 @@ def _validate_entry(path: Path, key: str, e) -> None:
         v, t = e["metrics"].get(m), e["tolerances"].get(m)
         if not _number(v):
             raise _bad(path, f"entry '{key}' has no finite number for metric '{m}' (got {json.dumps(v)[:40]})")
-        if (not isinstance(t, dict) or t.get("better") not in ("lower", "higher")
-                or not all(_number(t.get(x)) and t[x] >= 0 for x in ("rel", "abs"))):
-            raise _bad(path, f"entry '{key}' has no valid tolerance for '{m}' (better lower|higher, finite rel >= 0, "
-                             "abs >= 0)")
+        if (
+            not isinstance(t, dict)
+            or t.get("better") not in ("lower", "higher")
+            or not all(_number(t.get(x)) and t[x] >= 0 for x in ("rel", "abs"))
+        ):
+            raise _bad(
+                path, f"entry '{key}' has no valid tolerance for '{m}' (better lower|higher, finite rel >= 0, abs >= 0)"
+            )
     if e.get("provider") not in [p.value for p in Provider]:
         raise _bad(path, f"entry '{key}' names no known provider")
     if not isinstance(e.get("source", ""), str) or not isinstance(e.get("config", {}), dict):
@@ -129,7 +149,9 @@ def _validate_entry(path: Path, key: str, e) -> None:
 def read_baseline(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise RwkvOptError(f"baseline {path} does not exist; create it with `rwkv-opt check --write-baseline {path} DIR...`.")
+        raise RwkvOptError(
+            f"baseline {path} does not exist; create it with `rwkv-opt check --write-baseline {path} DIR...`."
+        )
     if path.stat().st_size > MANIFEST_MAX_BYTES:
         raise _bad(path, f"is {path.stat().st_size:,} bytes, far more than a baseline")
     try:
@@ -142,11 +164,18 @@ def read_baseline(path: str | Path) -> dict:
         found = doc.get("schema") if isinstance(doc, dict) else type(doc).__name__
         raise _bad(path, f"has schema {found!r}, not {SCHEMA_ID!r}")
     proto = doc.get("protocol")
-    if not isinstance(proto, dict) or not all(isinstance(proto.get(k), int) and not isinstance(proto[k], bool)
-                                              and 0 <= proto[k] <= PROTOCOL_MAX[k] for k in PROTOCOL) \
-            or proto["prompt_len"] < 1 or proto["batch"] < 1:
-        raise _bad(path, "has no valid protocol (integers " + ", ".join(f"{k} <= {v}" for k, v in PROTOCOL_MAX.items())
-                   + ")")
+    if (
+        not isinstance(proto, dict)
+        or not all(
+            isinstance(proto.get(k), int) and not isinstance(proto[k], bool) and 0 <= proto[k] <= PROTOCOL_MAX[k]
+            for k in PROTOCOL
+        )
+        or proto["prompt_len"] < 1
+        or proto["batch"] < 1
+    ):
+        raise _bad(
+            path, "has no valid protocol (integers " + ", ".join(f"{k} <= {v}" for k, v in PROTOCOL_MAX.items()) + ")"
+        )
     if not isinstance(doc.get("artifacts"), dict) or not doc["artifacts"]:
         raise _bad(path, "lists no artifacts")
     for key, e in doc["artifacts"].items():
@@ -182,14 +211,20 @@ def _find_entry(path: Path, doc: dict, info: ArtifactInfo) -> tuple[str, dict]:
         if key in doc["artifacts"]:
             e = doc["artifacts"][key]
             if e.get("source") and info.digest and e["source"] != info.digest:
-                raise RwkvOptError(f"{info.name} was built from {info.digest}, but baseline entry '{key}' in {path} "
-                                   f"was measured on {e['source']}; compare artifacts of the same checkpoint.")
+                raise RwkvOptError(
+                    f"{info.name} was built from {info.digest}, but baseline entry '{key}' in {path} "
+                    f"was measured on {e['source']}; compare artifacts of the same checkpoint."
+                )
             if e.get("config") and e["config"] != info.config:
-                raise RwkvOptError(f"{info.name} has another model shape than baseline entry '{key}' in {path} "
-                                   "was measured on; compare artifacts of the same model.")
+                raise RwkvOptError(
+                    f"{info.name} has another model shape than baseline entry '{key}' in {path} "
+                    "was measured on; compare artifacts of the same model."
+                )
             return key, e
-    raise RwkvOptError(f"{info.name} (target {info.target}) is not in baseline {path} (it has: "
-                       f"{', '.join(doc['artifacts'])}); add it with --write-baseline.")
+    raise RwkvOptError(
+        f"{info.name} (target {info.target}) is not in baseline {path} (it has: "
+        f"{', '.join(doc['artifacts'])}); add it with --write-baseline."
+    )
 
 
 def check_baseline(path: str | Path, artifacts, checkpoint=None, progress=print) -> list[Moved]:

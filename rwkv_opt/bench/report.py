@@ -25,6 +25,7 @@ against its target's accuracy budget), the plots, then the full table behind a t
 precision column names the weights' quantization (int8 + fp32); decode p95 is shown only when each
 repeat timed at least MIN_P95_STEPS steps (of fewer, p95 is about their slowest outlier).
 """
+
 from __future__ import annotations
 
 import base64
@@ -37,27 +38,71 @@ from pathlib import Path
 import pandas as pd
 
 SCHEMA: tuple[tuple[str, str], ...] = (
-    ("artifact", "string"), ("path", "string"), ("target", "string"), ("target_provider", "string"),
-    ("provider", "string"), ("precision", "string"), ("quantization", "string"), ("logits", "string"),
-    ("n_layer", "Int64"), ("n_embd", "Int64"), ("vocab", "Int64"), ("size_mb", "float64"),
-    ("batch", "Int64"), ("prompt_len", "Int64"), ("decode_steps", "Int64"), ("repeat", "Int64"), ("threads", "Int64"),
-    ("session_s", "float64"), ("prefill_ms", "float64"), ("prefill_tok_s", "float64"),
-    ("decode_ms_p50", "float64"), ("decode_ms_p95", "float64"), ("decode_tok_s", "float64"),
-    ("rss_before_mb", "float64"), ("peak_rss_mb", "float64"), ("gpu_mem_mb", "float64"),
-    ("load_1m_min", "float64"), ("load_1m_max", "float64"),
-    ("nodes_on_provider", "float64"), ("time_on_provider", "float64"), ("cpu_fallback", "boolean"),
-    ("max_rel_err", "float64"), ("mean_kl", "float64"), ("top1", "float64"), ("state_drift", "float64"),
-    ("acc_positions", "Int64"), ("drift_tokens", "Int64"),
-    ("note", "string"), ("measured_at", "string"),
+    ("artifact", "string"),
+    ("path", "string"),
+    ("target", "string"),
+    ("target_provider", "string"),
+    ("provider", "string"),
+    ("precision", "string"),
+    ("quantization", "string"),
+    ("logits", "string"),
+    ("n_layer", "Int64"),
+    ("n_embd", "Int64"),
+    ("vocab", "Int64"),
+    ("size_mb", "float64"),
+    ("batch", "Int64"),
+    ("prompt_len", "Int64"),
+    ("decode_steps", "Int64"),
+    ("repeat", "Int64"),
+    ("threads", "Int64"),
+    ("session_s", "float64"),
+    ("prefill_ms", "float64"),
+    ("prefill_tok_s", "float64"),
+    ("decode_ms_p50", "float64"),
+    ("decode_ms_p95", "float64"),
+    ("decode_tok_s", "float64"),
+    ("rss_before_mb", "float64"),
+    ("peak_rss_mb", "float64"),
+    ("gpu_mem_mb", "float64"),
+    ("load_1m_min", "float64"),
+    ("load_1m_max", "float64"),
+    ("nodes_on_provider", "float64"),
+    ("time_on_provider", "float64"),
+    ("cpu_fallback", "boolean"),
+    ("max_rel_err", "float64"),
+    ("mean_kl", "float64"),
+    ("top1", "float64"),
+    ("state_drift", "float64"),
+    ("acc_positions", "Int64"),
+    ("drift_tokens", "Int64"),
+    ("note", "string"),
+    ("measured_at", "string"),
 )
 COLUMNS = tuple(name for name, _ in SCHEMA)
 PROFILE_COLUMNS = ("artifact", "target", "provider", "batch", "prompt_len", "phase", "kind", "group", "ms", "share")
 
 MIN_P95_STEPS = 40  # a p95 of fewer timed decode steps per repeat is one outlier: not shown
 # The Markdown summary: the columns a reader compares first (the CSV and HTML carry all of them).
-SUMMARY = ("artifact", "target", "provider", "precision", "batch", "prompt_len", "size_mb", "prefill_tok_s",
-           "decode_ms_p50", "decode_ms_p95", "peak_rss_mb", "time_on_provider", "max_rel_err", "mean_kl", "top1",
-           "state_drift", "load_1m_max", "note")
+SUMMARY = (
+    "artifact",
+    "target",
+    "provider",
+    "precision",
+    "batch",
+    "prompt_len",
+    "size_mb",
+    "prefill_tok_s",
+    "decode_ms_p50",
+    "decode_ms_p95",
+    "peak_rss_mb",
+    "time_on_provider",
+    "max_rel_err",
+    "mean_kl",
+    "top1",
+    "state_drift",
+    "load_1m_max",
+    "note",
+)
 
 
 def frame(rows: list[dict]) -> pd.DataFrame:
@@ -65,7 +110,9 @@ def frame(rows: list[dict]) -> pd.DataFrame:
     for i, r in enumerate(rows):
         missing, extra = set(COLUMNS) - set(r), set(r) - set(COLUMNS)
         if missing or extra:
-            raise ValueError(f"bench row {i} does not match the schema (missing {sorted(missing)}, extra {sorted(extra)})")
+            raise ValueError(
+                f"bench row {i} does not match the schema (missing {sorted(missing)}, extra {sorted(extra)})"
+            )
     df = pd.DataFrame(rows, columns=list(COLUMNS))
     return df.astype(dict(SCHEMA))
 
@@ -79,8 +126,13 @@ def machine_info() -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "load_1m": round(os.getloadavg()[0], 2)}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "load_1m": round(os.getloadavg()[0], 2),
+    }
 
 
 def _fmt(v) -> str:
@@ -128,12 +180,25 @@ def budget_check(row) -> tuple[str, str]:
     misses = b.failures(float(row["top1"]), int(row["acc_positions"]), float(row["max_rel_err"]), float(row["mean_kl"]))
     if misses:
         return "✗", "missed: " + "; ".join(misses)
-    return "✓", f"{t.name} budget: top-1 >= {b.min_top1:.0%} (binomial test), max|err|/std <= {b.max_rel_err}, " \
-                f"KL <= {b.max_kl}"
+    return (
+        "✓",
+        f"{t.name} budget: top-1 >= {b.min_top1:.0%} (binomial test), max|err|/std <= {b.max_rel_err}, "
+        f"KL <= {b.max_kl}",
+    )
 
 
-SUMMARY_HEADS = ("artifact", "target", "EP", "precision", "decode ms/token", "prefill tok/s", "top-1", "KL",
-                 "size MB", "within budget")
+SUMMARY_HEADS = (
+    "artifact",
+    "target",
+    "EP",
+    "precision",
+    "decode ms/token",
+    "prefill tok/s",
+    "top-1",
+    "KL",
+    "size MB",
+    "within budget",
+)
 
 
 def summary_frame(df: pd.DataFrame) -> pd.DataFrame:
@@ -146,12 +211,21 @@ def summary_frame(df: pd.DataFrame) -> pd.DataFrame:
         marks = {m for m, _ in checks}
         mark = "✗" if "✗" in marks else "–" if "–" in marks else "✓"
         first = g.iloc[0]
-        rows.append({"artifact": art, "target": first["target"], "EP": prov,
-                     "precision": precision_label(first["precision"], first["quantization"]),
-                     "decode ms/token": small["decode_ms_p50"].median(),
-                     "prefill tok/s": small["prefill_tok_s"].median(),
-                     "top-1": g["top1"].min(), "KL": g["mean_kl"].max(), "size MB": first["size_mb"],
-                     "within budget": mark, "why": next(w for m, w in checks if m == mark)})
+        rows.append(
+            {
+                "artifact": art,
+                "target": first["target"],
+                "EP": prov,
+                "precision": precision_label(first["precision"], first["quantization"]),
+                "decode ms/token": small["decode_ms_p50"].median(),
+                "prefill tok/s": small["prefill_tok_s"].median(),
+                "top-1": g["top1"].min(),
+                "KL": g["mean_kl"].max(),
+                "size MB": first["size_mb"],
+                "within budget": mark,
+                "why": next(w for m, w in checks if m == mark),
+            }
+        )
     return pd.DataFrame(rows, columns=list(SUMMARY_HEADS) + ["why"])
 
 
@@ -159,8 +233,18 @@ def _summary_cells(r) -> list[str]:
     """A summary row's values as text: ms to 3 digits, rates with separators, top-1 in percent."""
     pct = "" if pd.isna(r["top-1"]) else f"{r['top-1']:.1%}"
     tok_s = "" if pd.isna(r["prefill tok/s"]) else f"{r['prefill tok/s']:,.0f}"
-    return [str(r["artifact"]), str(r["target"]), str(r["EP"]), str(r["precision"]), _fmt(float(r["decode ms/token"])),
-            tok_s, pct, _fmt(float(r["KL"])), _fmt(float(r["size MB"])), str(r["within budget"])]
+    return [
+        str(r["artifact"]),
+        str(r["target"]),
+        str(r["EP"]),
+        str(r["precision"]),
+        _fmt(float(r["decode ms/token"])),
+        tok_s,
+        pct,
+        _fmt(float(r["KL"])),
+        _fmt(float(r["size MB"])),
+        str(r["within budget"]),
+    ]
 
 
 def summary_markdown(df: pd.DataFrame) -> str:
@@ -174,10 +258,16 @@ def _settings_line(df: pd.DataFrame) -> str:
     """What the summary's figures are: which batch, prompt lengths, decode steps and positions."""
     lens = ", ".join(str(t) for t in sorted(df["prompt_len"].unique()))
     pos = df["acc_positions"].dropna()
-    acc = (f"top-1 and KL vs the fp32 numpy reference over {int(pos.min())}-{int(pos.max())} teacher-forced positions "
-           "(worst setting)" if len(pos) else "accuracy not measured")
-    return (f"decode ms/token: p50 at batch {int(df['batch'].min())}, median over prompt lengths {lens}; prefill "
-            f"tok/s likewise; {acc}; within budget: the target's accuracy budget (hover a mark for details).")
+    acc = (
+        f"top-1 and KL vs the fp32 numpy reference over {int(pos.min())}-{int(pos.max())} teacher-forced positions "
+        "(worst setting)"
+        if len(pos)
+        else "accuracy not measured"
+    )
+    return (
+        f"decode ms/token: p50 at batch {int(df['batch'].min())}, median over prompt lengths {lens}; prefill "
+        f"tok/s likewise; {acc}; within budget: the target's accuracy budget (hover a mark for details)."
+    )
 
 
 def profile_frame(records: list[dict]) -> pd.DataFrame:
@@ -196,10 +286,16 @@ def _load_line(df: pd.DataFrame, cores: int, threads: int | None = None) -> str:
     lo, hi = df["load_1m_min"].min(), df["load_1m_max"].max()
     own = threads or cores
     busy = hi >= own + 0.5 * cores
-    return (f"- load average (1 min) around the timed runs: {lo:.2f} to {hi:.2f} on {cores} cores, including "
-            f"the workers' own {own} threads"
-            + (" -- HIGH: other work shared the CPU, so absolute times are pessimistic; rows were measured in "
-               "interleaved rounds, so they compare fairly with each other" if busy else " (quiet)"))
+    return (
+        f"- load average (1 min) around the timed runs: {lo:.2f} to {hi:.2f} on {cores} cores, including "
+        f"the workers' own {own} threads"
+        + (
+            " -- HIGH: other work shared the CPU, so absolute times are pessimistic; rows were measured in "
+            "interleaved rounds, so they compare fairly with each other"
+            if busy
+            else " (quiet)"
+        )
+    )
 
 
 def _header(meta: dict, df: pd.DataFrame | None = None) -> list[str]:
@@ -217,9 +313,14 @@ def _header(meta: dict, df: pd.DataFrame | None = None) -> list[str]:
 def _profile_md(prof: pd.DataFrame, top: int = 8) -> list[str]:
     out = ["", "## Profile (ms per op type and per block; decode = per step)", ""]
     for (art, prov, b, t, phase, kind), g in prof.groupby(
-            ["artifact", "provider", "batch", "prompt_len", "phase", "kind"], sort=False):
-        out += [f"**{art} on {prov}, B={b} T={t}, {phase}, by {kind}**", "",
-                markdown_table(g.nlargest(top, "ms"), ["group", "ms", "share"]), ""]
+        ["artifact", "provider", "batch", "prompt_len", "phase", "kind"], sort=False
+    ):
+        out += [
+            f"**{art} on {prov}, B={b} T={t}, {phase}, by {kind}**",
+            "",
+            markdown_table(g.nlargest(top, "ms"), ["group", "ms", "share"]),
+            "",
+        ]
     return out
 
 
@@ -231,17 +332,36 @@ def write_report(df: pd.DataFrame, out_dir: str | Path, meta: dict | None = None
     meta.setdefault("machine", machine_info())
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {k: out / f for k, f in [("csv", "bench.csv"), ("md", "bench.md"), ("html", "bench.html"),
-                                     ("plot_accuracy", "latency_vs_accuracy.png"),
-                                     ("plot_batch", "decode_by_batch.png")]}
+    paths = {
+        k: out / f
+        for k, f in [
+            ("csv", "bench.csv"),
+            ("md", "bench.md"),
+            ("html", "bench.html"),
+            ("plot_accuracy", "latency_vs_accuracy.png"),
+            ("plot_batch", "decode_by_batch.png"),
+        ]
+    }
     pngs = {"plot_accuracy": latency_vs_accuracy(df), "plot_batch": decode_by_batch(df)}
     for k, png in pngs.items():
         _write(paths[k], png)
     _write(paths["csv"], df.to_csv(index=False))
     prof = df.attrs.get("profile")
-    md = ["# rwkv-opt bench", "", summary_markdown(df), "", _settings_line(df), ""] + _header(meta, df) + \
-        ["", markdown_table(df, SUMMARY), "", "All columns: bench.csv.", "",
-         "![latency vs accuracy](latency_vs_accuracy.png)", "", "![decode latency by batch](decode_by_batch.png)", ""]
+    md = (
+        ["# rwkv-opt bench", "", summary_markdown(df), "", _settings_line(df), ""]
+        + _header(meta, df)
+        + [
+            "",
+            markdown_table(df, SUMMARY),
+            "",
+            "All columns: bench.csv.",
+            "",
+            "![latency vs accuracy](latency_vs_accuracy.png)",
+            "",
+            "![decode latency by batch](decode_by_batch.png)",
+            "",
+        ]
+    )
     if prof is not None and len(prof):
         paths["profile"] = out / "profile.csv"
         _write(paths["profile"], prof.to_csv(index=False))
@@ -258,9 +378,13 @@ def _summary_html(df: pd.DataFrame) -> str:
     for _, r in s.iterrows():
         cells = _summary_cells(r)
         ok = {"✓": "ok", "✗": "bad"}.get(r["within budget"], "na")
-        body.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells[:-1])
-                    + f"<td class='{ok}' title='{html.escape(r['why'], quote=True)}'>{cells[-1]}"
-                    + (f" <small>{html.escape(r['why'])}</small>" if ok == "bad" else "") + "</td></tr>")
+        body.append(
+            "<tr>"
+            + "".join(f"<td>{html.escape(c)}</td>" for c in cells[:-1])
+            + f"<td class='{ok}' title='{html.escape(r['why'], quote=True)}'>{cells[-1]}"
+            + (f" <small>{html.escape(r['why'])}</small>" if ok == "bad" else "")
+            + "</td></tr>"
+        )
     return f"<table id='summary'><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
@@ -276,33 +400,49 @@ def _html(df: pd.DataFrame, meta: dict, pngs: dict[str, bytes], prof) -> str:
     m = meta.get("machine") or machine_info()
     notes = []
     if len(df) and not p95_shown(df):
-        notes.append(f"decode p95 is not shown: each repeat timed {int(df['decode_steps'].min())} decode steps, and "
-                     f"a p95 of fewer than {MIN_P95_STEPS} is about their single slowest step (bench --decode "
-                     f"{MIN_P95_STEPS} or more shows it).")
+        notes.append(
+            f"decode p95 is not shown: each repeat timed {int(df['decode_steps'].min())} decode steps, and "
+            f"a p95 of fewer than {MIN_P95_STEPS} is about their single slowest step (bench --decode "
+            f"{MIN_P95_STEPS} or more shows it)."
+        )
     if len(df) < 2:
-        notes.append("one setting was measured: the plots compare settings, so they are left out (bench more "
-                     "artifacts, --batch 1,4 or --prompt-lens 128,512 to fill them).")
-    imgs = "" if len(df) < 2 else "".join(
-        f'<figure><img alt="{k}" src="data:image/png;base64,{base64.b64encode(v).decode()}"></figure>'
-        for k, v in pngs.items())
+        notes.append(
+            "one setting was measured: the plots compare settings, so they are left out (bench more "
+            "artifacts, --batch 1,4 or --prompt-lens 128,512 to fill them)."
+        )
+    imgs = (
+        ""
+        if len(df) < 2
+        else "".join(
+            f'<figure><img alt="{k}" src="data:image/png;base64,{base64.b64encode(v).decode()}"></figure>'
+            for k, v in pngs.items()
+        )
+    )
     head = "".join(f"<li>{html.escape(line[2:])}</li>" for line in _header(meta, df))
     extra = ""
     if prof is not None and len(prof):
-        extra = ("<details><summary>Profile: ms per op type and per block</summary>"
-                 + prof.to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0) + "</details>")
-    style = ("body{font-family:sans-serif;margin:1em 1.5em}h1{font-size:1.4em;margin:0 0 .2em}"
-             "p.meta{color:#555;margin:0 0 .8em}table{border-collapse:collapse;font-size:12px}"
-             "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right;white-space:nowrap}"
-             "#summary{font-size:14px}#summary td:nth-child(-n+4){text-align:left}"
-             "#summary small{color:#666;white-space:normal}td.ok{color:#070}td.bad{color:#b00;font-weight:bold}"
-             "img{max-width:100%}div.scroll{overflow-x:auto}p.note{color:#555;font-size:13px}"
-             "details{margin:.6em 0}summary{cursor:pointer;font-weight:bold}")
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>rwkv-opt bench</title><style>{style}"
-            f"</style></head><body><h1>rwkv-opt bench</h1><p class='meta'>{html.escape(m['date'])} &middot; "
-            f"{html.escape(str(m['cpu']))}, {m['cores']} cores</p>{_summary_html(df)}"
-            f"<p class='note'>{html.escape(_settings_line(df))}</p>"
-            + "".join(f"<p class='note'>{html.escape(n)}</p>" for n in notes)
-            + f"{imgs}<details><summary>All {len(df)} rows &times; {len(df.columns)} columns (also bench.csv)"
-            f"</summary><div class='scroll'>{_full_table_html(df)}</div></details>"
-            f"<details><summary>Machine, load, command, versions</summary><ul>{head}</ul></details>"
-            f"{extra}</body></html>\n")
+        extra = (
+            "<details><summary>Profile: ms per op type and per block</summary>"
+            + prof.to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0)
+            + "</details>"
+        )
+    style = (
+        "body{font-family:sans-serif;margin:1em 1.5em}h1{font-size:1.4em;margin:0 0 .2em}"
+        "p.meta{color:#555;margin:0 0 .8em}table{border-collapse:collapse;font-size:12px}"
+        "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right;white-space:nowrap}"
+        "#summary{font-size:14px}#summary td:nth-child(-n+4){text-align:left}"
+        "#summary small{color:#666;white-space:normal}td.ok{color:#070}td.bad{color:#b00;font-weight:bold}"
+        "img{max-width:100%}div.scroll{overflow-x:auto}p.note{color:#555;font-size:13px}"
+        "details{margin:.6em 0}summary{cursor:pointer;font-weight:bold}"
+    )
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>rwkv-opt bench</title><style>{style}"
+        f"</style></head><body><h1>rwkv-opt bench</h1><p class='meta'>{html.escape(m['date'])} &middot; "
+        f"{html.escape(str(m['cpu']))}, {m['cores']} cores</p>{_summary_html(df)}"
+        f"<p class='note'>{html.escape(_settings_line(df))}</p>"
+        + "".join(f"<p class='note'>{html.escape(n)}</p>" for n in notes)
+        + f"{imgs}<details><summary>All {len(df)} rows &times; {len(df.columns)} columns (also bench.csv)"
+        f"</summary><div class='scroll'>{_full_table_html(df)}</div></details>"
+        f"<details><summary>Machine, load, command, versions</summary><ul>{head}</ul></details>"
+        f"{extra}</body></html>\n"
+    )

@@ -4,6 +4,7 @@ Everything that can be refused is refused before any measuring: a missing or for
 an execution provider this onnxruntime lacks, a bf16 artifact on the CPU EP, and (with accuracy
 on) a checkpoint the reference cannot load. Progress goes to stderr, one line per job.
 """
+
 from __future__ import annotations
 
 import io
@@ -64,8 +65,9 @@ def run_worker(job: dict) -> dict:
         jp.write_text(json.dumps(job))
         rc = _spawn([sys.executable, "-m", "rwkv_opt.bench.worker", str(jp), str(rp)])
         if rc != 0 or not rp.is_file():
-            raise RwkvOptError(f"the {job['kind']} worker for {job['artifact']} failed (exit code {rc}); "
-                               "its error is printed above.")
+            raise RwkvOptError(
+                f"the {job['kind']} worker for {job['artifact']} failed (exit code {rc}); its error is printed above."
+            )
         res = json.loads(rp.read_text())
     if "error" in res:
         raise RwkvOptError(res["error"])
@@ -76,11 +78,21 @@ def _identity(info: ArtifactInfo, provider: Provider) -> dict:
     note = ""
     if info.target_provider != provider.value:
         note = f"built for {info.target_provider}, measured on {provider.value}"
-    return {"artifact": info.name, "path": str(info.path), "target": info.target,
-            "target_provider": info.target_provider, "provider": provider.value, "precision": info.precision,
-            "quantization": info.quantization, "logits": info.logits, "n_layer": info.config["n_layer"],
-            "n_embd": info.config["n_embd"], "vocab": info.config["vocab"], "size_mb": info.size_bytes / 2**20,
-            "note": note}
+    return {
+        "artifact": info.name,
+        "path": str(info.path),
+        "target": info.target,
+        "target_provider": info.target_provider,
+        "provider": provider.value,
+        "precision": info.precision,
+        "quantization": info.quantization,
+        "logits": info.logits,
+        "n_layer": info.config["n_layer"],
+        "n_embd": info.config["n_embd"],
+        "vocab": info.config["vocab"],
+        "size_mb": info.size_bytes / 2**20,
+        "note": note,
+    }
 
 
 def _profile_records(base: dict, prof: dict) -> list[dict]:
@@ -94,25 +106,50 @@ def _profile_records(base: dict, prof: dict) -> list[dict]:
 
 
 def _latency_round(info, provider, batch, prompt_len, decode, threads, seed, profile: bool) -> dict:
-    return run_worker({"kind": "latency", "artifact": str(info.path), "provider": provider.value, "threads": threads,
-                       "batch": batch, "prompt_len": prompt_len, "decode": decode, "repeat": 1, "seed": seed,
-                       "profile": profile})
+    return run_worker(
+        {
+            "kind": "latency",
+            "artifact": str(info.path),
+            "provider": provider.value,
+            "threads": threads,
+            "batch": batch,
+            "prompt_len": prompt_len,
+            "decode": decode,
+            "repeat": 1,
+            "seed": seed,
+            "profile": profile,
+        }
+    )
 
 
 def _aggregate(cell, rounds: list[dict], prof: dict, acc: dict, decode: int, threads, drift_tokens: int) -> dict:
     """One schema row from a cell's rounds (medians; peak RSS the max) and its accuracy figures."""
     info, provider, batch, prompt_len = cell
-    med = {k: float(np.median([r[k] for r in rounds])) for k in
-           ("prefill_ms", "decode_ms_p50", "decode_ms_p95", "session_s", "rss_before_mb")}
+    med = {
+        k: float(np.median([r[k] for r in rounds]))
+        for k in ("prefill_ms", "decode_ms_p50", "decode_ms_p95", "session_s", "rss_before_mb")
+    }
     loads = [r[k] for r in rounds for k in ("load_1m_start", "load_1m_end")]
     gpu = [r["gpu_mem_mb"] for r in rounds if r["gpu_mem_mb"] == r["gpu_mem_mb"]]  # NaN without a GPU
-    row = {**_identity(info, provider), **med, "batch": batch, "prompt_len": prompt_len, "decode_steps": decode,
-           "repeat": len(rounds), "threads": threads or 0,
-           "prefill_tok_s": batch * prompt_len / med["prefill_ms"] * 1e3,
-           "decode_tok_s": batch / med["decode_ms_p50"] * 1e3, "peak_rss_mb": max(r["peak_rss_mb"] for r in rounds),
-           "gpu_mem_mb": max(gpu) if gpu else float("nan"), "load_1m_min": min(loads), "load_1m_max": max(loads), "nodes_on_provider": prof["nodes_on_provider"],
-           "time_on_provider": prof["time_on_provider"], "cpu_fallback": prof["cpu_fallback"],
-           "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    row = {
+        **_identity(info, provider),
+        **med,
+        "batch": batch,
+        "prompt_len": prompt_len,
+        "decode_steps": decode,
+        "repeat": len(rounds),
+        "threads": threads or 0,
+        "prefill_tok_s": batch * prompt_len / med["prefill_ms"] * 1e3,
+        "decode_tok_s": batch / med["decode_ms_p50"] * 1e3,
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in rounds),
+        "gpu_mem_mb": max(gpu) if gpu else float("nan"),
+        "load_1m_min": min(loads),
+        "load_1m_max": max(loads),
+        "nodes_on_provider": prof["nodes_on_provider"],
+        "time_on_provider": prof["time_on_provider"],
+        "cpu_fallback": prof["cpu_fallback"],
+        "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
     if row["cpu_fallback"]:
         row["note"] = "; ".join(x for x in (row["note"], "silent CPU fallback") if x)
     row.update({key: acc.get(key, float("nan")) for key in _ACC_KEYS})
@@ -121,15 +158,26 @@ def _aggregate(cell, rounds: list[dict], prof: dict, acc: dict, decode: int, thr
 
 
 def _accuracy(info, provider, settings, threads, drift_tokens, seed, checkpoint) -> dict:
-    res = run_worker({"kind": "accuracy", "artifact": str(info.path), "provider": provider.value,
-                      "threads": threads, "checkpoint": str(checkpoint) if checkpoint else None,
-                      "settings": settings, "drift_tokens": drift_tokens, "seed": seed})
+    res = run_worker(
+        {
+            "kind": "accuracy",
+            "artifact": str(info.path),
+            "provider": provider.value,
+            "threads": threads,
+            "checkpoint": str(checkpoint) if checkpoint else None,
+            "settings": settings,
+            "drift_tokens": drift_tokens,
+            "seed": seed,
+        }
+    )
     return {(r["batch"], r["prompt_len"]): r for r in res["results"]}
 
 
 def _round_line(res: dict) -> str:
-    return (f"      prefill {res['prefill_ms']:.1f} ms, decode {res['decode_ms_p50']:.2f} ms p50 / "
-            f"{res['decode_ms_p95']:.2f} p95, peak RSS {res['peak_rss_mb']:.0f} MiB, load {res['load_1m_start']:.2f}")
+    return (
+        f"      prefill {res['prefill_ms']:.1f} ms, decode {res['decode_ms_p50']:.2f} ms p50 / "
+        f"{res['decode_ms_p95']:.2f} p95, peak RSS {res['peak_rss_mb']:.0f} MiB, load {res['load_1m_start']:.2f}"
+    )
 
 
 def _refuse_bad_input(infos, provs, batches, prompt_lens, decode, repeat, drift_tokens, accuracy, checkpoint) -> None:
@@ -144,10 +192,22 @@ def _refuse_bad_input(infos, provs, batches, prompt_lens, decode, repeat, drift_
             check_source(info, checkpoint)
 
 
-def run(artifacts: Iterable[str | Path], providers: Sequence[str | Provider] = ("cpu",), batches=(1,),
-        prompt_lens=(128,), decode: int = 128, repeat: int = 3, threads: int | None = None, accuracy: bool = True,
-        profile: bool = False, *, drift_tokens: int = 1024, seed: int = 0, checkpoint: str | Path | None = None,
-        progress: Progress = _stderr) -> pd.DataFrame:
+def run(
+    artifacts: Iterable[str | Path],
+    providers: Sequence[str | Provider] = ("cpu",),
+    batches=(1,),
+    prompt_lens=(128,),
+    decode: int = 128,
+    repeat: int = 3,
+    threads: int | None = None,
+    accuracy: bool = True,
+    profile: bool = False,
+    *,
+    drift_tokens: int = 1024,
+    seed: int = 0,
+    checkpoint: str | Path | None = None,
+    progress: Progress = _stderr,
+) -> pd.DataFrame:
     """Benchmark each artifact on each provider at each (batch, prompt length); see report.SCHEMA.
 
     Latency runs in `repeat` rounds; each round measures every cell (artifact x provider x setting)
@@ -164,28 +224,44 @@ def run(artifacts: Iterable[str | Path], providers: Sequence[str | Provider] = (
     for info in infos if accuracy else []:
         for p in provs:
             k += 1
-            progress(f"[{k}/{n_jobs}] {info.name} ({info.target}) on {p.value}: accuracy vs fp32 numpy reference, "
-                     f"{len(settings)} setting(s), {drift_tokens} teacher-forced decode steps each")
+            progress(
+                f"[{k}/{n_jobs}] {info.name} ({info.target}) on {p.value}: accuracy vs fp32 numpy reference, "
+                f"{len(settings)} setting(s), {drift_tokens} teacher-forced decode steps each"
+            )
             for (b, t), a in _accuracy(info, p, settings, threads, drift_tokens, seed, checkpoint).items():
                 acc[info.path, p, b, t] = a
-                progress(f"      B={b} T={t}: max|err|/std {a['max_rel_err']:.2e}, KL {a['mean_kl']:.2e}, "
-                         f"top-1 {a['top1']:.4f}, state drift {a['state_drift']:.2e}")
+                progress(
+                    f"      B={b} T={t}: max|err|/std {a['max_rel_err']:.2e}, KL {a['mean_kl']:.2e}, "
+                    f"top-1 {a['top1']:.4f}, state drift {a['state_drift']:.2e}"
+                )
     rounds: list[list[dict]] = [[] for _ in cells]
     profs: list[dict] = [{} for _ in cells]
     for r in range(repeat):
         for i, (info, p, b, t) in enumerate(cells):
             k += 1
-            progress(f"[{k}/{n_jobs}] round {r + 1}/{repeat}: {info.name} ({info.target}) on {p.value}, B={b} T={t}: "
-                     f"prefill + {decode} decode steps" + (" + profiled run" if r == 0 else ""))
+            progress(
+                f"[{k}/{n_jobs}] round {r + 1}/{repeat}: {info.name} ({info.target}) on {p.value}, B={b} T={t}: "
+                f"prefill + {decode} decode steps" + (" + profiled run" if r == 0 else "")
+            )
             res = _latency_round(info, p, b, t, decode, threads, seed, profile=r == 0)
             if r == 0:
                 profs[i] = res.pop("profile")
             rounds[i].append(res)
             progress(_round_line(res))
-    rows = [_aggregate(c, rounds[i], profs[i], acc.get((c[0].path, c[1], c[2], c[3]), {}), decode, threads,
-                       drift_tokens) for i, c in enumerate(cells)]
+    rows = [
+        _aggregate(c, rounds[i], profs[i], acc.get((c[0].path, c[1], c[2], c[3]), {}), decode, threads, drift_tokens)
+        for i, c in enumerate(cells)
+    ]
     df = frame(rows)
     if profile:
-        df.attrs["profile"] = profile_frame([rec for i, (info, p, b, t) in enumerate(cells) for rec in _profile_records(
-            {"artifact": info.name, "target": info.target, "provider": p.value, "batch": b, "prompt_len": t}, profs[i])])
+        df.attrs["profile"] = profile_frame(
+            [
+                rec
+                for i, (info, p, b, t) in enumerate(cells)
+                for rec in _profile_records(
+                    {"artifact": info.name, "target": info.target, "provider": p.value, "batch": b, "prompt_len": t},
+                    profs[i],
+                )
+            ]
+        )
     return df

@@ -4,6 +4,7 @@ Every artifact records its source in manifest.json: `synthetic:<preset>[-deepemb
 the built-in synthetic models (rebuilt here, deterministic) or a checkpoint path (re-read, and its
 digest compared with the manifest's so a reference never runs on different weights).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from pathlib import Path
 from rwkv_opt.artifact import Manifest, SourceRef, artifact_size, model_path
 from rwkv_opt.config import Precision, Provider
 from rwkv_opt.errors import RwkvOptError
+
 
 @dataclass(frozen=True)
 class ArtifactInfo:
@@ -33,16 +35,27 @@ class ArtifactInfo:
 def artifact_info(artifact: str | Path) -> ArtifactInfo:
     path = Path(artifact).absolute()
     if not path.is_dir():
-        raise RwkvOptError(f"{artifact} is not a directory; pass artifact directories made by `rwkv-opt pipeline` "
-                           "or `rwkv-opt build`.")
+        raise RwkvOptError(
+            f"{artifact} is not a directory; pass artifact directories made by `rwkv-opt pipeline` or `rwkv-opt build`."
+        )
     model_path(path)
     man = Manifest.read(path)
     ref = man.source_ref
     if not isinstance(ref.config, dict):
         raise RwkvOptError(f"{path / 'manifest.json'} has no source.config; rebuild the artifact with this version.")
-    return ArtifactInfo(path=path, name=path.name, target=man.target, target_provider=man.provider,
-                        precision=man.precision, quantization=man.quantization, logits=man.logits,
-                        size_bytes=artifact_size(path), source=ref.path, digest=ref.digest, config=dict(ref.config))
+    return ArtifactInfo(
+        path=path,
+        name=path.name,
+        target=man.target,
+        target_provider=man.provider,
+        precision=man.precision,
+        quantization=man.quantization,
+        logits=man.logits,
+        size_bytes=artifact_size(path),
+        source=ref.path,
+        digest=ref.digest,
+        config=dict(ref.config),
+    )
 
 
 def refuse_unrunnable(info: ArtifactInfo, provider: Provider) -> None:
@@ -51,12 +64,16 @@ def refuse_unrunnable(info: ArtifactInfo, provider: Provider) -> None:
 
     have = available_providers()
     if provider not in have:
-        raise RwkvOptError(f"execution provider '{provider.value}' is not available in this onnxruntime "
-                           f"(have: {', '.join(p.value for p in have)}); run on a CUDA machine with onnxruntime-gpu, "
-                           "or use --providers cpu.")
+        raise RwkvOptError(
+            f"execution provider '{provider.value}' is not available in this onnxruntime "
+            f"(have: {', '.join(p.value for p in have)}); run on a CUDA machine with onnxruntime-gpu, "
+            "or use --providers cpu."
+        )
     if provider is Provider.CPU and info.precision == Precision.BF16.value:
-        raise RwkvOptError(f"{info.name} is a bf16 artifact and ORT's CPU EP has no bf16 kernels; "
-                           "bench it with --providers cuda on a GPU machine, or bench a cpu-fp32 artifact here.")
+        raise RwkvOptError(
+            f"{info.name} is a bf16 artifact and ORT's CPU EP has no bf16 kernels; "
+            "bench it with --providers cuda on a GPU machine, or bench a cpu-fp32 artifact here."
+        )
 
 
 def source_path(info: ArtifactInfo, checkpoint: str | Path | None = None) -> Path | None:

@@ -10,6 +10,7 @@ reference's weights out of the latency figures. Jobs are plain JSON dicts:
      "drift_tokens", "seed"}                    -> one accuracy dict per setting
 Expected errors (RwkvOptError) come back as {"error": message}; anything else is a crash.
 """
+
 from __future__ import annotations
 
 import gc
@@ -43,8 +44,9 @@ def latency_job(job: dict) -> dict:
     del sess
     gc.collect()
     if job.get("profile", True):
-        out["profile"] = profile_run(Path(job["artifact"]), provider, job["threads"], job["batch"], job["prompt_len"],
-                                     job["seed"])
+        out["profile"] = profile_run(
+            Path(job["artifact"]), provider, job["threads"], job["batch"], job["prompt_len"], job["seed"]
+        )
     return out
 
 

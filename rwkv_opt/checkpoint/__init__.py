@@ -1,5 +1,6 @@
 """Checkpoints: torch-free .pth and .safetensors readers/writers, fla-hub folders (layouts.py), validation
 and folding, synthetic presets."""
+
 from __future__ import annotations
 
 

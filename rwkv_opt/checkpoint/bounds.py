@@ -17,6 +17,7 @@ the same helpers here, so one refusal reads the same whatever the format:
 
 The helpers that refuse raise ``CheckpointError`` with one sentence that starts with ``source``.
 """
+
 from __future__ import annotations
 
 import math
@@ -70,13 +71,15 @@ def check_sizes(tensors: Mapping[str, np.ndarray], file_size: int, source: str) 
             raise CheckpointError(
                 f"{source}: {excerpt(key)} declares shape {tuple(arr.shape)} ({nbytes:,} bytes of {arr.dtype}) "
                 f"but the whole file has {file_size:,} bytes, so its data repeats itself (a stride-0 or "
-                "overlapping view), which a weights file never has; re-save it from the original model")
+                "overlapping view), which a weights file never has; re-save it from the original model"
+            )
         total += nbytes
     if total > file_size:
         raise CheckpointError(
             f"{source}: its tensors declare {total:,} bytes in all but the file has {file_size:,}, so some "
             "of them share their data (overlapping views or zip members), which a weights file never has; "
-            "re-save it from the original model")
+            "re-save it from the original model"
+        )
 
 
 def _exponent(dtype: np.dtype):
@@ -90,7 +93,7 @@ def _first_non_finite(arr: np.ndarray, uint: np.dtype, mask: int) -> int | None:
     if not arr.dtype.isnative:
         flat = flat.byteswap()
     for start in range(0, flat.size, _FINITE_CHUNK):
-        bits = flat[start:start + _FINITE_CHUNK].view(uint)
+        bits = flat[start : start + _FINITE_CHUNK].view(uint)
         bad = np.flatnonzero((bits & mask) == mask)
         if bad.size:
             return start + int(bad[0])
@@ -115,4 +118,5 @@ def require_finite(tensors: Mapping[str, np.ndarray], source: str, release=None)
             raise CheckpointError(
                 f"{source}: {excerpt(key)} holds {value} at flat index {at:,} of shape {tuple(arr.shape)}; "
                 "a usable checkpoint has only finite weights, so re-download it or take an earlier one "
-                "from before the training run diverged")
+                "from before the training run diverged"
+            )

@@ -17,6 +17,7 @@ Digest of a folder: sha256 over the lines ``<file name> <sha256 of the file>\\n`
 model.safetensors.index.json (when sharded) and each weight file in name order; tokenizer files
 are not covered (the tokenizer is recorded on its own).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,22 +51,32 @@ _ST_METADATA = {"format": "pt"}  # transformers refuses safetensors files withou
 
 def _pairs() -> list[tuple[str, str, bool]]:
     """(BlinkDL suffix, fla suffix, transposed) for one layer: the issue's table."""
-    out = [(f"{b}.{wb}", f"{f}.{wb}", False) for b, f in (("ln0", "pre_norm"), ("ln1", "attn_norm"),
-                                                           ("ln2", "ffn_norm"), ("att.ln_x", "attn.g_norm"))
-           for wb in ("weight", "bias")]
-    out += [(f"att.{b}.weight", f"attn.{f}.weight", False)
-            for b, f in (("receptance", "r_proj"), ("key", "k_proj"), ("value", "v_proj"), ("output", "o_proj"))]
+    out = [
+        (f"{b}.{wb}", f"{f}.{wb}", False)
+        for b, f in (("ln0", "pre_norm"), ("ln1", "attn_norm"), ("ln2", "ffn_norm"), ("att.ln_x", "attn.g_norm"))
+        for wb in ("weight", "bias")
+    ]
+    out += [
+        (f"att.{b}.weight", f"attn.{f}.weight", False)
+        for b, f in (("receptance", "r_proj"), ("key", "k_proj"), ("value", "v_proj"), ("output", "o_proj"))
+    ]
     for x in "wavg":
-        out += [(f"att.{x}1", f"attn.{x}_lora.lora.0.weight", True),
-                (f"att.{x}2", f"attn.{x}_lora.lora.2.weight", True)]
+        out += [
+            (f"att.{x}1", f"attn.{x}_lora.lora.0.weight", True),
+            (f"att.{x}2", f"attn.{x}_lora.lora.2.weight", True),
+        ]
         out += [(f"att.{x}0", f"attn.{x}_lora.lora.2.bias", False)] if x != "g" else []
     out += [(f"att.{n}", f"attn.{n}", False) for n in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "k_k", "k_a", "r_k")]
     out += [(f"ffn.{n}", f"ffn.{n}", False) for n in ("x_k", "key.weight", "value.weight")]
     return out
 
 
-_GLOBAL = {"emb.weight": "model.embeddings.weight", "ln_out.weight": "model.norm.weight",
-           "ln_out.bias": "model.norm.bias", "head.weight": "lm_head.weight"}
+_GLOBAL = {
+    "emb.weight": "model.embeddings.weight",
+    "ln_out.weight": "model.norm.weight",
+    "ln_out.bias": "model.norm.bias",
+    "head.weight": "lm_head.weight",
+}
 _GLOBAL_BLINK = {f: b for b, f in _GLOBAL.items()}
 _TO_FLA = {b: (f, t) for b, f, t in _pairs()}
 _TO_BLINK = {f: (b, t) for b, f, t in _pairs()}
@@ -129,6 +140,7 @@ class FlaView(Mapping):
 
 # ---- reading --------------------------------------------------------------------------------
 
+
 def _read_json(path: Path) -> dict:
     """A small JSON object file, bounded; refusals name the file."""
     if path.stat().st_size > _JSON_CAP:
@@ -136,8 +148,9 @@ def _read_json(path: Path) -> dict:
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # deep nesting: RecursionError
-        raise CheckpointError(f"{path} is not valid JSON ({type(e).__name__}: {str(e)[:80]}); "
-                              "re-download it.") from None
+        raise CheckpointError(
+            f"{path} is not valid JSON ({type(e).__name__}: {str(e)[:80]}); re-download it."
+        ) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a JSON {type(obj).__name__}, not an object.")
     return obj
@@ -146,8 +159,10 @@ def _read_json(path: Path) -> dict:
 def _check_architecture(folder: Path, config: dict) -> None:
     arch = config.get("architectures")
     if not (isinstance(arch, list) and ARCHITECTURE in arch):
-        raise CheckpointError(f"{folder / CONFIG}: key 'architectures' is {arch!r}, not ['{ARCHITECTURE}']; "
-                              "rwkv-opt reads RWKV-7 fla-hub folders (e.g. fla-hub/rwkv7-1.5B-world).")
+        raise CheckpointError(
+            f"{folder / CONFIG}: key 'architectures' is {arch!r}, not ['{ARCHITECTURE}']; "
+            "rwkv-opt reads RWKV-7 fla-hub folders (e.g. fla-hub/rwkv7-1.5B-world)."
+        )
 
 
 def _weight_files(folder: Path) -> tuple[dict[str, list[str]] | None, list[str]]:
@@ -159,17 +174,22 @@ def _weight_files(folder: Path) -> tuple[dict[str, list[str]] | None, list[str]]
         shards: dict[str, list[str]] = {}
         for key, shard in wmap.items():
             if Path(shard).name != shard or not shard.endswith(".safetensors"):
-                raise CheckpointError(f"{folder / INDEX}: '{key}' points at {shard!r}, which is not a "
-                                      ".safetensors file in the folder.")
+                raise CheckpointError(
+                    f"{folder / INDEX}: '{key}' points at {shard!r}, which is not a .safetensors file in the folder."
+                )
             if not (folder / shard).is_file():
-                raise CheckpointError(f"{folder / INDEX}: '{key}' is in shard {shard}, which is missing from "
-                                      f"{folder}; download every shard.")
+                raise CheckpointError(
+                    f"{folder / INDEX}: '{key}' is in shard {shard}, which is missing from "
+                    f"{folder}; download every shard."
+                )
             shards.setdefault(shard, []).append(key)
         return shards, sorted(shards)
     if (folder / SINGLE).is_file():
         return None, [SINGLE]
-    raise CheckpointError(f"{folder} has neither {SINGLE} nor {INDEX}; download the safetensors weights "
-                          "(pytorch_model.bin folders are not read).")
+    raise CheckpointError(
+        f"{folder} has neither {SINGLE} nor {INDEX}; download the safetensors weights "
+        "(pytorch_model.bin folders are not read)."
+    )
 
 
 def _read_shard(folder: Path, shard: str, listed: list[str] | None) -> dict[str, np.ndarray]:
@@ -178,12 +198,16 @@ def _read_shard(folder: Path, shard: str, listed: list[str] | None) -> dict[str,
     if listed is not None:
         for key in listed:
             if key not in arrays:
-                raise CheckpointError(f"{folder / INDEX}: says '{key}' is in {shard}, but that file has no such "
-                                      "tensor; the index does not match the shards.")
+                raise CheckpointError(
+                    f"{folder / INDEX}: says '{key}' is in {shard}, but that file has no such "
+                    "tensor; the index does not match the shards."
+                )
         extra = sorted(set(arrays) - set(listed))
         if extra:
-            raise CheckpointError(f"{folder / shard}: holds '{extra[0]}', which {INDEX} does not list there; "
-                                  "the index does not match the shards.")
+            raise CheckpointError(
+                f"{folder / shard}: holds '{extra[0]}', which {INDEX} does not list there; "
+                "the index does not match the shards."
+            )
     return arrays
 
 
@@ -192,17 +216,27 @@ def _to_blink_dict(path: Path, arrays: Mapping[str, np.ndarray], out: dict) -> N
     for key, a in arrays.items():
         mapped = to_blink(key)
         if mapped is None:
-            raise CheckpointError(f"{path}: tensor '{key}' is not part of an RWKV-7 fla-hub model; "
-                                  "pass a folder of RWKV-7 weights saved by flash-linear-attention.")
+            raise CheckpointError(
+                f"{path}: tensor '{key}' is not part of an RWKV-7 fla-hub model; "
+                "pass a folder of RWKV-7 weights saved by flash-linear-attention."
+            )
         blink, transposed = mapped
         a = a.T if transposed else a
         out[blink] = a.reshape(1, 1, -1) if SQUEEZABLE.search(blink) else a
 
 
-_HF_FIELDS = (("hidden_size", "n_embd"), ("num_hidden_layers", "n_layer"), ("vocab_size", "vocab"),
-              ("head_dim", "head_size"), ("num_heads", "n_head"), ("intermediate_size", "dim_ffn"),
-              ("decay_low_rank_dim", "d_decay"), ("a_low_rank_dim", "d_aaa"), ("v_low_rank_dim", "d_mv"),
-              ("gate_low_rank_dim", "d_gate"))
+_HF_FIELDS = (
+    ("hidden_size", "n_embd"),
+    ("num_hidden_layers", "n_layer"),
+    ("vocab_size", "vocab"),
+    ("head_dim", "head_size"),
+    ("num_heads", "n_head"),
+    ("intermediate_size", "dim_ffn"),
+    ("decay_low_rank_dim", "d_decay"),
+    ("a_low_rank_dim", "d_aaa"),
+    ("v_low_rank_dim", "d_mv"),
+    ("gate_low_rank_dim", "d_gate"),
+)
 _REQUIRED = ("hidden_size", "num_hidden_layers", "vocab_size")
 
 
@@ -217,8 +251,10 @@ def check_config(folder: Path, config: dict, cfg: ModelConfig) -> None:
         if attr == "d_mv" and cfg.n_layer == 1:
             continue  # a one-layer model has no v LoRA
         if value != getattr(cfg, attr):
-            raise CheckpointError(f"{folder / CONFIG}: '{field}' is {value!r} but the weights have "
-                                  f"{getattr(cfg, attr)}; the config does not belong to these weights.")
+            raise CheckpointError(
+                f"{folder / CONFIG}: '{field}' is {value!r} but the weights have "
+                f"{getattr(cfg, attr)}; the config does not belong to these weights."
+            )
 
 
 def folder_digest(folder: Path, files: list[str]) -> str:
@@ -232,22 +268,32 @@ def folder_tokenizer(folder: Path) -> dict:
     vocab = folder / VOCAB_NAME
     if vocab.is_file():
         same = vocab.read_bytes() == default_vocab_path().read_bytes()
-        return {"name": WORLD if same else "custom", "files": [VOCAB_NAME],
-                "evidence": f"{VOCAB_NAME} in the folder {'matches' if same else 'differs from'} the World vocabulary"}
+        return {
+            "name": WORLD if same else "custom",
+            "files": [VOCAB_NAME],
+            "evidence": f"{VOCAB_NAME} in the folder {'matches' if same else 'differs from'} the World vocabulary",
+        }
     others = [n for n in _TOKENIZER_FILES if (folder / n).is_file()]
     if others:
-        return {"name": "unknown", "files": others,
-                "evidence": f"the folder has {', '.join(others)} but no {VOCAB_NAME}"}
+        return {
+            "name": "unknown",
+            "files": others,
+            "evidence": f"the folder has {', '.join(others)} but no {VOCAB_NAME}",
+        }
     return file_tokenizer()
 
 
 def file_tokenizer() -> dict:
-    return {"name": WORLD, "files": [], "evidence": "assumed: no tokenizer files come with the weights, "
-                                                    "and RWKV-7 releases use the World vocabulary"}
+    return {
+        "name": WORLD,
+        "files": [],
+        "evidence": "assumed: no tokenizer files come with the weights, and RWKV-7 releases use the World vocabulary",
+    }
 
 
 def _with_fla_names(msg: str) -> str:
     """A validate() message for a folder: each quoted BlinkDL key becomes "'fla key' (BlinkDL 'key')"."""
+
     def name(m: re.Match) -> str:
         fla = to_fla(m.group(1))
         return m.group(0) if fla is None else f"'{fla[0]}' (BlinkDL '{m.group(1)}')"
@@ -257,8 +303,10 @@ def _with_fla_names(msg: str) -> str:
 
 def _read_hf(folder: Path, digest: bool) -> Weights:
     if not (folder / CONFIG).is_file():
-        raise CheckpointError(f"{folder} is a folder without {CONFIG}; pass a Hugging Face model folder, "
-                              "or the .pth/.safetensors file itself.")
+        raise CheckpointError(
+            f"{folder} is a folder without {CONFIG}; pass a Hugging Face model folder, "
+            "or the .pth/.safetensors file itself."
+        )
     config = _read_json(folder / CONFIG)
     _check_architecture(folder, config)
     shards, files = _weight_files(folder)
@@ -273,8 +321,14 @@ def _read_hf(folder: Path, digest: bool) -> Weights:
     raw = {k: raw[k] for k in expected_shapes(cfg) if k in raw}  # BlinkDL order
     names = [CONFIG] + ([INDEX] if shards is not None else []) + files
     require_finite(raw, str(folder), release=release_pages)
-    return Weights(raw, cfg, source=str(folder), digest=folder_digest(folder, names) if digest else "",
-                   layout="hf", tokenizer=folder_tokenizer(folder))
+    return Weights(
+        raw,
+        cfg,
+        source=str(folder),
+        digest=folder_digest(folder, names) if digest else "",
+        layout="hf",
+        tokenizer=folder_tokenizer(folder),
+    )
 
 
 def open_checkpoint(path, *, digest: bool = True) -> Weights:
@@ -283,15 +337,23 @@ def open_checkpoint(path, *, digest: bool = True) -> Weights:
     if path.is_dir():
         return _read_hf(path, digest)
     if not path.is_file():
-        raise CheckpointError(f"{path} does not exist; pass a BlinkDL RWKV-7 .pth or .safetensors file, "
-                              "or a Hugging Face (fla-hub) model folder.")
+        raise CheckpointError(
+            f"{path} does not exist; pass a BlinkDL RWKV-7 .pth or .safetensors file, "
+            "or a Hugging Face (fla-hub) model folder."
+        )
     if not (path.suffix in (".safetensors", ".st") or is_safetensors(path)):
         return dataclasses.replace(load_pth(path, digest=digest), layout="pth", tokenizer=file_tokenizer())
     raw = read_safetensors(path)
     cfg = validate(raw, path.name)
     require_finite(raw, path.name, release=release_pages)
-    return Weights(raw, cfg, source=str(path), digest=file_digest(path) if digest else "",
-                   layout="safetensors", tokenizer=file_tokenizer())
+    return Weights(
+        raw,
+        cfg,
+        source=str(path),
+        digest=file_digest(path) if digest else "",
+        layout="safetensors",
+        tokenizer=file_tokenizer(),
+    )
 
 
 # ---- writing --------------------------------------------------------------------------------
@@ -302,15 +364,36 @@ _DTYPE_NAMES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float3
 def hf_config(cfg: ModelConfig, dtype: np.dtype) -> dict:
     """config.json with fla's RWKV7Config field names (and the ones llama.cpp's converter reads)."""
     return {
-        "architectures": [ARCHITECTURE], "model_type": "rwkv7", "attn_mode": "chunk",
-        "hidden_size": cfg.n_embd, "hidden_ratio": cfg.dim_ffn / cfg.n_embd, "intermediate_size": cfg.dim_ffn,
-        "num_hidden_layers": cfg.n_layer, "head_dim": cfg.head_size, "num_heads": cfg.n_head,
-        "decay_low_rank_dim": cfg.d_decay, "gate_low_rank_dim": cfg.d_gate, "a_low_rank_dim": cfg.d_aaa,
-        "v_low_rank_dim": cfg.d_mv, "hidden_act": "sqrelu", "max_position_embeddings": 2048,
-        "norm_first": True, "norm_bias": True, "norm_eps": 1e-5, "attn": None, "use_cache": True,
-        "bos_token_id": 0, "eos_token_id": 0, "tie_word_embeddings": False, "initializer_range": 0.02,
-        "fuse_norm": True, "fuse_cross_entropy": True, "fuse_linear_cross_entropy": False, "use_l2warp": True,
-        "vocab_size": cfg.vocab, "value_dim": [cfg.n_embd] * cfg.n_layer,
+        "architectures": [ARCHITECTURE],
+        "model_type": "rwkv7",
+        "attn_mode": "chunk",
+        "hidden_size": cfg.n_embd,
+        "hidden_ratio": cfg.dim_ffn / cfg.n_embd,
+        "intermediate_size": cfg.dim_ffn,
+        "num_hidden_layers": cfg.n_layer,
+        "head_dim": cfg.head_size,
+        "num_heads": cfg.n_head,
+        "decay_low_rank_dim": cfg.d_decay,
+        "gate_low_rank_dim": cfg.d_gate,
+        "a_low_rank_dim": cfg.d_aaa,
+        "v_low_rank_dim": cfg.d_mv,
+        "hidden_act": "sqrelu",
+        "max_position_embeddings": 2048,
+        "norm_first": True,
+        "norm_bias": True,
+        "norm_eps": 1e-5,
+        "attn": None,
+        "use_cache": True,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+        "tie_word_embeddings": False,
+        "initializer_range": 0.02,
+        "fuse_norm": True,
+        "fuse_cross_entropy": True,
+        "fuse_linear_cross_entropy": False,
+        "use_l2warp": True,
+        "vocab_size": cfg.vocab,
+        "value_dim": [cfg.n_embd] * cfg.n_layer,
         "torch_dtype": _DTYPE_NAMES.get(str(dtype), "float32"),
     }
 
@@ -334,8 +417,10 @@ def write_hf(out: Path, weights: Weights, max_shard_bytes: int | None = None) ->
     from rwkv_opt.artifact import staging_dir, write_json
 
     if weights.config.deepembed:
-        raise CheckpointError(f"{weights.source} is an RWKV-7a (DeepEmbed) model, which has no fla-hub layout "
-                              "(flash-linear-attention has no DeepEmbed); convert it --to pth or --to safetensors.")
+        raise CheckpointError(
+            f"{weights.source} is an RWKV-7a (DeepEmbed) model, which has no fla-hub layout "
+            "(flash-linear-attention has no DeepEmbed); convert it --to pth or --to safetensors."
+        )
     view = FlaView(weights.raw)
     groups = _shards(view, max_shard_bytes)
     with staging_dir(out) as tmp:
@@ -346,8 +431,13 @@ def write_hf(out: Path, weights: Weights, max_shard_bytes: int | None = None) ->
             for name, keys in zip(names, groups):
                 write_safetensors(tmp / name, {k: view[k] for k in keys}, _ST_METADATA)
             total = sum(view[k].nbytes for k in view)
-            write_json(tmp / INDEX, {"metadata": {"total_size": total},
-                                     "weight_map": {k: n for n, keys in zip(names, groups) for k in keys}})
+            write_json(
+                tmp / INDEX,
+                {
+                    "metadata": {"total_size": total},
+                    "weight_map": {k: n for n, keys in zip(names, groups) for k in keys},
+                },
+            )
         write_json(tmp / CONFIG, hf_config(weights.config, np.asarray(weights.raw["emb.weight"]).dtype))
         _copy_tokenizer(weights, tmp)
 

@@ -23,6 +23,7 @@ the only ones that can be hashed or compared as dict keys. A list or dict grown 
 a tuple leaves that tuple's size stale, but such a tuple is unhashable, and the reader never
 repr()s a structure from the file (``bounds.excerpt``), so a stale size cannot be turned into work.
 """
+
 from __future__ import annotations
 
 import pickletools
@@ -49,14 +50,33 @@ class PickleRefused(Exception):
 
 # Argument layouts: a fixed byte count, or how the length is given.
 _LEN1, _LEN4, _LINES2 = -1, -4, -2
-_ARG = {"uint1": 1, "int4": 4, "uint2": 2, "uint4": 4, "uint8": 8, "float8": 8,
-        "long1": _LEN1, "string1": _LEN1, "unicodestring1": _LEN1, "unicodestring4": _LEN4,
-        "stringnl_noescape_pair": _LINES2}
+_ARG = {
+    "uint1": 1,
+    "int4": 4,
+    "uint2": 2,
+    "uint4": 4,
+    "uint8": 8,
+    "float8": 8,
+    "long1": _LEN1,
+    "string1": _LEN1,
+    "unicodestring1": _LEN1,
+    "unicodestring4": _LEN4,
+    "stringnl_noescape_pair": _LINES2,
+}
 _LEAF = (1, 1)  # (depth, expanded size) of a string, number, global or storage reference
-_PUSH_LEAF = frozenset("BININT BININT1 BININT2 LONG1 BINFLOAT NONE NEWTRUE NEWFALSE BINUNICODE "
-                       "SHORT_BINUNICODE SHORT_BINSTRING GLOBAL EMPTY_TUPLE".split())
-_POP_PUSH = {"TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3, "REDUCE": 2, "NEWOBJ": 2, "STACK_GLOBAL": 2,
-             "BINPERSID": 1}  # pop n, push one new value made of them
+_PUSH_LEAF = frozenset(
+    "BININT BININT1 BININT2 LONG1 BINFLOAT NONE NEWTRUE NEWFALSE BINUNICODE "
+    "SHORT_BINUNICODE SHORT_BINSTRING GLOBAL EMPTY_TUPLE".split()
+)
+_POP_PUSH = {
+    "TUPLE1": 1,
+    "TUPLE2": 2,
+    "TUPLE3": 3,
+    "REDUCE": 2,
+    "NEWOBJ": 2,
+    "STACK_GLOBAL": 2,
+    "BINPERSID": 1,
+}  # pop n, push one new value made of them
 _GROW = {"APPEND": 1, "SETITEM": 2, "BUILD": 1}  # pop n into the container below them
 
 
@@ -82,8 +102,8 @@ class _Scan:
         fence = self.marks[-1] if self.marks else 0
         if len(self.stack) - fence < n:
             raise PickleRefused("pops more values than its stack holds", damaged=True)
-        items = self.stack[len(self.stack) - n:]
-        del self.stack[len(self.stack) - n:]
+        items = self.stack[len(self.stack) - n :]
+        del self.stack[len(self.stack) - n :]
         return items
 
     def pop_mark(self) -> list:
@@ -98,8 +118,9 @@ class _Scan:
         if depth > self.limits.max_depth:
             raise PickleRefused(f"nests values more than {self.limits.max_depth} deep")
         if size > self.limits.max_nodes:
-            raise PickleRefused(f"builds a value of more than {self.limits.max_nodes:,} objects "
-                                "(shared references repeated)")
+            raise PickleRefused(
+                f"builds a value of more than {self.limits.max_nodes:,} objects (shared references repeated)"
+            )
         return depth, size
 
     def make(self, items: list, mutable: bool):
@@ -114,13 +135,13 @@ class _Scan:
         top = self.stack[-1]
         if not isinstance(top, list):
             raise PickleRefused("adds items to a value that is not a container", damaged=True)
-        top[0], top[1] = self.checked(max(top[0], 1 + max((i[0] for i in items), default=0)),
-                                      top[1] + sum(i[1] for i in items))
+        top[0], top[1] = self.checked(
+            max(top[0], 1 + max((i[0] for i in items), default=0)), top[1] + sum(i[1] for i in items)
+        )
 
     def memo_index(self, index: int) -> int:
         if index > self.limits.max_memo:
-            raise PickleRefused(f"uses memo slot {index:,}, above the {self.limits.max_memo:,} a "
-                                "checkpoint needs")
+            raise PickleRefused(f"uses memo slot {index:,}, above the {self.limits.max_memo:,} a checkpoint needs")
         return index
 
     def step(self, name: str, arg: int) -> None:
@@ -164,7 +185,7 @@ def _argument(data: bytes, pos: int, layout: int) -> tuple[int, int]:
     elif layout == _LEN1:
         end = pos + 1 + data[pos] if pos < len(data) else pos + 1
     elif layout == _LEN4:
-        end = pos + 4 + (int.from_bytes(data[pos:pos + 4], "little") if pos + 4 <= len(data) else 0)
+        end = pos + 4 + (int.from_bytes(data[pos : pos + 4], "little") if pos + 4 <= len(data) else 0)
     else:
         end = pos
     if end > len(data):
@@ -185,8 +206,7 @@ def scan(data: bytes, allowed: frozenset[str], limits: PickleLimits = PickleLimi
         if code not in table:
             op = pickletools.code2op.get(chr(code))
             if op is None:
-                raise PickleRefused(f"has byte 0x{code:02x} at offset {pos}, which is no pickle opcode",
-                                    damaged=True)
+                raise PickleRefused(f"has byte 0x{code:02x} at offset {pos}, which is no pickle opcode", damaged=True)
             raise PickleRefused(f"uses pickle opcode {op.name}, which a weights file never needs")
         name, layout = table[code]
         arg, pos = _argument(data, pos + 1, layout)

@@ -15,6 +15,7 @@ then the tensor bytes; offsets count from the end of the header.
 
 ``write_safetensors`` streams one tensor at a time to a temp file that is renamed into place.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,7 @@ from rwkv_opt.checkpoint.torchzip_write import _tensor_chunks
 from rwkv_opt.errors import CheckpointError
 
 HEADER_CAP = 100_000_000  # bytes of JSON header the reference library accepts
-DTYPES = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
-          "BF16": np.dtype(ml_dtypes.bfloat16)}
+DTYPES = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype(ml_dtypes.bfloat16)}
 _NAMES = {dt: name for name, dt in DTYPES.items()}
 _ALIGN = 8  # the reference writer pads the header with spaces to a multiple of 8
 
@@ -58,11 +58,17 @@ def _entry(path, key: str, entry, data_size: int) -> tuple[np.dtype, tuple, int,
         raise _refuse(path, f"has a malformed shape or data_offsets for '{key}'.")
     begin, end = offsets
     if end > data_size:
-        raise _refuse(path, f"places '{key}' at bytes {begin}..{end} of a {data_size}-byte data section "
-                            "(the file is truncated or its header lies); re-download it.")
+        raise _refuse(
+            path,
+            f"places '{key}' at bytes {begin}..{end} of a {data_size}-byte data section "
+            "(the file is truncated or its header lies); re-download it.",
+        )
     if end - begin != math.prod(shape) * DTYPES[dtype].itemsize:
-        raise _refuse(path, f"gives '{key}' {end - begin} bytes, but shape {shape} of {dtype} needs "
-                            f"{math.prod(shape) * DTYPES[dtype].itemsize}.")
+        raise _refuse(
+            path,
+            f"gives '{key}' {end - begin} bytes, but shape {shape} of {dtype} needs "
+            f"{math.prod(shape) * DTYPES[dtype].itemsize}.",
+        )
     return DTYPES[dtype], tuple(shape), begin, end
 
 
@@ -75,11 +81,17 @@ def read_header(path) -> tuple[dict, dict, int, int]:
             raise _refuse(path, "is too short to be a .safetensors file (no 8-byte header length).")
         (n,) = struct.unpack("<Q", head)
         if n > HEADER_CAP:
-            raise _refuse(path, f"declares a {n}-byte header, above the {HEADER_CAP}-byte limit; "
-                                "it is not a .safetensors file or it is damaged.")
+            raise _refuse(
+                path,
+                f"declares a {n}-byte header, above the {HEADER_CAP}-byte limit; "
+                "it is not a .safetensors file or it is damaged.",
+            )
         if 8 + n > size:
-            raise _refuse(path, f"declares a {n}-byte header but the file holds only {size} bytes; "
-                                "it is truncated or not a .safetensors file.")
+            raise _refuse(
+                path,
+                f"declares a {n}-byte header but the file holds only {size} bytes; "
+                "it is truncated or not a .safetensors file.",
+            )
         raw = fh.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
@@ -104,8 +116,9 @@ def _check_tiling(path, entries: dict, data_size: int) -> None:
             raise _refuse(path, f"has tensor '{key}' that {what}; the header lies about its offsets.")
         at = end
     if at != data_size:
-        raise _refuse(path, f"has {data_size - at} bytes after its last tensor; the header lies "
-                            "or the file was appended to.")
+        raise _refuse(
+            path, f"has {data_size - at} bytes after its last tensor; the header lies or the file was appended to."
+        )
 
 
 def read_safetensors(path) -> dict[str, np.ndarray]:
@@ -116,7 +129,7 @@ def read_safetensors(path) -> dict[str, np.ndarray]:
     mm = np.memmap(path, np.uint8, mode="r", shape=(size,))
     out = {}
     for key, (dtype, shape, begin, end) in entries.items():
-        a = mm[start + begin:start + end].view(dtype).reshape(shape)
+        a = mm[start + begin : start + end].view(dtype).reshape(shape)
         a.flags.writeable = False
         out[key] = a
     return out
@@ -146,8 +159,9 @@ def _header(path, tensors: Mapping, metadata: dict | None) -> bytes:
         dtype, shape = _spec(tensors, key)
         name = _NAMES.get(dtype.newbyteorder("<") if dtype.byteorder == ">" else dtype)
         if name is None:
-            raise CheckpointError(f"cannot write {path}: '{key}' has dtype {dtype}; "
-                                  "cast it to float32, float16 or bfloat16.")
+            raise CheckpointError(
+                f"cannot write {path}: '{key}' has dtype {dtype}; cast it to float32, float16 or bfloat16."
+            )
         n = math.prod(shape) * dtype.itemsize
         header[key] = {"dtype": name, "shape": list(shape), "data_offsets": [at, at + n]}
         at += n
@@ -180,7 +194,8 @@ def write_safetensors(path, tensors: Mapping[str, np.ndarray], metadata: dict | 
         if os.path.exists(tmp):
             os.remove(tmp)
         if isinstance(exc, OSError):
-            raise CheckpointError(f"cannot write {path}: {exc.strerror or exc}; check the folder is "
-                                  "writable and has free space.") from exc
+            raise CheckpointError(
+                f"cannot write {path}: {exc.strerror or exc}; check the folder is writable and has free space."
+            ) from exc
         raise
     return written

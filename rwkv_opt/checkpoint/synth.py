@@ -9,6 +9,7 @@ and the head is scaled so the logits have std ~2.5.
 Each tensor is generated on first access from (seed, key) alone, so the result does not depend
 on key order, and writing a 2.9B preset holds one tensor in memory at a time.
 """
+
 from __future__ import annotations
 
 import zlib
@@ -25,8 +26,9 @@ LOGIT_STD = 2.5
 
 
 def _preset(L, C, V, dw, da, dv, dg) -> ModelConfig:
-    return ModelConfig(n_layer=L, n_embd=C, head_size=64, vocab=V, dim_ffn=4 * C,
-                       d_decay=dw, d_aaa=da, d_mv=dv, d_gate=dg)
+    return ModelConfig(
+        n_layer=L, n_embd=C, head_size=64, vocab=V, dim_ffn=4 * C, d_decay=dw, d_aaa=da, d_mv=dv, d_gate=dg
+    )
 
 
 PRESETS: dict[str, ModelConfig] = {
@@ -104,9 +106,9 @@ def _make(cfg: ModelConfig, key: str, shape: tuple, rng: np.random.Generator) ->
     if name in mix_pow:
         return (1.0 - ddd ** (mix_pow[name] * r1a0)).reshape(shape) + noise(0.05)
     if name == "ffn.x_k":
-        return (1.0 - ddd ** (r1a0 ** 4)).reshape(shape) + noise(0.05)
+        return (1.0 - ddd ** (r1a0**4)).reshape(shape) + noise(0.05)
     if name == "att.w0":
-        speed = -7 + 5 * (np.arange(C) / max(C - 1, 1)) ** (0.85 + 1.0 * r01 ** 0.5)
+        speed = -7 + 5 * (np.arange(C) / max(C - 1, 1)) ** (0.85 + 1.0 * r01**0.5)
         return (speed + 0.5).reshape(shape) + noise(0.3)
     if name in ("att.a0", "att.v0"):
         return noise(0.5) + (1.0 if name == "att.v0" else 0.0)
@@ -149,8 +151,9 @@ def _make(cfg: ModelConfig, key: str, shape: tuple, rng: np.random.Generator) ->
     raise KeyError(f"no synthetic rule for {key}")
 
 
-def synthetic_state_dict(preset: str = "tiny", *, deepembed: bool = False, seed: int = 0,
-                         dtype: str = "bf16") -> SyntheticStateDict:
+def synthetic_state_dict(
+    preset: str = "tiny", *, deepembed: bool = False, seed: int = 0, dtype: str = "bf16"
+) -> SyntheticStateDict:
     if dtype not in ("bf16", "fp16", "fp32"):
         raise RwkvOptError(f"unknown dtype '{dtype}'; choose bf16, fp16 or fp32.")
     return SyntheticStateDict(preset_config(preset, deepembed), seed=seed, dtype=dtype)

@@ -70,15 +70,23 @@ _ALLOWED_OPCODES = frozenset(
 )
 
 _TYPED_STORAGES = {  # torch.<Kind>Storage -> numpy dtype; numel counts elements
-    "FloatStorage": np.dtype("<f4"), "HalfStorage": np.dtype("<f2"),
-    "BFloat16Storage": np.dtype(ml_dtypes.bfloat16), "DoubleStorage": np.dtype("<f8"),
-    "LongStorage": np.dtype("<i8"), "IntStorage": np.dtype("<i4"),
-    "ShortStorage": np.dtype("<i2"), "CharStorage": np.dtype("i1"),
-    "ByteStorage": np.dtype("u1"), "BoolStorage": np.dtype("?"),
-    "ComplexFloatStorage": np.dtype("<c8"), "ComplexDoubleStorage": np.dtype("<c16"),
+    "FloatStorage": np.dtype("<f4"),
+    "HalfStorage": np.dtype("<f2"),
+    "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
+    "DoubleStorage": np.dtype("<f8"),
+    "LongStorage": np.dtype("<i8"),
+    "IntStorage": np.dtype("<i4"),
+    "ShortStorage": np.dtype("<i2"),
+    "CharStorage": np.dtype("i1"),
+    "ByteStorage": np.dtype("u1"),
+    "BoolStorage": np.dtype("?"),
+    "ComplexFloatStorage": np.dtype("<c8"),
+    "ComplexDoubleStorage": np.dtype("<c16"),
 }
 _V3_DTYPES = {  # dtype globals of _rebuild_tensor_v3; its UntypedStorage numel counts bytes
-    "uint16": np.dtype("<u2"), "uint32": np.dtype("<u4"), "uint64": np.dtype("<u8"),
+    "uint16": np.dtype("<u2"),
+    "uint32": np.dtype("<u4"),
+    "uint64": np.dtype("<u8"),
     "float8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn),
     "float8_e5m2": np.dtype(ml_dtypes.float8_e5m2),
 }
@@ -171,17 +179,24 @@ def _tensor(storage, offset, size, stride, requires_grad, hooks, dtype):
     if not isinstance(storage, _StorageRef):
         raise _Refused(f"rebuilds a tensor from {excerpt(storage)} instead of a storage")
     ok = (
-        isinstance(offset, int) and isinstance(size, tuple) and isinstance(stride, tuple)
-        and len(size) == len(stride) and all(isinstance(v, int) for v in size + stride)
-        and isinstance(requires_grad, bool) and isinstance(hooks, _OrderedDict) and not hooks
+        isinstance(offset, int)
+        and isinstance(size, tuple)
+        and isinstance(stride, tuple)
+        and len(size) == len(stride)
+        and all(isinstance(v, int) for v in size + stride)
+        and isinstance(requires_grad, bool)
+        and isinstance(hooks, _OrderedDict)
+        and not hooks
     )
     if not ok:
         raise _Refused("has a tensor whose offset, size, stride or hooks are malformed")
     if offset < 0 or min(size + stride, default=0) < 0:
         raise _Refused("has a tensor with a negative offset, size or stride")
     if element_count(size) is None or not all(_is_count(v) for v in (offset, *stride)):
-        raise _Refused(f"has a tensor of rank {len(size)} whose size, stride or offset is beyond any "
-                       f"real tensor (at most rank 32 and {MAX_ELEMENTS:,} elements)")
+        raise _Refused(
+            f"has a tensor of rank {len(size)} whose size, stride or offset is beyond any "
+            f"real tensor (at most rank 32 and {MAX_ELEMENTS:,} elements)"
+        )
     if dtype.itemsize == 0:
         raise _Refused("has a tensor with a zero-size dtype")
     numel = storage.numel if storage.dtype is not None else storage.numel // dtype.itemsize
@@ -211,14 +226,17 @@ def _rebuild_v3(storage, offset, size, stride, requires_grad, hooks, dtype, meta
     if not isinstance(storage, _StorageRef) or storage.dtype is not None:
         raise _Refused("uses _rebuild_tensor_v3 without an UntypedStorage")
     if storage.numel % dtype.dtype.itemsize:
-        raise _Refused(f"has storage {storage.key!r} whose byte count is not a whole number "
-                       f"of {dtype.name} values")
+        raise _Refused(f"has storage {storage.key!r} whose byte count is not a whole number of {dtype.name} values")
     return _tensor(storage, offset, size, stride, requires_grad, hooks, dtype.dtype)
 
 
 def _rebuild_parameter(data, requires_grad, hooks):
-    if not (isinstance(data, _TensorRef) and isinstance(requires_grad, bool)
-            and isinstance(hooks, _OrderedDict) and not hooks):
+    if not (
+        isinstance(data, _TensorRef)
+        and isinstance(requires_grad, bool)
+        and isinstance(hooks, _OrderedDict)
+        and not hooks
+    ):
         raise _Refused("has a malformed nn.Parameter")
     return data
 
@@ -245,21 +263,25 @@ class _Unpickler(pickle.Unpickler):
     def find_class(self, module, name):
         obj = _ALLOWED_GLOBALS.get(f"{module}.{name}")
         if obj is None:
-            raise _Refused(f"wants to load {excerpt(f'{module}.{name}')}, which a weights file never needs",
-                           "the file may be malicious, so do not open it with "
-                           "torch.load(weights_only=False) either")
+            raise _Refused(
+                f"wants to load {excerpt(f'{module}.{name}')}, which a weights file never needs",
+                "the file may be malicious, so do not open it with torch.load(weights_only=False) either",
+            )
         return obj
 
     def persistent_load(self, pid):
         ok = (
-            isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-            and isinstance(pid[1], _Marker) and pid[1].name.endswith("Storage")
+            isinstance(pid, tuple)
+            and len(pid) == 5
+            and pid[0] == "storage"
+            and isinstance(pid[1], _Marker)
+            and pid[1].name.endswith("Storage")
             and isinstance(pid[2], str)
-            and isinstance(pid[3], str) and _is_count(pid[4])
+            and isinstance(pid[3], str)
+            and _is_count(pid[4])
         )
         if not ok:
-            raise _Refused("has a malformed storage reference (want ('storage', <Kind>Storage, key, "
-                           "location, numel))")
+            raise _Refused("has a malformed storage reference (want ('storage', <Kind>Storage, key, location, numel))")
         ref = _StorageRef(pid[2], pid[1].dtype, pid[4])
         seen = self.storages.setdefault(ref.key, ref)
         if (seen.dtype, seen.numel) != (ref.dtype, ref.numel):
@@ -292,8 +314,9 @@ def _unpickle(data: bytes) -> dict:
         if not isinstance(key, str):
             raise _Refused(f"has a key of type {type(key).__name__}, not a string")
         if not isinstance(value, _TensorRef):
-            raise _Refused(f"maps {excerpt(key)} to {type(value).__name__}, not a tensor "
-                           "(only flat name -> tensor dicts are read)")
+            raise _Refused(
+                f"maps {excerpt(key)} to {type(value).__name__}, not a tensor (only flat name -> tensor dicts are read)"
+            )
     return obj
 
 
@@ -308,16 +331,14 @@ class _Archive:
         self.prefix = infos[0].filename.split("/", 1)[0] + "/"
         stray = [i.filename for i in infos if not i.filename.startswith(self.prefix)]
         if stray:
-            raise _Refused(f"has member {excerpt(stray[0])} outside its archive folder "
-                           f"{excerpt(self.prefix)}")
-        self.members = {i.filename[len(self.prefix):]: i for i in infos}
+            raise _Refused(f"has member {excerpt(stray[0])} outside its archive folder {excerpt(self.prefix)}")
+        self.members = {i.filename[len(self.prefix) :]: i for i in infos}
         if "data.pkl" not in self.members:
             raise _Refused(f"has no {excerpt(self.prefix + 'data.pkl')} member")
         version = self.record(".data/version") or self.record("version")
         if version is None or not version.strip().isdigit() or not 1 <= int(version) <= 10:
             found = "none" if version is None else excerpt(version)
-            raise _Refused(f"has a missing or unsupported format version record ({found}; torch "
-                           "writes 1 to 10)")
+            raise _Refused(f"has a missing or unsupported format version record ({found}; torch writes 1 to 10)")
         self.byteorder = (self.record("byteorder") or b"little").decode("ascii").strip()
         if self.byteorder not in ("little", "big"):
             raise _Refused(f"has an unknown byteorder record {excerpt(self.byteorder)}")
@@ -332,8 +353,11 @@ class _Archive:
         if info is None:
             return None
         if info.file_size > cap:
-            raise _Refused(f"has {info.file_size:,} bytes in {self.where(member)} (after "
-                           f"decompression), above the {cap:,} it can need", _DAMAGED)
+            raise _Refused(
+                f"has {info.file_size:,} bytes in {self.where(member)} (after "
+                f"decompression), above the {cap:,} it can need",
+                _DAMAGED,
+            )
         # read(n) inflates at most n bytes at a time and stops at the declared size, where it checks
         # the CRC. read() (and zf.read) inflates the whole stream in one call: 1 GiB for a 1 MB record.
         with self.zf.open(info) as fh:
@@ -347,21 +371,21 @@ class _Archive:
         if info is None:
             raise _Refused(f"has no {where} for storage {excerpt(key)}")
         if info.compress_type != zipfile.ZIP_STORED:
-            raise _Refused(f"has a compressed {where} (someone re-zipped it), which cannot be "
-                           "memory-mapped and loads as garbage in torch.load(mmap=True)",
-                           f"{_RESAVE}, which stores members uncompressed")
+            raise _Refused(
+                f"has a compressed {where} (someone re-zipped it), which cannot be "
+                "memory-mapped and loads as garbage in torch.load(mmap=True)",
+                f"{_RESAVE}, which stores members uncompressed",
+            )
         if info.file_size != nbytes or info.compress_size != nbytes:
-            raise _Refused(f"has {info.file_size:,} bytes in {where} where the pickle "
-                           f"declares {nbytes:,}", _DAMAGED)
+            raise _Refused(f"has {info.file_size:,} bytes in {where} where the pickle declares {nbytes:,}", _DAMAGED)
         head = info.header_offset
         if head + 30 > self.file_size:
             raise _Refused(f"has a local header for {where} past the end of the file", _DAMAGED)
-        sig, _, flags, method, *_, nlen, xlen = struct.unpack("<4sHHHHHIIIHH", mm[head:head + 30])
-        stored_name = bytes(mm[head + 30:head + 30 + nlen])
+        sig, _, flags, method, *_, nlen, xlen = struct.unpack("<4sHHHHHIIIHH", mm[head : head + 30])
+        stored_name = bytes(mm[head + 30 : head + 30 + nlen])
         want_name = info.orig_filename.encode("utf-8" if flags & 0x800 else "cp437")
         if sig != b"PK\x03\x04" or method != 0 or stored_name != want_name:
-            raise _Refused(f"has a local header for {where} that does not match its directory",
-                           _DAMAGED)
+            raise _Refused(f"has a local header for {where} that does not match its directory", _DAMAGED)
         start = head + 30 + nlen + xlen
         if start + nbytes > self.file_size:
             raise _Refused(f"has {where} reaching past the end of the file", _DAMAGED)
@@ -394,8 +418,13 @@ def _build(ref: _TensorRef, data: np.ndarray, archive: _Archive, spans: dict) ->
     if store.key not in spans:
         spans[store.key] = archive.storage_span(data, store.key, nbytes)
     itemsize = ref.dtype.itemsize
-    arr = np.ndarray(ref.shape, ref.dtype, buffer=data, offset=spans[store.key][0] + ref.offset * itemsize,
-                     strides=tuple(s * itemsize for s in ref.strides))
+    arr = np.ndarray(
+        ref.shape,
+        ref.dtype,
+        buffer=data,
+        offset=spans[store.key][0] + ref.offset * itemsize,
+        strides=tuple(s * itemsize for s in ref.strides),
+    )
     if archive.byteorder == "big":
         arr = arr.byteswap()
         arr.flags.writeable = False
@@ -445,7 +474,7 @@ def _regions(fh, ranges):
         fh.seek(lo)
         pos = lo
         while pos < hi:
-            n = fh.readinto(buf[:min(_PASS_CHUNK, hi - pos)])
+            n = fh.readinto(buf[: min(_PASS_CHUNK, hi - pos)])
             if not n:
                 raise _Refused("became shorter while it was read", _DAMAGED)
             yield pos, buf[:n]
@@ -463,7 +492,7 @@ def _verify(fh, spans: list, file_size: int, digest) -> None:
         end = pos + len(chunk)
         while current is not None and current[0] < end:
             start, nbytes, want, where = current
-            crc = zlib.crc32(chunk[max(start, pos) - pos:min(start + nbytes, end) - pos], crc)
+            crc = zlib.crc32(chunk[max(start, pos) - pos : min(start + nbytes, end) - pos], crc)
             if start + nbytes > end:
                 break  # the span goes on in the next piece
             if crc != want:
@@ -479,10 +508,19 @@ def _refusals(name: str):
     except _Refused as exc:
         raise CheckpointError(f"{name} {exc}") from exc
     # zipfile, struct and the OS raise many types for a damaged or truncated archive.
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError,
-            struct.error, NotImplementedError, OverflowError, KeyError, RuntimeError) as exc:
-        raise CheckpointError(f"{name} is a damaged or truncated zip checkpoint ({_reason(exc)}); "
-                              f"{_DAMAGED}") from exc
+    except (
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        OSError,
+        EOFError,
+        ValueError,
+        struct.error,
+        NotImplementedError,
+        OverflowError,
+        KeyError,
+        RuntimeError,
+    ) as exc:
+        raise CheckpointError(f"{name} is a damaged or truncated zip checkpoint ({_reason(exc)}); {_DAMAGED}") from exc
 
 
 @dataclass
@@ -529,8 +567,7 @@ def open_pth(path) -> MappedPth:
     """
     name = os.fspath(path)
     if not os.path.isfile(name):
-        raise CheckpointError(f"{name} does not exist or is not a file; "
-                              "pass the path of a .pth checkpoint")
+        raise CheckpointError(f"{name} does not exist or is not a file; pass the path of a .pth checkpoint")
     with _refusals(name):
         return _map(name)
 

@@ -34,12 +34,18 @@ _ALIGN = 64
 _CHUNK = 64 << 20
 _ZIP64_LIMIT = 0xFFFFFFFF  # a size or offset at or above this needs zip64 fields
 _STORAGE_FOR_DTYPE = {
-    np.dtype("<f4"): "FloatStorage", np.dtype("<f2"): "HalfStorage",
-    np.dtype(ml_dtypes.bfloat16): "BFloat16Storage", np.dtype("<f8"): "DoubleStorage",
-    np.dtype("<i8"): "LongStorage", np.dtype("<i4"): "IntStorage",
-    np.dtype("<i2"): "ShortStorage", np.dtype("i1"): "CharStorage",
-    np.dtype("u1"): "ByteStorage", np.dtype("?"): "BoolStorage",
-    np.dtype("<c8"): "ComplexFloatStorage", np.dtype("<c16"): "ComplexDoubleStorage",
+    np.dtype("<f4"): "FloatStorage",
+    np.dtype("<f2"): "HalfStorage",
+    np.dtype(ml_dtypes.bfloat16): "BFloat16Storage",
+    np.dtype("<f8"): "DoubleStorage",
+    np.dtype("<i8"): "LongStorage",
+    np.dtype("<i4"): "IntStorage",
+    np.dtype("<i2"): "ShortStorage",
+    np.dtype("i1"): "CharStorage",
+    np.dtype("u1"): "ByteStorage",
+    np.dtype("?"): "BoolStorage",
+    np.dtype("<c8"): "ComplexFloatStorage",
+    np.dtype("<c16"): "ComplexDoubleStorage",
 }
 
 
@@ -48,6 +54,7 @@ def _little(dtype: np.dtype) -> np.dtype:
 
 
 # ---- data.pkl: a hand-written protocol-2 pickle (no memo, BINUNICODE strings) -------------
+
 
 def _p_str(s: str) -> bytes:
     b = s.encode("utf-8")
@@ -86,11 +93,17 @@ def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def _pickle_tensor(key: str, storage: str, shape: tuple[int, ...]) -> bytes:
     """``_rebuild_tensor_v2(pid, 0, size, stride, False, OrderedDict())`` (spec section 3.2)."""
-    pid = _p_tuple([_p_str("storage"), _p_global("torch", storage), _p_str(key),
-                    _p_str("cpu"), _p_int(math.prod(shape))])
-    args = [pid + b"Q", _p_int(0), _p_tuple(map(_p_int, shape)),
-            _p_tuple(map(_p_int, _contiguous_strides(shape))), b"\x89",
-            _p_global("collections", "OrderedDict") + b")R"]
+    pid = _p_tuple(
+        [_p_str("storage"), _p_global("torch", storage), _p_str(key), _p_str("cpu"), _p_int(math.prod(shape))]
+    )
+    args = [
+        pid + b"Q",
+        _p_int(0),
+        _p_tuple(map(_p_int, shape)),
+        _p_tuple(map(_p_int, _contiguous_strides(shape))),
+        b"\x89",
+        _p_global("collections", "OrderedDict") + b")R",
+    ]
     return _p_global("torch._utils", "_rebuild_tensor_v2") + _p_tuple(args) + b"R"
 
 
@@ -103,6 +116,7 @@ def _data_pkl(arrays: Mapping[str, np.ndarray]) -> bytes:
 
 
 # ---- the zip container ---------------------------------------------------------------------
+
 
 class _ZipStream:
     """Appends stored, aligned members to a binary file and remembers them for the directory."""
@@ -118,14 +132,16 @@ class _ZipStream:
         """Write one member of ``size`` bytes from ``chunks``; returns its CRC-32."""
         name_b, offset = name.encode("utf-8"), self.pos
         zip64 = size >= _ZIP64_LIMIT or offset >= _ZIP64_LIMIT
-        fields = ([size, size] if size >= _ZIP64_LIMIT else []) + (
-            [offset] if offset >= _ZIP64_LIMIT else [])
+        fields = ([size, size] if size >= _ZIP64_LIMIT else []) + ([offset] if offset >= _ZIP64_LIMIT else [])
         z64 = struct.pack(f"<HH{len(fields)}Q", 1, 8 * len(fields), *fields) if fields else b""
         pad = -(offset + 30 + len(name_b) + len(z64) + 4) % _ALIGN
         extra = z64 + b"FB" + struct.pack("<H", pad) + b"Z" * pad
         flags = 0x0808 if size else 0x0800
-        self._write(struct.pack("<IHHHHHIIIHH", 0x04034B50, 0, flags, 0, 0, 0, 0, 0, 0,
-                                len(name_b), len(extra)) + name_b + extra)
+        self._write(
+            struct.pack("<IHHHHHIIIHH", 0x04034B50, 0, flags, 0, 0, 0, 0, 0, 0, len(name_b), len(extra))
+            + name_b
+            + extra
+        )
         crc, written = 0, 0
         for chunk in chunks:
             crc = zlib.crc32(chunk, crc)
@@ -142,20 +158,50 @@ class _ZipStream:
         """Central directory, zip64 end record and locator, classic end record (section 6.4.3)."""
         cd_start = self.pos
         for name_b, flags, crc, size, offset in self.entries:
-            fields = ([size, size] if size >= _ZIP64_LIMIT else []) + (
-                [offset] if offset >= _ZIP64_LIMIT else [])
+            fields = ([size, size] if size >= _ZIP64_LIMIT else []) + ([offset] if offset >= _ZIP64_LIMIT else [])
             extra = struct.pack(f"<HH{len(fields)}Q", 1, 8 * len(fields), *fields) if fields else b""
             size32 = 0xFFFFFFFF if size >= _ZIP64_LIMIT else size
             offset32 = 0xFFFFFFFF if offset >= _ZIP64_LIMIT else offset
-            self._write(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 0, 0, flags, 0, 0, 0, crc,
-                                    size32, size32, len(name_b), len(extra), 0, 0, 0, 0,
-                                    offset32) + name_b + extra)
+            self._write(
+                struct.pack(
+                    "<IHHHHHHIIIHHHHHII",
+                    0x02014B50,
+                    0,
+                    0,
+                    flags,
+                    0,
+                    0,
+                    0,
+                    crc,
+                    size32,
+                    size32,
+                    len(name_b),
+                    len(extra),
+                    0,
+                    0,
+                    0,
+                    0,
+                    offset32,
+                )
+                + name_b
+                + extra
+            )
         n, cd_size, z64_start = len(self.entries), self.pos - cd_start, self.pos
-        self._write(struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, n, n,
-                                cd_size, cd_start))
+        self._write(struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, n, n, cd_size, cd_start))
         self._write(struct.pack("<IIQI", 0x07064B50, 0, z64_start, 1))
-        self._write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, min(n, 0xFFFF), min(n, 0xFFFF),
-                                min(cd_size, 0xFFFFFFFF), min(cd_start, 0xFFFFFFFF), 0))
+        self._write(
+            struct.pack(
+                "<IHHHHIIH",
+                0x06054B50,
+                0,
+                0,
+                min(n, 0xFFFF),
+                min(n, 0xFFFF),
+                min(cd_size, 0xFFFFFFFF),
+                min(cd_start, 0xFFFFFFFF),
+                0,
+            )
+        )
 
 
 def _tensor_chunks(a: np.ndarray):
@@ -165,7 +211,7 @@ def _tensor_chunks(a: np.ndarray):
         a = a.astype(_little(a.dtype))
     flat = a.reshape(-1).view(np.uint8)
     for start in range(0, flat.size, _CHUNK):
-        yield flat[start:start + _CHUNK]
+        yield flat[start : start + _CHUNK]
 
 
 class _Spec:
@@ -199,25 +245,34 @@ def _checked(path: str, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarr
     out = {}
     for name, value in tensors.items():
         if not isinstance(name, str):
-            raise CheckpointError(f"cannot write {path}: key {name!r} is not a string; "
-                                  "use parameter names such as 'emb.weight'")
+            raise CheckpointError(
+                f"cannot write {path}: key {name!r} is not a string; use parameter names such as 'emb.weight'"
+            )
         if not isinstance(value, (np.ndarray, np.generic)):
-            raise CheckpointError(f"cannot write {path}: {name!r} is a {type(value).__name__}, "
-                                  "not a numpy array; convert it with np.asarray first")
+            raise CheckpointError(
+                f"cannot write {path}: {name!r} is a {type(value).__name__}, "
+                "not a numpy array; convert it with np.asarray first"
+            )
         a = np.asarray(value)
         if _little(a.dtype) not in _STORAGE_FOR_DTYPE:
             kinds = ", ".join(sorted({str(d) for d in _STORAGE_FOR_DTYPE}))
-            raise CheckpointError(f"cannot write {path}: {name!r} has dtype {a.dtype}, which a "
-                                  f"torch checkpoint written here cannot hold; cast it to one of "
-                                  f"{kinds}")
+            raise CheckpointError(
+                f"cannot write {path}: {name!r} has dtype {a.dtype}, which a "
+                f"torch checkpoint written here cannot hold; cast it to one of "
+                f"{kinds}"
+            )
         out[name] = a
     return out
 
 
 def _write_archive(fh, prefix: str, arrays: Mapping[str, np.ndarray]) -> None:
     z = _ZipStream(fh)
-    records = [("data.pkl", _data_pkl(arrays)), (".format_version", b"1"),
-               (".storage_alignment", str(_ALIGN).encode()), ("byteorder", b"little")]
+    records = [
+        ("data.pkl", _data_pkl(arrays)),
+        (".format_version", b"1"),
+        (".storage_alignment", str(_ALIGN).encode()),
+        ("byteorder", b"little"),
+    ]
     for member, data in records:
         z.member(f"{prefix}/{member}", len(data), [data])
     from rwkv_opt.progress import phase, tick
@@ -256,6 +311,7 @@ def write_pth(path, tensors: Mapping[str, np.ndarray]) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         if isinstance(exc, OSError):
-            raise CheckpointError(f"cannot write {path}: {exc.strerror or exc}; check the "
-                                  "folder exists, is writable and has free space") from exc
+            raise CheckpointError(
+                f"cannot write {path}: {exc.strerror or exc}; check the folder exists, is writable and has free space"
+            ) from exc
         raise

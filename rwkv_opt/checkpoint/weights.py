@@ -4,6 +4,7 @@ Tensors stay as they came (often zero-copy bf16 views of a memory-mapped file) u
 consumer asks for one in a float dtype; conversion then happens one tensor at a time, so a
 2.9B bf16 file never needs two float copies of itself in memory.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -57,15 +58,20 @@ class Weights:
             out = np.empty(src.shape, dtype)
             step = max(1, (64 << 20) // max(1, src.shape[1] * 8))  # rows per piece: temporaries stay small
             for r in range(0, src.shape[0], step):  # row-wise, so the same values as in one piece
-                out[r:r + step] = layer_norm(src[r:r + step].astype(dtype), w, b)
+                out[r : r + step] = layer_norm(src[r : r + step].astype(dtype), w, b)
             release_pages(src)
             self._cache[key] = out
         return self._cache[key]
 
     def manifest_source(self) -> dict:
         """The manifest's "source" block: where the weights came from, in which layout, with which tokenizer."""
-        return {"path": self.source, "digest": self.digest or "synthetic", "layout": self.layout,
-                "tokenizer": self.tokenizer, "config": self.config.to_dict()}
+        return {
+            "path": self.source,
+            "digest": self.digest or "synthetic",
+            "layout": self.layout,
+            "tokenizer": self.tokenizer,
+            "config": self.config.to_dict(),
+        }
 
     def drop_cache(self) -> None:
         """Forget the folded tables (emb_ln0 is V x C floats: 1 GiB at 7.2B)."""
@@ -102,12 +108,16 @@ def validate(raw: Mapping[str, np.ndarray], source: str) -> ModelConfig:
             got = shapes[key]
             same = got == shape or (SQUEEZABLE.search(key) and math.prod(got) == math.prod(shape))
             if not same:
-                raise CheckpointError(f"{source}: '{key}' has shape {got}, expected {shape} for this model "
-                                      f"(n_embd={cfg.n_embd}, vocab={cfg.vocab}, n_layer={cfg.n_layer}).")
+                raise CheckpointError(
+                    f"{source}: '{key}' has shape {got}, expected {shape} for this model "
+                    f"(n_embd={cfg.n_embd}, vocab={cfg.vocab}, n_layer={cfg.n_layer})."
+                )
     unexpected = sorted(set(shapes) - known)
     if unexpected:
-        raise CheckpointError(f"{source} has an unexpected key {excerpt(unexpected[0])} for an "
-                              f"{cfg.variant.value} model; is it an RWKV-7 state dict?")
+        raise CheckpointError(
+            f"{source} has an unexpected key {excerpt(unexpected[0])} for an "
+            f"{cfg.variant.value} model; is it an RWKV-7 state dict?"
+        )
     for key, arr in raw.items():
         if np.dtype(arr.dtype).kind != "f" and str(arr.dtype) != "bfloat16":
             raise CheckpointError(f"{source}: '{key}' has dtype {arr.dtype}; expected bf16, fp16 or fp32 weights.")

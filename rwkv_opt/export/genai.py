@@ -15,6 +15,7 @@ right when genai binds the past and present buffers to the same memory (past_pre
 The model is loaded without its external weights and only its graph is rewired; the weight file is
 hard-linked into the output (or copied in chunks across filesystems), never held in memory.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,15 @@ from onnx import TensorProto, helper
 
 from rwkv_opt.graph.contract import Genai
 from rwkv_opt import __version__
-from rwkv_opt.artifact import (MANIFEST_FILE, MODEL_FILE, artifact_size, model_path, read_manifest, staging_dir,
-                               write_json)
+from rwkv_opt.artifact import (
+    MANIFEST_FILE,
+    MODEL_FILE,
+    artifact_size,
+    model_path,
+    read_manifest,
+    staging_dir,
+    write_json,
+)
 from rwkv_opt.errors import RwkvOptError
 from rwkv_opt.export.genai_readme import render
 from rwkv_opt.export.tokenizer_bpe import write_tokenizer
@@ -42,20 +50,22 @@ INPUT_IDS, LOGITS = Genai.INPUT_IDS, Genai.LOGITS
 PAST_CONV, PAST_RECURRENT = Genai.PAST_CONV, Genai.PAST_RECURRENT
 PRESENT_CONV, PRESENT_RECURRENT = Genai.PRESENT_CONV, Genai.PRESENT_RECURRENT
 SPLIT_SIZES = "/genai/conv_split_sizes"
-CONTEXT_LENGTH = 1 << 20   # RWKV has no context limit; genai needs a positive bound on sequence length
-MAX_LENGTH = 4096          # default generation bound (prompt + new tokens), changeable per request
-COPY_CHUNK = 64 << 20      # a weight file copied across filesystems goes through a buffer this large
-END_OF_DOC = 0             # World token 0 ends a document: eos, and the pad genai needs
-UNLIMITED_TOP_K = 0        # the model card's top_k 0: no top-k limit
-GENAI_VERSION = "0.18.0"   # the onnxruntime-genai release this layout and config were verified with (tests/export)
+CONTEXT_LENGTH = 1 << 20  # RWKV has no context limit; genai needs a positive bound on sequence length
+MAX_LENGTH = 4096  # default generation bound (prompt + new tokens), changeable per request
+COPY_CHUNK = 64 << 20  # a weight file copied across filesystems goes through a buffer this large
+END_OF_DOC = 0  # World token 0 ends a document: eos, and the pad genai needs
+UNLIMITED_TOP_K = 0  # the model card's top_k 0: no top-k limit
+GENAI_VERSION = "0.18.0"  # the onnxruntime-genai release this layout and config were verified with (tests/export)
 
 
 def export_genai(artifact: Path, out: Path) -> dict:
     """Write DIR `out` for og.Model(out) from rwkv-opt artifact `artifact` -> the export record."""
     artifact = Path(artifact)
     if not artifact.is_dir():
-        raise RwkvOptError(f"artifact directory {artifact} does not exist; pass a directory made by "
-                           "`rwkv-opt pipeline` or `rwkv-opt build`.")
+        raise RwkvOptError(
+            f"artifact directory {artifact} does not exist; pass a directory made by "
+            "`rwkv-opt pipeline` or `rwkv-opt build`."
+        )
     manifest = read_manifest(artifact)
     model = onnx.load(str(model_path(artifact)), load_external_data=False)
     meta = {p.key: p.value for p in model.metadata_props}
@@ -70,10 +80,19 @@ def export_genai(artifact: Path, out: Path) -> dict:
         write_json(tmp / CONFIG_FILE, genai_config(config, provider))
         write_tokenizer(tmp)
         (tmp / README_FILE).write_text(render(manifest.get("target", "?"), provider, MAX_LENGTH))
-        record = {"tool": "rwkv-opt", "export": "genai", "source": str(artifact.absolute()),
-                  "target": manifest.get("target"), "provider": provider, "rwkv_opt": __version__,
-                  "verified_with_onnxruntime_genai": GENAI_VERSION, "config": config, "weight_files": weights,
-                  "artifact_bytes": artifact_size(artifact), "export_bytes": _dir_bytes(tmp)}
+        record = {
+            "tool": "rwkv-opt",
+            "export": "genai",
+            "source": str(artifact.absolute()),
+            "target": manifest.get("target"),
+            "provider": provider,
+            "rwkv_opt": __version__,
+            "verified_with_onnxruntime_genai": GENAI_VERSION,
+            "config": config,
+            "weight_files": weights,
+            "artifact_bytes": artifact_size(artifact),
+            "export_bytes": _dir_bytes(tmp),
+        }
         write_json(tmp / MANIFEST_FILE, record)
     return record
 
@@ -81,13 +100,17 @@ def export_genai(artifact: Path, out: Path) -> dict:
 def _refuse_heads(artifact: Path, manifest: dict, meta: dict[str, str]) -> None:
     """One sentence when the model is not a plain logits model: genai samples on the host."""
     if "rwkv_opt.config" not in meta:
-        raise RwkvOptError(f"{artifact / MODEL_FILE} has no rwkv-opt metadata; export an artifact made by "
-                           "`rwkv-opt pipeline` or `rwkv-opt build`.")
+        raise RwkvOptError(
+            f"{artifact / MODEL_FILE} has no rwkv-opt metadata; export an artifact made by "
+            "`rwkv-opt pipeline` or `rwkv-opt build`."
+        )
     heads = list(manifest.get("heads") or [])
     heads += [meta[k] for k in ("rwkv_opt.head", "rwkv_opt.train.head") if k in meta]
     if heads:
-        raise RwkvOptError(f"{artifact} carries the '{heads[0]}' head, but onnxruntime-genai runs plain logits "
-                           "models (it samples on the host); export an artifact built without --head.")
+        raise RwkvOptError(
+            f"{artifact} carries the '{heads[0]}' head, but onnxruntime-genai runs plain logits "
+            "models (it samples on the host); export an artifact built without --head."
+        )
 
 
 def rewire(model: onnx.ModelProto, n_layer: int) -> None:
@@ -97,8 +120,10 @@ def rewire(model: onnx.ModelProto, n_layer: int) -> None:
     expected = [contract.TOKENS] + [n for i in range(n_layer) for n in contract.state_inputs(i)]
     if sorted(names) != sorted(expected):
         extra = sorted(set(names) - set(expected)) or sorted(set(expected) - set(names))
-        raise RwkvOptError(f"the model's inputs differ from rwkv-opt's contract at {extra[:3]}; export an "
-                           "artifact made by `rwkv-opt pipeline` or `build` without heads.")
+        raise RwkvOptError(
+            f"the model's inputs differ from rwkv-opt's contract at {extra[:3]}; export an "
+            "artifact made by `rwkv-opt pipeline` or `build` without heads."
+        )
     _rename(g, contract.TOKENS, INPUT_IDS)
     _rename(g, contract.LOGITS, LOGITS)
     inputs, outputs = {i.name: i for i in g.input}, {o.name: o for o in g.output}
@@ -111,15 +136,21 @@ def rewire(model: onnx.ModelProto, n_layer: int) -> None:
         _rename(g, wkv_next, PRESENT_RECURRENT % i)
         shift = inputs[tmix].type.tensor_type
         packed = ["batch", 2, shift.shape.dim[2].dim_value]
-        for field, pair, name in ((g.input, (inputs[tmix], inputs[cmix]), PAST_CONV % i),
-                                  (g.output, (outputs[tmix_next], outputs[cmix_next]), PRESENT_CONV % i)):
+        for field, pair, name in (
+            (g.input, (inputs[tmix], inputs[cmix]), PAST_CONV % i),
+            (g.output, (outputs[tmix_next], outputs[cmix_next]), PRESENT_CONV % i),
+        ):
             for vi in pair:
                 field.remove(vi)
             field.append(helper.make_tensor_value_info(name, shift.elem_type, packed))
-        splits.append(helper.make_node("Split", [PAST_CONV % i, SPLIT_SIZES], [tmix, cmix], axis=1,
-                                       name=f"/genai/split_conv_{i}"))
-        concats.append(helper.make_node("Concat", [tmix_next, cmix_next], [PRESENT_CONV % i], axis=1,
-                                        name=f"/genai/concat_conv_{i}"))
+        splits.append(
+            helper.make_node("Split", [PAST_CONV % i, SPLIT_SIZES], [tmix, cmix], axis=1, name=f"/genai/split_conv_{i}")
+        )
+        concats.append(
+            helper.make_node(
+                "Concat", [tmix_next, cmix_next], [PRESENT_CONV % i], axis=1, name=f"/genai/concat_conv_{i}"
+            )
+        )
     _order_io(g, n_layer)
     nodes = splits + list(g.node) + concats  # Splits read graph inputs only, Concats the last producers
     del g.node[:]
@@ -142,7 +173,7 @@ def _rename_uses(g: onnx.GraphProto, old: str, new: str) -> None:
     for node in g.node:
         node.input[:] = [new if v == old else v for v in node.input]
         for attr in node.attribute:
-            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
                 if not _defines(sub, old):
                     _rename_uses(sub, old, new)
                     for o in sub.output:  # a branch may return the outer value itself
@@ -151,14 +182,15 @@ def _rename_uses(g: onnx.GraphProto, old: str, new: str) -> None:
 
 
 def _defines(g: onnx.GraphProto, name: str) -> bool:
-    return (any(v.name == name for v in list(g.input) + list(g.initializer))
-            or any(name in n.output for n in g.node))
+    return any(v.name == name for v in list(g.input) + list(g.initializer)) or any(name in n.output for n in g.node)
 
 
 def _order_io(g: onnx.GraphProto, n_layer: int) -> None:
     """Graph inputs and outputs in genai's order: tokens/logits first, then per layer conv, recurrent."""
-    for field, first, conv, recurrent in ((g.input, INPUT_IDS, PAST_CONV, PAST_RECURRENT),
-                                          (g.output, LOGITS, PRESENT_CONV, PRESENT_RECURRENT)):
+    for field, first, conv, recurrent in (
+        (g.input, INPUT_IDS, PAST_CONV, PAST_RECURRENT),
+        (g.output, LOGITS, PRESENT_CONV, PRESENT_RECURRENT),
+    ):
         order = [first] + [n % i for i in range(n_layer) for n in (conv, recurrent)]
         by_name = {v.name: v for v in field}
         values = [by_name[n] for n in order]
@@ -175,8 +207,10 @@ def _data_files(model: onnx.ModelProto) -> list[str]:
         if t.data_location == TensorProto.EXTERNAL:
             location = next(e.value for e in t.external_data if e.key == "location")
             if Path(location).name != location:
-                raise RwkvOptError(f"tensor {t.name} points at weight file {location!r} outside the artifact "
-                                   "directory; re-save the artifact with `rwkv-opt pipeline`.")
+                raise RwkvOptError(
+                    f"tensor {t.name} points at weight file {location!r} outside the artifact "
+                    "directory; re-save the artifact with `rwkv-opt pipeline`."
+                )
             locations.add(location)
     return sorted(locations)
 
@@ -185,8 +219,10 @@ def _link_or_copy(src: Path, dst: Path) -> str:
     """Hard-link `src` to `dst` (no bytes copied), or copy it in chunks when they are on different
     filesystems or the filesystem has no hard links -> "hard link" or "copy"."""
     if not src.is_file():
-        raise RwkvOptError(f"{src.parent / MODEL_FILE} needs weight file {src.name}, which is missing; "
-                           "re-run `rwkv-opt pipeline` for this artifact.")
+        raise RwkvOptError(
+            f"{src.parent / MODEL_FILE} needs weight file {src.name}, which is missing; "
+            "re-run `rwkv-opt pipeline` for this artifact."
+        )
     try:
         os.link(src, dst)
         return "hard link"
@@ -213,17 +249,25 @@ def genai_config(config: dict, provider: str) -> dict:
             "pad_token_id": END_OF_DOC,
             "decoder": {
                 "filename": MODEL_FILE,
-                "session_options": {"log_id": "onnxruntime-genai",
-                                    "provider_options": [{"cuda": {}}] if provider == "cuda" else []},
+                "session_options": {
+                    "log_id": "onnxruntime-genai",
+                    "provider_options": [{"cuda": {}}] if provider == "cuda" else [],
+                },
                 "hidden_size": config["n_embd"],
                 "num_attention_heads": heads,
                 "num_key_value_heads": heads,
                 "head_size": config["head_size"],
                 "num_hidden_layers": config["n_layer"],
-                "inputs": {"input_ids": INPUT_IDS, "past_conv_names": PAST_CONV,
-                           "past_recurrent_names": PAST_RECURRENT},
-                "outputs": {"logits": LOGITS, "present_conv_names": PRESENT_CONV,
-                            "present_recurrent_names": PRESENT_RECURRENT},
+                "inputs": {
+                    "input_ids": INPUT_IDS,
+                    "past_conv_names": PAST_CONV,
+                    "past_recurrent_names": PAST_RECURRENT,
+                },
+                "outputs": {
+                    "logits": LOGITS,
+                    "present_conv_names": PRESENT_CONV,
+                    "present_recurrent_names": PRESENT_RECURRENT,
+                },
             },
         },
         "search": search_defaults(),
@@ -235,8 +279,16 @@ def search_defaults() -> dict:
     top-p. Its presence/frequency penalties with decay have no genai option (genai's repetition_penalty
     divides logits instead), so they are off; top_k 0 in the card means no top-k limit."""
     g1 = SamplingParams()
-    return {"do_sample": True, "num_beams": 1, "num_return_sequences": 1, "max_length": MAX_LENGTH,
-            "min_length": 0, "temperature": g1.temperature, "top_p": g1.top_p, "top_k": UNLIMITED_TOP_K,
-            "repetition_penalty": 1.0, "past_present_share_buffer": False, "early_stopping": True}
-
-
+    return {
+        "do_sample": True,
+        "num_beams": 1,
+        "num_return_sequences": 1,
+        "max_length": MAX_LENGTH,
+        "min_length": 0,
+        "temperature": g1.temperature,
+        "top_p": g1.top_p,
+        "top_k": UNLIMITED_TOP_K,
+        "repetition_penalty": 1.0,
+        "past_present_share_buffer": False,
+        "early_stopping": True,
+    }

@@ -1,5 +1,6 @@
 """The README.md that `rwkv-opt export genai` writes into DIR: what the directory holds, how C#, C and
 Python apps run it, and which of the model card's sampling settings genai cannot express."""
+
 from __future__ import annotations
 
 _TEMPLATE = """# RWKV-7 for onnxruntime-genai

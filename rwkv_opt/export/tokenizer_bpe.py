@@ -21,6 +21,7 @@ tokens (mostly 3-byte characters such as U+732B) have no split into two tokens a
 The exact path is: encode with rwkv-opt's World tokenizer (or the official one) and hand the ids to
 the generator with append_tokens.
 """
+
 from __future__ import annotations
 
 import functools
@@ -37,8 +38,13 @@ END_OF_DOC_TEXT = "<|endoftext|>"  # World id 0 (end of document) has no bytes; 
 _BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
 # One pre-token for the whole text: onnxruntime-extensions applies GPT-2's word-splitting regex unless the
 # pre-tokenizer names its own split, and that regex cuts World tokens such as "\n\n" in two.
-_WHOLE_TEXT = {"type": "Sequence", "pretokenizers": [
-    {"type": "Split", "pattern": {"Regex": "[\\s\\S]+"}, "behavior": "Isolated", "invert": False}, _BYTE_LEVEL]}
+_WHOLE_TEXT = {
+    "type": "Sequence",
+    "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": "[\\s\\S]+"}, "behavior": "Isolated", "invert": False},
+        _BYTE_LEVEL,
+    ],
+}
 
 
 def byte_to_unicode() -> dict[int, str]:
@@ -60,8 +66,7 @@ def bpe_model(vocab: dict[int, bytes]) -> tuple[dict[str, int], list[list[str]]]
     ids = {token: i for i, token in vocab.items()}
     uses = building_block_counts(vocab.values())
     merges = []
-    order = sorted((t for t in vocab.values() if len(t) > 1),
-                   key=lambda t: (-len(t), start_class(t), -uses[t], ids[t]))
+    order = sorted((t for t in vocab.values() if len(t) > 1), key=lambda t: (-len(t), start_class(t), -uses[t], ids[t]))
     for token in order:
         for k in range(len(token) - 1, 0, -1):  # every split; the order within one token is moot
             left, right = ids.get(token[:k]), ids.get(token[k:])
@@ -102,32 +107,67 @@ def tokenizer_json(vocab: dict[int, bytes]) -> dict:
     """The HF tokenizer.json document (byte-level BPE, end of document as special token 0)."""
     bpe_vocab, merges = bpe_model(vocab)
     return {
-        "version": "1.0", "truncation": None, "padding": None,
-        "added_tokens": [{"id": END_OF_DOC, "content": END_OF_DOC_TEXT, "single_word": False, "lstrip": False,
-                          "rstrip": False, "normalized": False, "special": True}],
-        "normalizer": None, "pre_tokenizer": _WHOLE_TEXT, "post_processor": None, "decoder": _BYTE_LEVEL,
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
-                  "vocab": {END_OF_DOC_TEXT: END_OF_DOC, **bpe_vocab}, "merges": merges},
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [
+            {
+                "id": END_OF_DOC,
+                "content": END_OF_DOC_TEXT,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
+        ],
+        "normalizer": None,
+        "pre_tokenizer": _WHOLE_TEXT,
+        "post_processor": None,
+        "decoder": _BYTE_LEVEL,
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "vocab": {END_OF_DOC_TEXT: END_OF_DOC, **bpe_vocab},
+            "merges": merges,
+        },
     }
 
 
 def tokenizer_config() -> dict:
     """tokenizer_config.json: no BOS/EOS added on encode (RWKV prompts start bare)."""
-    special = {"content": END_OF_DOC_TEXT, "special": True, "lstrip": False, "rstrip": False,
-               "normalized": False, "single_word": False}
-    return {"tokenizer_class": "GPT2Tokenizer", "add_bos_token": False, "add_eos_token": False,
-            "bos_token": END_OF_DOC_TEXT, "eos_token": END_OF_DOC_TEXT, "unk_token": END_OF_DOC_TEXT,
-            "pad_token": END_OF_DOC_TEXT, "clean_up_tokenization_spaces": False, "model_max_length": 1 << 30,
-            "added_tokens_decoder": {str(END_OF_DOC): special}}
+    special = {
+        "content": END_OF_DOC_TEXT,
+        "special": True,
+        "lstrip": False,
+        "rstrip": False,
+        "normalized": False,
+        "single_word": False,
+    }
+    return {
+        "tokenizer_class": "GPT2Tokenizer",
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "bos_token": END_OF_DOC_TEXT,
+        "eos_token": END_OF_DOC_TEXT,
+        "unk_token": END_OF_DOC_TEXT,
+        "pad_token": END_OF_DOC_TEXT,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 1 << 30,
+        "added_tokens_decoder": {str(END_OF_DOC): special},
+    }
 
 
 @functools.lru_cache(maxsize=1)
 def _tokenizer_text() -> str:
     """tokenizer.json's text for the bundled World vocabulary (built once per process: ~2 s)."""
     world = load_world_tokenizer()
-    return json.dumps(tokenizer_json({i: t for i, t in world.idx2token.items() if i != END_OF_DOC}),
-                      ensure_ascii=False)
+    return json.dumps(tokenizer_json({i: t for i, t in world.idx2token.items() if i != END_OF_DOC}), ensure_ascii=False)
 
 
 def write_tokenizer(directory: Path) -> None:

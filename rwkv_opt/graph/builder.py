@@ -8,6 +8,7 @@ Every op call returns the Value(s) it produced; names are derived from the scope
 are wired with values, never with hand-typed strings. Nodes are named `/scope/.../Op[_n]`
 and their outputs `/scope/.../Op[_n]/output_k`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -98,8 +99,7 @@ class GraphBuilder:
         return self.const(list(values), np.int64)
 
     # ---- ops ----------------------------------------------------------------------------------
-    def op(self, op_type: str, *inputs, outputs: int = 1, name: str | None = None, domain: str = "",
-           **attrs):
+    def op(self, op_type: str, *inputs, outputs: int = 1, name: str | None = None, domain: str = "", **attrs):
         node_name = self._unique(self.path(name or op_type))
         outs = [Value(f"{node_name}/output_{k}") for k in range(outputs)]
         ins = ["" if i is None else i for i in inputs]
@@ -113,16 +113,23 @@ class GraphBuilder:
 
     # ---- assembly -----------------------------------------------------------------------------
     def graph(self) -> onnx.GraphProto:
-        return helper.make_graph(self.nodes, self.name, self.inputs, self.outputs,
-                                 initializer=list(self.initializers.values()), value_info=self.value_info)
+        return helper.make_graph(
+            self.nodes,
+            self.name,
+            self.inputs,
+            self.outputs,
+            initializer=list(self.initializers.values()),
+            value_info=self.value_info,
+        )
 
     def model(self, metadata: dict | None = None, ir_version: int = 10) -> onnx.ModelProto:
         """The ModelProto. Initializers are MOVED into it one at a time (the builder is left without
         them): protobuf copies on every assignment, so building the graph with them and then the
         model would hold three copies of the weights at once."""
         g = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, value_info=self.value_info)
-        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", self.opset)],
-                              producer_name="rwkv-opt", ir_version=ir_version)
+        m = helper.make_model(
+            g, opset_imports=[helper.make_opsetid("", self.opset)], producer_name="rwkv-opt", ir_version=ir_version
+        )
         del g
         for name in list(self.initializers):
             m.graph.initializer.append(self.initializers.pop(name))

@@ -7,20 +7,22 @@ Programs written against the seed address the model by these names; keep them st
     x_cmix_last_{i}    [batch, 1, C]                  channel-mix token shift (LN2 output)
 outputs: head [batch, seq or 1, V], x_tmix_next_{i}, wkv_next_{i}, x_cmix_next_{i}.
 """
+
 from __future__ import annotations
 
 TOKENS = "x"
 LOGITS = "head"
 
+
 class Sampler:
     """I/O of the in-graph sampler that `--head sampling` appends (passes/sampling_head.py); the seed's
     spelling of "occurence" is kept, as programs feed it by name."""
 
-    TOKEN = "y"                          # int64 [batch]: the drawn token
-    OCCURRENCE = "occurence"             # float [batch, V]: the penalties' running counts (input)
-    OCCURRENCE_NEXT = "occurence_next"   # its next value (output)
-    UNIFORM = "uniform"                  # optional float [batch]: the draw's uniform sample
-    TOKEN_BAN = "token_ban"              # optional banned-token mask
+    TOKEN = "y"  # int64 [batch]: the drawn token
+    OCCURRENCE = "occurence"  # float [batch, V]: the penalties' running counts (input)
+    OCCURRENCE_NEXT = "occurence_next"  # its next value (output)
+    UNIFORM = "uniform"  # optional float [batch]: the draw's uniform sample
+    TOKEN_BAN = "token_ban"  # optional banned-token mask
 
 
 class Genai:
@@ -43,23 +45,34 @@ class Key:
     N_EMBD = "rwkv_opt.n_embd"
     HEAD_SIZE = "rwkv_opt.head_size"
     VOCAB = "rwkv_opt.vocab"
-    VARIANT = "rwkv_opt.variant"              # "rwkv7" or "rwkv7a"
-    CONFIG = "rwkv_opt.config"                # JSON: ModelConfig.to_dict()
-    LOGITS = "rwkv_opt.logits"                # "all" or "last"
-    PRECISION = "rwkv_opt.precision"          # JSON: {"weights", "activations", "wkv", "mode"?}
-    STATE_DTYPES = "rwkv_opt.state_dtypes"    # JSON: {"x_tmix", "wkv", "x_cmix"} -> numpy dtype name
+    VARIANT = "rwkv_opt.variant"  # "rwkv7" or "rwkv7a"
+    CONFIG = "rwkv_opt.config"  # JSON: ModelConfig.to_dict()
+    LOGITS = "rwkv_opt.logits"  # "all" or "last"
+    PRECISION = "rwkv_opt.precision"  # JSON: {"weights", "activations", "wkv", "mode"?}
+    STATE_DTYPES = "rwkv_opt.state_dtypes"  # JSON: {"x_tmix", "wkv", "x_cmix"} -> numpy dtype name
     VERSION = "rwkv_opt.version"
     SOURCE_DIGEST = "rwkv_opt.source_digest"
-    PASSES = "rwkv_opt.passes"                # comma-separated names of the passes applied, in order
-    QUANTIZATION = "rwkv_opt.quantization"    # JSON, set by passes/quantize.py
-    SAMPLER = "rwkv_opt.head"                 # "sampling" when the in-graph sampler is appended
-    SAMPLING = "rwkv_opt.sampling"            # JSON: the sampler's defaults and feeds
-    TRAIN = "rwkv_opt.train."                 # prefix: training head (head, objective, seq, batch, trainable)
+    PASSES = "rwkv_opt.passes"  # comma-separated names of the passes applied, in order
+    QUANTIZATION = "rwkv_opt.quantization"  # JSON, set by passes/quantize.py
+    SAMPLER = "rwkv_opt.head"  # "sampling" when the in-graph sampler is appended
+    SAMPLING = "rwkv_opt.sampling"  # JSON: the sampler's defaults and feeds
+    TRAIN = "rwkv_opt.train."  # prefix: training head (head, objective, seq, batch, trainable)
 
 
 # The keys every base graph carries (graph/model.py writes them).
-META_KEYS = (Key.N_LAYER, Key.N_EMBD, Key.HEAD_SIZE, Key.VOCAB, Key.VARIANT, Key.CONFIG, Key.LOGITS,
-             Key.PRECISION, Key.STATE_DTYPES, Key.VERSION, Key.SOURCE_DIGEST)
+META_KEYS = (
+    Key.N_LAYER,
+    Key.N_EMBD,
+    Key.HEAD_SIZE,
+    Key.VOCAB,
+    Key.VARIANT,
+    Key.CONFIG,
+    Key.LOGITS,
+    Key.PRECISION,
+    Key.STATE_DTYPES,
+    Key.VERSION,
+    Key.SOURCE_DIGEST,
+)
 
 
 def get_meta(model, key: str, default: str | None = None) -> str | None:
@@ -155,7 +168,7 @@ class Meta:
     @property
     def train(self) -> dict[str, str]:
         """The training head's fields (head, objective, seq, batch, trainable), as strings."""
-        return {k[len(Key.TRAIN):]: v for k, v in self.props.items() if k.startswith(Key.TRAIN)}
+        return {k[len(Key.TRAIN) :]: v for k, v in self.props.items() if k.startswith(Key.TRAIN)}
 
 
 class Scope:
@@ -165,21 +178,21 @@ class Scope:
     inside `g.scope(BLOCK.format(i))` then `g.scope(ATT)` is named "/blocks.{i}/att/<op>"; a test
     (tests/graph/test_base_graph.py) proves every path the passes read exists in the base graph."""
 
-    BLOCK = "blocks.{i}"   # one per layer
-    ATT = "att"            # time mix
-    FFN = "ffn"            # channel mix
-    HEAD = "head"          # ln_out and the output projection
-    EMB = "emb"            # the embedding Gather (a node name at the top level)
-    SHIFT = "shift"        # token shift (inside att and ffn)
-    DECAY = "decay"        # w = exp(-e^-0.5 * sigmoid(...)): kept fp32, never quantized
-    A = "a"                # in-context learning rate LoRA
-    GATE = "gate"          # output gate LoRA
-    V_MIX = "v_mix"        # value residual LoRA (layers > 0)
+    BLOCK = "blocks.{i}"  # one per layer
+    ATT = "att"  # time mix
+    FFN = "ffn"  # channel mix
+    HEAD = "head"  # ln_out and the output projection
+    EMB = "emb"  # the embedding Gather (a node name at the top level)
+    SHIFT = "shift"  # token shift (inside att and ffn)
+    DECAY = "decay"  # w = exp(-e^-0.5 * sigmoid(...)): kept fp32, never quantized
+    A = "a"  # in-context learning rate LoRA
+    GATE = "gate"  # output gate LoRA
+    V_MIX = "v_mix"  # value residual LoRA (layers > 0)
     NORMALIZE = "normalize"  # kk l2-normalize
-    WKV = "wkv"            # the WKV recurrence (Scan or fused): fp32 with its state
+    WKV = "wkv"  # the WKV recurrence (Scan or fused): fp32 with its state
     WKV_STEP = "wkv_step"  # the Scan body graph
-    BONUS = "bonus"        # (r * k * r_k).sum * v
-    LN_X = "ln_x"          # GroupNorm of the WKV output
+    BONUS = "bonus"  # (r * k * r_k).sum * v
+    LN_X = "ln_x"  # GroupNorm of the WKV output
     DEEPEMBED = "deepembed"  # RWKV-7a's DeepEmbed path in ffn
 
 

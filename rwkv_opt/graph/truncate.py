@@ -9,6 +9,7 @@ the head reading block k-1's residual output, compared against the reference cut
 it proves: the embedding, the first k blocks and the head were converted right; what it does not:
 blocks k..L-1 (their graph passed the checker and the fp32 state-path invariant like the rest).
 """
+
 from __future__ import annotations
 
 import json
@@ -36,7 +37,12 @@ def residual_out(graph: onnx.GraphProto, i: int) -> str:
             for o in n.output:
                 made[o] = n
     after = i + 1
-    readers = [n for n in graph.node if (_block_of(n) == after) or (_block_of(n) is None and n.name.startswith(contract.scope_path(contract.Scope.HEAD)))]
+    readers = [
+        n
+        for n in graph.node
+        if (_block_of(n) == after)
+        or (_block_of(n) is None and n.name.startswith(contract.scope_path(contract.Scope.HEAD)))
+    ]
     read = {t for n in readers for t in n.input if t in made}
     order = {id(n): k for k, n in enumerate(graph.node)}
     if not read:

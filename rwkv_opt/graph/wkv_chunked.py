@@ -32,6 +32,7 @@ Layout letters: B batch, T time, H heads, N head size, C chunks, L chunk length,
 inverse per chunk, K block size. Inside the chunked form every tensor is (C,B,H,L,N) so that the
 Scan runs over axis 0 with no transposes.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -62,16 +63,17 @@ def wkv_step(g: GraphBuilder, H: int, N: int, r, w, k, v, kk, b, s0_BHNN) -> tup
     """
     col = lambda t: g.Reshape(t, g.ints(-1, H, N, 1))  # noqa: E731  (B,H,N,1)
     row = lambda t: g.Reshape(t, g.ints(-1, H, 1, N))  # noqa: E731  (B,H,1,N)
-    u = g.MatMul(s0_BHNN, col(kk))                                             # (B,H,N,1)
-    lhs = g.Concat(g.Neg(u), col(v), axis=-1)                                  # (B,H,N,2)
-    rhs = g.Concat(row(b), row(k), axis=-2)                                    # (B,H,2,N)
+    u = g.MatMul(s0_BHNN, col(kk))  # (B,H,N,1)
+    lhs = g.Concat(g.Neg(u), col(v), axis=-1)  # (B,H,N,2)
+    rhs = g.Concat(row(b), row(k), axis=-2)  # (B,H,2,N)
     s1 = g.Add(g.Mul(s0_BHNN, row(w)), g.MatMul(lhs, rhs))
-    y = g.Reshape(g.MatMul(s1, col(r)), g.ints(-1, 1, H, N))                   # (B,1,H,N)
+    y = g.Reshape(g.MatMul(s1, col(r)), g.ints(-1, 1, H, N))  # (B,1,H,N)
     return y, s1
 
 
-def wkv_chunked(g: GraphBuilder, H: int, N: int, r, w, k, v, kk, b, s0_BHNN, chunk: int = 64,
-                logw=None) -> tuple[Value, Value]:
+def wkv_chunked(
+    g: GraphBuilder, H: int, N: int, r, w, k, v, kk, b, s0_BHNN, chunk: int = 64, logw=None
+) -> tuple[Value, Value]:
     """The chunked WKV for any T >= 1 (see the module docstring). Pass `logw` = log w (B,T,H,N)
     when the model has it (it does: -0.606531 * sigmoid(.)); then `w` is not used.
     """
@@ -80,7 +82,7 @@ def wkv_chunked(g: GraphBuilder, H: int, N: int, r, w, k, v, kk, b, s0_BHNN, chu
         raise ValueError(reason)
     L = chunk
     with g.scope("pad"):
-        T = g.Shape(r, start=1, end=2)                                          # (1,) int64
+        T = g.Shape(r, start=1, end=2)  # (1,) int64
         pad = g.Mod(g.Sub(g.ints(L), g.Mod(T, g.ints(L))), g.ints(L))
         pads = g.Concat(g.ints(0), pad, axis=0)
     lw = logw if logw is not None else g.Log(w)
@@ -92,7 +94,7 @@ def wkv_chunked(g: GraphBuilder, H: int, N: int, r, w, k, v, kk, b, s0_BHNN, chu
     with g.scope("scan"):
         s_out, y = _chunk_scan(g, H, N, L, s0_BHNN, eg, M, Et, Yq, Yi)
     with g.scope("unpad"):
-        y = g.Reshape(g.Transpose(y, perm=[1, 0, 3, 2, 4]), g.ints(0, -1, H, N))   # (B,C*L,H,N)
+        y = g.Reshape(g.Transpose(y, perm=[1, 0, 3, 2, 4]), g.ints(0, -1, H, N))  # (B,C*L,H,N)
         y = g.Slice(y, g.ints(0), T, g.ints(1))
     return y, s_out
 
@@ -100,20 +102,20 @@ def wkv_chunked(g: GraphBuilder, H: int, N: int, r, w, k, v, kk, b, s0_BHNN, chu
 def _to_chunks(g: GraphBuilder, x_BTHN, pads, H: int, N: int, L: int) -> Value:
     """(B,T,H,N) -> zero-padded (C,B,H,L,N). Zero is the no-op token for every input (lw = 0)."""
     x = g.Pad(x_BTHN, pads, None, g.ints(1))
-    x = g.Reshape(x, g.ints(0, -1, L, H, N))                                    # (B,C,L,H,N)
-    return g.Transpose(x, perm=[1, 0, 3, 2, 4])                                 # (C,B,H,L,N)
+    x = g.Reshape(x, g.ints(0, -1, L, H, N))  # (B,C,L,H,N)
+    return g.Transpose(x, perm=[1, 0, 3, 2, 4])  # (C,B,H,L,N)
 
 
 def _log_decay_sums(g: GraphBuilder, lw, L: int):
     """Prefix sums of the log decay along the chunk (axis 3), each as a direct partial sum.
 
-        G = sum_{s<=t} lw_s,  Gx = G - lw,  gL = G_L,  Ge = sum_{s>t} lw_s,
-        D = G - G_m (m = L/2): -sum_{t<s<=m} lw_s for t <= m, sum_{m<s<=t} lw_s for t > m.
+    G = sum_{s<=t} lw_s,  Gx = G - lw,  gL = G_L,  Ge = sum_{s>t} lw_s,
+    D = G - G_m (m = L/2): -sum_{t<s<=m} lw_s for t <= m, sum_{m<s<=t} lw_s for t > m.
     """
     ax, m = _scalar(g, 3), L // 2
     G = g.CumSum(lw, ax)
     Gx = g.Sub(G, lw)
-    gL = g.Slice(G, g.ints(L - 1), g.ints(L), g.ints(3))                      # (C,B,H,1,N)
+    gL = g.Slice(G, g.ints(L - 1), g.ints(L), g.ints(3))  # (C,B,H,1,N)
     Ge = g.CumSum(lw, ax, reverse=1, exclusive=1)
     lo = g.Slice(lw, g.ints(0), g.ints(m), g.ints(3))
     hi = g.Slice(lw, g.ints(m), g.ints(L), g.ints(3))
@@ -140,22 +142,22 @@ def _chunk_pieces(g: GraphBuilder, L: int, r, k, v, kk, b, G, Gx, gL, Ge, D, Dx)
     """Everything that does not depend on the incoming state, for all chunks at once: the output
     pieces Yq, Yi (C,B,H,L,N) and the transposed chunk transition P^T = diag(e^g) - M, E^T, as
     e^g (C,B,H,N,1), M = (B e^Ge)^T W and E^T (C,B,H,N,N); they act on the transposed state."""
-    eD = g.Exp(D)                                            # e^D and 1/e^D <= e^(0.61 L/2): finite
-    r_, kk_ = g.Mul(r, eD), g.Mul(kk, g.Exp(Dx))             # R e^D, KK e^Dx
-    b_ = g.Div(b, eD)                                        # B e^-D
-    kT, bT = _t(g, g.Div(k, eD)), _t(g, b_)                  # (K e^-D)^T, (B e^-D)^T
+    eD = g.Exp(D)  # e^D and 1/e^D <= e^(0.61 L/2): finite
+    r_, kk_ = g.Mul(r, eD), g.Mul(kk, g.Exp(Dx))  # R e^D, KK e^Dx
+    b_ = g.Div(b, eD)  # B e^-D
+    kT, bT = _t(g, g.Div(k, eD)), _t(g, b_)  # (K e^-D)^T, (B e^-D)^T
     lower = lambda x, diag: _tril(g, x, 0 if diag else -1)  # noqa: E731
     A_kk, A_rk = lower(g.MatMul(kk_, kT), False), lower(g.MatMul(r_, kT), True)
     A_rb = lower(g.MatMul(r_, bT), True)
     with g.scope("inverse"):
         Tdiag = _diag_block_inverse(g, L, kk_, b_)
         A_kb = lower(g.MatMul(kk_, bT), False)
-        Tinv = _block_inverse(g, L, A_kb, Tdiag)                              # (I + A_kb)^-1
+        Tinv = _block_inverse(g, L, A_kb, Tdiag)  # (I + A_kb)^-1
         W, U = g.MatMul(Tinv, g.Mul(kk, g.Exp(Gx))), g.MatMul(Tinv, g.MatMul(A_kk, v))
     Yq = g.Sub(g.Mul(r, g.Exp(G)), g.MatMul(A_rb, W))
     Yi = g.Sub(g.MatMul(A_rk, v), g.MatMul(A_rb, U))
     eGe = g.Exp(Ge)
-    beT = _t(g, g.Mul(b, eGe))                                   # (B e^Ge)^T
+    beT = _t(g, g.Mul(b, eGe))  # (B e^Ge)^T
     Et = g.Sub(g.MatMul(_t(g, g.Mul(k, eGe)), v), g.MatMul(beT, U))
     return Yq, Yi, _t(g, g.Exp(gL)), g.MatMul(beT, W), Et
 
@@ -175,37 +177,39 @@ def _diag_block_inverse(g: GraphBuilder, L: int, kk_, b_) -> Value:
     """
     K = min(L, INV_BLOCK)
     blocks = lambda x: g.Reshape(x, g.ints(0, 0, 0, L // K, K, -1))  # noqa: E731  (C,B,H,Q,K,N)
-    A = g.MatMul(blocks(kk_), g.Transpose(blocks(b_), perm=[0, 1, 2, 3, 5, 4]))   # tril by the masks
+    A = g.MatMul(blocks(kk_), g.Transpose(blocks(b_), perm=[0, 1, 2, 3, 5, 4]))  # tril by the masks
     i = np.arange(K)
     Tm, s = None, 1
     while s < K:
-        mask = ((i[:, None] // (2 * s) == i[None, :] // (2 * s)) & (i[:, None] // s % 2 == 1)
-                & (i[None, :] // s % 2 == 0)).astype(np.float32)
+        mask = (
+            (i[:, None] // (2 * s) == i[None, :] // (2 * s)) & (i[:, None] // s % 2 == 1) & (i[None, :] // s % 2 == 0)
+        ).astype(np.float32)
         As = g.Mul(A, g.const(mask))
-        Tm = (g.Sub(g.const(np.eye(K, dtype=np.float32)), As) if Tm is None
-              else g.Sub(Tm, g.MatMul(Tm, g.MatMul(As, Tm))))
+        Tm = (
+            g.Sub(g.const(np.eye(K, dtype=np.float32)), As) if Tm is None else g.Sub(Tm, g.MatMul(Tm, g.MatMul(As, Tm)))
+        )
         s *= 2
     return Tm
 
 
 def _block_inverse(g: GraphBuilder, L: int, A, Tdiag) -> Value:
     """(I + A)^-1 grown block row by block row from the inverted diagonal blocks T_qq:
-        T[q, <q] = -T_qq (A[q, <q] T[<q, <q])          (lower-triangular 2 x 2 block inverse)
+    T[q, <q] = -T_qq (A[q, <q] T[<q, <q])          (lower-triangular 2 x 2 block inverse)
     """
     K = min(L, INV_BLOCK)
     Tq = lambda q: g.Squeeze(g.Slice(Tdiag, g.ints(q), g.ints(q + 1), g.ints(3)), g.ints(3))  # noqa: E731
-    Tl = Tq(0)                                                                  # T[<q, <q]
+    Tl = Tq(0)  # T[<q, <q]
     for q in range(1, L // K):
-        Aq = g.Slice(A, g.ints(q * K, 0), g.ints((q + 1) * K, q * K), g.ints(3, 4))   # (...,K,qK)
+        Aq = g.Slice(A, g.ints(q * K, 0), g.ints((q + 1) * K, q * K), g.ints(3, 4))  # (...,K,qK)
         Tqq = Tq(q)
-        row = g.Concat(g.Neg(g.MatMul(Tqq, g.MatMul(Aq, Tl))), Tqq, axis=-1)      # (...,K,(q+1)K)
+        row = g.Concat(g.Neg(g.MatMul(Tqq, g.MatMul(Aq, Tl))), Tqq, axis=-1)  # (...,K,(q+1)K)
         Tl = g.Concat(g.Pad(Tl, g.ints(0, K), None, g.ints(-1)), row, axis=-2)
     return Tl
 
 
 def _chunk_scan(g: GraphBuilder, H: int, N: int, L: int, s0_BHNN, eg, M, Et, Yq, Yi):
     """Scan over the chunk axis 0 carrying the transposed state S^T [key, value]:
-        y_c = Yq_c S^T + Yi_c ;   S^T <- e^g_c * S^T - M_c S^T + E^T_c     -> (s_out (B,H,N,N), y (C,B,H,L,N))
+    y_c = Yq_c S^T + Yi_c ;   S^T <- e^g_c * S^T - M_c S^T + E^T_c     -> (s_out (B,H,N,N), y (C,B,H,L,N))
     """
     body = GraphBuilder("wkv_chunk_step")
     prefix = g.path("body")
@@ -218,6 +222,7 @@ def _chunk_scan(g: GraphBuilder, H: int, N: int, L: int, s0_BHNN, eg, M, Et, Yq,
     body.output(St1, f"{prefix}/St_out", FLOAT, ["B", H, N, N])
     body.output(y, f"{prefix}/y", FLOAT, ["B", H, L, N])
     swap = [0, 1, 3, 2]
-    st_out, y = g.op("Scan", g.Transpose(s0_BHNN, perm=swap), eg, M, Et, Yq, Yi, outputs=2,
-                     body=body.graph(), num_scan_inputs=5)
+    st_out, y = g.op(
+        "Scan", g.Transpose(s0_BHNN, perm=swap), eg, M, Et, Yq, Yi, outputs=2, body=body.graph(), num_scan_inputs=5
+    )
     return g.Transpose(st_out, perm=swap), y

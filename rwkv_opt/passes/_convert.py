@@ -23,6 +23,7 @@ Policy, per node of the main graph in topological order (first row that matches 
 
 The fp32 WKV state path it must keep is proved separately (passes/_state_path.py).
 """
+
 from __future__ import annotations
 
 import enum
@@ -47,11 +48,25 @@ NP_NAME = {FLOAT: "float32", FLOAT16: "float16", BFLOAT16: "bfloat16"}
 
 WKV_SCOPE = contract.scope_path(contract.Scope.WKV)  # "/wkv/": fp32 in every policy
 # Ops that only move data: they run in whatever dtype their computed inputs already have.
-FOLLOW_OPS = frozenset({"Reshape", "Squeeze", "Unsqueeze", "Slice", "Concat", "Gather", "Transpose",
-                        "Identity", "Flatten", "Expand", "Split", "Tile"})
+FOLLOW_OPS = frozenset(
+    {
+        "Reshape",
+        "Squeeze",
+        "Unsqueeze",
+        "Slice",
+        "Concat",
+        "Gather",
+        "Transpose",
+        "Identity",
+        "Flatten",
+        "Expand",
+        "Split",
+        "Tile",
+    }
+)
 # Ops left exactly as they are: dtype-neutral (Shape, Size) or dtype fixed by an attribute.
 KEEP_OPS = frozenset({"Cast", "Constant", "Shape", "Size"})
-SHAPE_ONLY_OPS = frozenset({"Shape", "Size"})   # read their input's shape, never its values
+SHAPE_ONLY_OPS = frozenset({"Shape", "Size"})  # read their input's shape, never its values
 
 
 class IoDtype(str, enum.Enum):
@@ -64,18 +79,18 @@ class IoDtype(str, enum.Enum):
 
 @dataclass(frozen=True)
 class Policy:
-    low: int                                # TensorProto.FLOAT16 or BFLOAT16
-    fp32_scopes: tuple[str, ...]            # node-name substrings kept fp32, e.g. "/att/decay/"
+    low: int  # TensorProto.FLOAT16 or BFLOAT16
+    fp32_scopes: tuple[str, ...]  # node-name substrings kept fp32, e.g. "/att/decay/"
     fp32_ops: frozenset[str] = frozenset()  # op types kept fp32 wherever they are
-    low_ops: frozenset[str] | None = None   # when set: the only op types with a low kernel (EP table)
-    io_low: bool = False                    # state I/O and logits in `low` instead of fp32
-    ln_stash_fp32: bool = False             # low LayerNormalization keeps fp32 statistics (stash_type=1)
+    low_ops: frozenset[str] | None = None  # when set: the only op types with a low kernel (EP table)
+    io_low: bool = False  # state I/O and logits in `low` instead of fp32
+    ln_stash_fp32: bool = False  # low LayerNormalization keeps fp32 statistics (stash_type=1)
 
 
 @dataclass
 class ConvertStats:
-    low_nodes: Counter = field(default_factory=Counter)       # op type -> count
-    fp32_nodes: Counter = field(default_factory=Counter)      # reason -> count
+    low_nodes: Counter = field(default_factory=Counter)  # op type -> count
+    fp32_nodes: Counter = field(default_factory=Counter)  # reason -> count
     casts: int = 0
     inits_converted: int = 0
     inits_copied: int = 0
@@ -103,13 +118,13 @@ def n_layer_of(model: onnx.ModelProto) -> int:
 class _Converter:
     def __init__(self, model: onnx.ModelProto, policy: Policy):
         self.src, self.p = model, policy
-        self.types = value_types(model)                      # original (fp32 graph) types
+        self.types = value_types(model)  # original (fp32 graph) types
         self.inits = {t.name: t for t in model.graph.initializer}
-        self.cur: dict[str, int] = {}                         # value -> dtype it has in the new graph
+        self.cur: dict[str, int] = {}  # value -> dtype it has in the new graph
         self.nodes: list[onnx.NodeProto] = []
         self.casts: dict[tuple[str, int], str] = {}
         self.producer: dict[str, tuple[onnx.NodeProto, int]] = {}
-        self.low_refs: list[tuple[onnx.NodeProto, int, str]] = []   # (node, input index, initializer)
+        self.low_refs: list[tuple[onnx.NodeProto, int, str]] = []  # (node, input index, initializer)
         self.fp32_init_uses: Counter = Counter()
         self.stats = ConvertStats()
         self.names = {n.name for n in model.graph.node}
@@ -307,8 +322,10 @@ def _to_low(t: onnx.TensorProto, low: int, name: str) -> onnx.TensorProto:
     arr = read_array(t)
     out = arr.astype(helper.tensor_dtype_to_np_dtype(low))
     if not np.isfinite(out).all() and np.isfinite(arr).all():
-        raise RwkvOptError(f"initializer {t.name} has values beyond the {TAG[low]} range (max |x| = "
-                           f"{np.abs(arr).max():.3g}); keep it fp32 or use bf16.")
+        raise RwkvOptError(
+            f"initializer {t.name} has values beyond the {TAG[low]} range (max |x| = "
+            f"{np.abs(arr).max():.3g}); keep it fp32 or use bf16."
+        )
     return make_tensor(out, name)
 
 

@@ -2,6 +2,7 @@
 base checks the model is an fp32 rwkv-opt model, converts it (passes/_convert.py), proves the fp32
 WKV state path afterwards (passes/_state_path.py) and records the precision in the metadata.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,7 @@ from rwkv_opt.graph.contract import Key, Meta
 from rwkv_opt.errors import RwkvOptError
 from rwkv_opt.graph.contract import Scope as S
 from rwkv_opt.graph.contract import scope_path
-from rwkv_opt.passes._convert import (BFLOAT16, FLOAT16, LOW_TYPES, NP_NAME, WKV_SCOPE, IoDtype,  # noqa: F401
-                                      Policy, convert)
+from rwkv_opt.passes._convert import LOW_TYPES, NP_NAME, IoDtype, Policy, convert
 from rwkv_opt.passes._state_path import state_path_violations
 from rwkv_opt.passes.base import Pass, PassConfig, PassResult, applied_passes, get_meta, mark_applied, set_meta
 
@@ -29,14 +29,15 @@ def coerce_enum(cfg, name: str, enum_type) -> None:
     try:
         object.__setattr__(cfg, name, enum_type(value))
     except ValueError:
-        raise RwkvOptError(f"{name} '{value}' is not valid; choose one of: "
-                           f"{', '.join(e.value for e in enum_type)}.") from None
+        raise RwkvOptError(
+            f"{name} '{value}' is not valid; choose one of: {', '.join(e.value for e in enum_type)}."
+        ) from None
 
 
 class PrecisionPass(Pass):
     """A pass that converts an fp32 rwkv-opt model by a `Policy`; subclasses say which."""
 
-    mode_name: str = ""             # the rwkv_opt.precision "mode", e.g. "fp16-mixed"
+    mode_name: str = ""  # the rwkv_opt.precision "mode", e.g. "fp16-mixed"
     allowed_io: tuple[IoDtype, ...] = (IoDtype.FP32,)
 
     def policy(self, model: onnx.ModelProto) -> Policy:
@@ -49,8 +50,10 @@ class PrecisionPass(Pass):
         if get_meta(model, Key.CONFIG) is None:
             return "model has no rwkv-opt metadata; build it with rwkv_opt.graph.model.build_model or `rwkv-opt build`"
         if self.config.io_dtype not in self.allowed_io:
-            return (f"io_dtype {self.config.io_dtype.value} is not valid for {self.name}; "
-                    f"choose {' or '.join(d.value for d in self.allowed_io)}")
+            return (
+                f"io_dtype {self.config.io_dtype.value} is not valid for {self.name}; "
+                f"choose {' or '.join(d.value for d in self.allowed_io)}"
+            )
         if "quantize" in applied_passes(model):
             return f"model is already quantized; {self.name} converts fp32 models only (run it before quantize)"
         prec = model_precision(model)
@@ -59,8 +62,9 @@ class PrecisionPass(Pass):
             return f"model is already {mode}; {self.name} converts fp32 models only"
         low = [t.name for t in model.graph.initializer if t.data_type in LOW_TYPES]
         if low:
-            return (f"model already holds low-precision initializers (e.g. {low[0]}); "
-                    f"{self.name} converts fp32 models only")
+            return (
+                f"model already holds low-precision initializers (e.g. {low[0]}); {self.name} converts fp32 models only"
+            )
         return None
 
     def run(self, model: onnx.ModelProto) -> PassResult:
@@ -86,5 +90,9 @@ class PrecisionConfig(PassConfig):
 
 
 # Kept fp32 by fp16_mixed and bf16: the WKV and the decay, kk-normalize and ln_x statistics feeding it.
-MIXED_SCOPES = (scope_path(S.WKV), scope_path(S.ATT, S.DECAY), scope_path(S.ATT, S.NORMALIZE),
-                scope_path(S.ATT, S.LN_X))
+MIXED_SCOPES = (
+    scope_path(S.WKV),
+    scope_path(S.ATT, S.DECAY),
+    scope_path(S.ATT, S.NORMALIZE),
+    scope_path(S.ATT, S.LN_X),
+)

@@ -12,6 +12,7 @@ a time: keeping every H of a 1.5B model (Σ K^2 floats) would take 8.8 GiB.
 Defaults (16 x 256 = 4096 tokens) were set on the 0.1B shape: with 512 tokens GPTQ over-fitted
 (K = 3072 inputs, H of rank 512) and its held-out error was worse than round-to-nearest.
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -34,14 +35,21 @@ _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64
 
 @dataclass(frozen=True)
 class Calibration:
-    text: str = ""          # UTF-8 text file; empty: sample sequences from the model itself
-    sequences: int = 16     # sequences run side by side (the batch)
-    length: int = 256       # tokens per sequence
+    text: str = ""  # UTF-8 text file; empty: sample sequences from the model itself
+    sequences: int = 16  # sequences run side by side (the batch)
+    length: int = 256  # tokens per sequence
     seed: int = 0
 
 
-def text_tokens(path: str, sequences: int, length: int, vocab: int, *, what: str = "calibration text",
-                instead: str = "leave it empty to sample calibration sequences from the model") -> np.ndarray:
+def text_tokens(
+    path: str,
+    sequences: int,
+    length: int,
+    vocab: int,
+    *,
+    what: str = "calibration text",
+    instead: str = "leave it empty to sample calibration sequences from the model",
+) -> np.ndarray:
     """(sequences, length) token windows from a text file, in file order. `what` names the file in
     the refusals and `instead` says what to do rather than pass it."""
     from rwkv_opt.reference.tokenizer import load_world_tokenizer
@@ -51,11 +59,15 @@ def text_tokens(path: str, sequences: int, length: int, vocab: int, *, what: str
         raise RwkvOptError(f"{what} {path} does not exist; pass a UTF-8 text file or {instead}.")
     ids = np.asarray(load_world_tokenizer().encode(p.read_text(encoding="utf-8")), np.int64)
     if ids.size < length:
-        raise RwkvOptError(f"{what} {path} has {ids.size} tokens; it needs at least {length} "
-                           f"(one sequence of {length} tokens); pass a longer text or {instead}.")
+        raise RwkvOptError(
+            f"{what} {path} has {ids.size} tokens; it needs at least {length} "
+            f"(one sequence of {length} tokens); pass a longer text or {instead}."
+        )
     if ids.max() >= vocab:
-        raise RwkvOptError(f"{what} {path} tokenizes to ids up to {ids.max()}, but the model's vocabulary "
-                           f"has {vocab} rows; use a World-vocabulary model or {instead}.")
+        raise RwkvOptError(
+            f"{what} {path} tokenizes to ids up to {ids.max()}, but the model's vocabulary "
+            f"has {vocab} rows; use a World-vocabulary model or {instead}."
+        )
     n = min(sequences, ids.size // length)
     return ids[: n * length].reshape(n, length)
 
@@ -106,8 +118,9 @@ class _Runner:
         return out, new
 
 
-def hessians(model: onnx.ModelProto, tensors: list[str], vocab: int, cal: Calibration
-             ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def hessians(
+    model: onnx.ModelProto, tensors: list[str], vocab: int, cal: Calibration
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """H = X^T X (float32, (K, K)) for each tensor in `tensors`; also returns the tokens used."""
     rng = np.random.default_rng(cal.seed)
     given = text_tokens(cal.text, cal.sequences, cal.length, vocab) if cal.text else None
@@ -119,7 +132,7 @@ def hessians(model: onnx.ModelProto, tensors: list[str], vocab: int, cal: Calibr
     tokens[:, 0] = given[:, 0] if given is not None else rng.integers(0, vocab, batch)
     with phase("gptq calibration", cal.length, "steps"):
         for t in range(cal.length):
-            out, state = run.step(tokens[:, t:t + 1], state)
+            out, state = run.step(tokens[:, t : t + 1], state)
             group_ends = (t + 1) % _FLUSH == 0 or t + 1 == cal.length
             for name in tensors:  # to disk at once: 32 steps of a 1.5B's inputs at batch 16 are 1 GiB
                 x = out[name]
@@ -144,8 +157,8 @@ class SpilledHessians:
         self._tmp = tempfile.TemporaryDirectory(prefix="calib-", dir=None if store is None else store.dir)
         self.dir = Path(self._tmp.name)
         self.blocks: dict[str, list[list[tuple[int, int]]]] = {}  # name -> groups of (rows, K), file order
-        self.files: dict[str, Path] = {}                           # tensor names hold '/': numbered files
-        self._open: set[str] = set()                               # names whose last group is open
+        self.files: dict[str, Path] = {}  # tensor names hold '/': numbered files
+        self._open: set[str] = set()  # names whose last group is open
         self._last: tuple[str | None, np.ndarray | None] = (None, None)
 
     def append(self, name: str, X: np.ndarray, end_group: bool = True) -> None:

@@ -4,6 +4,7 @@
 is fp32 from `wkv_state_i` to `wkv_next_i`, nothing under a `/wkv/` node sees a low-precision
 tensor, and no WKV subgraph holds a low-precision Cast, initializer or value.
 """
+
 from __future__ import annotations
 
 import onnx
@@ -17,7 +18,7 @@ def _reach(graph: onnx.GraphProto, start: set[str], forward: bool) -> set[str]:
     """Values reachable from `start` along the dataflow (against it when not `forward`); one sweep
     suffices because ONNX keeps nodes in topological order."""
     seen = set(start)
-    for n in (graph.node if forward else reversed(graph.node)):
+    for n in graph.node if forward else reversed(graph.node):
         ins, outs = set(node_reads(n)), set(n.output)
         src, dst = (ins, outs) if forward else (outs, ins)
         if src & seen:
@@ -68,10 +69,13 @@ def state_path_violations(model: onnx.ModelProto) -> list[str]:
                 continue
             if nd.op_type == "Cast" and any(a.name == "to" and a.i != FLOAT for a in nd.attribute):
                 bad.append(f"layer {i}: {nd.name} casts the WKV state away from fp32")
-            bad += [f"layer {i}: state value {o} is {TAG.get(types.get(o), types.get(o))}"
-                    for o in nd.output if o in path and types.get(o) != FLOAT]
+            bad += [
+                f"layer {i}: state value {o} is {TAG.get(types.get(o), types.get(o))}"
+                for o in nd.output
+                if o in path and types.get(o) != FLOAT
+            ]
     for nd in g.node:
-        if WKV_SCOPE not in nd.name or nd.op_type in SHAPE_ONLY_OPS:   # reading a shape reads no values
+        if WKV_SCOPE not in nd.name or nd.op_type in SHAPE_ONLY_OPS:  # reading a shape reads no values
             continue
         for v in [*node_reads(nd), *nd.output]:
             if types.get(v) in LOW_TYPES:

@@ -14,6 +14,7 @@ return it unchanged with changed=False. Order rules between passes are precondit
 what earlier passes recorded in the model (`rwkv_opt.passes` metadata, precision), so they hold for
 models made by another process too. Passes register under a stable name; targets name them.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -65,7 +66,7 @@ def _fingerprint(model: onnx.ModelProto) -> str:
 class Pass:
     name: ClassVar[str]
     Config: ClassVar[type] = PassConfig
-    description: ClassVar[str] = ""   # one line, shown by `rwkv-opt targets NAME`
+    description: ClassVar[str] = ""  # one line, shown by `rwkv-opt targets NAME`
     in_place: ClassVar[bool] = False  # True: run() edits and returns its input; False: returns a new model
 
     def __init__(self, config: PassConfig | None = None):
@@ -79,8 +80,10 @@ class Pass:
         known = {f.name for f in dataclasses.fields(cls.Config)}
         unknown = sorted(set(overrides) - known)
         if unknown:
-            raise PassRefused(f"pass '{cls.name}' has no option '{unknown[0]}'; its options are: "
-                              f"{', '.join(sorted(known)) or 'none'}.")
+            raise PassRefused(
+                f"pass '{cls.name}' has no option '{unknown[0]}'; its options are: "
+                f"{', '.join(sorted(known)) or 'none'}."
+            )
         try:
             return cls(cls.Config(**overrides))
         except (TypeError, ValueError) as e:

@@ -12,6 +12,7 @@ Constraints: an fp32 rwkv-opt model in; a provider whose bf16 table has MatMul (
 bf16 arithmetic: refused). ORT's CPU EP cannot run the result; check it numerically with
 onnx.reference.ReferenceEvaluator and structurally against the table (tests/passes).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,8 +21,15 @@ import onnx
 
 from rwkv_opt.config import Precision, Provider
 from rwkv_opt.onnx_util import opset
-from rwkv_opt.passes._precision import (BFLOAT16, MIXED_SCOPES, IoDtype, Policy, PrecisionConfig, PrecisionPass,
-                                        coerce_enum)
+from rwkv_opt.passes._convert import BFLOAT16
+from rwkv_opt.passes._precision import (
+    MIXED_SCOPES,
+    IoDtype,
+    Policy,
+    PrecisionConfig,
+    PrecisionPass,
+    coerce_enum,
+)
 from rwkv_opt.passes.base import register
 from rwkv_opt.passes.ep_kernels import bf16_ops
 
@@ -37,8 +45,6 @@ class Bf16Config(PrecisionConfig):
         coerce_enum(self, "provider", Provider)
 
 
-
-
 @register
 class Bf16(PrecisionPass):
     name = "bf16"
@@ -52,17 +58,35 @@ class Bf16(PrecisionPass):
         if reason:
             return reason
         if "MatMul" not in bf16_ops(self.config.provider, opset(model)):
-            return (f"the {self.config.provider.value} EP has no bf16 MatMul kernel (ORT's CPU EP has no bf16 "
-                    "arithmetic at all); use fp16_mixed, or provider cuda")
+            return (
+                f"the {self.config.provider.value} EP has no bf16 MatMul kernel (ORT's CPU EP has no bf16 "
+                "arithmetic at all); use fp16_mixed, or provider cuda"
+            )
         return None
 
     def policy(self, model: onnx.ModelProto) -> Policy:
         table = bf16_ops(self.config.provider, opset(model))
-        return Policy(low=BFLOAT16, fp32_scopes=MIXED_SCOPES, low_ops=table,
-                      io_low=self.config.io_dtype is IoDtype.BF16, ln_stash_fp32=True)
+        return Policy(
+            low=BFLOAT16,
+            fp32_scopes=MIXED_SCOPES,
+            low_ops=table,
+            io_low=self.config.io_dtype is IoDtype.BF16,
+            ln_stash_fp32=True,
+        )
 
     def precision_meta(self, policy: Policy) -> dict:
         io = "bf16" if policy.io_low else "fp32"
-        return {"mode": self.mode_name, "weights": "bf16", "activations": "bf16", "matmul": "bf16",
-                "decay": "fp32", "kk_normalize": "fp32", "norm_stats": "fp32", "group_norm": "fp32",
-                "wkv": "fp32", "logits": io, "state_io": io, "provider": self.config.provider.value}
+        return {
+            "mode": self.mode_name,
+            "weights": "bf16",
+            "activations": "bf16",
+            "matmul": "bf16",
+            "decay": "fp32",
+            "kk_normalize": "fp32",
+            "norm_stats": "fp32",
+            "group_norm": "fp32",
+            "wkv": "fp32",
+            "logits": io,
+            "state_io": io,
+            "provider": self.config.provider.value,
+        }

@@ -15,6 +15,7 @@ Reciprocal, ReduceMean, Where, Tile.
 The CPU EP registers bf16 only for data movement (Cast, Concat, Gather, ...): no arithmetic
 at all (docs/precision.md section 1; Add/Mul/MatMul in bf16 fail to load on onnxruntime 1.32 CPU).
 """
+
 from __future__ import annotations
 
 from rwkv_opt.config import Provider
@@ -23,21 +24,58 @@ from rwkv_opt.config import Provider
 BF16_KERNELS: dict[Provider, dict[str, int]] = {
     Provider.CUDA: {
         # arithmetic and activations
-        "Add": 13, "Sub": 13, "Mul": 13, "Div": 13, "Sum": 6, "Max": 6, "Min": 6, "Mod": 13,
-        "MatMul": 13, "Gemm": 13,
-        "Relu": 13, "Sigmoid": 13, "Tanh": 13, "Softmax": 13,
+        "Add": 13,
+        "Sub": 13,
+        "Mul": 13,
+        "Div": 13,
+        "Sum": 6,
+        "Max": 6,
+        "Min": 6,
+        "Mod": 13,
+        "MatMul": 13,
+        "Gemm": 13,
+        "Relu": 13,
+        "Sigmoid": 13,
+        "Tanh": 13,
+        "Softmax": 13,
         "ReduceSum": 13,
         "LayerNormalization": 17,  # T = bf16 with U (Mean/InvStdDev stash) = float
         "Dropout": 13,
         # data movement and control flow
-        "Cast": 13, "Concat": 4, "Compress": 9, "ConstantOfShape": 9, "Expand": 8, "Flatten": 1,
-        "Gather": 1, "GatherElements": 11, "GatherND": 13, "Identity": 1, "Reshape": 1, "Shape": 1,
-        "Size": 1, "Slice": 1, "Split": 2, "Squeeze": 1, "Unsqueeze": 1, "Transpose": 1, "Trilu": 14,
-        "ReverseSequence": 10, "Scatter": 9, "ScatterElements": 11, "ScatterND": 11,
-        "If": 1, "Loop": 1, "Scan": 9,
+        "Cast": 13,
+        "Concat": 4,
+        "Compress": 9,
+        "ConstantOfShape": 9,
+        "Expand": 8,
+        "Flatten": 1,
+        "Gather": 1,
+        "GatherElements": 11,
+        "GatherND": 13,
+        "Identity": 1,
+        "Reshape": 1,
+        "Shape": 1,
+        "Size": 1,
+        "Slice": 1,
+        "Split": 2,
+        "Squeeze": 1,
+        "Unsqueeze": 1,
+        "Transpose": 1,
+        "Trilu": 14,
+        "ReverseSequence": 10,
+        "Scatter": 9,
+        "ScatterElements": 11,
+        "ScatterND": 11,
+        "If": 1,
+        "Loop": 1,
+        "Scan": 9,
     },
     Provider.CPU: {
-        "Cast": 6, "Compress": 9, "Concat": 4, "Flatten": 1, "Gather": 1, "GatherElements": 11,
+        "Cast": 6,
+        "Compress": 9,
+        "Concat": 4,
+        "Flatten": 1,
+        "Gather": 1,
+        "GatherElements": 11,
         "GatherND": 11,
     },
 }

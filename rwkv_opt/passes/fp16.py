@@ -7,6 +7,7 @@ LayerNormalization keeps its own stash_type (the ONNX default: fp32 statistics).
 The WKV (Scan or fuse_wkv's If) is never entered; its inputs are cast to fp32 just before it and
 wkv_state_i -> wkv_next_i stays fp32 (proven before returning).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,7 +15,8 @@ from dataclasses import dataclass
 import onnx
 
 from rwkv_opt.config import Precision
-from rwkv_opt.passes._precision import FLOAT16, WKV_SCOPE, IoDtype, Policy, PrecisionConfig, PrecisionPass
+from rwkv_opt.passes._convert import FLOAT16, WKV_SCOPE
+from rwkv_opt.passes._precision import IoDtype, Policy, PrecisionConfig, PrecisionPass
 from rwkv_opt.passes.base import register
 
 
@@ -36,6 +38,16 @@ class Fp16(PrecisionPass):
 
     def precision_meta(self, policy: Policy) -> dict:
         io = "fp16" if policy.io_low else "fp32"
-        return {"mode": self.mode_name, "weights": "fp16", "activations": "fp16", "matmul": "fp16",
-                "decay": "fp16", "kk_normalize": "fp16", "norm_stats": "fp32", "group_norm": "fp16",
-                "wkv": "fp32", "logits": io, "state_io": io}
+        return {
+            "mode": self.mode_name,
+            "weights": "fp16",
+            "activations": "fp16",
+            "matmul": "fp16",
+            "decay": "fp16",
+            "kk_normalize": "fp16",
+            "norm_stats": "fp32",
+            "group_norm": "fp16",
+            "wkv": "fp32",
+            "logits": io,
+            "state_io": io,
+        }

@@ -19,6 +19,7 @@ Constraints: the input is an fp32 rwkv-opt model (refused otherwise); w0, w1, w2
 initializers; every other weight read only by fp16 nodes is stored fp16 under its own name.
 The postcondition (no fp16 on the WKV state path, WKV inputs fp32) is proven before returning.
 """
+
 from __future__ import annotations
 
 import enum
@@ -27,14 +28,21 @@ from dataclasses import dataclass
 import onnx
 
 from rwkv_opt.config import Precision
-from rwkv_opt.passes._precision import (FLOAT16, MIXED_SCOPES, IoDtype, Policy, PrecisionConfig, PrecisionPass,
-                                        coerce_enum)
+from rwkv_opt.passes._convert import FLOAT16
+from rwkv_opt.passes._precision import (
+    MIXED_SCOPES,
+    IoDtype,
+    Policy,
+    PrecisionConfig,
+    PrecisionPass,
+    coerce_enum,
+)
 from rwkv_opt.passes.base import register
 
 
 class Elementwise(str, enum.Enum):
-    FP16 = "fp16"   # everything outside the fp32 scopes runs fp16 (fewest Casts)
-    FP32 = "fp32"   # only MatMul and the embedding Gather run fp16
+    FP16 = "fp16"  # everything outside the fp32 scopes runs fp16 (fewest Casts)
+    FP32 = "fp32"  # only MatMul and the embedding Gather run fp16
 
 
 @dataclass(frozen=True)
@@ -59,12 +67,27 @@ class Fp16Mixed(PrecisionPass):
 
     def policy(self, model: onnx.ModelProto) -> Policy:
         low_ops = frozenset({"MatMul", "Gather"}) if self.config.elementwise is Elementwise.FP32 else None
-        return Policy(low=FLOAT16, fp32_scopes=MIXED_SCOPES, io_low=self.config.io_dtype is IoDtype.FP16,
-                      ln_stash_fp32=True, low_ops=low_ops)
+        return Policy(
+            low=FLOAT16,
+            fp32_scopes=MIXED_SCOPES,
+            io_low=self.config.io_dtype is IoDtype.FP16,
+            ln_stash_fp32=True,
+            low_ops=low_ops,
+        )
 
     def precision_meta(self, policy: Policy) -> dict:
         io = "fp16" if policy.io_low else "fp32"
         act = self.config.elementwise.value
-        return {"mode": self.mode_name, "weights": "fp16", "activations": act, "matmul": "fp16",
-                "decay": "fp32", "kk_normalize": "fp32", "norm_stats": "fp32", "group_norm": "fp32",
-                "wkv": "fp32", "logits": io, "state_io": io}
+        return {
+            "mode": self.mode_name,
+            "weights": "fp16",
+            "activations": act,
+            "matmul": "fp16",
+            "decay": "fp32",
+            "kk_normalize": "fp32",
+            "norm_stats": "fp32",
+            "group_norm": "fp32",
+            "wkv": "fp32",
+            "logits": io,
+            "state_io": io,
+        }

@@ -70,6 +70,7 @@ logits (fast path), ~0.7-1 ms on wide ones (benchmarks/sampling_overhead.py).
 Refuses: a model without a rank-3 `head` output, a model that has a sampling head already,
 opset < 16 (ScatterElements reduction), opset >= 22 with random_fallback, an unknown V.
 """
+
 from __future__ import annotations
 
 import json
@@ -90,7 +91,7 @@ from rwkv_opt.reference.sampler import Occurrence, SamplingParams, occurrence_ex
 NAME = "sampling"
 DOUBLE = TensorProto.DOUBLE
 
-OCCURRENCE = contract.Sampler.OCCURRENCE          # the seed's spelling
+OCCURRENCE = contract.Sampler.OCCURRENCE  # the seed's spelling
 OCCURRENCE_NEXT = contract.Sampler.OCCURRENCE_NEXT
 TOKEN = contract.Sampler.TOKEN
 UNIFORM = contract.Sampler.UNIFORM
@@ -105,19 +106,19 @@ PARAMS = {
     "alpha_decay": (DOUBLE, np.float64),
 }
 COUNT_FLOOR = float(np.finfo(np.float32).tiny)  # present tokens never decay below this
-U_MAX = 1.0 - 2.0 ** -53                         # largest float64 below 1
-DRAW_BLOCK = 256                                 # tokens per block of the two-level inverse CDF
+U_MAX = 1.0 - 2.0**-53  # largest float64 below 1
+DRAW_BLOCK = 256  # tokens per block of the two-level inverse CDF
 
 
 @dataclass(frozen=True)
 class Config(PassConfig):
-    emit_logits: bool = True        # keep `head` (the raw logits) as an output beside y
-    random_fallback: bool = True    # draw in-graph (RandomUniformLike) when `uniform` is not fed
-    seed: int | None = 0            # that generator's seed; None: a fresh one per session
+    emit_logits: bool = True  # keep `head` (the raw logits) as an output beside y
+    random_fallback: bool = True  # draw in-graph (RandomUniformLike) when `uniform` is not fed
+    seed: int | None = 0  # that generator's seed; None: a fresh one per session
     bins_per_octave: int | None = None  # top-p histogram resolution (speed only, never the result);
-                                        # None: V // (8 * octaves) in [1, 256], i.e. ~V/8 bins per row
-    octaves: int = 32                   # probs below max * 2**-octaves share the last bin
-    fast_candidates: int = 256          # top-p fast path: TopK size that usually holds the cutoff
+    # None: V // (8 * octaves) in [1, 256], i.e. ~V/8 bins per row
+    octaves: int = 32  # probs below max * 2**-octaves share the last bin
+    fast_candidates: int = 256  # top-p fast path: TopK size that usually holds the cutoff
 
     def bins(self, V: int) -> int:
         return self.bins_per_octave or min(256, max(1, V // (8 * self.octaves)))
@@ -139,8 +140,6 @@ def occurrence_from_onnx(occurence: np.ndarray, exempt: np.ndarray) -> Occurrenc
     """This head's `occurence` as the reference sampler's Occurrence (counts widened to float64)."""
     occurence = np.asarray(occurence, np.float32)
     return Occurrence(np.where(exempt, 0.0, occurence).astype(np.float64), occurence > 0)
-
-
 
 
 def _logits_info(model: onnx.ModelProto):
@@ -210,8 +209,9 @@ def _penalties(g: GraphBuilder, x_BV: Value, p: dict, exempt_V: Value) -> tuple[
     return x_BV, occ_BV, at_n2
 
 
-def _top_p_cutoff(g: GraphBuilder, x_BV: Value, p_BV: Value, vals_BK: Value, top_p: Value, V: int,
-                  cfg: Config) -> Value:
+def _top_p_cutoff(
+    g: GraphBuilder, x_BV: Value, p_BV: Value, vals_BK: Value, top_p: Value, V: int, cfg: Config
+) -> Value:
     """(B,1) float32: keep probs >= cutoff (0 when never reached). See the module doc.
 
     Fast path: the float32 cumsum of the K largest probs (vals_BK, sorted) is the reference's own
@@ -221,8 +221,11 @@ def _top_p_cutoff(g: GraphBuilder, x_BV: Value, p_BV: Value, vals_BK: Value, top
     top_p32 = g.Cast(top_p, to=FLOAT)
     j = _count(g, g.Less(g.CumSum(vals_BK, g.const(1, np.int64)), top_p32))  # (B,1) first index reaching
     fast = g.Less(g.ReduceMax(j, keepdims=0), g.Squeeze(g.Shape(vals_BK, start=1, end=2)))
-    return g.If(fast, then_branch=_branch(g, "fast", FLOAT, lambda b: b.GatherElements(vals_BK, j, axis=1)),
-                else_branch=_branch(g, "wide", FLOAT, lambda b: _top_p_histogram(b, x_BV, p_BV, top_p32, V, cfg)))
+    return g.If(
+        fast,
+        then_branch=_branch(g, "fast", FLOAT, lambda b: b.GatherElements(vals_BK, j, axis=1)),
+        else_branch=_branch(g, "wide", FLOAT, lambda b: _top_p_histogram(b, x_BV, p_BV, top_p32, V, cfg)),
+    )
 
 
 def _count(g: GraphBuilder, mask: Value) -> Value:
@@ -238,25 +241,25 @@ def _top_p_histogram(g: GraphBuilder, x_BV: Value, p_BV: Value, top_p32: Value, 
     per_octave = cfg.bins(V)
     nb = per_octave * cfg.octaves
     with g.scope("bins"):
-        depth = g.Mul(g.Sub(g.ReduceMax(x_BV, g.ints(-1), keepdims=1), x_BV),
-                      g.const(per_octave / math.log(2)))      # >= 0; +inf where banned
+        depth = g.Mul(
+            g.Sub(g.ReduceMax(x_BV, g.ints(-1), keepdims=1), x_BV), g.const(per_octave / math.log(2))
+        )  # >= 0; +inf where banned
         bin_BV = g.Cast(g.Min(depth, g.const(float(nb - 1))), to=TensorProto.INT32)  # 0 holds the largest
         zeros = g.ConstantOfShape(g.Concat(g.Shape(p_BV, start=0, end=1), g.ints(nb), axis=0))
-        mass = g.ScatterElements(zeros, bin_BV, p_BV, axis=1, reduction="add")   # (B,NB)
+        mass = g.ScatterElements(zeros, bin_BV, p_BV, axis=1, reduction="add")  # (B,NB)
     with g.scope("find_bin"):
         cum = g.CumSum(mass, g.const(1, np.int64))
-        b_star = _count(g, g.Less(cum, top_p32))                                    # (B,1)
+        b_star = _count(g, g.Less(cum, top_p32))  # (B,1)
         active = g.Less(b_star, g.const(nb, np.int64))
         b_star = g.Min(b_star, g.const(nb - 1, np.int64))
-        above = g.GatherElements(g.Sub(cum, mass), b_star, axis=1)                # (B,1) mass above
+        above = g.GatherElements(g.Sub(cum, mass), b_star, axis=1)  # (B,1) mass above
     with g.scope("in_bin"):
         member = g.Equal(bin_BV, g.Cast(b_star, to=TensorProto.INT32))
         n_in = _count(g, member)  # (B,1)
         k = g.ReduceMax(g.Where(active, n_in, g.const(1, np.int64)), keepdims=0)  # one K for all rows
-        vals_BK, _ = g.TopK(g.Where(member, p_BV, g.const(-1.0)), g.Reshape(k, g.ints(1)), axis=-1,
-                            outputs=2)
+        vals_BK, _ = g.TopK(g.Where(member, p_BV, g.const(-1.0)), g.Reshape(k, g.ints(1)), axis=-1, outputs=2)
         run = g.CumSum(g.Concat(above, g.Max(vals_BK, g.const(0.0)), axis=1), g.const(1, np.int64))
-        run_BK = g.Slice(run, g.ints(1), g.ints(INT64_MAX), g.ints(1))          # above + s_1..s_j
+        run_BK = g.Slice(run, g.ints(1), g.ints(INT64_MAX), g.ints(1))  # above + s_1..s_j
         j = g.Min(_count(g, g.Less(run_BK, top_p32)), g.Sub(n_in, g.const(1, np.int64)))  # rounding: bin min
         cutoff = g.GatherElements(vals_BK, j, axis=1)
     return g.Where(active, cutoff, g.const(0.0))
@@ -271,12 +274,16 @@ def _top_k_keep(g: GraphBuilder, p_BV: Value, keep_BV: Value, top_k: Value, on: 
 
     def top_k_branch(b: GraphBuilder) -> Value:
         _, idx_BK = b.TopK(p_BV, b.Reshape(top_k, b.ints(1)), axis=-1, outputs=2)
-        hits = b.ScatterElements(b.ConstantOfShape(b.Shape(p_BV)), idx_BK,
-                                 b.Expand(b.const(1.0), b.Shape(idx_BK)), axis=1)
+        hits = b.ScatterElements(
+            b.ConstantOfShape(b.Shape(p_BV)), idx_BK, b.Expand(b.const(1.0), b.Shape(idx_BK)), axis=1
+        )
         return b.And(keep_BV, b.Cast(hits, to=TensorProto.BOOL))
 
-    return g.If(on, then_branch=_branch(g, "on", TensorProto.BOOL, top_k_branch),
-                else_branch=_branch(g, "off", TensorProto.BOOL, lambda b: b.Identity(keep_BV)))
+    return g.If(
+        on,
+        then_branch=_branch(g, "on", TensorProto.BOOL, top_k_branch),
+        else_branch=_branch(g, "off", TensorProto.BOOL, lambda b: b.Identity(keep_BV)),
+    )
 
 
 def _uniform(g: GraphBuilder, x_BV: Value, uniform: Value, cfg: Config) -> Value:
@@ -284,8 +291,9 @@ def _uniform(g: GraphBuilder, x_BV: Value, uniform: Value, cfg: Config) -> Value
     if cfg.random_fallback:
         b1 = g.Shape(x_BV, start=0, end=1)
         seed = {} if cfg.seed is None else {"seed": float(cfg.seed)}
-        rnd_B = g.RandomUniformLike(g.ConstantOfShape(b1, value=onnx.helper.make_tensor("", DOUBLE, [1], [0.0])),
-                                    dtype=DOUBLE, **seed)
+        rnd_B = g.RandomUniformLike(
+            g.ConstantOfShape(b1, value=onnx.helper.make_tensor("", DOUBLE, [1], [0.0])), dtype=DOUBLE, **seed
+        )
         uniform = g.Slice(g.Concat(uniform, rnd_B, axis=0), g.ints(0), b1, g.ints(0))
     return g.Clip(uniform, g.const(0.0, np.float64), g.const(U_MAX, np.float64))
 
@@ -300,8 +308,11 @@ def _tempered(g: GraphBuilder, p_BV: Value, temperature: Value) -> Value:
     """probs ** (1/T) over V: the probs as they are when T == 1 (as upstream), else exp(log p / T),
     vectorized and within a few ulp of upstream's elementwise pow (which costs ~10x more here)."""
     inv_t = _inverse_temperature(g, temperature)
-    return g.If(g.Equal(inv_t, g.const(1.0)), then_branch=_branch(g, "t1", FLOAT, lambda b: b.Identity(p_BV)),
-                else_branch=_branch(g, "pow", FLOAT, lambda b: b.Exp(b.Mul(b.Log(p_BV), inv_t))))
+    return g.If(
+        g.Equal(inv_t, g.const(1.0)),
+        then_branch=_branch(g, "t1", FLOAT, lambda b: b.Identity(p_BV)),
+        else_branch=_branch(g, "pow", FLOAT, lambda b: b.Exp(b.Mul(b.Log(p_BV), inv_t))),
+    )
 
 
 def _draw_blocked(g: GraphBuilder, w_BV: Value, u_B: Value, V: int) -> Value:
@@ -313,15 +324,15 @@ def _draw_blocked(g: GraphBuilder, w_BV: Value, u_B: Value, V: int) -> Value:
     w = g.Cast(w_BV, to=DOUBLE)
     if nblk * DRAW_BLOCK != V:
         w = g.Pad(w, g.ints(0, 0, 0, nblk * DRAW_BLOCK - V))
-    w3 = g.Reshape(w, g.ints(0, nblk, DRAW_BLOCK))                                   # (B,NBLK,BLOCK)
-    block = g.ReduceSum(w3, g.ints(-1), keepdims=0)                                   # (B,NBLK)
+    w3 = g.Reshape(w, g.ints(0, nblk, DRAW_BLOCK))  # (B,NBLK,BLOCK)
+    block = g.ReduceSum(w3, g.ints(-1), keepdims=0)  # (B,NBLK)
     cum = g.CumSum(block, g.const(1, np.int64))
-    total = g.Slice(cum, g.ints(-1), g.ints(INT64_MAX), g.ints(1))                   # (B,1)
+    total = g.Slice(cum, g.ints(-1), g.ints(INT64_MAX), g.ints(1))  # (B,1)
     u_B1 = g.Unsqueeze(u_B, g.ints(1))
     b_B1 = g.Min(_count(g, g.LessOrEqual(g.Div(cum, total), u_B1)), g.const(nblk - 1, np.int64))
-    base = g.GatherElements(g.Sub(cum, block), b_B1, axis=1)                           # weight before it
+    base = g.GatherElements(g.Sub(cum, block), b_B1, axis=1)  # weight before it
     at = g.Expand(g.Unsqueeze(b_B1, g.ints(2)), g.Concat(g.Shape(w3, start=0, end=1), g.ints(1, DRAW_BLOCK), axis=0))
-    row = g.Squeeze(g.GatherElements(w3, at, axis=1), g.ints(1))                       # (B,BLOCK)
+    row = g.Squeeze(g.GatherElements(w3, at, axis=1), g.ints(1))  # (B,BLOCK)
     cdf = g.Div(g.Add(base, g.CumSum(row, g.const(1, np.int64))), total)
     positive = g.Cast(g.Greater(row, g.const(0.0, np.float64)), to=TensorProto.INT32)
     first = g.ArgMax(positive, axis=1, keepdims=1)
@@ -330,8 +341,7 @@ def _draw_blocked(g: GraphBuilder, w_BV: Value, u_B: Value, V: int) -> Value:
     return g.Squeeze(g.Add(g.Mul(b_B1, g.const(DRAW_BLOCK, np.int64)), k_B1), g.ints(1))
 
 
-def _occurrence_next(g: GraphBuilder, y_B: Value, occ_BV: Value, at_n2: Value, decay: Value,
-                     exempt_V: Value) -> Value:
+def _occurrence_next(g: GraphBuilder, y_B: Value, occ_BV: Value, at_n2: Value, decay: Value, exempt_V: Value) -> Value:
     """Present: count <- max(count * decay, floor); exempt flag stays 1; then the drawn token counts.
 
     Only the n present entries and the B drawn ones are computed (float64, rounded once).
@@ -350,8 +360,9 @@ def _occurrence_next(g: GraphBuilder, y_B: Value, occ_BV: Value, at_n2: Value, d
         y_B1 = g.Unsqueeze(y_B, g.ints(1))
         count_B1 = g.Cast(g.GatherElements(occ_BV, y_B1, axis=1), to=DOUBLE)
         exempt_B1 = g.Gather(exempt_V, y_B1)
-        was = g.Where(g.Greater(count_B1, g.const(0.0, np.float64)), decayed(count_B1, exempt_B1),
-                      g.const(0.0, np.float64))
+        was = g.Where(
+            g.Greater(count_B1, g.const(0.0, np.float64)), decayed(count_B1, exempt_B1), g.const(0.0, np.float64)
+        )
         new_B1 = g.Where(exempt_B1, one, g.Add(was, one))
         return g.ScatterElements(nxt, y_B1, g.Cast(new_B1, to=FLOAT), axis=1)
 
@@ -366,22 +377,37 @@ def _sample(g: GraphBuilder, x_BV: Value, p: dict, u_B: Value, V: int, cfg: Conf
     def filtered(b: GraphBuilder) -> Value:
         return _sample_filtered(b, x_BV, p_BV, p, top_p_on, top_k_on, u_B, V, cfg)
 
-    return g.If(g.Or(top_p_on, top_k_on), then_branch=_branch(g, "filtered", INT64, filtered),
-                else_branch=_branch(g, "all", INT64, lambda b: _draw_blocked(
-                    b, _tempered(b, p_BV, p["temperature"]), u_B, V)))
+    return g.If(
+        g.Or(top_p_on, top_k_on),
+        then_branch=_branch(g, "filtered", INT64, filtered),
+        else_branch=_branch(g, "all", INT64, lambda b: _draw_blocked(b, _tempered(b, p_BV, p["temperature"]), u_B, V)),
+    )
 
 
-def _sample_filtered(g: GraphBuilder, x_BV: Value, p_BV: Value, p: dict, top_p_on: Value, top_k_on: Value,
-                     u_B: Value, V: int, cfg: Config) -> Value:
+def _sample_filtered(
+    g: GraphBuilder,
+    x_BV: Value,
+    p_BV: Value,
+    p: dict,
+    top_p_on: Value,
+    top_k_on: Value,
+    u_B: Value,
+    V: int,
+    cfg: Config,
+) -> Value:
     """Top-p and/or top-k, then the draw; among the TopK candidates alone when they hold every kept token."""
     k0 = min(V, cfg.fast_candidates)
-    vals_BK, ids_BK = g.TopK(p_BV, g.ints(k0), axis=-1, outputs=2)                # sorted, ties: lower id
+    vals_BK, ids_BK = g.TopK(p_BV, g.ints(k0), axis=-1, outputs=2)  # sorted, ties: lower id
     with g.scope("top_p"):
+
         def cutoff(b: GraphBuilder) -> Value:
             return _top_p_cutoff(b, x_BV, p_BV, vals_BK, p["top_p"], V, cfg)
 
-        cutoff_B1 = g.If(top_p_on, then_branch=_branch(g, "on", FLOAT, cutoff),
-                         else_branch=_branch(g, "off", FLOAT, lambda b: _zeros_B1(b, p_BV)))
+        cutoff_B1 = g.If(
+            top_p_on,
+            then_branch=_branch(g, "on", FLOAT, cutoff),
+            else_branch=_branch(g, "off", FLOAT, lambda b: _zeros_B1(b, p_BV)),
+        )
     top_k, T = p["top_k"], p["temperature"]
     if k0 == V:
         within = g.const(True, np.bool_)
@@ -396,13 +422,28 @@ def _sample_filtered(g: GraphBuilder, x_BV: Value, p_BV: Value, p: dict, top_p_o
         return _draw_blocked(b, b.Where(keep_BV, _tempered(b, p_BV, T), b.const(0.0)), u_B, V)
 
     with g.scope("draw"):
-        return g.If(within, then_branch=_branch(g, "candidates", INT64, lambda b: _draw_candidates(
-            b, vals_BK, ids_BK, cutoff_B1, top_k, top_k_on, T, u_B)),
-            else_branch=_branch(g, "general", INT64, general))
+        return g.If(
+            within,
+            then_branch=_branch(
+                g,
+                "candidates",
+                INT64,
+                lambda b: _draw_candidates(b, vals_BK, ids_BK, cutoff_B1, top_k, top_k_on, T, u_B),
+            ),
+            else_branch=_branch(g, "general", INT64, general),
+        )
 
 
-def _draw_candidates(g: GraphBuilder, vals_BK: Value, ids_BK: Value, cutoff_B1: Value, top_k: Value,
-                     top_k_on: Value, temperature: Value, u_B: Value) -> Value:
+def _draw_candidates(
+    g: GraphBuilder,
+    vals_BK: Value,
+    ids_BK: Value,
+    cutoff_B1: Value,
+    top_k: Value,
+    top_k_on: Value,
+    temperature: Value,
+    u_B: Value,
+) -> Value:
     """The draw over the K candidates (which hold every kept token), re-sorted into token-id order so
     that the cdf, and the token a given u picks, are the reference's."""
     rank_K = g.Range(g.const(0, np.int64), g.Squeeze(g.Shape(vals_BK, start=1, end=2)), g.const(1, np.int64))
@@ -410,16 +451,19 @@ def _draw_candidates(g: GraphBuilder, vals_BK: Value, ids_BK: Value, cutoff_B1: 
     keep_BK = g.And(g.GreaterOrEqual(vals_BK, cutoff_B1), in_top_k)
     w_BK = g.Where(keep_BK, g.Pow(vals_BK, _inverse_temperature(g, temperature)), g.const(0.0))
     _, order_BK = g.TopK(g.Neg(g.Cast(ids_BK, to=FLOAT)), g.Shape(vals_BK, start=1, end=2), axis=-1, outputs=2)
-    ids_BK = g.GatherElements(ids_BK, order_BK, axis=1)                            # ascending ids (< 2**24)
+    ids_BK = g.GatherElements(ids_BK, order_BK, axis=1)  # ascending ids (< 2**24)
     cdf = g.CumSum(g.Cast(g.GatherElements(w_BK, order_BK, axis=1), to=DOUBLE), g.const(1, np.int64))
     cdf = g.Div(cdf, g.Slice(cdf, g.ints(-1), g.ints(INT64_MAX), g.ints(1)))
-    k_B1 = g.Min(_count(g, g.LessOrEqual(cdf, g.Unsqueeze(u_B, g.ints(1)))),
-                 g.Sub(g.Shape(vals_BK, start=1, end=2), g.const(1, np.int64)))
+    k_B1 = g.Min(
+        _count(g, g.LessOrEqual(cdf, g.Unsqueeze(u_B, g.ints(1)))),
+        g.Sub(g.Shape(vals_BK, start=1, end=2), g.const(1, np.int64)),
+    )
     return g.Squeeze(g.GatherElements(ids_BK, k_B1, axis=1), g.ints(1))
 
 
-def build_head(g: GraphBuilder, logits: Value, logits_info: onnx.ValueInfoProto, V: int, exempt: np.ndarray,
-               cfg: Config) -> None:
+def build_head(
+    g: GraphBuilder, logits: Value, logits_info: onnx.ValueInfoProto, V: int, exempt: np.ndarray, cfg: Config
+) -> None:
     """Add the sampling head's inputs, nodes and outputs (y, occurence_next) to `g`."""
     p = _param_inputs(g, V, batch_uniform=not cfg.random_fallback)
     with g.scope("sampling"):
@@ -429,8 +473,11 @@ def build_head(g: GraphBuilder, logits: Value, logits_info: onnx.ValueInfoProto,
             x_BV, occ_BV, at_n2 = _penalties(g, x_BV, p, exempt_V)
         u_B = _uniform(g, x_BV, p[UNIFORM], cfg)
         greedy = g.Equal(p["temperature"], g.const(0.0, np.float64))
-        y_B = g.If(greedy, then_branch=_branch(g, "greedy", INT64, lambda b: b.ArgMax(x_BV, axis=-1, keepdims=0)),
-                   else_branch=_branch(g, "sample", INT64, lambda b: _sample(b, x_BV, p, u_B, V, cfg)))
+        y_B = g.If(
+            greedy,
+            then_branch=_branch(g, "greedy", INT64, lambda b: b.ArgMax(x_BV, axis=-1, keepdims=0)),
+            else_branch=_branch(g, "sample", INT64, lambda b: _sample(b, x_BV, p, u_B, V, cfg)),
+        )
         with g.scope("occurrence"):
             occ_next = _occurrence_next(g, y_B, occ_BV, at_n2, p["alpha_decay"], exempt_V)
     g.output(y_B, TOKEN, INT64, ["batch"])
@@ -456,8 +503,10 @@ class SamplingHead(Pass):
         if opset < 16:
             return f"opset {opset} < 16 has no ScatterElements reduction; rebuild with --opset 21"
         if opset >= 22 and self.config.random_fallback:
-            return (f"opset {opset}: ORT's CPU EP has no RandomUniformLike at opset >= 22; rebuild with "
-                    "--opset 21 or set random_fallback=False (then 'uniform' is a required input)")
+            return (
+                f"opset {opset}: ORT's CPU EP has no RandomUniformLike at opset >= 22; rebuild with "
+                "--opset 21 or set random_fallback=False (then 'uniform' is a required input)"
+            )
         if self._vocab(model) is None:
             return "the vocabulary size is unknown (no rwkv_opt.vocab metadata, symbolic logits width)"
         return None
@@ -479,15 +528,25 @@ class SamplingHead(Pass):
         if not cfg.emit_logits:
             model.graph.output.remove(logits)
         set_meta(model, "rwkv_opt.head", NAME)
-        set_meta(model, "rwkv_opt.sampling", json.dumps({
-            "defaults": {k: v.tolist() for k, v in sampling_feeds(SamplingParams()).items()},
-            "uniform": "required" if not cfg.random_fallback else
-                       f"optional; when not fed: RandomUniformLike(seed={cfg.seed})",
-            "presence": "entry > 0; exempt tokens store a presence flag (1.0), not a count",
-            "logits_output": cfg.emit_logits}, sort_keys=True))
+        set_meta(
+            model,
+            "rwkv_opt.sampling",
+            json.dumps(
+                {
+                    "defaults": {k: v.tolist() for k, v in sampling_feeds(SamplingParams()).items()},
+                    "uniform": "required"
+                    if not cfg.random_fallback
+                    else f"optional; when not fed: RandomUniformLike(seed={cfg.seed})",
+                    "presence": "entry > 0; exempt tokens store a presence flag (1.0), not a count",
+                    "logits_output": cfg.emit_logits,
+                },
+                sort_keys=True,
+            ),
+        )
         mark_applied(model, NAME)
-        notes = [f"V={V}, {int(exempt.sum())} exempt tokens, "
-                 f"uniform {'required' if not cfg.random_fallback else 'optional'}"]
+        notes = [
+            f"V={V}, {int(exempt.sum())} exempt tokens, uniform {'required' if not cfg.random_fallback else 'optional'}"
+        ]
         return PassResult(model, True, notes)
 
 

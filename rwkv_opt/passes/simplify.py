@@ -10,6 +10,7 @@ Measured on the built-in targets (tiny, 0.1B): onnxsim with the weights changed 
 (the builder emits no foldable expression); it stays for heads and custom targets. The fixed-point
 iteration count is bounded.
 """
+
 from __future__ import annotations
 
 import os
@@ -62,8 +63,9 @@ class Simplify(Pass):
         after = Counter(n.op_type for n in out.graph.node)
         mark_applied(out, self.name)
         diff = {k: after[k] - before[k] for k in sorted(set(before) | set(after)) if after[k] != before[k]}
-        return PassResult(out, before != after,
-                          [f"nodes {sum(before.values())} -> {sum(after.values())}", f"op delta {diff}"])
+        return PassResult(
+            out, before != after, [f"nodes {sum(before.values())} -> {sum(after.values())}", f"op delta {diff}"]
+        )
 
 
 def _weightless(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, onnx.TensorProto]]:

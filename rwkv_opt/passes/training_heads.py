@@ -15,6 +15,7 @@ left untouched, so the pipeline still verifies it against the numpy reference.
 
 Precondition: the model is an rwkv-opt graph (has rwkv_opt.* metadata) with no training head yet.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,8 +23,16 @@ from dataclasses import dataclass
 import onnx
 
 from rwkv_opt.graph.contract import Key
-from rwkv_opt.passes.base import (Pass, PassConfig, PassResult, applied_passes, get_meta, mark_applied, register,
-                                  set_meta)
+from rwkv_opt.passes.base import (
+    Pass,
+    PassConfig,
+    PassResult,
+    applied_passes,
+    get_meta,
+    mark_applied,
+    register,
+    set_meta,
+)
 
 HEAD_KEY = Key.TRAIN + "head"
 TRAINING_HEADS = ("sft", "reinforce")
@@ -31,8 +40,8 @@ TRAINING_HEADS = ("sft", "reinforce")
 
 @dataclass(frozen=True)
 class TrainingHeadConfig(PassConfig):
-    seq: int = 64           # static sequence length of the training graphs (tokens per window)
-    batch: int = 1          # static batch of the training graphs
+    seq: int = 64  # static sequence length of the training graphs (tokens per window)
+    batch: int = 1  # static batch of the training graphs
     trainable: str = "all"  # default trainable selector (all, lora, last:N, globs; see rwkv_opt.training.select)
 
     def problem(self) -> str | None:
@@ -55,12 +64,23 @@ class _TrainingHead(Pass):
 
     def run(self, model: onnx.ModelProto) -> PassResult:
         c = self.config
-        for key, value in (("head", self.name), ("objective", self.name), ("seq", c.seq), ("batch", c.batch),
-                           ("trainable", c.trainable)):
+        for key, value in (
+            ("head", self.name),
+            ("objective", self.name),
+            ("seq", c.seq),
+            ("batch", c.batch),
+            ("trainable", c.trainable),
+        ):
             set_meta(model, Key.TRAIN + key, str(value))
         mark_applied(model, self.name)
-        return PassResult(model, True, [f"training artifact ({self.name}, {c.batch}x{c.seq}); "
-                                        "`rwkv-opt train` builds its step and eval graphs from the source checkpoint"])
+        return PassResult(
+            model,
+            True,
+            [
+                f"training artifact ({self.name}, {c.batch}x{c.seq}); "
+                "`rwkv-opt train` builds its step and eval graphs from the source checkpoint"
+            ],
+        )
 
 
 @register

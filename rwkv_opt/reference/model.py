@@ -4,6 +4,7 @@ Reads like RWKV-LM's `RWKV-v7/rwkv_v7_numpy.py`; pinned to BlinkDL's official `r
 tests/reference/test_oracle.py. Shapes: B batch, T time, C n_embd, H heads, N head size, V vocab.
 The WKV state S[h] is N x N indexed [value, key] and is always kept in fp32 or wider.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -56,7 +57,7 @@ class _Layers:
 
     def load(self, i: int) -> dict:
         w, p = self.w, f"blocks.{i}."
-        z = {k[len(p):]: w.f32(k, self.dtype) for k in w.raw if k.startswith(p) and "s_emb" not in k}
+        z = {k[len(p) :]: w.f32(k, self.dtype) for k in w.raw if k.startswith(p) and "s_emb" not in k}
         for lin in ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value"):
             z[lin] = z.pop(lin + ".weight").T  # used as x @ W^T
         z["att.r_k"] = z["att.r_k"].reshape(-1)
@@ -98,9 +99,11 @@ class ReferenceModel:
 
     def zero_state(self, batch: int = 1) -> State:
         c = self.cfg
-        return State(np.zeros((c.n_layer, batch, c.n_embd), self.dtype),
-                     np.zeros((c.n_layer, batch, c.n_head, c.head_size, c.head_size), self.dtype),
-                     np.zeros((c.n_layer, batch, c.n_embd), self.dtype))
+        return State(
+            np.zeros((c.n_layer, batch, c.n_embd), self.dtype),
+            np.zeros((c.n_layer, batch, c.n_head, c.head_size, c.head_size), self.dtype),
+            np.zeros((c.n_layer, batch, c.n_embd), self.dtype),
+        )
 
     def forward(self, tokens, state: State | None = None, full_output: bool = True):
         """tokens (B,T) or (T,) ints -> logits (B,T,V) (or (B,1,V)) and the new state."""
@@ -153,9 +156,12 @@ class ReferenceModel:
         r, w, k, v, kk, a = map(hv, (r, w, k, v, kk, a))
         y = np.empty((B, T, H, N), S.dtype)
         for t in range(T):
-            sa = S @ kk[:, t, :, :, None]                                # (B,H,N,1) read before decay
-            S = (S * w[:, t, :, None, :] - sa * (kk[:, t] * a[:, t])[:, :, None, :]
-                 + v[:, t, :, :, None] * k[:, t, :, None, :])
+            sa = S @ kk[:, t, :, :, None]  # (B,H,N,1) read before decay
+            S = (
+                S * w[:, t, :, None, :]
+                - sa * (kk[:, t] * a[:, t])[:, :, None, :]
+                + v[:, t, :, :, None] * k[:, t, :, None, :]
+            )
             y[:, t] = (S @ r[:, t, :, :, None])[..., 0]
         state.wkv[i] = S
         return y.reshape(B, T, C).astype(r.dtype)
@@ -167,7 +173,7 @@ class ReferenceModel:
         h = np.maximum(kf @ z["ffn.key"], 0) ** 2
         if self.cfg.deepembed:
             r = self.cfg.d_srank
-            semb = z["ffn.s_emb"][tokens].reshape(*tokens.shape, r, r)   # (B,T,r,r)
-            ss = ((xf @ z["ffn.s1"])[..., None, :] @ semb)[..., 0, :]    # (B,T,r)
+            semb = z["ffn.s_emb"][tokens].reshape(*tokens.shape, r, r)  # (B,T,r,r)
+            ss = ((xf @ z["ffn.s1"])[..., None, :] @ semb)[..., 0, :]  # (B,T,r)
             h = h * (ss @ z["ffn.s2"] + z["ffn.s0"])
         return x + h @ z["ffn.value"]

@@ -175,7 +175,10 @@ def update_occurrence(
 
 
 def sample_step(
-    logits: np.ndarray, occurrence: Occurrence, params: SamplingParams, uniform: float | np.ndarray,
+    logits: np.ndarray,
+    occurrence: Occurrence,
+    params: SamplingParams,
+    uniform: float | np.ndarray,
     exempt_mask: np.ndarray,
 ) -> int | np.ndarray:
     """One full generation step: penalties, draw, occurrence update. Returns the token(s)."""

@@ -3,6 +3,7 @@
 It rounds every op's output to its dtype and accumulates MatMul/reductions/LayerNorm in fp32,
 as a GPU EP does (rounding_evaluator). It is slow: tiny models only.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -80,8 +81,13 @@ def rounding_evaluator(model: onnx.ModelProto):
     for op in ops:
         op.op_domain = ""
     ev = ReferenceEvaluator(model, new_ops=ops)
-    weights32.update({id(t): t.astype(np.float32) for t in ev.rt_inits_.values()
-                      if isinstance(t, np.ndarray) and t.dtype in (np.float16, ml_dtypes.bfloat16) and t.ndim == 2})
+    weights32.update(
+        {
+            id(t): t.astype(np.float32)
+            for t in ev.rt_inits_.values()
+            if isinstance(t, np.ndarray) and t.dtype in (np.float16, ml_dtypes.bfloat16) and t.ndim == 2
+        }
+    )
     return ev
 
 

@@ -15,6 +15,7 @@ Vocabulary (the RWKV World tokenizer has ids 0-65529; RWKV-7 heads have 65536 ro
   ``decode(encode(text)) == text`` still holds; this needs V >= 257.
 Token 0 (end of document) ends `generate`; `Chat` bans it, as the official chat demo does.
 """
+
 from __future__ import annotations
 
 import re
@@ -64,8 +65,9 @@ class _Sampler:
         self.session, self.params = session, params
         self.in_graph = uses_graph_sampler(session) if in_graph is None else in_graph
         if self.in_graph and not uses_graph_sampler(session):
-            raise RwkvOptError(f"{session.path} has no sampling head; build it with `--head sampling` "
-                               "or sample on the host.")
+            raise RwkvOptError(
+                f"{session.path} has no sampling head; build it with `--head sampling` or sample on the host."
+            )
         self.vocab = session.config.vocab
         self.rng = np.random.default_rng(seed)
         self.state = session.zero_state(1)
@@ -91,11 +93,19 @@ class _Sampler:
         chunk = self.session.max_chunk
         for s in range(0, ids.shape[1], chunk):
             last = s + chunk >= ids.shape[1]
-            feed = {contract.TOKENS: ids[:, s:s + chunk], **self.state, **self.feeds,
-                    head.OCCURRENCE: self.occurence, head.UNIFORM: u if last else np.zeros(1)}
+            feed = {
+                contract.TOKENS: ids[:, s : s + chunk],
+                **self.state,
+                **self.feeds,
+                head.OCCURRENCE: self.occurence,
+                head.UNIFORM: u if last else np.zeros(1),
+            }
             out = self.session.run(feed)
-            self.state = {dst: out[src] for i in range(self.session.config.n_layer)
-                          for src, dst in zip(contract.state_outputs(i), contract.state_inputs(i))}
+            self.state = {
+                dst: out[src]
+                for i in range(self.session.config.n_layer)
+                for src, dst in zip(contract.state_outputs(i), contract.state_inputs(i))
+            }
         last = contract.state_inputs(self.session.config.n_layer - 1)[2]  # downstream of every layer but the head,
         _refuse_non_finite(self.session, f"state '{last}'", self.state[last])  # and (B, 1, C): cheap per token
         self.occurence = out[head.OCCURRENCE_NEXT]
@@ -104,13 +114,22 @@ class _Sampler:
 
 def _refuse_non_finite(session: Session, what: str, values: np.ndarray) -> None:
     if not np.isfinite(values).all():
-        raise RwkvOptError(f"{session.path} produced non-finite {what} (NaN or inf): its weights are broken; "
-                           "rebuild it from a sound checkpoint (`rwkv-opt inspect --verify` checks the files).")
+        raise RwkvOptError(
+            f"{session.path} produced non-finite {what} (NaN or inf): its weights are broken; "
+            "rebuild it from a sound checkpoint (`rwkv-opt inspect --verify` checks the files)."
+        )
 
 
-def generate(session: Session, tokenizer: WorldTokenizer, prompt: str, max_tokens: int = 200,
-             params: SamplingParams = SamplingParams(), seed: int | None = None,
-             in_graph: bool | None = None, on_token: Callable[[int], None] | None = None) -> Iterator[str]:
+def generate(
+    session: Session,
+    tokenizer: WorldTokenizer,
+    prompt: str,
+    max_tokens: int = 200,
+    params: SamplingParams = SamplingParams(),
+    seed: int | None = None,
+    in_graph: bool | None = None,
+    on_token: Callable[[int], None] | None = None,
+) -> Iterator[str]:
     """Stream the continuation of `prompt`, piece by piece, until max_tokens or end of document.
 
     in_graph: None = the model's head when it has one; False forces host-side sampling.
@@ -148,9 +167,15 @@ class Chat:
     end-of-document is banned.
     """
 
-    def __init__(self, session: Session, tokenizer: WorldTokenizer | None = None,
-                 params: SamplingParams = SamplingParams(), seed: int | None = None, max_tokens: int = 500,
-                 in_graph: bool | None = None):
+    def __init__(
+        self,
+        session: Session,
+        tokenizer: WorldTokenizer | None = None,
+        params: SamplingParams = SamplingParams(),
+        seed: int | None = None,
+        max_tokens: int = 500,
+        in_graph: bool | None = None,
+    ):
         self.tokenizer = tokenizer or load_world_tokenizer()
         self.codec = TokenCodec(self.tokenizer, session.config.vocab)
         ban = set(params.token_ban) | set(self.codec.undecodable()) | {END_OF_DOC}

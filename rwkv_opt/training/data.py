@@ -24,6 +24,7 @@ one (a window's first token is the previous window's last target, here context o
 windows are padded with id 0 and mask 0. mask[b, t] = 1 means x[b, t] is a loss target; it is 0
 for pads, the leading 0 and prompt tokens. Each window starts from a zero state.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,16 +55,16 @@ def tokenizer_for(vocab: int) -> Callable[[str], list[int]]:
 
 @dataclass
 class Example:
-    tokens: np.ndarray   # (n,) int64, starting with BOS
-    mask: np.ndarray     # (n,) int64, 1 where the token is a target
-    reward: np.ndarray   # (n,) float32 (zeros for SFT)
+    tokens: np.ndarray  # (n,) int64, starting with BOS
+    mask: np.ndarray  # (n,) int64, 1 where the token is a target
+    reward: np.ndarray  # (n,) float32 (zeros for SFT)
 
 
 @dataclass
 class Batch:
-    x: np.ndarray        # (B,T) int64
-    mask: np.ndarray     # (B,T) int64
-    reward: np.ndarray   # (B,T) float32
+    x: np.ndarray  # (B,T) int64
+    mask: np.ndarray  # (B,T) int64
+    reward: np.ndarray  # (B,T) float32
 
     def feeds(self, objective: Objective) -> dict[str, np.ndarray]:
         f = {"x": self.x, "mask": self.mask}
@@ -86,14 +87,15 @@ def _row_example(row: dict, objective: Objective, encode, where: str) -> Example
     prompt = encode(need_str("prompt")) if "prompt" in row else []
     if objective is Objective.SFT:
         if "text" not in row:
-            raise RwkvOptError(f"{where}: an SFT row needs \"text\" (and optionally \"prompt\").")
+            raise RwkvOptError(f'{where}: an SFT row needs "text" (and optionally "prompt").')
         text = encode(need_str("text"))
         rewards = [0.0] * len(text)
     elif "segments" in row:
         segs = row["segments"]
-        if not isinstance(segs, list) or not all(isinstance(s, dict) and isinstance(s.get("text"), str)
-                                                 and _number(s.get("reward")) for s in segs):
-            raise RwkvOptError(f"{where}: \"segments\" must be a list of {{\"text\": str, \"reward\": finite number}}.")
+        if not isinstance(segs, list) or not all(
+            isinstance(s, dict) and isinstance(s.get("text"), str) and _number(s.get("reward")) for s in segs
+        ):
+            raise RwkvOptError(f'{where}: "segments" must be a list of {{"text": str, "reward": finite number}}.')
         text, rewards = [], []
         for s in segs:
             ids = encode(s["text"])
@@ -105,19 +107,22 @@ def _row_example(row: dict, objective: Objective, encode, where: str) -> Example
             rewards = row["rewards"]
             if not isinstance(rewards, list) or len(rewards) != len(text):
                 got = len(rewards) if isinstance(rewards, list) else repr(rewards)
-                raise RwkvOptError(f"{where}: \"rewards\" needs one number per token of \"text\" "
-                                   f"({len(text)} tokens), got {got}.")
+                raise RwkvOptError(
+                    f'{where}: "rewards" needs one number per token of "text" ({len(text)} tokens), got {got}.'
+                )
             bad = next((i for i, r in enumerate(rewards) if not _number(r)), None)
             if bad is not None:
-                raise RwkvOptError(f"{where}: \"rewards\"[{bad}] is {json.dumps(rewards[bad])[:40]}, not a finite "
-                                   "number.")
+                raise RwkvOptError(
+                    f'{where}: "rewards"[{bad}] is {json.dumps(rewards[bad])[:40]}, not a finite number.'
+                )
         elif _number(row.get("reward")):
             rewards = [float(row["reward"])] * len(text)
         else:
-            raise RwkvOptError(f"{where}: a REINFORCE row needs \"reward\" (finite number), \"rewards\" (list) "
-                               "or \"segments\".")
+            raise RwkvOptError(
+                f'{where}: a REINFORCE row needs "reward" (finite number), "rewards" (list) or "segments".'
+            )
     else:
-        raise RwkvOptError(f"{where}: a REINFORCE row needs \"text\" or \"segments\".")
+        raise RwkvOptError(f'{where}: a REINFORCE row needs "text" or "segments".')
     if not text:
         raise RwkvOptError(f"{where}: the row has no text tokens to train on.")
     tokens = [BOS] + prompt + text
@@ -139,8 +144,9 @@ def read_jsonl(path: Path, objective: Objective, vocab: int) -> list[Example]:
                 line = raw.decode("utf-8")
                 row = json.loads(line) if line.strip() else None
             except UnicodeDecodeError as e:
-                raise RwkvOptError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}).") \
-                    from None
+                raise RwkvOptError(
+                    f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})."
+                ) from None
             except json.JSONDecodeError as e:
                 raise RwkvOptError(f"{where}: not valid JSON ({e.msg}).") from None
             except RecursionError:
@@ -151,8 +157,9 @@ def read_jsonl(path: Path, objective: Objective, vocab: int) -> list[Example]:
                 raise RwkvOptError(f"{where}: each line must be a JSON object.")
             ex = _row_example(row, objective, encode, where)
             if int(ex.tokens.max()) >= vocab:
-                raise RwkvOptError(f"{where}: token id {int(ex.tokens.max())} is outside the model's "
-                                   f"vocabulary ({vocab}).")
+                raise RwkvOptError(
+                    f"{where}: token id {int(ex.tokens.max())} is outside the model's vocabulary ({vocab})."
+                )
             out.append(ex)
     if not out:
         raise RwkvOptError(f"{path} holds no rows.")
@@ -193,9 +200,9 @@ def batches(wins: list[Example], batch: int, seq: int, seed: int = 0) -> Iterato
     while True:
         order = rng.permutation(len(wins))
         for i in range(0, len(order), batch):
-            yield make_batch([wins[j] for j in order[i:i + batch]], batch, seq)
+            yield make_batch([wins[j] for j in order[i : i + batch]], batch, seq)
 
 
 def all_batches(wins: list[Example], batch: int, seq: int) -> list[Batch]:
     """Every window once, in order (for evaluation)."""
-    return [make_batch(wins[i:i + batch], batch, seq) for i in range(0, len(wins), batch)]
+    return [make_batch(wins[i : i + batch], batch, seq) for i in range(0, len(wins), batch)]

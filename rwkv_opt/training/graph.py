@@ -22,6 +22,7 @@ differentiable (layer_norm, lerp, lora, heads, decay, group_norm, token_shift).
 
 Layout letters: B batch, T time, C channels, H heads, N head size, F ffn dim, V vocab, D s_emb width.
 """
+
 from __future__ import annotations
 
 import enum
@@ -44,7 +45,7 @@ UNUSED = ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")
 
 
 class Objective(str, enum.Enum):
-    SFT = "sft"              # masked mean next-token cross-entropy
+    SFT = "sft"  # masked mean next-token cross-entropy
     REINFORCE = "reinforce"  # token-level reward-weighted negative log-likelihood
 
 
@@ -64,11 +65,11 @@ class LossGraph:
     """A loss model whose parameters are data-less graph inputs, plus their fp32 arrays."""
 
     model: onnx.ModelProto
-    params: dict[str, np.ndarray]         # training layout (squeezed [1,1,C] vectors), fp32
+    params: dict[str, np.ndarray]  # training layout (squeezed [1,1,C] vectors), fp32
     objective: Objective
     shape: TrainShape
     stop_gradient: frozenset[str] = field(default_factory=frozenset)  # node names
-    embeddings: tuple[str, ...] = ()      # Gather nodes reading a parameter table (see step.py)
+    embeddings: tuple[str, ...] = ()  # Gather nodes reading a parameter table (see step.py)
 
 
 def training_params(weights: Weights) -> dict[str, np.ndarray]:
@@ -127,8 +128,9 @@ class _LossBuilder:
         reward = g.input(REWARD, FLOAT, [s.batch, s.seq]) if self.objective is Objective.REINFORCE else None
         flat = g.Reshape(tokens, g.ints(-1))
         with g.scope("emb"):
-            x0 = B.layer_norm(g, self.embed("emb.weight", flat), self.p("blocks.0.ln0.weight"),
-                              self.p("blocks.0.ln0.bias"))
+            x0 = B.layer_norm(
+                g, self.embed("emb.weight", flat), self.p("blocks.0.ln0.weight"), self.p("blocks.0.ln0.bias")
+            )
         x, v_first = x0, None
         for i in range(c.n_layer):
             with g.scope(f"blocks.{i}"):
@@ -138,14 +140,15 @@ class _LossBuilder:
                     x = self.channel_mix(i, x, x0, flat)
         with g.scope("head"):
             x = B.layer_norm(g, x, self.p("ln_out.weight"), self.p("ln_out.bias"))
-            logits = self.linear(x, "head.weight")                                   # (B,T,V)
+            logits = self.linear(x, "head.weight")  # (B,T,V)
         with g.scope("loss"):
             loss, nll = self.loss(logits, tokens, mask, reward)
         g.output(loss, LOSS, FLOAT, [])
         g.output(nll, NLL, FLOAT, [s.batch, s.seq])
         # parameters are inputs in first-use order, after the data inputs
-        model = g.model(metadata={Key.TRAIN + "objective": self.objective.value,
-                                  Key.TRAIN + "shape": f"{s.batch}x{s.seq}"})
+        model = g.model(
+            metadata={Key.TRAIN + "objective": self.objective.value, Key.TRAIN + "shape": f"{s.batch}x{s.seq}"}
+        )
         used = {k: self.params[k] for k in self.inputs}
         return LossGraph(model, used, self.objective, s, frozenset(self.stop), tuple(self.embeddings))
 
@@ -158,7 +161,8 @@ class _LossBuilder:
         d = g.Sub(prev, xa)
         mixed = [B.lerp(g, xa, d, p(f"att.x_{m}")) for m in "rwkvag"]
         r, w, k, v, kk, a, gate, v_first = B.tmix_projections(
-            g, mixed, p, lambda x, n: self.linear(x, P + n), l2_normalize, H, N, None if i == 0 else v_first)
+            g, mixed, p, lambda x, n: self.linear(x, P + n), l2_normalize, H, N, None if i == 0 else v_first
+        )
 
         rh, wh, kh, vh, ah = (B.heads(g, t, H, N) for t in (r, w, k, v, a))
         with g.scope("wkv"):
@@ -183,9 +187,9 @@ class _LossBuilder:
                 r = c.d_srank
                 # the official load-time fold s_emb + emb_ln0 @ s_emb_x^T, for this window's tokens only
                 semb = g.Add(self.embed(P + "ffn.s_emb.weight", flat_tokens), self.linear(x0, P + "ffn.s_emb_x.weight"))
-                semb = g.Reshape(semb, g.ints(0, 0, r, r))                                  # (B,T,r,r)
+                semb = g.Reshape(semb, g.ints(0, 0, r, r))  # (B,T,r,r)
                 ss = g.MatMul(g.Unsqueeze(g.MatMul(xf, p("ffn.s1")), g.ints(-2)), semb)
-                ss = g.Squeeze(ss, g.ints(-2))                                              # (B,T,r)
+                ss = g.Squeeze(ss, g.ints(-2))  # (B,T,r)
                 h = g.Mul(h, g.Add(g.MatMul(ss, p("ffn.s2")), p("ffn.s0")))
         return g.Add(x, self.linear(h, P + "ffn.value.weight"))
 
@@ -193,17 +197,18 @@ class _LossBuilder:
         """-> (scalar loss, nll (B,T)); position t predicts x[:, t+1], the last position nothing."""
         g, s, V = self.g, self.shape, self.cfg.vocab
         nxt = lambda t, pad: g.Concat(g.Slice(t, g.ints(1), g.ints(s.seq), g.ints(1)), pad, axis=1)  # noqa: E731
-        target = nxt(tokens, g.const(np.zeros((s.batch, 1)), np.int64))                      # (B,T)
+        target = nxt(tokens, g.const(np.zeros((s.batch, 1)), np.int64))  # (B,T)
         wt = g.Cast(nxt(mask, g.const(np.zeros((s.batch, 1)), np.int64)), to=onnx.TensorProto.FLOAT)
-        onehot = g.Cast(g.Equal(g.Unsqueeze(target, g.ints(-1)), g.const(np.arange(V), np.int64)),
-                        to=onnx.TensorProto.FLOAT)                                            # (B,T,V)
+        onehot = g.Cast(
+            g.Equal(g.Unsqueeze(target, g.ints(-1)), g.const(np.arange(V), np.int64)), to=onnx.TensorProto.FLOAT
+        )  # (B,T,V)
         # log-sum-exp shifted by the row max; the max is a stop-gradient (its derivative cancels)
         m = g.ReduceMax(logits, axes=[-1], keepdims=1)
         self.stop.add(g.nodes[-1].name)
         zs = g.Sub(logits, m)
         lse = g.Log(g.ReduceSum(g.Exp(zs), g.ints(-1), keepdims=1))
         zt = g.ReduceSum(g.Mul(zs, onehot), g.ints(-1), keepdims=1)
-        nll = g.Reshape(g.Sub(lse, zt), g.ints(s.batch, s.seq))                              # (B,T)
+        nll = g.Reshape(g.Sub(lse, zt), g.ints(s.batch, s.seq))  # (B,T)
         weight = wt if reward is None else g.Mul(wt, nxt(reward, g.const(np.zeros((s.batch, 1)))))
         count = g.Clip(g.ReduceSum(wt, keepdims=0), g.const(1.0))
         loss = g.Div(g.ReduceSum(g.Mul(nll, weight), keepdims=0), count)
@@ -228,29 +233,32 @@ def wkv_unrolled(g: GraphBuilder, T: int, H: int, N: int, r, w, k, v, kk, b) -> 
     (A Transpose here gets pushed through the Split by ORT's transpose optimizer: T small
     Transposes per split, measured at ~15% of a 0.1B step.)
     """
+
     def steps(t_BTHN: Value, row: bool) -> list[Value]:
-        parts = [t_BTHN] if T == 1 else list(g.op("Split", t_BTHN, outputs=T, axis=1))   # (B,1,H,N) each
+        parts = [t_BTHN] if T == 1 else list(g.op("Split", t_BTHN, outputs=T, axis=1))  # (B,1,H,N) each
         shape = g.ints(-1, H, 1, N) if row else g.ints(-1, H, N, 1)
         return [g.Reshape(pc, shape) for pc in parts]
 
-    rs, ws, ks, vs, kks, bs = (steps(t, row) for t, row in
-                               ((r, False), (w, True), (k, True), (v, False), (kk, False), (b, True)))
+    rs, ws, ks, vs, kks, bs = (
+        steps(t, row) for t, row in ((r, False), (w, True), (k, True), (v, False), (kk, False), (b, True))
+    )
     ys, S = [], None
     for t in range(T):
         with g.scope(f"t{t}"):
-            vk = g.Mul(vs[t], ks[t])                                                      # (B,H,N,N)
-            if S is None:   # S_0 = 0: the first step is the write alone
+            vk = g.Mul(vs[t], ks[t])  # (B,H,N,N)
+            if S is None:  # S_0 = 0: the first step is the write alone
                 S = vk
             else:
-                sa = g.MatMul(S, kks[t])                                                  # (B,H,N,1)
+                sa = g.MatMul(S, kks[t])  # (B,H,N,1)
                 S = g.Add(g.Sub(g.Mul(S, ws[t]), g.Mul(sa, bs[t])), vk)
-            ys.append(g.MatMul(S, rs[t]))                                                 # (B,H,N,1)
-    ys = [g.Reshape(y, g.ints(-1, 1, H, N)) for y in ys]                                  # (B,1,H,N)
-    return ys[0] if T == 1 else g.Concat(*ys, axis=1)                                     # (B,T,H,N)
+            ys.append(g.MatMul(S, rs[t]))  # (B,H,N,1)
+    ys = [g.Reshape(y, g.ints(-1, 1, H, N)) for y in ys]  # (B,1,H,N)
+    return ys[0] if T == 1 else g.Concat(*ys, axis=1)  # (B,T,H,N)
 
 
-def build_loss_graph(weights: Weights, objective: Objective, shape: TrainShape,
-                     params: dict[str, np.ndarray] | None = None) -> LossGraph:
+def build_loss_graph(
+    weights: Weights, objective: Objective, shape: TrainShape, params: dict[str, np.ndarray] | None = None
+) -> LossGraph:
     """The loss model for `weights` (or for `params`, arrays in the training layout)."""
     params = training_params(weights) if params is None else params
     return _LossBuilder(params, weights.config, objective, shape).build()

@@ -3,6 +3,7 @@
 Trainable parameters and AdamW moments live as OrtValues between calls (each step's outputs are
 the next step's inputs, no numpy round trip); only the batch and seven scalars are fed per step.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,13 +31,13 @@ class TrainConfig:
     seq: int = 64
     trainable: str = "all"
     lr: float = 1e-3
-    warmup: int = 0            # linear warm-up steps, then constant lr
+    warmup: int = 0  # linear warm-up steps, then constant lr
     beta1: float = 0.9
     beta2: float = 0.99
     eps: float = 1e-8
     weight_decay: float = 0.0  # decoupled; 2-D *.weight tensors only
     max_grad_norm: float = 1.0  # <= 0: no clipping
-    threads: int = 0           # ORT intra-op threads (0: ORT's default)
+    threads: int = 0  # ORT intra-op threads (0: ORT's default)
 
     def lr_at(self, step: int) -> float:
         return self.lr * min(1.0, step / self.warmup) if self.warmup > 0 else self.lr
@@ -83,8 +84,10 @@ class Trainer:
         self.step_graph = build_step_graph(lg, self.trainable, frozen="inputs")
         self.eval_model = build_eval_graph(lg, self.trainable, frozen="inputs")
         self.build_seconds = time.perf_counter() - t0
-        progress(f"  step graph {len(self.step_graph.model.graph.node):,} nodes (forward + backward + AdamW), "
-                 f"built in {self.build_seconds:.1f}s")
+        progress(
+            f"  step graph {len(self.step_graph.model.graph.node):,} nodes (forward + backward + AdamW), "
+            f"built in {self.build_seconds:.1f}s"
+        )
         t0 = time.perf_counter()
         self._step_sess = _session(self.step_graph.model, config.threads)
         self._eval_sess = _session(self.eval_model, config.threads)
@@ -107,9 +110,15 @@ class Trainer:
         c = self.config
         t = self.steps_done + 1
         lr = c.lr_at(t)
-        scalars = {"lr": lr, "step": float(t), "beta1": c.beta1, "beta2": c.beta2, "eps": c.eps,
-                   "weight_decay": c.weight_decay,
-                   "max_grad_norm": c.max_grad_norm if c.max_grad_norm > 0 else np.inf}
+        scalars = {
+            "lr": lr,
+            "step": float(t),
+            "beta1": c.beta1,
+            "beta2": c.beta2,
+            "eps": c.eps,
+            "weight_decay": c.weight_decay,
+            "max_grad_norm": c.max_grad_norm if c.max_grad_norm > 0 else np.inf,
+        }
         feeds = {k: _ov(v) for k, v in batch.feeds(c.objective).items()}
         feeds.update({k: _ov(np.asarray(v, np.float32)) for k, v in scalars.items()})
         feeds.update(self._state)
@@ -154,8 +163,18 @@ class Trainer:
         save_model(build_eval_graph(lg), out / "eval.onnx")
         state = {k: v.numpy() for k, v in self._state.items()}
         np.savez(out / "optimizer_state.npz", step=np.int64(self.steps_done), **state)
-        (out / "train_step.json").write_text(json.dumps({
-            "inputs": {"data": list(self.step_graph.data_inputs), "scalars": ["lr", "step", "beta1", "beta2", "eps",
-                                                                               "weight_decay", "max_grad_norm"]},
-            "state": self.step_graph.state, "outputs": [LOSS, GRAD_NORM], "config": self.config.to_dict()}, indent=2))
+        (out / "train_step.json").write_text(
+            json.dumps(
+                {
+                    "inputs": {
+                        "data": list(self.step_graph.data_inputs),
+                        "scalars": ["lr", "step", "beta1", "beta2", "eps", "weight_decay", "max_grad_norm"],
+                    },
+                    "state": self.step_graph.state,
+                    "outputs": [LOSS, GRAD_NORM],
+                    "config": self.config.to_dict(),
+                },
+                indent=2,
+            )
+        )
         return ["train_step.onnx", "eval.onnx", "optimizer_state.npz", "train_step.json"]

@@ -9,6 +9,7 @@
 Selectors apply left to right. A selector that matches nothing is an error (a typo would
 otherwise silently train less than asked).
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -47,8 +48,10 @@ def select_trainable(spec: str, names, n_layer: int) -> list[str]:
         sel = raw[1:] if drop else raw
         hit = _match(sel, names, n_layer)
         if not hit:
-            raise RwkvOptError(f"trainable selector '{sel}' matches no parameter; use all, lora, last:N "
-                               "or a glob over checkpoint keys such as 'blocks.*.att.*' or 'head.weight'.")
+            raise RwkvOptError(
+                f"trainable selector '{sel}' matches no parameter; use all, lora, last:N "
+                "or a glob over checkpoint keys such as 'blocks.*.att.*' or 'head.weight'."
+            )
         chosen = chosen - set(hit) if drop else chosen | set(hit)
     out = [k for k in names if k in chosen]
     if not out:

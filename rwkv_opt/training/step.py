@@ -27,6 +27,7 @@ self-contained model) or plain inputs (frozen='inputs'): the Trainer feeds them 
 that alias its numpy arrays, because constants cost three copies each (initializer, serialized
 model, ORT's own), 2.3 GB per session for the 0.1B shape with only LoRA trainable.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -66,7 +67,7 @@ def decays(name: str, shape) -> bool:
 class StepGraph:
     model: onnx.ModelProto
     trainable: tuple[str, ...]
-    state: dict[str, str]          # state input -> output carrying its next value
+    state: dict[str, str]  # state input -> output carrying its next value
     data_inputs: tuple[str, ...]
 
 
@@ -74,8 +75,10 @@ def _graph_grad():
     try:
         from onnxsim import graph_grad, qat_graph
     except ImportError as e:  # onnxsim < 0.8 has no graph_grad
-        raise RwkvOptError(f"training needs onnxsim >= 0.8.1 (its graph_grad module): {e}; "
-                           "install it with `pip install 'onnxsim>=0.8.1'`.") from None
+        raise RwkvOptError(
+            f"training needs onnxsim >= 0.8.1 (its graph_grad module): {e}; "
+            "install it with `pip install 'onnxsim>=0.8.1'`."
+        ) from None
     return graph_grad, qat_graph
 
 
@@ -148,10 +151,12 @@ def build_eval_graph(lg: LossGraph, trainable=(), frozen: str = "constants") -> 
     """Loss only (outputs `loss`, `nll`): `trainable` parameters are inputs (see _params_in for the rest)."""
     g = lg.model.graph
     params, inits = _params_in(lg, trainable, frozen)
-    graph = helper.make_graph(list(g.node), "rwkv7_eval", _data_inputs(lg) + params, list(g.output),
-                              initializer=list(g.initializer) + inits)
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=lg.model.ir_version,
-                          producer_name="rwkv-opt")
+    graph = helper.make_graph(
+        list(g.node), "rwkv7_eval", _data_inputs(lg) + params, list(g.output), initializer=list(g.initializer) + inits
+    )
+    m = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=lg.model.ir_version, producer_name="rwkv-opt"
+    )
     m.metadata_props.extend(lg.model.metadata_props)
     return prune(m)
 
@@ -177,8 +182,10 @@ def _split_as_concat(graph_grad):
             return [None] * len(node.input)
         rank = len(ctx.shape(node.input[0]))
         axis = next((a.i for a in node.attribute if a.name == "axis"), 0) % rank
-        parts = [g if g is not None else ctx.b.const(np.zeros(ctx.shape(o), np.float32), "split_zero")
-                 for o, g in zip(node.output, gs)]
+        parts = [
+            g if g is not None else ctx.b.const(np.zeros(ctx.shape(o), np.float32), "split_zero")
+            for o, g in zip(node.output, gs)
+        ]
         return [ctx.b.op("Concat", parts, axis=axis)] + [None] * (len(node.input) - 1)
 
     table["Split"] = concat_rule
@@ -209,8 +216,7 @@ def _backward(lg: LossGraph, trainable):
     b.initializer = list(fwd.initializer)
     seed = b.const(np.array(1.0, np.float32), "seed")
     with _split_as_concat(graph_grad):
-        grads = graph_grad.build_backward(b, nodes=nodes, shapes=shapes, grad_outputs={LOSS: seed},
-                                          targets=targets)
+        grads = graph_grad.build_backward(b, nodes=nodes, shapes=shapes, grad_outputs={LOSS: seed}, targets=targets)
     for table, ns in tables.items():
         grads[table] = _scatter_rows(b, ns, grads, lg.params[table].shape)
     return b, {p: grads[p] for p in trainable}, shapes
@@ -220,8 +226,13 @@ def _assemble(lg: LossGraph, b, name: str, inputs, outputs, frozen: list[TensorP
     graph = helper.make_graph(b.nodes, name, inputs, outputs, initializer=b.initializer + frozen)
     domains = sorted({f.domain for f in b.functions})
     opsets = [helper.make_opsetid("", OPSET)] + [helper.make_opsetid(d, 1) for d in domains]
-    model = helper.make_model(graph, opset_imports=opsets, functions=list(b.functions), producer_name="rwkv-opt",
-                              ir_version=lg.model.ir_version)
+    model = helper.make_model(
+        graph,
+        opset_imports=opsets,
+        functions=list(b.functions),
+        producer_name="rwkv-opt",
+        ir_version=lg.model.ir_version,
+    )
     if b.functions:  # graph_grad's templated rules are local functions: expand them for any runtime
         model = onnx.inliner.inline_local_functions(model)
         del model.functions[:]
@@ -262,16 +273,17 @@ def build_step_graph(lg: LossGraph, trainable, frozen: str = "constants") -> Ste
     frozen='inputs', the frozen parameters last)."""
     trainable = _trainable(lg, trainable)
     b, grads, shapes = _backward(lg, trainable)
-    gnorm = b.op("Sqrt", [b.op("Sum", [b.op("ReduceSumSquare", [grads[p]], keepdims=0) for p in trainable])],
-                 "grad_norm")
+    gnorm = b.op(
+        "Sqrt", [b.op("Sum", [b.op("ReduceSumSquare", [grads[p]], keepdims=0) for p in trainable])], "grad_norm"
+    )
     clip = b.op("Min", [b.const(1.0), b.div("max_grad_norm", b.add(gnorm, b.const(1e-6)))])
     # scalars folded so that each tensor costs ~14 elementwise passes, with no whole-model temporaries
     one = b.const(1.0)
-    c1 = b.mul(b.sub(one, "beta1"), clip)                                   # (1-b1) c
-    c2 = b.mul(b.sub(one, "beta2"), b.mul(clip, clip))                      # (1-b2) c^2
-    inv_bc2 = b.div(one, b.sub(one, b.op("Pow", ["beta2", "step"])))        # 1 / (1 - b2^t)
-    step_size = b.div("lr", b.sub(one, b.op("Pow", ["beta1", "step"])))     # lr / (1 - b1^t)
-    keep = b.sub(one, b.mul("lr", "weight_decay"))                          # 1 - lr wd
+    c1 = b.mul(b.sub(one, "beta1"), clip)  # (1-b1) c
+    c2 = b.mul(b.sub(one, "beta2"), b.mul(clip, clip))  # (1-b2) c^2
+    inv_bc2 = b.div(one, b.sub(one, b.op("Pow", ["beta2", "step"])))  # 1 / (1 - b2^t)
+    step_size = b.div("lr", b.sub(one, b.op("Pow", ["beta1", "step"])))  # lr / (1 - b1^t)
+    keep = b.sub(one, b.mul("lr", "weight_decay"))  # 1 - lr wd
     state, outputs = {}, []
     for p in trainable:
         m2 = b.add(b.mul("beta1", m_name(p)), b.mul(c1, grads[p]))
@@ -286,13 +298,18 @@ def build_step_graph(lg: LossGraph, trainable, frozen: str = "constants") -> Ste
     b.nodes.append(helper.make_node("Identity", [gnorm], [GRAD_NORM]))
 
     data = _data_inputs(lg)
-    inputs = data + [helper.make_tensor_value_info(s, TensorProto.FLOAT, shapes[p]) for p in trainable
-                     for s in (p, m_name(p), v_name(p))]
+    inputs = data + [
+        helper.make_tensor_value_info(s, TensorProto.FLOAT, shapes[p])
+        for p in trainable
+        for s in (p, m_name(p), v_name(p))
+    ]
     inputs += [helper.make_tensor_value_info(s, TensorProto.FLOAT, []) for s in SCALARS]
     params, inits = _params_in(lg, trainable, frozen)
     inputs += [i for i in params if i.name not in set(trainable)]
-    outs = [helper.make_tensor_value_info(LOSS, TensorProto.FLOAT, []),
-            helper.make_tensor_value_info(GRAD_NORM, TensorProto.FLOAT, [])] + outputs
+    outs = [
+        helper.make_tensor_value_info(LOSS, TensorProto.FLOAT, []),
+        helper.make_tensor_value_info(GRAD_NORM, TensorProto.FLOAT, []),
+    ] + outputs
     model = _assemble(lg, b, "rwkv7_train_step", inputs, outs, inits)
     model.metadata_props.add(key=Key.TRAIN + "trainable", value=",".join(trainable))
     return StepGraph(model, trainable, state, tuple(i.name for i in data))
@@ -311,8 +328,9 @@ def bake(model: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> onnx.ModelPro
 
 def _scatter_rows(b, gathers, grads, table_shape) -> str:
     """dL/dtable as a scatter-add of each gather's row gradients into zeros of the table's shape."""
-    acc = b.op("ConstantOfShape", [_int64(b, list(table_shape))],
-               value=numpy_helper.from_array(np.zeros(1, np.float32)))
+    acc = b.op(
+        "ConstantOfShape", [_int64(b, list(table_shape))], value=numpy_helper.from_array(np.zeros(1, np.float32))
+    )
     for n in gathers:
         idx = b.op("Reshape", [n.input[1], _int64(b, [-1, 1])])
         acc = b.op("ScatterND", [acc, idx, grads[n.output[0]]], "embed_grad", reduction="add")

@@ -4,6 +4,7 @@
 cpu-fp32 is built with the target's registered passes only, so these tests keep running while a
 pass the target lists is still being written (the artifact then lacks that pass, nothing else).
 """
+
 from __future__ import annotations
 
 import dataclasses

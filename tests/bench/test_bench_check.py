@@ -1,5 +1,6 @@
 """`rwkv-opt check`: the CI gate against the committed tiny baseline (exit 0), a damaged artifact
 (exit 1), bad input (exit 2, one clear sentence), and --write-baseline round trips."""
+
 import json
 import subprocess
 import sys
@@ -13,8 +14,9 @@ TINY_BASELINE = Path(__file__).resolve().parents[2] / "reports" / "baselines" / 
 
 
 def check(*args):
-    return subprocess.run([sys.executable, "-m", "rwkv_opt.cli", "check", *map(str, args)], capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "rwkv_opt.cli", "check", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_ci_gate_committed_baseline(tiny_dir):
@@ -55,17 +57,24 @@ def _set_tol(doc):
     doc["artifacts"]["cpu-fp32"]["tolerances"]["top1"] = {"better": "sideways", "rel": 0, "abs": 0}
 
 
-@pytest.mark.parametrize("make, msg", [
-    (lambda tmp: tmp / "missing.json", "does not exist"),
-    (lambda tmp: (tmp / "b.json").write_text("{not json") and tmp / "b.json", "is not valid JSON"),
-    (lambda tmp: _baseline_variant(tmp, lambda d: d.update(schema="other/9")), "has schema 'other/9'"),
-    (lambda tmp: _baseline_variant(tmp, lambda d: d["artifacts"]["cpu-fp32"]["metrics"].pop("top1")),
-     "no finite number for metric 'top1'"),
-    (lambda tmp: _baseline_variant(tmp, _set_tol), "no valid tolerance for 'top1'"),
-    (lambda tmp: _baseline_variant(tmp, lambda d: d["artifacts"].pop("cpu-fp32")), "is not in baseline"),
-    (lambda tmp: _baseline_variant(tmp, lambda d: d["artifacts"]["cpu-fp32"].update(source="sha256:00")),
-     "compare artifacts of the same checkpoint"),
-])
+@pytest.mark.parametrize(
+    "make, msg",
+    [
+        (lambda tmp: tmp / "missing.json", "does not exist"),
+        (lambda tmp: (tmp / "b.json").write_text("{not json") and tmp / "b.json", "is not valid JSON"),
+        (lambda tmp: _baseline_variant(tmp, lambda d: d.update(schema="other/9")), "has schema 'other/9'"),
+        (
+            lambda tmp: _baseline_variant(tmp, lambda d: d["artifacts"]["cpu-fp32"]["metrics"].pop("top1")),
+            "no finite number for metric 'top1'",
+        ),
+        (lambda tmp: _baseline_variant(tmp, _set_tol), "no valid tolerance for 'top1'"),
+        (lambda tmp: _baseline_variant(tmp, lambda d: d["artifacts"].pop("cpu-fp32")), "is not in baseline"),
+        (
+            lambda tmp: _baseline_variant(tmp, lambda d: d["artifacts"]["cpu-fp32"].update(source="sha256:00")),
+            "compare artifacts of the same checkpoint",
+        ),
+    ],
+)
 def test_bad_input_exit_2(tiny_dir, tmp_path, capsys, make, msg):
     rc = cli_main(["check", "--baseline", str(make(tmp_path)), str(tiny_dir / "cpu-fp32")])
     err = capsys.readouterr().err

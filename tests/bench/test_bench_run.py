@@ -1,4 +1,5 @@
 """bench.run on tiny artifacts with small settings: the schema, the figures, the report files."""
+
 import re
 import shutil
 import subprocess
@@ -8,15 +9,31 @@ import pandas as pd
 import pytest
 
 import rwkv_opt.bench as bench
-from rwkv_opt.bench.report import (COLUMNS, MIN_P95_STEPS, SCHEMA, budget_check, frame, precision_label,
-                                   summary_frame, write_report)
+from rwkv_opt.bench.report import (
+    COLUMNS,
+    MIN_P95_STEPS,
+    SCHEMA,
+    budget_check,
+    frame,
+    precision_label,
+    summary_frame,
+    write_report,
+)
 from rwkv_opt.cli import main as cli_main
 
 
 @pytest.fixture(scope="module")
 def df(tiny_dir):
-    return bench.run([tiny_dir / "cpu-fp32", tiny_dir / "base"], batches=(1, 2), prompt_lens=(8,), decode=4,
-                     repeat=2, drift_tokens=16, profile=True, progress=lambda _m: None)
+    return bench.run(
+        [tiny_dir / "cpu-fp32", tiny_dir / "base"],
+        batches=(1, 2),
+        prompt_lens=(8,),
+        decode=4,
+        repeat=2,
+        drift_tokens=16,
+        profile=True,
+        progress=lambda _m: None,
+    )
 
 
 def test_schema(df):
@@ -63,14 +80,40 @@ def test_report_files_and_self_contained_html(df, tmp_path):
 
 def test_cli_bench(tiny_dir, tmp_path):
     out = tmp_path / "report"
-    r = subprocess.run([sys.executable, "-m", "rwkv_opt.cli", "bench", str(tiny_dir / "cpu-fp32"), "--batch", "1",
-                        "--prompt-lens", "4", "--decode", "3", "--repeat", "1", "--drift-tokens", "4", "-o", str(out)],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rwkv_opt.cli",
+            "bench",
+            str(tiny_dir / "cpu-fp32"),
+            "--batch",
+            "1",
+            "--prompt-lens",
+            "4",
+            "--decode",
+            "3",
+            "--repeat",
+            "1",
+            "--drift-tokens",
+            "4",
+            "-o",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert "[1/2]" in r.stderr and "[2/2]" in r.stderr  # progress per job
     assert "| cpu-fp32 |" in r.stdout
-    assert {p.name for p in out.iterdir()} == {"bench.csv", "bench.md", "bench.html", "latency_vs_accuracy.png",
-                                                "decode_by_batch.png"}
+    assert {p.name for p in out.iterdir()} == {
+        "bench.csv",
+        "bench.md",
+        "bench.html",
+        "latency_vs_accuracy.png",
+        "decode_by_batch.png",
+    }
 
 
 def test_unavailable_provider_refused_up_front(tiny_dir, tmp_path, capsys):
@@ -80,10 +123,13 @@ def test_unavailable_provider_refused_up_front(tiny_dir, tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
-@pytest.mark.parametrize("args, msg", [
-    (["--providers", "tpu"], "unknown provider 'tpu'"),
-    (["--decode", "0"], "must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "args, msg",
+    [
+        (["--providers", "tpu"], "unknown provider 'tpu'"),
+        (["--decode", "0"], "must be >= 1"),
+    ],
+)
 def test_bad_settings_refused(tiny_dir, tmp_path, capsys, args, msg):
     assert cli_main(["bench", str(tiny_dir / "cpu-fp32"), *args, "-o", str(tmp_path / "r")]) == 2
     assert msg in capsys.readouterr().err
@@ -158,14 +204,17 @@ def test_html_summary_on_top_full_table_behind_a_toggle(df, tmp_path):
     html = write_report(df, tmp_path / "rep")["html"].read_text()
     assert html.index("id='summary'") < html.index("<img") < html.index("<details>")
     assert "rwkv_opt/bench/report.py" not in html and "decode p95 is not shown" in html
-    full = html[html.index("<details>"):]
+    full = html[html.index("<details>") :]
     assert f"All {len(df)} rows &times; {len(COLUMNS)} columns" in full and "decode_ms_p95" in full
     single = write_report(df.iloc[:1], tmp_path / "one")["html"].read_text()  # nothing to compare: no plots
     assert "<img" not in single and "one setting was measured" in single and "id='summary'" in single
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed and the README's test command "
-                                              "could not install it (apt-get install chromium)")
+@pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="headless Chromium is not installed and the README's test command "
+    "could not install it (apt-get install chromium)",
+)
 def test_summary_visible_in_the_first_1400x900_viewport(df, tmp_path):
     """The page as a browser draws it: every summary cell inside the first window, not covered, and the
     screenshot is that window."""
@@ -175,14 +224,25 @@ def test_summary_visible_in_the_first_1400x900_viewport(df, tmp_path):
     page = write_report(df, tmp_path / "rep")["html"]
     probe = tmp_path / "probe.html"
     probe.write_text(page.read_text().replace("</body>", PROBE + "</body>"))
-    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,900"]
+    flags = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1400,900",
+    ]
     shot = tmp_path / "shot.png"
     subprocess.run(flags + [f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120, check=True)
     assert struct.unpack(">II", shot.read_bytes()[16:24]) == (1400, 900)
-    dom = subprocess.run(flags + ["--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120,
-                         check=True).stdout
+    dom = subprocess.run(
+        flags + ["--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
     seen = json.loads(re.search(r'<pre id="probe">(.*?)</pre>', dom, re.S).group(1).replace("&amp;", "&"))
     height = min(seen["h"], 900)
     assert 0 < seen["bottom"] <= height and seen["right"] <= seen["w"], seen

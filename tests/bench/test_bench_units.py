@@ -1,4 +1,5 @@
 """Units under the bench: streamed logit metrics, profiler parsing, nvidia-smi parsing."""
+
 import numpy as np
 import pytest
 
@@ -14,7 +15,7 @@ def test_logit_stats_equals_compare_logits():
     s = LogitStats()
     s.add(ref[:, :3], got[:, :3])
     for t in range(3, 7):
-        s.add(ref[:, t:t + 1], got[:, t:t + 1])
+        s.add(ref[:, t : t + 1], got[:, t : t + 1])
     want = compare_logits(ref, got)
     for k, v in s.result().items():
         assert v == pytest.approx(want[k], rel=1e-9)
@@ -33,13 +34,13 @@ def _ev(name, ts, dur, op="Mul", provider="CPUExecutionProvider", tid=1, cat="No
 
 def test_profile_parsing_nests_scan_bodies_and_splits_runs():
     events = [
-        _ev("model_run", 0, 100, cat="Session"),                       # warm-up run: ignored
+        _ev("model_run", 0, 100, cat="Session"),  # warm-up run: ignored
         _ev("/blocks.0/att/Mul_kernel_time", 10, 50),
-        _ev("model_run", 200, 100, cat="Session"),                     # measured prefill
+        _ev("model_run", 200, 100, cat="Session"),  # measured prefill
         _ev("/blocks.0/att/wkv/Scan_kernel_time", 210, 60, op="Scan"),
-        _ev("/wkv_step/MatMul_kernel_time", 220, 20, op="MatMul"),     # inside the Scan: folded
+        _ev("/wkv_step/MatMul_kernel_time", 220, 20, op="MatMul"),  # inside the Scan: folded
         _ev("/head/MatMul_kernel_time", 280, 20, op="MatMul", provider="CUDAExecutionProvider"),
-        _ev("model_run", 400, 50, cat="Session"),                      # measured decode step
+        _ev("model_run", 400, 50, cat="Session"),  # measured decode step
         _ev("/blocks.1/ffn/MatMul_kernel_time", 410, 30, op="MatMul", provider="CUDAExecutionProvider"),
     ]
     assert len(top_level([e for e in events if e["cat"] == "Node"])) == 4
@@ -66,6 +67,6 @@ def test_decided_flips_counts_only_clear_leads():
 
     ref = np.array([[3.0, 1.0, 0.0], [1.0, 0.98, 0.0], [0.0, 2.0, 0.5]])
     got = np.array([[1.0, 3.0, 0.0], [0.97, 0.99, 0.0], [0.0, 2.0, 0.4]])  # rows 0 and 1 flip
-    assert decided_flips(ref, got, 0.5).tolist() == [2.0]          # the near-tie (lead 0.02) is excused
+    assert decided_flips(ref, got, 0.5).tolist() == [2.0]  # the near-tie (lead 0.02) is excused
     assert np.allclose(decided_flips(ref, got, 0.01), [2.0, 0.02])  # unless the margin is below it
     assert decided_flips(ref, ref, 0.0).size == 0

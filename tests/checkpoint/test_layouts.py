@@ -4,6 +4,7 @@ The same tiny synthetic model (RWKV-7 and 7a) in every layout must give bit-iden
 initializers and identical logits; conversions round-trip bit for bit; sharded folders load; and
 malformed files and folders are refused in one sentence naming the file (and key).
 """
+
 from __future__ import annotations
 
 import filecmp
@@ -51,8 +52,11 @@ def hf7(tmp_path_factory):
 
 
 def _same(a: np.ndarray, b: np.ndarray) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and np.ascontiguousarray(a).tobytes() == \
-        np.ascontiguousarray(b).tobytes()
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes()
+    )
 
 
 def _initializers(model) -> dict:
@@ -117,8 +121,15 @@ def test_fla_folder_follows_fla_shapes_and_config(hf7):
     cfg = json.loads((hf7 / "hf" / CONFIG).read_text())
     assert cfg["architectures"] == ["RWKV7ForCausalLM"] and cfg["model_type"] == "rwkv7"
     assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"], cfg["head_dim"]) == (C, 2, 1024, 64)
-    assert (cfg["decay_low_rank_dim"], cfg["a_low_rank_dim"], cfg["v_low_rank_dim"], cfg["gate_low_rank_dim"],
-            cfg["intermediate_size"], cfg["norm_eps"], cfg["torch_dtype"]) == (16, 16, 8, 32, 4 * C, 1e-5, "bfloat16")
+    assert (
+        cfg["decay_low_rank_dim"],
+        cfg["a_low_rank_dim"],
+        cfg["v_low_rank_dim"],
+        cfg["gate_low_rank_dim"],
+        cfg["intermediate_size"],
+        cfg["norm_eps"],
+        cfg["torch_dtype"],
+    ) == (16, 16, 8, 32, 4 * C, 1e-5, "bfloat16")
     assert (hf7 / "hf" / VOCAB_NAME).is_file()  # llama.cpp's _set_vocab_rwkv_world reads it
 
 
@@ -159,14 +170,15 @@ def test_safetensors_package_reads_ours_and_we_read_its(tmp_path):
 
 # ---- refusals ---------------------------------------------------------------------------------
 
+
 def _rewrite_header(path, edit) -> None:
     """Apply `edit` to a safetensors file's header dict and write it back with the same data."""
     data = path.read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + n])
+    header = json.loads(data[8 : 8 + n])
     edit(header)
     raw = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
 
 
 def _edit_json(path, edit) -> None:
@@ -278,8 +290,22 @@ def _no_config(hf7, d):
     return d, [str(d), CONFIG]
 
 
-CASES = [_missing_shard, _lying_index, _wrong_dtype, _llama_folder, _rwkv6_folder, _foreign_key, _missing_tensor,
-         _rwkv6_blink_keys, _truncated, _header_beyond_file, _nested_header, _overlap, _config_lies, _no_config]
+CASES = [
+    _missing_shard,
+    _lying_index,
+    _wrong_dtype,
+    _llama_folder,
+    _rwkv6_folder,
+    _foreign_key,
+    _missing_tensor,
+    _rwkv6_blink_keys,
+    _truncated,
+    _header_beyond_file,
+    _nested_header,
+    _overlap,
+    _config_lies,
+    _no_config,
+]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda f: f.__name__.strip("_"))
@@ -294,6 +320,7 @@ def test_malformed_checkpoints_are_refused_in_one_sentence(hf7, tmp_path, case):
 
 
 # ---- the command line -------------------------------------------------------------------------
+
 
 def test_cli_convert_build_and_tokenizer_check(hf7, tmp_path):
     out = tmp_path / "hf"

@@ -1,4 +1,5 @@
 """Synthetic presets, config derivation, validation, and key-order independence on real files."""
+
 import zipfile
 
 import numpy as np

@@ -27,10 +27,16 @@ from rwkv_opt.errors import CheckpointError, RwkvOptError
 torch = pytest.importorskip("torch")
 
 NP_DTYPE = {
-    torch.float32: np.dtype("float32"), torch.float16: np.dtype("float16"),
-    torch.bfloat16: np.dtype(ml_dtypes.bfloat16), torch.float64: np.dtype("float64"),
-    torch.int64: np.dtype("int64"), torch.int32: np.dtype("int32"), torch.int16: np.dtype("int16"),
-    torch.int8: np.dtype("int8"), torch.uint8: np.dtype("uint8"), torch.bool: np.dtype("bool"),
+    torch.float32: np.dtype("float32"),
+    torch.float16: np.dtype("float16"),
+    torch.bfloat16: np.dtype(ml_dtypes.bfloat16),
+    torch.float64: np.dtype("float64"),
+    torch.int64: np.dtype("int64"),
+    torch.int32: np.dtype("int32"),
+    torch.int16: np.dtype("int16"),
+    torch.int8: np.dtype("int8"),
+    torch.uint8: np.dtype("uint8"),
+    torch.bool: np.dtype("bool"),
     torch.uint16: np.dtype("uint16"),
 }
 
@@ -65,6 +71,7 @@ def refused(path, *, verify_crc=True) -> str:
 
 # ---- reading torch.save output ---------------------------------------------------------------
 
+
 def _samples():
     g = torch.Generator().manual_seed(0)
     base = torch.randn(4, 6, generator=g)
@@ -78,13 +85,24 @@ def _samples():
             "i64": torch.arange(-5, 7),
             "u16_v3": torch.arange(5, dtype=torch.int32).to(torch.uint16),
         },
-        "scalar_empty": {"scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3),
-                         "empty_bf16": torch.zeros(3, 0).bfloat16()},
-        "views": {"base": base, "t": base.t(), "sub": base[1:3, 2:5], "row": base[2],
-                  "expand": torch.arange(3.0).expand(4, 3),
-                  "a": flat[:10].view(2, 5), "b": flat[10:40:3]},
-        "params": {"w": torch.nn.Parameter(torch.randn(3, 3, generator=g)),
-                   "b": torch.nn.Parameter(torch.zeros(3).bfloat16(), requires_grad=False)},
+        "scalar_empty": {
+            "scalar": torch.tensor(2.5),
+            "empty": torch.zeros(0, 3),
+            "empty_bf16": torch.zeros(3, 0).bfloat16(),
+        },
+        "views": {
+            "base": base,
+            "t": base.t(),
+            "sub": base[1:3, 2:5],
+            "row": base[2],
+            "expand": torch.arange(3.0).expand(4, 3),
+            "a": flat[:10].view(2, 5),
+            "b": flat[10:40:3],
+        },
+        "params": {
+            "w": torch.nn.Parameter(torch.randn(3, 3, generator=g)),
+            "b": torch.nn.Parameter(torch.zeros(3).bfloat16(), requires_grad=False),
+        },
         "ordered": OrderedDict([("z", torch.ones(2)), ("a", torch.zeros(2, dtype=torch.int64))]),
         "state_dict": model.state_dict(),
     }
@@ -108,8 +126,7 @@ def test_reader_equals_torch_load(tmp_path, sample):
         assert start["b"] - start["a"] == 10 * 2  # one bf16 storage, element offset 10
         assert ours["sub"].strides == (24, 4) and ours["expand"].strides[0] == 0
     if sample == "state_dict":
-        ops = {op.name for op, _, _ in pickletools.genops(zipfile.ZipFile(path).read(
-            "state_dict/data.pkl"))}
+        ops = {op.name for op, _, _ in pickletools.genops(zipfile.ZipFile(path).read("state_dict/data.pkl"))}
         assert "BUILD" in ops  # the _metadata attribute is in the file and was dropped
 
 
@@ -122,17 +139,24 @@ def test_reader_byteorder_big_swaps_like_torch(tmp_path):
 
 # ---- writing -----------------------------------------------------------------------------------
 
+
 def _arrays():
     rng = np.random.default_rng(0)
     w = rng.standard_normal((6, 4)).astype(np.float32)
     return {
         "emb.weight": rng.standard_normal((16, 8)).astype(ml_dtypes.bfloat16),
         "blocks.0.att.x_r": rng.standard_normal((1, 1, 8)).astype(np.float16),
-        "w": w, "w.T": w.T, "f64": rng.standard_normal(3),
-        "i64": np.arange(-3, 3), "i32": np.arange(4, dtype=np.int32),
-        "i16": np.arange(4, dtype=np.int16), "i8": np.arange(-4, 4, dtype=np.int8),
-        "u8": np.arange(250, 256, dtype=np.uint8), "bool": np.array([True, False, True]),
-        "big_endian": np.arange(5, dtype=">f4"), "scalar": np.float32(1.5),
+        "w": w,
+        "w.T": w.T,
+        "f64": rng.standard_normal(3),
+        "i64": np.arange(-3, 3),
+        "i32": np.arange(4, dtype=np.int32),
+        "i16": np.arange(4, dtype=np.int16),
+        "i8": np.arange(-4, 4, dtype=np.int8),
+        "u8": np.arange(250, 256, dtype=np.uint8),
+        "bool": np.array([True, False, True]),
+        "big_endian": np.arange(5, dtype=">f4"),
+        "scalar": np.float32(1.5),
         "empty": np.zeros((0, 4), np.float32),
     }
 
@@ -157,16 +181,16 @@ def test_writer_output_loads_in_torch(tmp_path, mode, monkeypatch):
     config.calculate_storage_offsets = mode == "computed_offsets"
     monkeypatch.setenv("TORCH_SERIALIZATION_DEBUG", "1")
     try:
-        loaded = torch.load(path, weights_only=mode != "full_unpickler",
-                            mmap=mode in ("mmap", "computed_offsets"))
+        loaded = torch.load(path, weights_only=mode != "full_unpickler", mmap=mode in ("mmap", "computed_offsets"))
     finally:
         config.calculate_storage_offsets = False
     assert list(loaded) == list(arrays)
     for k, a in arrays.items():
         assert loaded[k].dtype == {v: k for k, v in NP_DTYPE.items()}[a.dtype.newbyteorder("=")]
         assert tuple(loaded[k].shape) == np.shape(a)
-        assert np.array_equal(torch_bits(loaded[k]), np_bits(np.asarray(a).astype(
-            np.asarray(a).dtype.newbyteorder("<")))), k
+        assert np.array_equal(
+            torch_bits(loaded[k]), np_bits(np.asarray(a).astype(np.asarray(a).dtype.newbyteorder("<")))
+        ), k
 
 
 def test_writer_layout(tmp_path):
@@ -179,17 +203,43 @@ def test_writer_layout(tmp_path):
         assert zf.read("my model/version") == b"3\n"
         assert zf.read("my model/byteorder") == b"little"
     n = len(_arrays())
-    assert names == ["my model/" + m for m in
-                     ["data.pkl", ".format_version", ".storage_alignment", "byteorder",
-                      *[f"data/{i}" for i in range(n)], "version", ".data/serialization_id"]]
+    assert names == [
+        "my model/" + m
+        for m in [
+            "data.pkl",
+            ".format_version",
+            ".storage_alignment",
+            "byteorder",
+            *[f"data/{i}" for i in range(n)],
+            "version",
+            ".data/serialization_id",
+        ]
+    ]
     assert all(ofs % 64 == 0 for ofs in member_data_offsets(path).values())
     raw = open(path, "rb").read()
-    assert raw[-22 - 20:-22][:4] == b"PK\x06\x07"  # zip64 locator, as torch always writes
-    ops = {op.name for op, _, _ in pickletools.genops(zipfile.ZipFile(path).read(
-        "my model/data.pkl"))}
-    assert ops <= {"PROTO", "STOP", "MARK", "EMPTY_DICT", "EMPTY_TUPLE", "TUPLE", "TUPLE1",
-                   "TUPLE2", "TUPLE3", "BINUNICODE", "GLOBAL", "BINPERSID", "BININT1",
-                   "BININT2", "BININT", "LONG1", "NEWFALSE", "REDUCE", "SETITEMS"}
+    assert raw[-22 - 20 : -22][:4] == b"PK\x06\x07"  # zip64 locator, as torch always writes
+    ops = {op.name for op, _, _ in pickletools.genops(zipfile.ZipFile(path).read("my model/data.pkl"))}
+    assert ops <= {
+        "PROTO",
+        "STOP",
+        "MARK",
+        "EMPTY_DICT",
+        "EMPTY_TUPLE",
+        "TUPLE",
+        "TUPLE1",
+        "TUPLE2",
+        "TUPLE3",
+        "BINUNICODE",
+        "GLOBAL",
+        "BINPERSID",
+        "BININT1",
+        "BININT2",
+        "BININT",
+        "LONG1",
+        "NEWFALSE",
+        "REDUCE",
+        "SETITEMS",
+    }
 
 
 def test_writer_round_trip_and_empty_dict(tmp_path):
@@ -215,8 +265,7 @@ def test_writer_zip64_fields(tmp_path, monkeypatch):
     assert all(ofs % 64 == 0 for ofs in member_data_offsets(path).values())
     for mmap in (False, True):
         loaded = torch.load(path, weights_only=True, mmap=mmap)
-        assert all(np.array_equal(torch_bits(loaded[k]), np_bits(read_pth(path)[k]))
-                   for k in arrays)
+        assert all(np.array_equal(torch_bits(loaded[k]), np_bits(read_pth(path)[k])) for k in arrays)
 
 
 def test_writer_is_atomic_and_refuses_bad_input(tmp_path, monkeypatch):
@@ -232,15 +281,19 @@ def test_writer_is_atomic_and_refuses_bad_input(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="out.pth.*No space left"):
         write_pth(path, {"a": np.ones(3, np.float32)})
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["out.pth"]
-    for bad, why in [({"u": np.arange(3, dtype=np.uint16)}, "uint16"),
-                     ({"o": np.array([None])}, "object"), ({"l": [1.0]}, "list"),
-                     ({3: np.ones(1)}, "not a string")]:
+    for bad, why in [
+        ({"u": np.arange(3, dtype=np.uint16)}, "uint16"),
+        ({"o": np.array([None])}, "object"),
+        ({"l": [1.0]}, "list"),
+        ({3: np.ones(1)}, "not a string"),
+    ]:
         with pytest.raises(CheckpointError, match=f"new.pth.*{why}"):
             write_pth(tmp_path / "new.pth", bad)
     assert os.listdir(tmp_path) == ["out.pth"]
 
 
 # ---- refusals ----------------------------------------------------------------------------------
+
 
 def rezip(src, dst, *, method=zipfile.ZIP_STORED, replace=None):
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", method) as zout:
@@ -321,10 +374,12 @@ FORGED = {  # name: (pickled object, storage members, expected words in the mess
     "negative_stride": ({"t": FakeTensor(FakeStorage(), stride=(-1,))}, {"0": F4}, "negative"),
     "lying_numel": ({"t": FakeTensor(FakeStorage(numel=10), size=(10,))}, {"0": F4}, "16 bytes"),
     "missing_member": ({"t": FakeTensor(FakeStorage(key="7"))}, {"0": F4}, "no member"),
-    "bad_pid": ({"t": FakeTensor(FakeStorage(pid=("storage", "x", "0", "cpu", 4)))}, {"0": F4},
-                "malformed storage"),
-    "two_sizes": ({"a": FakeTensor(FakeStorage()), "b": FakeTensor(FakeStorage(numel=2),
-                                                                     size=(2,))}, {"0": F4}, "twice"),
+    "bad_pid": ({"t": FakeTensor(FakeStorage(pid=("storage", "x", "0", "cpu", 4)))}, {"0": F4}, "malformed storage"),
+    "two_sizes": (
+        {"a": FakeTensor(FakeStorage()), "b": FakeTensor(FakeStorage(numel=2), size=(2,))},
+        {"0": F4},
+        "twice",
+    ),
     "build_on_tensor": ({"t": FakeTensor(FakeStorage(), state={"x": 1})}, {"0": F4}, "state"),
     "not_a_tensor": ({"epoch": 3}, {}, "int, not a tensor"),
     "not_a_dict": ([1, 2], {}, "list"),
@@ -435,6 +490,7 @@ def test_fuzzed_files_load_or_are_refused(tmp_path):
 
 # ---- memory ------------------------------------------------------------------------------------
 
+
 def rss_anon() -> int:
     with open("/proc/self/status") as fh:
         for line in fh:
@@ -448,7 +504,7 @@ def test_zero_copy_read_and_write(tmp_path):
     path, copy = tmp_path / "big.pth", tmp_path / "copy.pth"
     n = 200 * 2**20 // 4
     arr = np.ones(n, np.float32)
-    write_pth(path, {"a": arr[: n // 2].reshape(-1, 1024), "b": arr[n // 2:]})
+    write_pth(path, {"a": arr[: n // 2].reshape(-1, 1024), "b": arr[n // 2 :]})
     del arr
     gc.collect()
     base = rss_anon()
@@ -464,9 +520,10 @@ def test_zero_copy_read_and_write(tmp_path):
 
 def test_module_does_not_import_torch():
     import ast
+
     for mod in (torchzip, torchzip_write):
         tree = ast.parse(open(mod.__file__).read())
-        names = {a.name for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
-                 for a in n.names} | {n.module for n in ast.walk(tree)
-                                      if isinstance(n, ast.ImportFrom)}
+        names = {a.name for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names} | {
+            n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+        }
         assert not any(str(x).startswith("torch") for x in names), mod.__name__

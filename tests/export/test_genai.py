@@ -2,6 +2,7 @@
 og.Generator, og.Tokenizer) against rwkv_opt.runtime.Session: greedy tokens and logits on the direct-step (1 token),
 Scan (2-31) and chunked-WKV (>= 32, fuse_wkv's min_chunked_len) paths, batch 2, multi-turn, the
 tokenizer, the weight file hard link, CUDA exports, and every refusal."""
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,9 @@ PROMPT_LENGTHS = (1, 5, 40)
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "rwkv_opt.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "rwkv_opt.cli", *map(str, args)], capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +44,12 @@ def built(tmp_path_factory, tiny7):
     root = tmp_path_factory.mktemp("genai")
     deepembed = from_state_dict(synthetic_state_dict("tiny", deepembed=True, seed=7).materialize())
     out = {}
-    for name, target, weights in (("cpu-fp32", "cpu-fp32", tiny7), ("cpu-int4", "cpu-int4", tiny7),
-                                  ("cuda-fp16", "cuda-fp16", tiny7), ("rwkv7a", "cpu-fp32", deepembed)):
+    for name, target, weights in (
+        ("cpu-fp32", "cpu-fp32", tiny7),
+        ("cpu-int4", "cpu-int4", tiny7),
+        ("cuda-fp16", "cuda-fp16", tiny7),
+        ("rwkv7a", "cpu-fp32", deepembed),
+    ):
         art = root / name
         run_pipeline(get_target(target), weights, art, do_verify=False, progress=lambda _m: None)
         export_genai(art, root / f"{name}-genai")
@@ -148,12 +154,18 @@ def test_directory_contents_and_cuda_config(built):
     _, cpu_dir = built["cpu-fp32"]
     _, cuda_dir = built["cuda-fp16"]
     for d in (cpu_dir, cuda_dir):
-        assert {MODEL_FILE, CONFIG_FILE, "tokenizer.json", "tokenizer_config.json", "README.md",
-                "manifest.json"} <= {p.name for p in d.iterdir()}
+        assert {MODEL_FILE, CONFIG_FILE, "tokenizer.json", "tokenizer_config.json", "README.md", "manifest.json"} <= {
+            p.name for p in d.iterdir()
+        }
         model = onnx.load(str(d / MODEL_FILE), load_external_data=False)
         names = [i.name for i in model.graph.input]
-        assert names == ["input_ids", "past_key_values.0.conv_state", "past_key_values.0.recurrent_state",
-                         "past_key_values.1.conv_state", "past_key_values.1.recurrent_state"]
+        assert names == [
+            "input_ids",
+            "past_key_values.0.conv_state",
+            "past_key_values.0.recurrent_state",
+            "past_key_values.1.conv_state",
+            "past_key_values.1.recurrent_state",
+        ]
         assert [n.op_type for n in model.graph.node if n.name.startswith("/genai/")].count("Split") == 2
         onnx.checker.check_model(str(d / MODEL_FILE))  # the tiny pipeline artifacts hold their weights inline
     cpu, cuda = (json.loads((d / CONFIG_FILE).read_text()) for d in (cpu_dir, cuda_dir))
@@ -209,8 +221,10 @@ def test_refuses_heads(tmp_path, head):
     assert cli("pipeline", "--head", head, "--no-verify", "-o", art).returncode == 0
     r = cli("export", "genai", art, "-o", tmp_path / "out")
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip() == (f"rwkv-opt: error: {art} carries the '{head}' head, but onnxruntime-genai runs plain "
-                                "logits models (it samples on the host); export an artifact built without --head.")
+    assert r.stderr.strip() == (
+        f"rwkv-opt: error: {art} carries the '{head}' head, but onnxruntime-genai runs plain "
+        "logits models (it samples on the host); export an artifact built without --head."
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
 
 

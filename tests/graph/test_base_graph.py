@@ -1,5 +1,6 @@
 """The base fp32 graph against the numpy reference: sequence, token by token, two chunks;
 batch 1 and 3 with different prompts; logits for all positions or the last only."""
+
 import numpy as np
 import onnx
 import pytest
@@ -50,7 +51,7 @@ def test_sequence_tokens_and_chunks(built, batch):
 
     feed, outs = zero_feed(cfg, batch), []
     for t in range(tokens.shape[1]):
-        o, feed = run(sess, cfg, tokens[:, t:t + 1], feed)
+        o, feed = run(sess, cfg, tokens[:, t : t + 1], feed)
         outs.append(o["head"])
     assert rel(np.concatenate(outs, 1), want) <= TOL
     assert rel(feed["wkv_state_1"], wst.wkv[1]) <= TOL

@@ -1,11 +1,12 @@
 """The chunked WKV (and the direct single step) against the numpy reference recurrence.
 
-Inputs cover the regimes of docs/wkv-chunked.md (section 5, traps 1 and 4): realistic, strong decay (w ~ 0.545, where the
-inclusive/exclusive prefix-sum mix-ups show), weak decay (w ~ 1) and "delta" (a ~ 0.99 with
+Inputs cover the regimes of docs/wkv-chunked.md (section 5, traps 1 and 4): realistic, strong decay
+(w ~ 0.545, where the inclusive/exclusive prefix-sum mix-ups show), weak decay (w ~ 1) and "delta" (a ~ 0.99 with
 nearly parallel kk, where the nilpotent inverse explodes), always from a nonzero carried state.
 The chunked form is fed log w; the reference gets w = exp(log w) in fp64, the exact decay (the
 fp32 w itself is rounded: near w = 1 that rounding is 1e-3 of log w).
 """
+
 from __future__ import annotations
 
 import functools
@@ -22,7 +23,7 @@ from rwkv_opt.graph.wkv_chunked import check_chunk, wkv_chunked, wkv_step
 from rwkv_opt.reference.model import W_SCALE, ReferenceModel
 
 H, N = 2, 64
-TOL = 2e-5          # max|err| / std(ref), y and final state
+TOL = 2e-5  # max|err| / std(ref), y and final state
 REGIMES = ("realistic", "strong", "weak", "delta")
 ROLES = ("r", "w", "k", "v", "kk", "a", "lw")
 
@@ -31,12 +32,19 @@ def make_inputs(B: int, T: int, regime: str, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
     z = {"strong": 8 + 0.1 * f(B, T, H, N), "weak": -8 + 0.1 * f(B, T, H, N)}.get(regime, f(B, T, H, N))
-    lw = (W_SCALE / (1 + np.exp(-z))).astype(np.float32)                   # log w in (-0.6065, 0)
+    lw = (W_SCALE / (1 + np.exp(-z))).astype(np.float32)  # log w in (-0.6065, 0)
     kk = f(B, 1, H, N) + 0.05 * f(B, T, H, N) if regime == "delta" else f(B, T, H, N)
     a = np.full((B, T, H, N), 0.99, np.float32) if regime == "delta" else 1 / (1 + np.exp(-f(B, T, H, N)))
-    return dict(r=f(B, T, H, N), w=np.exp(lw), k=0.5 * f(B, T, H, N), v=f(B, T, H, N),
-                kk=(kk / np.linalg.norm(kk, axis=-1, keepdims=True)).astype(np.float32),
-                a=a.astype(np.float32), lw=lw, s0=0.3 * f(B, H, N, N))
+    return dict(
+        r=f(B, T, H, N),
+        w=np.exp(lw),
+        k=0.5 * f(B, T, H, N),
+        v=f(B, T, H, N),
+        kk=(kk / np.linalg.norm(kk, axis=-1, keepdims=True)).astype(np.float32),
+        a=a.astype(np.float32),
+        lw=lw,
+        s0=0.3 * f(B, H, N, N),
+    )
 
 
 def reference(x: dict):
@@ -45,8 +53,9 @@ def reference(x: dict):
     flat = lambda t: t.astype(np.float64).reshape(B, T, H * N)  # noqa: E731
     state = SimpleNamespace(wkv=[x["s0"].astype(np.float64)])
     me = SimpleNamespace(cfg=SimpleNamespace(n_head=H, head_size=N))
-    y = ReferenceModel.wkv(me, 0, flat(x["r"]), np.exp(flat(x["lw"])), flat(x["k"]), flat(x["v"]),
-                           flat(x["kk"]), flat(x["a"]), state)
+    y = ReferenceModel.wkv(
+        me, 0, flat(x["r"]), np.exp(flat(x["lw"])), flat(x["k"]), flat(x["v"]), flat(x["kk"]), flat(x["a"]), state
+    )
     return y.reshape(B, T, H, N), state.wkv[0]
 
 
@@ -108,8 +117,8 @@ def test_batch_rows_are_independent():
     x = make_inputs(3, 77, "realistic", seed=5)
     y, s = run(session("chunk"), x)
     for i in range(3):
-        yi, si = run(session("chunk"), {k: v[i:i + 1] for k, v in x.items()})
-        assert rel(yi, y[i:i + 1]) <= 1e-6 and rel(si, s[i:i + 1]) <= 1e-6
+        yi, si = run(session("chunk"), {k: v[i : i + 1] for k, v in x.items()})
+        assert rel(yi, y[i : i + 1]) <= 1e-6 and rel(si, s[i : i + 1]) <= 1e-6
 
 
 def test_graph_shape():

@@ -1,6 +1,7 @@
 """What every hostile CLI case asserts: exit code 2, one sentence on stderr, no traceback, the directory
 tree unchanged, within a time bound. Runs the real CLI: in this process (cli.main, for the cases that
 need no fresh process) or as `python -m rwkv_opt.cli` (argv bytes, stdin, another cwd, signals, mounts)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -27,8 +28,14 @@ def snapshot(root: Path) -> dict[str, tuple]:
         for name in dirs + files:
             p = Path(dirpath, name)
             st = p.lstat()
-            out[str(p.relative_to(root))] = (p.is_symlink(), p.is_dir(), st.st_size, st.st_mtime_ns, st.st_mode,
-                                             os.readlink(p) if p.is_symlink() else None)
+            out[str(p.relative_to(root))] = (
+                p.is_symlink(),
+                p.is_dir(),
+                st.st_size,
+                st.st_mtime_ns,
+                st.st_mode,
+                os.readlink(p) if p.is_symlink() else None,
+            )
     return out
 
 
@@ -62,7 +69,7 @@ def refused(run, *words, tree: Path | None = None, seconds: float = MAX_SECONDS)
     assert rc == 2, (rc, err)
     msg = err.strip().splitlines()[-1]
     assert msg.startswith("rwkv-opt: error: "), err
-    body = msg[len("rwkv-opt: error: "):]
+    body = msg[len("rwkv-opt: error: ") :]
     assert body.endswith(".") and not re.search(r"[.!?]\s+[A-Z]", body), f"not one sentence: {msg}"
     for w in words:
         assert w in msg, (w, msg)
@@ -96,8 +103,14 @@ def built(tmp_path_factory, kind: str) -> Path:
             from rwkv_opt.pipeline import run_pipeline
             from rwkv_opt.targets import get_target
 
-            run_pipeline(get_target("cpu-fp32"), load_source(), out, heads=[("reinforce", {})], do_verify=False,
-                         progress=lambda _m: None)
+            run_pipeline(
+                get_target("cpu-fp32"),
+                load_source(),
+                out,
+                heads=[("reinforce", {})],
+                do_verify=False,
+                progress=lambda _m: None,
+            )
         _BUILT[kind] = out
     return _BUILT[kind]
 
@@ -110,8 +123,10 @@ def _nan_head(art: Path) -> None:
     from rwkv_opt.artifact import seal
 
     m = onnx.load(str(art / "model.onnx"))
-    head = max((t for t in m.graph.initializer if t.data_type == onnx.TensorProto.FLOAT),
-               key=lambda t: int(np.prod(t.dims)) if "head" in t.name else 0)
+    head = max(
+        (t for t in m.graph.initializer if t.data_type == onnx.TensorProto.FLOAT),
+        key=lambda t: int(np.prod(t.dims)) if "head" in t.name else 0,
+    )
     a = numpy_helper.to_array(head).copy()
     a[0] = np.nan
     head.CopyFrom(numpy_helper.from_array(a, head.name))

@@ -5,6 +5,7 @@ is what runs) and measures the child alone: wall time, and its peak resident set
 ``os.wait4`` (ru_maxrss of that one process; RUSAGE_CHILDREN would be the maximum over every child
 the test process ever had). ``assert_refused`` then checks what every refusal must look like.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,8 +35,13 @@ def run_cli(*args, timeout: float = 120.0) -> Run:
     """Run the CLI with ``args``; kill it after ``timeout`` seconds (then ``code`` is -9)."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         start = time.monotonic()
-        proc = subprocess.Popen([sys.executable, "-m", "rwkv_opt.cli", *map(str, args)], cwd=REPO,
-                                stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rwkv_opt.cli", *map(str, args)],
+            cwd=REPO,
+            stdout=out,
+            stderr=err,
+            stdin=subprocess.DEVNULL,
+        )
         killer = threading.Timer(timeout, proc.kill)
         killer.start()
         try:
@@ -46,8 +52,13 @@ def run_cli(*args, timeout: float = 120.0) -> Run:
         seconds = time.monotonic() - start
         out.seek(0)
         err.seek(0)
-        return Run(proc.returncode, out.read().decode(errors="replace"), err.read().decode(errors="replace"),
-                   seconds, usage.ru_maxrss * 1024)
+        return Run(
+            proc.returncode,
+            out.read().decode(errors="replace"),
+            err.read().decode(errors="replace"),
+            seconds,
+            usage.ru_maxrss * 1024,
+        )
 
 
 def assert_refused(run: Run, *words: str) -> str:

@@ -12,6 +12,7 @@ The files are built from parts so each case changes one thing in an otherwise va
     such parts, which the cases then damage;
   * raw pickle opcodes where the attack is the pickle itself (shared references, nesting, memo).
 """
+
 from __future__ import annotations
 
 import math
@@ -33,6 +34,7 @@ GIB = 1 << 30
 
 
 # ---- zip ----------------------------------------------------------------------------------------
+
 
 @dataclass
 class Member:
@@ -68,8 +70,29 @@ def zip_bytes(members: list[Member]) -> bytes:
         if m.local:
             out += m.local_header() + m.data
         method, crc, csize, size, name = m.fields()
-        directory += struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0x800, method, 0, 0, crc, csize, size,
-                                 len(name), 0, 0, 0, 0, 0, offset) + name
+        directory += (
+            struct.pack(
+                "<IHHHHHHIIIHHHHHII",
+                0x02014B50,
+                20,
+                20,
+                0x800,
+                method,
+                0,
+                0,
+                crc,
+                csize,
+                size,
+                len(name),
+                0,
+                0,
+                0,
+                0,
+                0,
+                offset,
+            )
+            + name
+        )
     n = min(len(members), 0xFFFF)  # readers walk the directory by its size; the count only overflows
     return bytes(out + directory + struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, n, n, len(directory), len(out), 0))
 
@@ -88,6 +111,7 @@ def deflate_bomb(inflated: int) -> bytes:
 
 # ---- data.pkl -----------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Tensor:
     """One ``_rebuild_tensor_v2`` call; stride None = contiguous, numel None = prod(shape)."""
@@ -102,12 +126,19 @@ class Tensor:
     def pickled(self) -> bytes:
         stride = self.stride
         if stride is None:
-            stride = tuple(math.prod(self.shape[i + 1:]) for i in range(len(self.shape)))
+            stride = tuple(math.prod(self.shape[i + 1 :]) for i in range(len(self.shape)))
         numel = math.prod(self.shape) if self.numel is None else self.numel
-        pid = _p_tuple([_p_str("storage"), _p_global("torch", self.kind), _p_str(self.storage), _p_str("cpu"),
-                        _p_int(numel)])
-        args = [pid + b"Q", _p_int(self.offset), _p_tuple(map(_p_int, self.shape)), _p_tuple(map(_p_int, stride)),
-                b"\x89", _p_global("collections", "OrderedDict") + b")R"]
+        pid = _p_tuple(
+            [_p_str("storage"), _p_global("torch", self.kind), _p_str(self.storage), _p_str("cpu"), _p_int(numel)]
+        )
+        args = [
+            pid + b"Q",
+            _p_int(self.offset),
+            _p_tuple(map(_p_int, self.shape)),
+            _p_tuple(map(_p_int, stride)),
+            b"\x89",
+            _p_global("collections", "OrderedDict") + b")R",
+        ]
         return _p_global("torch._utils", "_rebuild_tensor_v2") + _p_tuple(args) + b"R"
 
 
@@ -116,8 +147,12 @@ def pkl(entries: dict[str, bytes]) -> bytes:
     return b"\x80\x02}(" + b"".join(_p_str(k) + v for k, v in entries.items()) + b"u."
 
 
-_KIND = {np.dtype(np.float32): "FloatStorage", np.dtype(np.float16): "HalfStorage",
-         np.dtype(ml_dtypes.bfloat16): "BFloat16Storage", np.dtype(np.int64): "LongStorage"}
+_KIND = {
+    np.dtype(np.float32): "FloatStorage",
+    np.dtype(np.float16): "HalfStorage",
+    np.dtype(ml_dtypes.bfloat16): "BFloat16Storage",
+    np.dtype(np.int64): "LongStorage",
+}
 
 
 @dataclass
@@ -133,8 +168,11 @@ class Parts:
         """data.pkl, version and every storage some tensor uses, by name inside the archive folder."""
         values = {k: t.pickled() for k, t in self.tensors.items()} | self.raw
         used = {t.storage for t in self.tensors.values()}
-        return {"data.pkl": Member("", pkl(values)), "version": Member("", b"3\n"),
-                **{f"data/{k}": Member("", v) for k, v in self.storages.items() if k in used}}
+        return {
+            "data.pkl": Member("", pkl(values)),
+            "version": Member("", b"3\n"),
+            **{f"data/{k}": Member("", v) for k, v in self.storages.items() if k in used},
+        }
 
     def write(self, path: Path, **edits: Member) -> Path:
         """Write the file; ``edits`` replaces members by their name inside the archive folder."""
@@ -165,6 +203,7 @@ def raw_pickle_file(path: Path, data: bytes) -> Path:
 
 
 # ---- hostile pickles ----------------------------------------------------------------------------
+
 
 def _memo(i: int) -> tuple[bytes, bytes]:
     """(BINPUT i, BINGET i) for i < 256."""
@@ -229,13 +268,16 @@ def _pickle_case(data: Callable[[], bytes]) -> Callable[[Path], Path]:
     return lambda folder: raw_pickle_file(folder / "hostile.pth", data())
 
 
-def _parts_case(edit: Callable[[Parts], object], dtype=np.float32, cfg: ModelConfig = MICRO,
-                **edits: Member) -> Callable[[Path], Path]:
+def _parts_case(
+    edit: Callable[[Parts], object], dtype=np.float32, cfg: ModelConfig = MICRO, **edits: Member
+) -> Callable[[Path], Path]:
     """A micro file changed by ``edit(parts)`` (its return value is ignored) and member ``edits``."""
+
     def write(folder: Path) -> Path:
         parts = micro_parts(dtype, cfg)
         edit(parts)
         return parts.write(folder / "hostile.pth", **edits)
+
     return write
 
 
@@ -271,6 +313,7 @@ def _header_past_end(folder: Path) -> Path:
 
 def _flip(member: str, at: int) -> Callable[[Path], Path]:
     """A valid bf16 micro file with one bit flipped in ``member``'s data, its CRC left as it was."""
+
     def write(folder: Path) -> Path:
         path = micro_parts(ml_dtypes.bfloat16).write(folder / "hostile.pth")
         raw = bytearray(path.read_bytes())
@@ -278,6 +321,7 @@ def _flip(member: str, at: int) -> Callable[[Path], Path]:
         raw[raw.index(name) + len(name) + at] ^= 0x04  # first occurrence: the local header, then the data
         path.write_bytes(bytes(raw))
         return path
+
     return write
 
 
@@ -286,8 +330,11 @@ def _overlapping_members(folder: Path) -> Path:
     inner = Member("archive/data/1", bytes(16))
     outer = inner.local_header() + inner.data  # 44 + 16 bytes: 15 float32s
     tensors = {"a": Tensor("0", (len(outer) // 4,)).pickled(), "b": Tensor("1", (4,)).pickled()}
-    members = [Member("archive/data.pkl", pkl(tensors)), Member("archive/version", b"3\n"),
-               Member("archive/data/0", outer)]
+    members = [
+        Member("archive/data.pkl", pkl(tensors)),
+        Member("archive/version", b"3\n"),
+        Member("archive/data/0", outer),
+    ]
     first = zip_bytes(members)
     data0 = first.index(b"archive/data/0") + len("archive/data/0")
     path = folder / "hostile.pth"
@@ -306,9 +353,11 @@ def _many_members(folder: Path, n: int = 80_000) -> Path:
 
 def _bomb(member: str, declared: int) -> Callable[[Path], Path]:
     """A valid micro file whose ``member`` is deflated: 1 GiB of zeros (1 MB compressed) declaring ``declared``."""
+
     def write(folder: Path) -> Path:
         bomb = Member("", deflate_bomb(GIB), method=8, size=declared, crc=0)
         return micro_parts().write(folder / "hostile.pth", **{member: bomb})
+
     return write
 
 
@@ -336,10 +385,14 @@ CHECKPOINTS: dict[str, tuple[Callable[[Path], Path], str]] = {
     "deflated_byteorder_lying_size": (_bomb("byteorder", 6), "damaged"),
     # shapes, offsets and counts beyond any real tensor
     "rank_40": (_pickle_case(lambda: tensor_pickle(shape=(1,) * 40)), "rank 40"),
-    "elements_2_80": (_pickle_case(lambda: tensor_pickle(shape=(1 << 40, 1 << 40), stride=(0, 0), numel=1)),
-                      "beyond any real tensor"),
-    "offset_2_2000": (_pickle_case(lambda: tensor_pickle(shape=(4,), offset=1 << 2000, numel=4)),
-                      "beyond any real tensor"),
+    "elements_2_80": (
+        _pickle_case(lambda: tensor_pickle(shape=(1 << 40, 1 << 40), stride=(0, 0), numel=1)),
+        "beyond any real tensor",
+    ),
+    "offset_2_2000": (
+        _pickle_case(lambda: tensor_pickle(shape=(4,), offset=1 << 2000, numel=4)),
+        "beyond any real tensor",
+    ),
     "numel_negative": (_pickle_case(lambda: tensor_pickle(shape=(1,), numel=-1)), "malformed storage reference"),
     # zip structure
     "overlapping_members": (_overlapping_members, "overlapping in the file"),
@@ -347,32 +400,47 @@ CHECKPOINTS: dict[str, tuple[Callable[[Path], Path], str]] = {
     "many_members": (_many_members, "has no 'emb.weight'"),
     # keys and layer indices
     "layer_flood": (_parts_case(_layer_flood), "missing key 'blocks.2.ln1.weight'"),
-    "extra_block_100000000": (_parts_case(_set(**{"blocks.100000000.att.x_r": ONES})),
-                              "has blocks up to 100000000 but none for block 2"),
-    "block_index_5000_digits": (_parts_case(_set(**{"blocks." + "1" * 5000 + ".att.x_r": ONES})),
-                                "(5015 characters)"),
+    "extra_block_100000000": (
+        _parts_case(_set(**{"blocks.100000000.att.x_r": ONES})),
+        "has blocks up to 100000000 but none for block 2",
+    ),
+    "block_index_5000_digits": (_parts_case(_set(**{"blocks." + "1" * 5000 + ".att.x_r": ONES})), "(5015 characters)"),
     "key_1m_chars": (_parts_case(_set(**{"k" * 1_000_000: ONES})), "(1000000 characters)"),
-    "key_with_control_chars": (_parts_case(_set(**{"emb.weight\nsecond line\r\x1b[2J": ONES})),
-                               "unexpected key 'emb.weight\\nsecond line\\r\\x1b[2J'"),
+    "key_with_control_chars": (
+        _parts_case(_set(**{"emb.weight\nsecond line\r\x1b[2J": ONES})),
+        "unexpected key 'emb.weight\\nsecond line\\r\\x1b[2J'",
+    ),
     # sizes against the file
     "vocab_2_31_stride_0": (_parts_case(_broadcast_vocab), "(2147483648, 8)"),
     "overlapping_views": (_parts_case(_shared_matrices, cfg=WIDE), "share their data"),
     # dimensions and ranks
-    "vocab_0": (_parts_case(_set(emb__weight=np.ones((0, C), np.float32), head__weight=np.ones((0, C), np.float32))),
-                "'emb.weight' has shape (0, 8)"),
+    "vocab_0": (
+        _parts_case(_set(emb__weight=np.ones((0, C), np.float32), head__weight=np.ones((0, C), np.float32))),
+        "'emb.weight' has shape (0, 8)",
+    ),
     "emb_1d": (_parts_case(_set(emb__weight=np.ones(MICRO.vocab * C, np.float32))), "'emb.weight' has shape (128,)"),
-    "r_k_3d": (_parts_case(_set(blocks__0__att__r_k=np.ones((1, 2, 4), np.float32))),
-               "'blocks.0.att.r_k' has shape (1, 2, 4)"),
-    "ffn_key_0d": (_parts_case(_set(blocks__0__ffn__key__weight=np.float32(1))),
-                   "'blocks.0.ffn.key.weight' has shape ()"),
-    "lora_rank_0": (_parts_case(_set(blocks__0__att__w1=np.ones((C, 0), np.float32))),
-                    "'blocks.0.att.w1' has shape (8, 0)"),
+    "r_k_3d": (
+        _parts_case(_set(blocks__0__att__r_k=np.ones((1, 2, 4), np.float32))),
+        "'blocks.0.att.r_k' has shape (1, 2, 4)",
+    ),
+    "ffn_key_0d": (
+        _parts_case(_set(blocks__0__ffn__key__weight=np.float32(1))),
+        "'blocks.0.ffn.key.weight' has shape ()",
+    ),
+    "lora_rank_0": (
+        _parts_case(_set(blocks__0__att__w1=np.ones((C, 0), np.float32))),
+        "'blocks.0.att.w1' has shape (8, 0)",
+    ),
     # values and integrity
     "nan_bf16": (_parts_case(_nan_key, ml_dtypes.bfloat16), "'blocks.1.att.key.weight' holds nan at flat index 0"),
-    "inf_fp16": (_parts_case(_set(head__weight=np.full((MICRO.vocab, C), np.inf, np.float16)), np.float16),
-                 "'head.weight' holds inf"),
-    "neg_inf_fp32": (_parts_case(_set(ln_out__bias=np.array([0, 0, 0, -np.inf, 0, 0, 0, 0], np.float32))),
-                     "'ln_out.bias' holds -inf at flat index 3"),
+    "inf_fp16": (
+        _parts_case(_set(head__weight=np.full((MICRO.vocab, C), np.inf, np.float16)), np.float16),
+        "'head.weight' holds inf",
+    ),
+    "neg_inf_fp32": (
+        _parts_case(_set(ln_out__bias=np.array([0, 0, 0, -np.inf, 0, 0, 0, 0], np.float32))),
+        "'ln_out.bias' holds -inf at flat index 3",
+    ),
     "bit_flip_weight": (_flip("data/7", 3), "CRC-32 mismatch in member 'archive/data/7'"),
     "bit_flip_pickle": (_flip("data.pkl", 40), "damaged"),
     "int64_weights": (_parts_case(_set(ln_out__weight=np.arange(C))), "has dtype int64"),

@@ -6,6 +6,7 @@ bounds, shapes, sizes, CRC, NaN/inf), and, for a dozen of them, by the real CLI 
 its output folder uncreated. Controls show the corpus' base files are valid, so each refusal is due
 to the one thing the case changed.
 """
+
 from __future__ import annotations
 
 import os
@@ -52,8 +53,9 @@ def test_refused_in_process(tmp_path, name):
     assert seconds < MAX_SECONDS and grew < MAX_BYTES, (seconds, grew, message)
 
 
-@pytest.mark.parametrize(("dtype", "cfg"), [(np.float32, MICRO), (np.float16, MICRO), (ml_dtypes.bfloat16, MICRO),
-                                            (np.float32, WIDE)])
+@pytest.mark.parametrize(
+    ("dtype", "cfg"), [(np.float32, MICRO), (np.float16, MICRO), (ml_dtypes.bfloat16, MICRO), (np.float32, WIDE)]
+)
 def test_corpus_base_files_load(tmp_path, dtype, cfg):
     """The control: the files the cases damage are valid, in every dtype and config the cases use."""
     w = load_weights(micro_parts(dtype, cfg).write(tmp_path / "base.pth"))
@@ -61,9 +63,16 @@ def test_corpus_base_files_load(tmp_path, dtype, cfg):
 
 
 CLI_CASES = {  # name: the command that reads the checkpoint (each run costs ~2 s of imports)
-    "shared_lists": "build", "memo_slot": "build", "deflated_pkl_bomb": "build", "deflated_version_bomb": "build",
-    "extra_block_100000000": "build", "key_with_control_chars": "build", "vocab_0": "build",
-    "vocab_2_31_stride_0": "pipeline", "nan_bf16": "pipeline", "bit_flip_weight": "pipeline",
+    "shared_lists": "build",
+    "memo_slot": "build",
+    "deflated_pkl_bomb": "build",
+    "deflated_version_bomb": "build",
+    "extra_block_100000000": "build",
+    "key_with_control_chars": "build",
+    "vocab_0": "build",
+    "vocab_2_31_stride_0": "pipeline",
+    "nan_bf16": "pipeline",
+    "bit_flip_weight": "pipeline",
 }
 
 

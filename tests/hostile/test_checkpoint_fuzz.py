@@ -13,6 +13,7 @@ and pickle structure, bounds, shapes, sizes, CRC and NaN checks. Each mutant eit
     insertions, deletions, duplications, and edits of integer and length arguments. The base pickle
     uses the memo the way torch's does (BINPUT/BINGET of repeated globals), so memo opcodes are in play.
 """
+
 from __future__ import annotations
 
 import pickletools
@@ -69,8 +70,12 @@ class Base:
         self.pkl_name = pkl_name
         self.pkl = _memoized(dict(self.members)[pkl_name])
         self.ops = [(pos, op) for op, _, pos in pickletools.genops(self.pkl)]
-        self.fields = [(at + off, width) for sig, offs in _SIGNATURES.items()
-                       for at in _find_all(self.file, sig) for off, width in offs]
+        self.fields = [
+            (at + off, width)
+            for sig, offs in _SIGNATURES.items()
+            for at in _find_all(self.file, sig)
+            for off, width in offs
+        ]
 
     def repack(self, pkl: bytes) -> bytes:
         return zip_bytes([Member(n, pkl if n == self.pkl_name else d) for n, d in self.members])
@@ -92,7 +97,7 @@ def _flip_bytes(base: Base, rng: random.Random) -> bytes:
 
 
 def _truncate(base: Base, rng: random.Random) -> bytes:
-    return base.file[:rng.randrange(len(base.file))]
+    return base.file[: rng.randrange(len(base.file))]
 
 
 def _insert_bytes(base: Base, rng: random.Random) -> bytes:
@@ -102,10 +107,10 @@ def _insert_bytes(base: Base, rng: random.Random) -> bytes:
 
 def _edit_field(base: Base, rng: random.Random) -> bytes:
     at, width = rng.choice(base.fields)
-    old = int.from_bytes(base.file[at:at + width], "little")
+    old = int.from_bytes(base.file[at : at + width], "little")
     top = (1 << (8 * width)) - 1
     new = rng.choice([old + 1, old - 1, old + 64, old - 64, old * 2, 0, top, rng.randrange(top + 1)]) & top
-    return base.file[:at] + new.to_bytes(width, "little") + base.file[at + width:]
+    return base.file[:at] + new.to_bytes(width, "little") + base.file[at + width :]
 
 
 def _edit_opcode(base: Base, rng: random.Random) -> bytes:
@@ -114,7 +119,7 @@ def _edit_opcode(base: Base, rng: random.Random) -> bytes:
     pos, end = base.ops[i][0], base.ops[i + 1][0]
     pkl, kind = base.pkl, rng.randrange(4)
     if kind == 0:
-        pkl = pkl[:pos] + rng.choice(_CODES) + pkl[pos + 1:]
+        pkl = pkl[:pos] + rng.choice(_CODES) + pkl[pos + 1 :]
     elif kind == 1:
         pkl = pkl[:pos] + rng.choice(_CODES) + rng.randbytes(rng.choice([0, 1, 2, 4, 8])) + pkl[pos:]
     elif kind == 2:
@@ -131,13 +136,19 @@ def _edit_argument(base: Base, rng: random.Random) -> bytes:
     """Give one opcode with an argument (an int, a memo index, a length) another value."""
     pos, op = rng.choice([(p, op) for p, op in base.ops if op.arg is not None and op.arg.n in _WIDTH])
     width = _WIDTH[op.arg.n]
-    value = rng.choice([0, 1, 2**(8 * width - 1) - 1, 2**(8 * width) - 1, rng.randrange(2**(8 * width))])
+    value = rng.choice([0, 1, 2 ** (8 * width - 1) - 1, 2 ** (8 * width) - 1, rng.randrange(2 ** (8 * width))])
     start = pos + 1
-    return base.repack(base.pkl[:start] + value.to_bytes(width, "little") + base.pkl[start + width:])
+    return base.repack(base.pkl[:start] + value.to_bytes(width, "little") + base.pkl[start + width :])
 
 
-_OPERATORS = [(_flip_bytes, 4), (_truncate, 1), (_insert_bytes, 1), (_edit_field, 3), (_edit_opcode, 6),
-              (_edit_argument, 5)]  # (operator, weight): most mutants reach the pickle with valid CRCs
+_OPERATORS = [
+    (_flip_bytes, 4),
+    (_truncate, 1),
+    (_insert_bytes, 1),
+    (_edit_field, 3),
+    (_edit_opcode, 6),
+    (_edit_argument, 5),
+]  # (operator, weight): most mutants reach the pickle with valid CRCs
 
 
 def mutant(base: Base, seed: int) -> bytes:

@@ -1,6 +1,7 @@
 """Hostile and careless OUTPUT paths (-o): never replace what rwkv-opt did not write, one run per output at
 a time, dead runs' leftovers removed, signals clean up, modes follow the umask, a full or read-only disk is
 one sentence. Each refusal: exit 2, one sentence, no traceback, the tree unchanged, within bounds."""
+
 from __future__ import annotations
 
 import fcntl
@@ -40,8 +41,9 @@ def test_foreign_manifest_json_is_not_an_artifact(tmp_path):
 def test_pipeline_also_refuses_a_foreign_directory(tmp_path):
     (tmp_path / "proj").mkdir()
     (tmp_path / "proj" / "manifest.json").write_text('{"tool": "webpack"}')
-    refused(lambda: run_main("pipeline", "--no-verify", "-o", tmp_path / "proj"), "not an rwkv-opt artifact",
-            tree=tmp_path)
+    refused(
+        lambda: run_main("pipeline", "--no-verify", "-o", tmp_path / "proj"), "not an rwkv-opt artifact", tree=tmp_path
+    )
 
 
 def test_manifest_that_is_not_json_makes_the_directory_foreign(tmp_path):
@@ -87,8 +89,11 @@ def test_train_refuses_a_foreign_output_before_training(tmp_path, tmp_path_facto
     data.write_text('{"text": "hello", "reward": 1.0}\n')
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "thesis.tex").write_text("\\documentclass{article}")
-    refused(lambda: run_main("train", art, "--data", data, "--steps", "1", "-o", tmp_path / "out"),
-            "not an rwkv-opt artifact", tree=tmp_path)
+    refused(
+        lambda: run_main("train", art, "--data", data, "--steps", "1", "-o", tmp_path / "out"),
+        "not an rwkv-opt artifact",
+        tree=tmp_path,
+    )
 
 
 def test_an_rwkv_opt_artifact_is_replaced_and_sealed(tmp_path, tmp_path_factory):
@@ -109,8 +114,13 @@ def test_a_second_run_into_the_same_output_refuses(tmp_path):
     """Two real runs: a pipeline holds .out.lock while it builds; a second run into the same -o refuses in
     one sentence and the first completes."""
     out = tmp_path / "out"
-    first = subprocess.Popen([sys.executable, "-m", "rwkv_opt.cli", "pipeline", "--no-verify", "-o", str(out)],
-                             cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "rwkv_opt.cli", "pipeline", "--no-verify", "-o", str(out)],
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     lock = tmp_path / ".out.lock"
     deadline = time.time() + 120
     while not lock.exists() and first.poll() is None and time.time() < deadline:
@@ -170,8 +180,14 @@ def test_modes_follow_the_umask(tmp_path, umask, dir_mode, file_mode):
 def test_signal_during_a_run_leaves_nothing(tmp_path, sig, when):
     """SIGTERM while verify runs its temporary session, SIGHUP during the passes: no .tmp-* dir, scratch
     weights or lock file stays, exit 130."""
-    p = subprocess.Popen([sys.executable, "-m", "rwkv_opt.cli", "pipeline", "-o", str(tmp_path / "out")], cwd=REPO,
-                         env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "rwkv_opt.cli", "pipeline", "-o", str(tmp_path / "out")],
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     for line in p.stderr:
         if line.startswith(when):
             p.send_signal(sig)
@@ -184,8 +200,14 @@ def test_signal_during_a_run_leaves_nothing(tmp_path, sig, when):
 def test_sigkill_leftovers_are_removed_by_the_next_run(tmp_path):
     """SIGKILL during verify cannot be caught: the staging dir (with its model) and the lock file stay; the
     next run into the same -o takes the dead run's lock and removes its staging dir."""
-    p = subprocess.Popen([sys.executable, "-m", "rwkv_opt.cli", "pipeline", "-o", str(tmp_path / "out")], cwd=REPO,
-                         env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "rwkv_opt.cli", "pipeline", "-o", str(tmp_path / "out")],
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     for line in p.stderr:
         if line.startswith("[4/4] verify"):
             p.kill()
@@ -207,8 +229,9 @@ def _in_mount(tmp_path, setup: str, *args) -> tuple[int, str, str]:
     mnt.mkdir()
     cli = shlex.join([sys.executable, "-m", "rwkv_opt.cli", *map(str, args)])
     script = f"{setup} && {{ {cli}; rc=$?; echo LEFT:$(ls -A {shlex.quote(str(mnt))}); exit $rc; }}"
-    r = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=REPO, env=ENV, capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300
+    )
     return r.returncode, r.stdout, r.stderr
 
 
@@ -216,24 +239,49 @@ def test_disk_full_is_one_sentence_and_leaves_nothing(tmp_path):
     """A 1 MiB file system under a 2.8 MB model: ENOSPC mid-write; nothing stays on it."""
     mnt = tmp_path / "mnt"
     result = []
-    refused(lambda: result.append(_in_mount(tmp_path, f"mount -t tmpfs -o size=1m tmpfs {mnt}", "build",
-                                            "-o", mnt / "out")) or result[0], "cannot write", "the disk is full")
+    refused(
+        lambda: (
+            result.append(_in_mount(tmp_path, f"mount -t tmpfs -o size=1m tmpfs {mnt}", "build", "-o", mnt / "out"))
+            or result[0]
+        ),
+        "cannot write",
+        "the disk is full",
+    )
     assert result[0][1].strip().endswith("LEFT:"), result[0][1]
 
 
 def test_read_only_output_is_one_sentence(tmp_path):
     mnt = tmp_path / "mnt"
     (tmp_path / "ro").mkdir()
-    refused(lambda: _in_mount(tmp_path, f"mount --bind {tmp_path / 'ro'} {mnt} && mount -o remount,bind,ro {mnt}",
-                              "build", "-o", mnt / "out"), "read-only", tree=tmp_path / "ro")
+    refused(
+        lambda: _in_mount(
+            tmp_path,
+            f"mount --bind {tmp_path / 'ro'} {mnt} && mount -o remount,bind,ro {mnt}",
+            "build",
+            "-o",
+            mnt / "out",
+        ),
+        "read-only",
+        tree=tmp_path / "ro",
+    )
 
 
 def test_baseline_on_a_read_only_disk_is_one_sentence(tmp_path, tmp_path_factory):
     mnt, art = tmp_path / "mnt", built(tmp_path_factory, "base")
     (tmp_path / "ro").mkdir()
-    refused(lambda: _in_mount(tmp_path, f"mount --bind {tmp_path / 'ro'} {mnt} && mount -o remount,bind,ro {mnt}",
-                              "check", "--write-baseline", mnt / "b.json", art), "cannot write", "read-only",
-            tree=tmp_path / "ro")
+    refused(
+        lambda: _in_mount(
+            tmp_path,
+            f"mount --bind {tmp_path / 'ro'} {mnt} && mount -o remount,bind,ro {mnt}",
+            "check",
+            "--write-baseline",
+            mnt / "b.json",
+            art,
+        ),
+        "cannot write",
+        "read-only",
+        tree=tmp_path / "ro",
+    )
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")

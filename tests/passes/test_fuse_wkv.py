@@ -2,6 +2,7 @@
 (ORT with its graph optimizations off, so we test OUR graph) and with the numpy reference for
 T in (1, 2, 63, 64, 65, 1000) and batch 1 and 3 from a carried state, the full onnx check, the
 structural match (names stripped) and the models it must refuse."""
+
 from __future__ import annotations
 
 import functools
@@ -27,10 +28,10 @@ from rwkv_opt.reference.model import State
 TOL = 2e-5
 LENGTHS = (1, 2, 63, 64, 65, 1000)
 CONFIGS = {
-    "auto": {},                                        # T == 1 step, T < 32 Scan, else chunked
+    "auto": {},  # T == 1 step, T < 32 Scan, else chunked
     "auto-min2": {"min_chunked_len": 2, "chunk": 32},  # T == 1 step, else chunked
     "chunked": {"mode": FuseMode.CHUNKED, "chunk": 16},
-    "function": {"mode": FuseMode.FUNCTION},            # rwkv7.WKV7 nodes, the auto dispatch as their body
+    "function": {"mode": FuseMode.FUNCTION},  # rwkv7.WKV7 nodes, the auto dispatch as their body
 }
 
 
@@ -95,8 +96,9 @@ def case(T: int, B: int):
     feed = carried_feed(cfg, B, seed=10 * T + B)
     feed["x"] = np.random.default_rng(T + B).integers(0, cfg.vocab, (B, T))
     L = cfg.n_layer
-    state = State(*(np.stack([feed[contract.state_inputs(i)[j]] for i in range(L)]).astype(np.float64)
-                    for j in range(3)))
+    state = State(
+        *(np.stack([feed[contract.state_inputs(i)[j]] for i in range(L)]).astype(np.float64) for j in range(3))
+    )
     state.att, state.ffn = state.att[:, :, 0], state.ffn[:, :, 0]
     return feed, run(session(None), feed), reference_model().forward(feed["x"], state)
 
@@ -126,11 +128,14 @@ def test_ort_optimized_session_agrees():
         assert max(rel(got[k], want[k]) for k in want) <= TOL
 
 
-@pytest.mark.parametrize("name,top,nested", [
-    ("auto", {"If": 2, "Scan": 0}, {"If": 4, "Scan": 4}),
-    ("auto-min2", {"If": 2, "Scan": 0}, {"If": 2, "Scan": 2}),
-    ("chunked", {"If": 0, "Scan": 2}, {"If": 0, "Scan": 2}),
-])
+@pytest.mark.parametrize(
+    "name,top,nested",
+    [
+        ("auto", {"If": 2, "Scan": 0}, {"If": 4, "Scan": 4}),
+        ("auto-min2", {"If": 2, "Scan": 0}, {"If": 2, "Scan": 2}),
+        ("chunked", {"If": 0, "Scan": 2}, {"If": 0, "Scan": 2}),
+    ],
+)
 def test_op_types_and_checker(name, top, nested):
     res = fused(name)
     m = res.model
@@ -143,7 +148,7 @@ def test_op_types_and_checker(name, top, nested):
     assert not top_names & {"/blocks.0/att/wkv/Squeeze", "/blocks.1/att/wkv/Squeeze"}, "y's Squeeze is absorbed"
     assert not find_wkv_scans(m.graph)
     assert [o.name for o in m.graph.output] == [o.name for o in base().graph.output]
-    if name == "auto":   # the original Scan survives, under its name, inside the short-T branch
+    if name == "auto":  # the original Scan survives, under its name, inside the short-T branch
         names = {n.name for b in _subgraphs(m.graph) for n in b.node}
         assert {"/blocks.0/att/wkv/Scan", "/blocks.1/att/wkv/Scan"} <= names
 
@@ -158,13 +163,15 @@ def test_function_mode_one_custom_domain_node_per_layer():
     assert [n.op_type for n in wkv] == ["WKV7"] * L and all("/wkv/" in n.name for n in wkv)
     assert Counter(n.op_type for n in m.graph.node)["If"] == 0 and not find_wkv_scans(m.graph)
     assert [(f.domain, f.name, list(f.input), list(f.output)) for f in m.functions] == [
-        ("rwkv7", "WKV7", ["r", "w", "k", "v", "kk", "b", "state"], ["y", "state_out"])]
+        ("rwkv7", "WKV7", ["r", "w", "k", "v", "kk", "b", "state"], ["y", "state_out"])
+    ]
     body = Counter(n.op_type for n in m.functions[0].node)
     assert body["If"] == 1 and body["Constant"] > 0 and all_ops(m.graph)["Scan"] == 0
     assert ("rwkv7", 1) in [(o.domain, o.version) for o in m.opset_import]
-    fp16 = get_pass("fp16_mixed")()(base()).model                     # precision first, as targets do
+    fp16 = get_pass("fp16_mixed")()(base()).model  # precision first, as targets do
     P = get_pass("fuse_wkv")
     from rwkv_opt.passes._state_path import state_path_violations
+
     assert state_path_violations(P(P.Config(mode=FuseMode.FUNCTION))(fp16).model) == []
 
 
@@ -172,7 +179,7 @@ def _numpy_wkv7(r, w, k, v, kk, b, state):
     """The recurrence itself, token by token (float64): S <- S diag(w) - (S kk^T) b + v^T k, y = S r^T."""
     S, ys = state.astype(np.float64), []
     for t in range(r.shape[1]):
-        rt, wt, kt, vt, kkt, bt = (x[:, t].astype(np.float64) for x in (r, w, k, v, kk, b))   # (B,H,N)
+        rt, wt, kt, vt, kkt, bt = (x[:, t].astype(np.float64) for x in (r, w, k, v, kk, b))  # (B,H,N)
         u = np.einsum("bhij,bhj->bhi", S, kkt)
         S = S * wt[:, :, None, :] - u[..., None] * bt[:, :, None, :] + vt[..., None] * kt[:, :, None, :]
         ys.append(np.einsum("bhij,bhj->bhi", S, rt))
@@ -188,8 +195,11 @@ def test_function_mode_runs_a_registered_kernel_instead_of_the_body():
 
     calls = []
 
-    @onnx_op(op_type="rwkv7::WKV7", inputs=[PyCustomOpDef.dt_float] * 7,
-             outputs=[PyCustomOpDef.dt_float, PyCustomOpDef.dt_float])
+    @onnx_op(
+        op_type="rwkv7::WKV7",
+        inputs=[PyCustomOpDef.dt_float] * 7,
+        outputs=[PyCustomOpDef.dt_float, PyCustomOpDef.dt_float],
+    )
     def wkv7(r, w, k, v, kk, b, state):
         calls.append(r.shape)
         return _numpy_wkv7(r, w, k, v, kk, b, state)
@@ -203,7 +213,9 @@ def test_function_mode_runs_a_registered_kernel_instead_of_the_body():
         feed = {**carried_feed(cfg, B, seed=T), "x": np.arange(B * T).reshape(B, T) % cfg.vocab}
         want, got = run(session(None), feed), run(sess, feed)
         assert max(rel(got[k], want[k]) for k in want) <= TOL
-    assert calls == [(1, 1, cfg.n_head, cfg.head_size)] * cfg.n_layer + [(3, 5, cfg.n_head, cfg.head_size)] * cfg.n_layer
+    assert (
+        calls == [(1, 1, cfg.n_head, cfg.head_size)] * cfg.n_layer + [(3, 5, cfg.n_head, cfg.head_size)] * cfg.n_layer
+    )
 
 
 def test_pipeline_wkv_op_flag(tmp_path):
@@ -216,6 +228,7 @@ def test_pipeline_wkv_op_flag(tmp_path):
     assert [f.name for f in m.functions] == ["WKV7"] and sum(n.op_type == "WKV7" for n in m.graph.node) == 2
     with pytest.raises(RwkvOptError, match="has no fuse_wkv pass"):
         from dataclasses import replace
+
         replace(get_target("cpu-fp32"), passes=(("simplify", {}),)).with_wkv_op()
 
 
@@ -241,11 +254,12 @@ def test_decode_path_runs_no_scan_input_ops():
     before = Counter(n.op_type for n in base().graph.node)["Unsqueeze"]
     assert Counter(n.op_type for n in m.graph.node)["Unsqueeze"] == before - 6 * L
     from rwkv_opt.passes.base import names_read
+
     read = names_read(m.graph)
     assert all(any(o in read for o in n.output) for n in m.graph.node)
     made = {o for n in m.graph.node for o in n.output}
-    assert all(vi.name in made for vi in m.graph.value_info)          # no stale shape records
-    assert all(t.name in read for t in m.graph.initializer)           # no orphaned constants
+    assert all(vi.name in made for vi in m.graph.value_info)  # no stale shape records
+    assert all(t.name in read for t in m.graph.initializer)  # no orphaned constants
 
 
 def _subgraphs(graph):
@@ -288,8 +302,10 @@ def test_bare_scan_without_unsqueeze_or_squeeze():
     onnx.checker.check_model(out, full_check=True)
     rng = np.random.default_rng(0)
     for T in (1, 4, 40):
-        feed = {i.name: rng.standard_normal([3 if d == "B" else T if d == "T" else d
-                                             for d in _dims(i)]).astype(np.float32) for i in m.graph.input}
+        feed = {
+            i.name: rng.standard_normal([3 if d == "B" else T if d == "T" else d for d in _dims(i)]).astype(np.float32)
+            for i in m.graph.input
+        }
         feed["w"] = np.exp(-0.6 * np.abs(feed["w"])).astype(np.float32)
         feed["kk"] /= np.linalg.norm(feed["kk"], axis=3, keepdims=True)
         feed["b"] = (feed["b"] * 0.1).astype(np.float32)
@@ -303,7 +319,7 @@ def _dims(vi):
 
 def test_refuses_model_without_wkv_scan():
     with pytest.raises(PassRefused, match="no WKV Scan found"):
-        get_pass("fuse_wkv")()(fused("auto").model)      # already fused: the Scans are inside Ifs
+        get_pass("fuse_wkv")()(fused("auto").model)  # already fused: the Scans are inside Ifs
     g = GraphBuilder("plain")
     g.output(g.Relu(g.input("x", FLOAT, [2])), "y", FLOAT, [2])
     assert get_pass("fuse_wkv")().requires(g.model()) == "no WKV Scan found"
@@ -314,7 +330,7 @@ def test_refuses_bad_config_and_old_opset():
     assert "chunk" in P.Config(chunk=40).problem()
     assert "min_chunked_len" in P.Config(min_chunked_len=0).problem()
     with pytest.raises(PassRefused, match="pass 'fuse_wkv' refused: .*chunk"):
-        P.configure({"chunk": 40})(base())            # the base checks the config before anything else
+        P.configure({"chunk": 40})(base())  # the base checks the config before anything else
     old = onnx.ModelProto()
     old.CopyFrom(base())
     old.opset_import[0].version = 17

@@ -3,6 +3,7 @@ agreement with the graph before the pass (ORT with its graph optimizations off, 
 graph) on logits and every state for batch 1 and 3 and T 1 and 17 from a random carried state, the
 full onnx check, the structural match in graphs the rules did not build (onnxsim's output, names
 stripped, mixes behind fp16 Casts) and the models each rule must refuse, with their reasons."""
+
 from __future__ import annotations
 
 import functools
@@ -25,7 +26,7 @@ from rwkv_opt.passes.experimental.fuse_token_shift_lerp import FuseTokenShiftLer
 from rwkv_opt.passes.experimental.fuse_lora import Config as LoraConfig
 from rwkv_opt.passes.experimental.fuse_lora import FuseLora
 
-L = 2      # tiny preset layers
+L = 2  # tiny preset layers
 TOL = 1e-5
 SHAPES = [(1, 1), (1, 17), (3, 1), (3, 17)]  # (batch, T)
 
@@ -46,11 +47,15 @@ RULES = {
     "lora": ([LORA], {"MatMul": -(L - 1), "Split": L - 1}),
     # after lerp: w1 + a1 (stack slots 1 and 4) -> Gather[1,4] + 1 batched MatMul + 2 Gather (x_w, x_a
     # lose theirs); layers >= 1 also concat value + v1
-    "lerp+lora": ([LERP, LORA], {"Mul": -5 * L, "Add": -5 * L, "Gather": 7 * L, "MatMul": -L - (L - 1),
-                                 "Split": L - 1}),
+    "lerp+lora": (
+        [LERP, LORA],
+        {"Mul": -5 * L, "Add": -5 * L, "Gather": 7 * L, "MatMul": -L - (L - 1), "Split": L - 1},
+    ),
     # after lerp_rkv: w1 + a1 are stack slots 3 and 4 -> Slice
-    "lerp_rkv+lora": ([LERP_RKV, LORA], {"Mul": -5 * L, "Add": -5 * L, "MatMul": -3 * L, "Slice": 2 * L,
-                                         "Gather": 7 * L - 1}),
+    "lerp_rkv+lora": (
+        [LERP_RKV, LORA],
+        {"Mul": -5 * L, "Add": -5 * L, "MatMul": -3 * L, "Slice": 2 * L, "Gather": 7 * L - 1},
+    ),
 }
 
 
@@ -247,8 +252,9 @@ def _matmul_relu(opset: int = 21) -> onnx.ModelProto:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 2])
     w = numpy_helper.from_array(np.ones((4, 2), np.float32), "w")
-    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["y"])],
-                          "g", [x], [y], [w])
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["y"])], "g", [x], [y], [w]
+    )
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
 
 
@@ -257,7 +263,9 @@ def test_core_does_not_import_graphsurgeon():
     import subprocess
     import sys
 
-    code = ("import sys; import rwkv_opt.cli, rwkv_opt.runtime.generate; from rwkv_opt.passes.base import load_builtin; "
-            "load_builtin(); print(sorted(m for m in sys.modules if 'graphsurgeon' in m))")
+    code = (
+        "import sys; import rwkv_opt.cli, rwkv_opt.runtime.generate; from rwkv_opt.passes.base import load_builtin; "
+        "load_builtin(); print(sorted(m for m in sys.modules if 'graphsurgeon' in m))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -10,6 +10,7 @@ cases it must refuse, and numerical agreement through a per-precision tolerance 
     chains of fp16 nodes in fp32).
 Measured numbers are printed (pytest -s) as max|err|/std(ref), mean KL and top-1.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,8 +49,12 @@ TOL_ORT = {"fp16_mixed": (1.0, 3e-3, 1e-5), "fp16": (1.0, 1e-2, 1e-4)}
 # (OpenBLAS's per-CPU kernels, numpy's SIMD exp) into whole-ulp differences, and the tiny model has
 # near-ties (leads of 0.003 and 0.04 logits in this sample) whose outcome follows them: 2 of 128
 # flipped on an Intel Xeon, fewer on an AMD EPYC, with every error figure within budget on both.
-TOL_ROUNDED = {"fp32": (None, 1e-5, 1e-10), "fp16_mixed": (None, 1.5e-2, 1e-4), "fp16": (None, 2e-2, 1e-4),
-               "bf16": (None, 5e-2, 5e-3)}
+TOL_ROUNDED = {
+    "fp32": (None, 1e-5, 1e-10),
+    "fp16_mixed": (None, 1.5e-2, 1e-4),
+    "fp16": (None, 2e-2, 1e-4),
+    "bf16": (None, 5e-2, 5e-3),
+}
 
 
 # ---- fixtures -------------------------------------------------------------------------------------
@@ -106,13 +111,14 @@ def run_ort(model, cfg, tokens):
     sess = ort_session(model)
     names = [o.name for o in sess.get_outputs()]
     state = zero_state(model, cfg, tokens.shape[0])
-    chunks = [tokens[:, :PROMPT]] + [tokens[:, t:t + 1] for t in range(PROMPT, tokens.shape[1])]
+    chunks = [tokens[:, :PROMPT]] + [tokens[:, t : t + 1] for t in range(PROMPT, tokens.shape[1])]
     logits = []
     for c in chunks:
         out = dict(zip(names, sess.run(None, {contract.TOKENS: c, **state})))
         logits.append(out[contract.LOGITS].astype(np.float32))
-        state = {i: out[o] for k in range(cfg.n_layer)
-                 for o, i in zip(contract.state_outputs(k), contract.state_inputs(k))}
+        state = {
+            i: out[o] for k in range(cfg.n_layer) for o, i in zip(contract.state_outputs(k), contract.state_inputs(k))
+        }
     return np.concatenate(logits, 1)
 
 
@@ -138,8 +144,14 @@ EXPECTED_LOW_MATMULS = {"fp16_mixed": 23, "fp16": 27, "bf16": 23}  # 27 in the t
 def test_dtypes(name, base, converted):
     model, low = converted[name].model, LOW[name]
     inits = {t.name: t.data_type for t in model.graph.initializer}
-    for key in ("emb.weight.ln0", "head.weight.T", "blocks.1.att.key.weight.T", "blocks.1.ffn.value.weight.T",
-                "blocks.1.att.a1", "blocks.1.att.g2"):
+    for key in (
+        "emb.weight.ln0",
+        "head.weight.T",
+        "blocks.1.att.key.weight.T",
+        "blocks.1.ffn.value.weight.T",
+        "blocks.1.att.a1",
+        "blocks.1.att.g2",
+    ):
         assert inits[key] == low, key
     decay = [k for k in inits if k.split(".")[-1] in ("w0", "w1", "w2")]
     assert len(decay) == 6 and all(inits[k] == (low if name == "fp16" else FLOAT) for k in decay)
@@ -191,6 +203,7 @@ def test_invariant_catches_fp16_round_trips(base):
     assert any("casts the WKV state" in v for v in state_path_violations(m))
 
     from onnxconverter_common import float16
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # it warns about values out of fp16 range
         c = float16.convert_float_to_float16(base, keep_io_types=True)
@@ -246,7 +259,10 @@ def test_fp16_io(weights, base, tokens, ref_logits):
     assert ins["x_tmix_last_0"] == ins["x_cmix_last_1"] == outs["x_tmix_next_0"] == outs["head"] == FLOAT16
     assert ins["wkv_state_0"] == outs["wkv_next_1"] == FLOAT
     assert json.loads(get_meta(res.model, "rwkv_opt.state_dtypes")) == {
-        "x_tmix": "float16", "wkv": "float32", "x_cmix": "float16"}
+        "x_tmix": "float16",
+        "wkv": "float32",
+        "x_cmix": "float16",
+    }
     assert state_path_violations(res.model) == []
     m = compare_logits(ref_logits[:1], run_ort(res.model, weights.config, tokens[:1]))
     report("fp16_mixed io fp16 ORT CPU b1", m)
@@ -323,8 +339,9 @@ def test_fp16_mixed_elementwise_fp32(weights, base, converted, tokens, ref_logit
     onnx.checker.check_model(model, full_check=True)
     assert state_path_violations(model) == []
     types = value_types(model)
-    low = {n.op_type for n in model.graph.node if n.op_type != "Cast"
-           and any(types.get(o) == FLOAT16 for o in n.output)}
+    low = {
+        n.op_type for n in model.graph.node if n.op_type != "Cast" and any(types.get(o) == FLOAT16 for o in n.output)
+    }
     assert low == {"MatMul", "Gather"}
     size = lambda m: sum(t.ByteSize() for t in m.graph.initializer)  # noqa: E731
     assert size(model) <= 1.01 * size(converted["fp16_mixed"].model)

@@ -5,6 +5,7 @@ Distribution: for fixed logits and several parameter sets, 20,000 draws from the
 p > 0.001), plus draw-for-draw equality with the reference given the same uniforms. Exactness:
 penalized logits and occurence_next bit-identical to the reference; greedy == argmax.
 """
+
 from __future__ import annotations
 
 import math
@@ -43,9 +44,12 @@ PENALIZED = "/sampling/penalties/ScatterND/output_0"  # internal value, exposed 
 
 def stub(V: int, dtype=TensorProto.FLOAT, opset: int = 21, vocab_meta: bool = True) -> onnx.ModelProto:
     """logits -> Identity -> head: a model whose logits are whatever the test feeds."""
-    g = helper.make_graph([helper.make_node("Identity", ["logits"], ["head"])], "stub",
-                          [helper.make_tensor_value_info("logits", dtype, ["batch", "seq", V])],
-                          [helper.make_tensor_value_info("head", dtype, ["batch", "seq", V])])
+    g = helper.make_graph(
+        [helper.make_node("Identity", ["logits"], ["head"])],
+        "stub",
+        [helper.make_tensor_value_info("logits", dtype, ["batch", "seq", V])],
+        [helper.make_tensor_value_info("head", dtype, ["batch", "seq", V])],
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
     if vocab_meta:
         m.metadata_props.add(key="rwkv_opt.vocab", value=str(V))
@@ -160,8 +164,9 @@ def exempt_65536():
     return occurrence_exempt_mask()
 
 
-def history(V: int, exempt: np.ndarray, params: SamplingParams, steps: int, seed: int,
-            favour: np.ndarray) -> Occurrence:
+def history(
+    V: int, exempt: np.ndarray, params: SamplingParams, steps: int, seed: int, favour: np.ndarray
+) -> Occurrence:
     """An occurrence after `steps` generated tokens drawn from `favour` and the exempt tokens."""
     rng = np.random.default_rng(seed)
     pool = np.concatenate([favour, np.flatnonzero(exempt)[:6]])
@@ -200,23 +205,33 @@ def test_distribution_matches_reference(name, exempt_1024):
     if name == "bans_top_k_ties":
         assert np.flatnonzero(probs).tolist() == ties[:3]
     u = rng.random(N)
-    got = run(head_session(V), np.broadcast_to(logits, (N, V)), params,
-              occurrence_to_onnx(occ, exempt_1024)[None], u)["y"]
+    got = run(head_session(V), np.broadcast_to(logits, (N, V)), params, occurrence_to_onnx(occ, exempt_1024)[None], u)[
+        "y"
+    ]
     p = chi_square_p(got, probs / probs.sum())
     assert p > 1e-3, f"{name}: chi-square p = {p:.2e}"
     cdf = np.cumsum(probs)
     want = np.searchsorted(cdf / cdf[-1], u, side="right")  # what sample() does, for every u at once
-    assert np.array_equal(want[:50], sample(np.broadcast_to(apply_penalties(logits, occ, params), (50, V)),
-                                            params, u[:50]))
+    assert np.array_equal(
+        want[:50], sample(np.broadcast_to(apply_penalties(logits, occ, params), (50, V)), params, u[:50])
+    )
     assert np.mean(got == want) >= 0.999, f"{name}: {np.sum(got != want)} draws differ from the reference"
-    print(f"{name}: chi-square p = {p:.3f}, support {int((probs > 0).sum())}, "
-          f"{int(np.sum(got == want))}/{N} draws equal to the reference")
+    print(
+        f"{name}: chi-square p = {p:.3f}, support {int((probs > 0).sum())}, "
+        f"{int(np.sum(got == want))}/{N} draws equal to the reference"
+    )
 
 
-@pytest.mark.parametrize("params", [SamplingParams(), OFFICIAL_PIPELINE_ARGS,
-                                    SamplingParams(temperature=0.8, top_p=1.0),
-                                    SamplingParams(temperature=1.2, top_p=0.3, top_k=100)],
-                         ids=["g1", "official", "top_p_1", "top_k"])
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(),
+        OFFICIAL_PIPELINE_ARGS,
+        SamplingParams(temperature=0.8, top_p=1.0),
+        SamplingParams(temperature=1.2, top_p=0.3, top_k=100),
+    ],
+    ids=["g1", "official", "top_p_1", "top_k"],
+)
 def test_full_vocab_draws_match_reference(params, exempt_65536):
     """V = 65536 (RWKV-7 World): draw for draw, and top_p = 1 does not degenerate to greedy."""
     V, N = 65536, 24
@@ -224,18 +239,26 @@ def test_full_vocab_draws_match_reference(params, exempt_65536):
     logits = (rng.standard_normal(V) * 2.5).astype(np.float32)
     occ = as_float32_counts(history(V, exempt_65536, params, 40, 2, np.argsort(logits)[-30:]), exempt_65536)
     u = rng.random(N)
-    got = run(head_session(V), np.broadcast_to(logits, (N, V)), params, occurrence_to_onnx(occ, exempt_65536)[None],
-              u)["y"]
+    got = run(head_session(V), np.broadcast_to(logits, (N, V)), params, occurrence_to_onnx(occ, exempt_65536)[None], u)[
+        "y"
+    ]
     want = sample(np.broadcast_to(apply_penalties(logits, occ, params), (N, V)), params, u)
     np.testing.assert_array_equal(got, want)
     if params.top_p >= 1:
         assert len(set(got.tolist())) > N // 2  # upstream's fp32 cumsum would make this all-argmax
 
 
-@pytest.mark.parametrize("params", [SamplingParams(), OFFICIAL_PIPELINE_ARGS,
-                                    SamplingParams(temperature=0.7, top_p=0.97),
-                                    SamplingParams(top_p=0.95, top_k=300), SamplingParams(top_p=1.0, top_k=5)],
-                         ids=["g1", "official", "wide_cold", "large_top_k", "top_k_only"])
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(),
+        OFFICIAL_PIPELINE_ARGS,
+        SamplingParams(temperature=0.7, top_p=0.97),
+        SamplingParams(top_p=0.95, top_k=300),
+        SamplingParams(top_p=1.0, top_k=5),
+    ],
+    ids=["g1", "official", "wide_cold", "large_top_k", "top_k_only"],
+)
 def test_every_path_draws_the_same(params):
     """Fast path / histogram, candidate draw / blocked draw: the same tokens whichever runs.
 
@@ -260,16 +283,30 @@ def test_penalties_and_occurrence_exact(exempt_65536):
     logits = (rng.standard_normal((4, V)) * 3).astype(np.float32)
     rows = [SamplingParams(), OFFICIAL_PIPELINE_ARGS]
     for params in rows:
-        occs = [as_float32_counts(history(V, exempt_65536, params, 200, s, np.argsort(logits[s])[-50:]), exempt_65536)
-                for s in range(4)]
+        occs = [
+            as_float32_counts(history(V, exempt_65536, params, 200, s, np.argsort(logits[s])[-50:]), exempt_65536)
+            for s in range(4)
+        ]
         occ = Occurrence(np.stack([o.counts for o in occs]), np.stack([o.present for o in occs]))
         assert (occ.present & exempt_65536).any(axis=1).all()  # exempt tokens present with count 0
         for temperature in (0.0, 1.0):
-            p = SamplingParams(temperature, params.top_p, params.top_k, params.alpha_presence,
-                               params.alpha_frequency, params.alpha_decay)
+            p = SamplingParams(
+                temperature,
+                params.top_p,
+                params.top_k,
+                params.alpha_presence,
+                params.alpha_frequency,
+                params.alpha_decay,
+            )
             u = rng.random(4)
-            out = run(head_session(V), logits, p, occurrence_to_onnx(occ, exempt_65536), u,
-                      outputs=("y", "occurence_next", PENALIZED))
+            out = run(
+                head_session(V),
+                logits,
+                p,
+                occurrence_to_onnx(occ, exempt_65536),
+                u,
+                outputs=("y", "occurence_next", PENALIZED),
+            )
             penalized = apply_penalties(logits, occ, p)
             np.testing.assert_array_equal(out[PENALIZED], penalized)
             if temperature == 0:
@@ -294,8 +331,9 @@ def test_exempt_token_keeps_presence_and_counts_never_underflow(exempt_1024):
         occ = out["occurence_next"]
     assert occ[0, digit] == 1.0  # a presence flag, not a count (the official count stays 0)
     assert occ[0, 600] == np.finfo(np.float32).tiny  # floored, still present
-    pen = run(sess, logits, SamplingParams(temperature=0, alpha_frequency=0.0), occ, np.zeros(1),
-              outputs=(PENALIZED,))[PENALIZED]
+    pen = run(sess, logits, SamplingParams(temperature=0, alpha_frequency=0.0), occ, np.zeros(1), outputs=(PENALIZED,))[
+        PENALIZED
+    ]
     assert pen[0, digit] == 50.0 - 2.0 and pen[0, 600] == -2.0  # presence penalty only, both present
 
 
@@ -304,8 +342,9 @@ def test_fp16_logits_and_batch_rows(exempt_1024):
     rng = np.random.default_rng(3)
     logits16 = (rng.standard_normal((B, V)) * 2).astype(np.float16)
     params = SamplingParams(temperature=0.9, top_p=0.7, top_k=30)
-    occs = [as_float32_counts(history(V, exempt_1024, params, 20 + 5 * b, b, np.arange(100)), exempt_1024)
-            for b in range(B)]
+    occs = [
+        as_float32_counts(history(V, exempt_1024, params, 20 + 5 * b, b, np.arange(100)), exempt_1024) for b in range(B)
+    ]
     occ = Occurrence(np.stack([o.counts for o in occs]), np.stack([o.present for o in occs]))
     u = rng.random(B)
     out = run(head_session(V, TensorProto.FLOAT16), logits16, params, occurrence_to_onnx(occ, exempt_1024), u)
@@ -315,8 +354,13 @@ def test_fp16_logits_and_batch_rows(exempt_1024):
     np.testing.assert_array_equal(out["occurence_next"], occurrence_to_onnx(nxt, exempt_1024))
     for b in range(B):  # each row on its own gives the same token
         single = Occurrence(occs[b].counts[None], occs[b].present[None])
-        one = run(head_session(V, TensorProto.FLOAT16), logits16[b:b + 1], params,
-                  occurrence_to_onnx(single, exempt_1024), u[b:b + 1])
+        one = run(
+            head_session(V, TensorProto.FLOAT16),
+            logits16[b : b + 1],
+            params,
+            occurrence_to_onnx(single, exempt_1024),
+            u[b : b + 1],
+        )
         assert one["y"][0] == want[b]
 
 
@@ -326,8 +370,17 @@ def test_defaults_are_the_g1_card_and_seedless_draws_are_reproducible():
     sess = session(model)
     assert {i.name for i in sess.get_inputs()} == {"logits"}  # every head input has a default
     defaults = {i.name for i in sess.get_overridable_initializers()}
-    assert defaults == {"occurence", "uniform", "token_ban", "temperature", "top_p", "top_k", "alpha_presence",
-                        "alpha_frequency", "alpha_decay"}
+    assert defaults == {
+        "occurence",
+        "uniform",
+        "token_ban",
+        "temperature",
+        "top_p",
+        "top_k",
+        "alpha_presence",
+        "alpha_frequency",
+        "alpha_decay",
+    }
     logits = np.random.default_rng(0).standard_normal((2000, V)).astype(np.float32)
     u = np.random.default_rng(1).random(2000)
     assert np.array_equal(run(sess, logits, uniform=u)["y"], sample(logits, SamplingParams(), u))
@@ -361,8 +414,9 @@ def test_io_metadata_and_required_uniform_variant():
     assert {i.name for i in sess.get_inputs()} == {"logits", "uniform"}  # uniform is now required
     logits = np.random.default_rng(0).standard_normal((3, V)).astype(np.float32)
     u = np.array([0.1, 0.5, 0.9])
-    assert np.array_equal(sess.run(["y"], {"logits": logits[:, None], "uniform": u})[0],
-                          sample(logits, SamplingParams(), u))
+    assert np.array_equal(
+        sess.run(["y"], {"logits": logits[:, None], "uniform": u})[0], sample(logits, SamplingParams(), u)
+    )
 
 
 def test_refusals():
@@ -393,6 +447,9 @@ def test_on_the_tiny_model(tiny7, mode, exempt_1024):
     np.testing.assert_array_equal(out["head"], plain)
     want = sample(plain[:, -1], SamplingParams(), u)
     np.testing.assert_array_equal(out["y"], want)
-    np.testing.assert_array_equal(out["occurence_next"],
-                                  occurrence_to_onnx(update_occurrence(Occurrence.zeros(cfg.vocab, B), want,
-                                                                       SamplingParams(), exempt_1024), exempt_1024))
+    np.testing.assert_array_equal(
+        out["occurence_next"],
+        occurrence_to_onnx(
+            update_occurrence(Occurrence.zeros(cfg.vocab, B), want, SamplingParams(), exempt_1024), exempt_1024
+        ),
+    )

@@ -4,6 +4,7 @@ Tiny synthetic RWKV-7 and RWKV-7a checkpoints written by our torch-free writer, 
 official package (`cpu fp32`): a 64-token prompt as one sequence, token by token, and in two
 chunks; max|err| / std(ref) <= 1e-4, argmax identical, states agree.
 """
+
 import numpy as np
 import pytest
 

@@ -64,8 +64,9 @@ def uniform_for(seed: int) -> float:
 
 def official_draw(pipeline, logits: np.ndarray, p: SamplingParams, seed: int) -> int:
     np.random.seed(seed)
-    return pipeline.sample_logits(torch.from_numpy(logits.copy()), temperature=p.temperature,
-                                  top_p=p.top_p, top_k=p.top_k)
+    return pipeline.sample_logits(
+        torch.from_numpy(logits.copy()), temperature=p.temperature, top_p=p.top_p, top_k=p.top_k
+    )
 
 
 def test_params():
@@ -105,7 +106,7 @@ def test_generate_loop_matches_official(pipeline, exempt, name):
     steps = 60
     hot = np.array([1, 33, 34, 48, 49, 50, 11, 261, 300, 1000, 4000, 20000, 65529])  # incl. ' ', digits
     table = np.full((steps, V), -np.inf, np.float32)
-    table[:, : 65530] = rng.standard_normal((steps, 65530)).astype(np.float32) - 8
+    table[:, :65530] = rng.standard_normal((steps, 65530)).astype(np.float32) - 8
     table[:, hot] = rng.standard_normal((steps, len(hot))).astype(np.float32) * 0.5 + 4
     table[:, 33 + 16] += 3  # '0' (byte 0x30): an exempt token that keeps winning
     seen, fed = [], []
@@ -123,9 +124,15 @@ def test_generate_loop_matches_official(pipeline, exempt, name):
         return orig(logits, **kw)
 
     pipeline.model, pipeline.sample_logits = Model(), recording
-    args = rwkv_utils.PIPELINE_ARGS(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
-                                    alpha_frequency=p.alpha_frequency, alpha_presence=p.alpha_presence,
-                                    alpha_decay=p.alpha_decay, token_ban=list(p.token_ban))
+    args = rwkv_utils.PIPELINE_ARGS(
+        temperature=p.temperature,
+        top_p=p.top_p,
+        top_k=p.top_k,
+        alpha_frequency=p.alpha_frequency,
+        alpha_presence=p.alpha_presence,
+        alpha_decay=p.alpha_decay,
+        token_ban=list(p.token_ban),
+    )
     try:
         pipeline.generate("Hi", token_count=steps, args=args)
     finally:

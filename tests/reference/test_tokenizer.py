@@ -35,8 +35,17 @@ def official():
 def random_unicode(seed: int, n: int) -> str:
     """Seeded random text over ASCII, Latin, Cyrillic, CJK, Hangul, emoji, rare planes."""
     rng = random.Random(seed)
-    ranges = [(0x20, 0x7E), (0x09, 0x0D), (0xA0, 0x24F), (0x400, 0x4FF), (0x3040, 0x30FF),
-              (0x4E00, 0x9FFF), (0xAC00, 0xD7A3), (0x1F300, 0x1FAFF), (0x10000, 0x10FFFF)]
+    ranges = [
+        (0x20, 0x7E),
+        (0x09, 0x0D),
+        (0xA0, 0x24F),
+        (0x400, 0x4FF),
+        (0x3040, 0x30FF),
+        (0x4E00, 0x9FFF),
+        (0xAC00, 0xD7A3),
+        (0x1F300, 0x1FAFF),
+        (0x10000, 0x10FFFF),
+    ]
     out = []
     for _ in range(n):
         lo, hi = rng.choice(ranges)
@@ -153,7 +162,7 @@ def test_stream_decoder_concatenation_equals_decode(ours, seed):
 def test_encode_speed_100kb(ours, official, record_property):
     """Reports speed only (no assertion on time): ~100 KB of mixed text."""
     base = Path(__file__).read_text(encoding="utf-8") + random_unicode(7, 3000) + TEXTS["cjk"] * 20
-    text = (base * (100_000 // len(base.encode()) + 1))
+    text = base * (100_000 // len(base.encode()) + 1)
     data = text.encode("utf-8")[:100_000]
     t0 = time.perf_counter()
     ids = ours.encode_bytes(data)
@@ -162,7 +171,9 @@ def test_encode_speed_100kb(ours, official, record_property):
     ref = official.encodeBytes(data)
     t_official = time.perf_counter() - t0
     assert ids == ref
-    msg = (f"encode 100 KB ({len(ids)} tokens): ours {t_ours * 1e3:.1f} ms "
-           f"({len(data) / t_ours / 1e6:.2f} MB/s), official {t_official * 1e3:.1f} ms")
+    msg = (
+        f"encode 100 KB ({len(ids)} tokens): ours {t_ours * 1e3:.1f} ms "
+        f"({len(data) / t_ours / 1e6:.2f} MB/s), official {t_official * 1e3:.1f} ms"
+    )
     record_property("encode_speed", msg)
     print(msg)

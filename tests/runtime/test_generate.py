@@ -1,4 +1,5 @@
 """Generation on tiny artifacts: in-graph vs host sampling, chat state, and the CLI as a user drives it."""
+
 from __future__ import annotations
 
 import os
@@ -57,9 +58,16 @@ def test_codec_for_small_and_full_vocab(tok):
         TokenCodec(tok, 200)
 
 
-@pytest.mark.parametrize("params", [SamplingParams(), OFFICIAL_PIPELINE_ARGS, SamplingParams(temperature=0),
-                                    SamplingParams(temperature=0.8, top_p=1.0, top_k=20)],
-                         ids=["g1", "official", "greedy", "top_k"])
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(),
+        OFFICIAL_PIPELINE_ARGS,
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=0.8, top_p=1.0, top_k=20),
+    ],
+    ids=["g1", "official", "greedy", "top_k"],
+)
 def test_in_graph_sampling_equals_host_sampling(head_session, tok, params):
     """Same seed, same uniform stream: the head and the numpy sampler produce the same text."""
     assert uses_graph_sampler(head_session) and head_session.has_sampler
@@ -102,14 +110,48 @@ def test_cli_generate_with_and_without_head(artifacts):
     graph = cli("generate", artifacts["head"], "--prompt", "Once upon a time", "--max-tokens", "24", "--seed", "5")
     assert graph.returncode == 0, graph.stderr
     assert graph.stdout.strip() and "sampling in the graph" in graph.stderr and "Warning" not in graph.stderr
-    host = cli("generate", artifacts["head"], "--prompt", "Once upon a time", "--max-tokens", "24", "--seed", "5",
-               "--sampler", "host")
+    host = cli(
+        "generate",
+        artifacts["head"],
+        "--prompt",
+        "Once upon a time",
+        "--max-tokens",
+        "24",
+        "--seed",
+        "5",
+        "--sampler",
+        "host",
+    )
     assert host.returncode == 0 and host.stdout == graph.stdout and "on the host" in host.stderr
-    plain = cli("generate", artifacts["plain"], "--prompt", "Once upon a time", "--max-tokens", "24",
-                "--preset", "official", "--temperature", "0", "--seed", "1")
+    plain = cli(
+        "generate",
+        artifacts["plain"],
+        "--prompt",
+        "Once upon a time",
+        "--max-tokens",
+        "24",
+        "--preset",
+        "official",
+        "--temperature",
+        "0",
+        "--seed",
+        "1",
+    )
     assert plain.returncode == 0 and plain.stdout.strip() and "on the host" in plain.stderr
-    greedy = cli("generate", artifacts["plain"], "--prompt", "Once upon a time", "--max-tokens", "24",
-                 "--preset", "official", "--temperature", "0", "--seed", "2")
+    greedy = cli(
+        "generate",
+        artifacts["plain"],
+        "--prompt",
+        "Once upon a time",
+        "--max-tokens",
+        "24",
+        "--preset",
+        "official",
+        "--temperature",
+        "0",
+        "--seed",
+        "2",
+    )
     assert greedy.stdout == plain.stdout
     bad = cli("generate", artifacts["plain"], "--prompt", "x", "--sampler", "graph")
     assert bad.returncode == 2 and "no sampling head" in bad.stderr and "Traceback" not in bad.stderr
@@ -131,8 +173,12 @@ def _read_until(proc, marker: str, timeout: float = 120.0) -> str:
 
 
 def test_cli_chat_as_a_user(artifacts):
-    proc = subprocess.Popen([*CLI, "chat", artifacts["head"], "--seed", "4", "--max-tokens", "20"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [*CLI, "chat", artifacts["head"], "--seed", "4", "--max-tokens", "20"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         assert _read_until(proc, "User: ") == "User: "
         proc.stdin.write(b"hello, how are you?\n")

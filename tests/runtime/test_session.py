@@ -1,4 +1,5 @@
 """Runtime Session over a real artifact: metadata-driven state, batch, chunked long prompts."""
+
 import numpy as np
 import pytest
 

@@ -5,6 +5,7 @@ are tiny, and a threaded BLAS makes each forward ~6x slower. Usage: python fd_wo
 IN holds `sd/<key>` (checkpoint-layout float64 tensors), x, mask, optional reward, h, and
 `probe_keys` / `probe_index` (checkpoint key, flat index) pairs. OUT: loss, fd (one per probe).
 """
+
 import sys
 from pathlib import Path
 

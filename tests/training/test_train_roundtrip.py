@@ -5,6 +5,7 @@ trained .pth); RWKV-7a through the library. In both, the official package loads 
 .pth (in a subprocess, `cpu fp32`) and its logits agree with our re-exported graph to
 max|err|/std <= 1e-4 with identical argmax, while differing clearly from the untrained model's.
 """
+
 import json
 import subprocess
 import sys
@@ -31,8 +32,9 @@ TEXT = "RWKV trains on stock onnxruntime: one call, one AdamW step."
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "rwkv_opt.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "rwkv_opt.cli", *map(str, args)], capture_output=True, text=True, timeout=600
+    )
 
 
 def rel(a, b):
@@ -53,9 +55,11 @@ def check_against_official(pth, tokens, deepembed, tmp, untrained):
         assert rel(official[f"seq_{b}"], ours[b]) <= TOL
         assert (official[f"seq_{b}"].argmax(-1) == ours[b].argmax(-1)).all()
         assert rel(untrained[b], ours[b]) > 0.1, "training did not change the model"
-    print(f"trained {w.config.variant.value}: official vs ours max|err|/std "
-          f"{max(rel(official[f'seq_{b}'], ours[b]) for b in range(len(tokens))):.2e}, vs untrained "
-          f"{min(rel(untrained[b], ours[b]) for b in range(len(tokens))):.2f}")
+    print(
+        f"trained {w.config.variant.value}: official vs ours max|err|/std "
+        f"{max(rel(official[f'seq_{b}'], ours[b]) for b in range(len(tokens))):.2e}, vs untrained "
+        f"{min(rel(untrained[b], ours[b]) for b in range(len(tokens))):.2f}"
+    )
     return w
 
 
@@ -69,8 +73,25 @@ def test_cli_sft_train_reexport_official(tmp_path):
     assert meta["rwkv_opt.train.head"] == "sft" and meta["rwkv_opt.train.seq"] == "64"
     assert "sft" in meta["rwkv_opt.passes"].split(",")
 
-    r = cli("train", art, "--data", data, "--steps", "20", "--lr", "3e-3", "--seq", "40", "--batch", "2",
-            "--save-graphs", "--log-every", "5", "-o", out)
+    r = cli(
+        "train",
+        art,
+        "--data",
+        data,
+        "--steps",
+        "20",
+        "--lr",
+        "3e-3",
+        "--seq",
+        "40",
+        "--batch",
+        "2",
+        "--save-graphs",
+        "--log-every",
+        "5",
+        "-o",
+        out,
+    )
     assert r.returncode == 0, r.stderr
     assert "step    20/20" in r.stderr and "loss" in r.stderr and "steps/s" in r.stderr
     assert "eval loss" in r.stdout and "model.pth" in r.stdout
@@ -96,10 +117,18 @@ def test_cli_sft_train_reexport_official(tmp_path):
     # the saved step graph + optimizer state continue training: same loss before its update
     st = dict(np.load(out / "optimizer_state.npz"))
     step = ort_session(onnx.load(str(out / "train_step.onnx")))
-    scalars = {"lr": 1e-3, "step": float(st.pop("step")) + 1, "beta1": 0.9, "beta2": 0.99, "eps": 1e-8,
-               "weight_decay": 0.0, "max_grad_norm": 1.0}
-    res = step.run(["loss", "grad_norm"], {"x": x, "mask": mask, **st,
-                                           **{k: np.array(v, np.float32) for k, v in scalars.items()}})
+    scalars = {
+        "lr": 1e-3,
+        "step": float(st.pop("step")) + 1,
+        "beta1": 0.9,
+        "beta2": 0.99,
+        "eps": 1e-8,
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+    }
+    res = step.run(
+        ["loss", "grad_norm"], {"x": x, "mask": mask, **st, **{k: np.array(v, np.float32) for k, v in scalars.items()}}
+    )
     assert abs(float(res[0]) - float(loss)) <= 1e-5 * max(1.0, float(loss)) and np.isfinite(res[1])
 
     # re-export the trained checkpoint with the pipeline (verified against the numpy reference)
@@ -116,15 +145,24 @@ def test_library_deepembed_roundtrip(tmp_path):
     src = from_state_dict(synthetic_state_dict("tiny", deepembed=True, seed=2).materialize())
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"text": TEXT}) + "\n")
-    m = train(src, TrainConfig(seq=32, lr=3e-3, trainable="all,!head.weight"), data, 8, tmp_path / "out",
-              dtype="bf16", progress=lambda s: None)
+    m = train(
+        src,
+        TrainConfig(seq=32, lr=3e-3, trainable="all,!head.weight"),
+        data,
+        8,
+        tmp_path / "out",
+        dtype="bf16",
+        progress=lambda s: None,
+    )
     assert m["loss"]["eval_after"] < m["loss"]["eval_before"]
     tokens = np.random.default_rng(1).integers(1, 1024, (1, 20))
     untrained = logits_of(build_model(src), src.config, tokens)
     w = check_against_official(tmp_path / "out" / "model.pth", tokens, True, tmp_path, untrained)
     assert str(w.raw["emb.weight"].dtype) == "bfloat16"
-    assert np.array_equal(np.asarray(w.raw["head.weight"], np.float32),
-                          np.asarray(src.raw["head.weight"]).astype("bfloat16").astype(np.float32))
+    assert np.array_equal(
+        np.asarray(w.raw["head.weight"], np.float32),
+        np.asarray(src.raw["head.weight"]).astype("bfloat16").astype(np.float32),
+    )
 
 
 def _refused(r, *words):
@@ -158,6 +196,8 @@ def test_train_refusals(tmp_path, tiny7):
     data.write_text(json.dumps({"text": "hi", "rewards": [1.0]}) + "\n")
     _refused(cli("train", art, "--data", data, "-o", tmp_path / "o3"), "one number per token", "(2 tokens)")
     data.write_text(json.dumps({"text": "hi", "reward": 1}) + "\n")
-    _refused(cli("train", art, "--data", data, "--trainable", "blocks.7.*", "-o", tmp_path / "o4"),
-             "'blocks.7.*' matches no parameter")
+    _refused(
+        cli("train", art, "--data", data, "--trainable", "blocks.7.*", "-o", tmp_path / "o4"),
+        "'blocks.7.*' matches no parameter",
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art", "d.jsonl", "plain"]

@@ -7,14 +7,23 @@
   rewarded ones (measured with the float64 numpy reference on the trained weights);
 - trainable subsets leave every other tensor bit-identical.
 """
+
 import json
 
 import numpy as np
 import pytest
 
 from rwkv_opt.errors import RwkvOptError
-from rwkv_opt.training import (Objective, TrainConfig, Trainer, TrainShape, build_grad_graph, build_loss_graph,
-                               build_step_graph, select_trainable)
+from rwkv_opt.training import (
+    Objective,
+    TrainConfig,
+    Trainer,
+    TrainShape,
+    build_grad_graph,
+    build_loss_graph,
+    build_step_graph,
+    select_trainable,
+)
 from rwkv_opt.training.data import Batch, all_batches, read_jsonl, windows
 from rwkv_opt.training.step import decays, m_name, v_name
 from rwkv_testutil import ort_session
@@ -78,8 +87,11 @@ def test_sft_memorises_a_short_text(tiny7, tmp_path):
 
 
 def test_reinforce_moves_probabilities_both_ways(tiny7, tmp_path):
-    rows = [{"prompt": "Q: ", "segments": [{"text": "yes indeed", "reward": 1.0}, {"text": " no way", "reward": -1.0}]},
-            {"text": "maybe not", "reward": -0.5}, {"text": "sure", "rewards": [1.0, 0.5, 0.5, 1.0]}]
+    rows = [
+        {"prompt": "Q: ", "segments": [{"text": "yes indeed", "reward": 1.0}, {"text": " no way", "reward": -1.0}]},
+        {"text": "maybe not", "reward": -0.5},
+        {"text": "sure", "rewards": [1.0, 0.5, 0.5, 1.0]},
+    ]
     (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     wins = windows(read_jsonl(tmp_path / "r.jsonl", Objective.REINFORCE, 1024), 24)
     batch = all_batches(wins, 3, 24)[0]
@@ -95,14 +107,17 @@ def test_reinforce_moves_probabilities_both_ways(tiny7, tmp_path):
     assert pos.size >= 10 and neg.size >= 10
     assert pos.mean() > 0 and (pos > 0).mean() >= 0.8, pos
     assert neg.mean() < 0 and (neg < 0).mean() >= 0.8, neg
-    print(f"REINFORCE: mean dlogp {pos.mean():+.3f} on {pos.size} rewarded tokens, "
-          f"{neg.mean():+.3f} on {neg.size} penalised tokens")
+    print(
+        f"REINFORCE: mean dlogp {pos.mean():+.3f} on {pos.size} rewarded tokens, "
+        f"{neg.mean():+.3f} on {neg.size} penalised tokens"
+    )
 
 
 def test_trainable_subset_leaves_the_rest_untouched(tiny7):
     tr = Trainer(tiny7, TrainConfig(seq=16, lr=1e-2, trainable="lora"))
-    assert set(tr.trainable) == {k for k in tr.names if k.split(".")[-1] in
-                                 ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")}
+    assert set(tr.trainable) == {
+        k for k in tr.names if k.split(".")[-1] in ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")
+    }
     before = tr.params()
     rng = np.random.default_rng(0)
     b = Batch(rng.integers(1, 1024, (1, 16)), np.ones((1, 16), np.int64), np.zeros((1, 16), np.float32))
@@ -115,14 +130,21 @@ def test_trainable_subset_leaves_the_rest_untouched(tiny7):
 
 
 def test_trainable_selectors():
-    names = [f"blocks.{i}.{n}" for i in range(4) for n in ("att.w1", "att.key.weight", "ln1.weight")] + \
-            ["emb.weight", "head.weight"]
+    names = [f"blocks.{i}.{n}" for i in range(4) for n in ("att.w1", "att.key.weight", "ln1.weight")] + [
+        "emb.weight",
+        "head.weight",
+    ]
     assert select_trainable("all", names, 4) == names
     assert select_trainable("lora", names, 4) == [f"blocks.{i}.att.w1" for i in range(4)]
     assert select_trainable("last:1", names, 4) == [n for n in names if n.startswith("blocks.3.")]
-    assert select_trainable("all,!emb.weight,!blocks.*.ln1.*", names, 4) == \
-        [n for n in names if n != "emb.weight" and "ln1" not in n]
-    for bad, words in (("blocks.9.*", "matches no parameter"), ("last:x", "block count"), ("last:5", "1..4"),
-                       ("lora,!lora", "leaves no parameter")):
+    assert select_trainable("all,!emb.weight,!blocks.*.ln1.*", names, 4) == [
+        n for n in names if n != "emb.weight" and "ln1" not in n
+    ]
+    for bad, words in (
+        ("blocks.9.*", "matches no parameter"),
+        ("last:x", "block count"),
+        ("last:5", "1..4"),
+        ("lora,!lora", "leaves no parameter"),
+    ):
         with pytest.raises(RwkvOptError, match=words):
             select_trainable(bad, names, 4)

@@ -1,4 +1,5 @@
 """The training tests' loss, defined independently in float64 numpy (also used by fd_worker.py)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,7 +21,8 @@ def token_logp(weights: Weights, x: np.ndarray) -> np.ndarray:
 
 
 def reference_loss(weights: Weights, x, mask, reward=None) -> float:
-    """The training loss (reports/training.md, "Design"): masked mean next-token NLL, or reward-weighted (REINFORCE), float64."""
+    """The training loss (reports/training.md, "Design"): masked mean next-token NLL, or reward-weighted
+    (REINFORCE), float64."""
     nll = -token_logp(weights, x)
     wt = mask[:, 1:].astype(np.float64)
     weight = wt if reward is None else wt * reward[:, 1:]

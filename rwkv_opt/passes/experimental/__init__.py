@@ -7,6 +7,7 @@ Their measurements are in reports/fusions.md. They match by structure with onnx-
 the core does not need: install it with `pip install 'rwkv-opt[experimental]'`. Importing this
 package registers both passes (`rwkv_opt.passes.base.get_pass` imports it on demand).
 """
+
 from __future__ import annotations
 
 try:
@@ -14,8 +15,9 @@ try:
 except ModuleNotFoundError as e:  # pragma: no cover - depends on the environment
     from rwkv_opt.errors import RwkvOptError
 
-    raise RwkvOptError("the experimental fusion passes need onnx-graphsurgeon; "
-                       "install it with: pip install 'rwkv-opt[experimental]'.") from e
+    raise RwkvOptError(
+        "the experimental fusion passes need onnx-graphsurgeon; install it with: pip install 'rwkv-opt[experimental]'."
+    ) from e
 
 from rwkv_opt.passes.experimental import fuse_lora, fuse_token_shift_lerp  # noqa: E402,F401  (register)
 

@@ -4,6 +4,7 @@ Rules find their patterns by structure (op types, wiring, which operands are con
 node or tensor names, so they work on graphs that a precision pass, onnxsim or a re-serialisation
 touched. Names of new nodes are only derived from the matched nodes' scope, for readers.
 """
+
 from __future__ import annotations
 
 import os

@@ -27,6 +27,7 @@ T=128, under 0.3% and inside the whole-run noise (x0.995-1.006); batch_stacked a
 costs +2.3 ms at T=128 (its stacked weights are not prepacked). Nothing measured faster, so
 pipelines leave the rule off (enabled_by_default = False); the rewrite is exact.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -37,7 +38,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from rwkv_opt.passes.experimental._gs_util import (Rewriter, const_meta, const_value, export_like, import_with_shapes)
+from rwkv_opt.passes.experimental._gs_util import Rewriter, const_meta, const_value, export_like, import_with_shapes
 from rwkv_opt.onnx_util import opset
 from rwkv_opt.passes.base import Pass, PassConfig, PassResult, mark_applied, register
 
@@ -47,8 +48,8 @@ _ACTIVATIONS = ("Tanh", "Sigmoid", "Relu")
 
 @dataclass(frozen=True)
 class Config(PassConfig):
-    concat_siblings: bool = True   # one MatMul for constant MatMuls (>= 1 a LoRA down) reading one tensor
-    batch_stacked: bool = True     # one batched MatMul for equal-D LoRA downs reading one stacked tensor
+    concat_siblings: bool = True  # one MatMul for constant MatMuls (>= 1 a LoRA down) reading one tensor
+    batch_stacked: bool = True  # one batched MatMul for equal-D LoRA downs reading one stacked tensor
 
 
 def _weight(mm: gs.Node) -> tuple[tuple[int, int], int] | None:
@@ -216,5 +217,6 @@ class FuseLora(Pass):
         graph.cleanup().toposort()
         out = export_like(graph, model)
         mark_applied(out, NAME)
-        return PassResult(out, True, [f"concatenated {len(sets)} sibling set(s), "
-                                      f"batched {len(batches)} stack group(s)"])
+        return PassResult(
+            out, True, [f"concatenated {len(sets)} sibling set(s), batched {len(batches)} stack group(s)"]
+        )

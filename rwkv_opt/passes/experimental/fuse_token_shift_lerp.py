@@ -28,6 +28,7 @@ runs unpacked, MLAS packing its panels again on every call. So pipelines leave t
 (enabled_by_default = False); it is exact, and kept for providers where each kernel launch costs
 more than its work (GPU decode: not measured).
 """
+
 from __future__ import annotations
 
 import enum
@@ -38,8 +39,16 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from rwkv_opt.passes.experimental._gs_util import (Rewriter, const_meta, const_value, elem_type, export_like,
-                                      import_with_shapes, producer, scope_of)
+from rwkv_opt.passes.experimental._gs_util import (
+    Rewriter,
+    const_meta,
+    const_value,
+    elem_type,
+    export_like,
+    import_with_shapes,
+    producer,
+    scope_of,
+)
 from rwkv_opt.onnx_util import opset
 from rwkv_opt.passes.base import Pass, PassConfig, PassResult, mark_applied, register
 
@@ -48,14 +57,14 @@ NAME = "fuse_token_shift_lerp"
 
 class Unstack(str, enum.Enum):
     GATHER = "gather"  # one Gather(axis=0) per member
-    SPLIT = "split"    # one Split(axis=0), then one Squeeze per member
+    SPLIT = "split"  # one Split(axis=0), then one Squeeze per member
 
 
 @dataclass(frozen=True)
 class Config(PassConfig):
-    min_group: int = 2                 # fewest lerps sharing (x, delta) worth stacking
+    min_group: int = 2  # fewest lerps sharing (x, delta) worth stacking
     unstack: Unstack = Unstack.GATHER  # how members are taken back out of the stack
-    batch_projections: bool = False    # also batch the square MatMuls reading members (r, k, v)
+    batch_projections: bool = False  # also batch the square MatMuls reading members (r, k, v)
 
     def __post_init__(self):
         object.__setattr__(self, "unstack", Unstack(self.unstack))  # "split" from a target file or CLI
@@ -67,7 +76,7 @@ class Config(PassConfig):
 class Lerp:
     add: gs.Node
     mix_C: np.ndarray
-    proj: gs.Node | None = None     # a MatMul(y, W (C, C)) reading this lerp's output
+    proj: gs.Node | None = None  # a MatMul(y, W (C, C)) reading this lerp's output
     proj_W: np.ndarray | None = None
 
 
@@ -173,8 +182,7 @@ class _Rewriter(Rewriter):
         C, dtype = members[0].mix_C.size, members[0].mix_C.dtype
         out_shape = [k, *g.x.shape]
         mix = self.const(scope, "mix", np.stack([m.mix_C for m in members]).reshape([k] + [1] * (r - 1) + [C]))
-        ys = self.node(scope, "Add", [g.x, self.node(scope, "Mul", [g.delta, mix], dtype, out_shape)],
-                       dtype, out_shape)
+        ys = self.node(scope, "Add", [g.x, self.node(scope, "Mul", [g.delta, mix], dtype, out_shape)], dtype, out_shape)
         outs = [m.add.outputs[0] for m in members]
         for m in members:
             m.add.outputs.clear()
@@ -187,9 +195,19 @@ class _Rewriter(Rewriter):
         n, C = len(batched), batched[0].mix_C.size
         src = ys
         if n < k:
-            src = self.node(scope, "Slice", [ys, *(self.const(scope, s, np.array([v], np.int64))
-                                                  for s, v in (("starts", 0), ("ends", n), ("axes", 0)))],
-                            ys.dtype, [n, *ys.shape[1:]])
+            src = self.node(
+                scope,
+                "Slice",
+                [
+                    ys,
+                    *(
+                        self.const(scope, s, np.array([v], np.int64))
+                        for s, v in (("starts", 0), ("ends", n), ("axes", 0))
+                    ),
+                ],
+                ys.dtype,
+                [n, *ys.shape[1:]],
+            )
         W = self.const(scope, "proj_W", np.stack([m.proj_W for m in batched]).reshape([n] + [1] * (r - 2) + [C, C]))
         z = self.node(scope, "MatMul", [src, W], ys.dtype, [n, *ys.shape[1:]])
         outs = [m.proj.outputs[0] for m in batched]
@@ -221,8 +239,9 @@ class FuseTokenShiftLerp(Pass):
         out = export_like(graph, model)
         mark_applied(out, NAME)
         sizes = sorted({len(g.members) for g in groups})
-        notes = [f"stacked {len(groups)} lerp group(s) of {'/'.join(map(str, sizes))} lerps "
-                 f"({self.config.unstack.value})"]
+        notes = [
+            f"stacked {len(groups)} lerp group(s) of {'/'.join(map(str, sizes))} lerps ({self.config.unstack.value})"
+        ]
         if self.config.batch_projections:
             notes.append(f"batched {n_proj} square projections")
         return PassResult(out, True, notes)
