@@ -26,6 +26,7 @@ import onnx
 
 from rwkv_opt.config import ModelConfig
 from rwkv_opt.graph.contract import Meta
+from rwkv_opt.onnx_util import numel
 from rwkv_opt.errors import RwkvOptError
 
 MODEL_FILE = "model.onnx"
@@ -68,15 +69,8 @@ def initializer_bytes(model: onnx.ModelProto) -> int:
         if t.raw_data:
             total += len(t.raw_data)
         else:
-            total += onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize * max(1, _numel(t))
+            total += onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize * max(1, numel(t))
     return total
-
-
-def _numel(t: onnx.TensorProto) -> int:
-    n = 1
-    for d in t.dims:
-        n *= d
-    return n
 
 
 def save_model(model: onnx.ModelProto, path: Path, external: bool | None = None, consume: bool = False) -> None:

@@ -23,11 +23,11 @@ import math
 import os
 import struct
 from collections.abc import Mapping
-from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 
+from rwkv_opt.checkpoint.atomic import atomic_file
 from rwkv_opt.checkpoint.torchzip import release_pages
 from rwkv_opt.checkpoint.torchzip_write import _tensor_chunks
 from rwkv_opt.errors import CheckpointError
@@ -175,27 +175,13 @@ def write_safetensors(path, tensors: Mapping[str, np.ndarray], metadata: dict | 
 
     path = os.fspath(path)
     raw = _header(path, tensors, metadata)
-    tmp = path + ".tmp"
-    try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as fh, phase("write safetensors", len(tensors), "tensors"):
-            fh.write(struct.pack("<Q", len(raw)) + raw)
-            for i, key in enumerate(tensors):
-                src = tensors[key]
-                fh.writelines(_tensor_chunks(np.asarray(src)))
-                if isinstance(src, np.ndarray):
-                    release_pages(src)  # a mapped source's pages leave the RSS once copied
-                tick(i + 1)
-            fh.flush()
-            os.fsync(fh.fileno())
-            written = fh.tell()
-        os.replace(tmp, path)
-    except BaseException as exc:  # also Ctrl-C: never leave a half-written temp file
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(exc, OSError):
-            raise CheckpointError(
-                f"cannot write {path}: {exc.strerror or exc}; check the folder is writable and has free space."
-            ) from exc
-        raise
+    with atomic_file(path) as fh, phase("write safetensors", len(tensors), "tensors"):
+        fh.write(struct.pack("<Q", len(raw)) + raw)
+        for i, key in enumerate(tensors):
+            src = tensors[key]
+            fh.writelines(_tensor_chunks(np.asarray(src)))
+            if isinstance(src, np.ndarray):
+                release_pages(src)  # a mapped source's pages leave the RSS once copied
+            tick(i + 1)
+        written = fh.tell()
     return written

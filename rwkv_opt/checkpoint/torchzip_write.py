@@ -28,6 +28,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from rwkv_opt.checkpoint.atomic import atomic_file
 from rwkv_opt.errors import CheckpointError
 
 _ALIGN = 64
@@ -297,21 +298,5 @@ def write_pth(path, tensors: Mapping[str, np.ndarray]) -> None:
     """
     path = os.fspath(path)
     arrays = _checked(path, tensors)
-    folder = os.path.dirname(path)
-    tmp = path + ".tmp"
-    try:
-        if folder:
-            os.makedirs(folder, exist_ok=True)
-        with open(tmp, "wb") as fh:
-            _write_archive(fh, Path(path).stem, arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:  # also Ctrl-C: never leave a half-written temp file
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(exc, OSError):
-            raise CheckpointError(
-                f"cannot write {path}: {exc.strerror or exc}; check the folder exists, is writable and has free space"
-            ) from exc
-        raise
+    with atomic_file(path) as fh:
+        _write_archive(fh, Path(path).stem, arrays)

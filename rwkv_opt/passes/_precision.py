@@ -96,3 +96,21 @@ MIXED_SCOPES = (
     scope_path(S.ATT, S.NORMALIZE),
     scope_path(S.ATT, S.LN_X),
 )
+
+
+def mixed_precision_meta(mode: str, low: str, activations: str, io: str) -> dict:
+    """The rwkv_opt.precision record of fp16_mixed and bf16: weights and matmuls in `low`; the decay, kk
+    normalize, norm statistics, GroupNorm and the WKV in fp32; logits and state I/O in `io`."""
+    return {
+        "mode": mode,
+        "weights": low,
+        "activations": activations,
+        "matmul": low,
+        "decay": "fp32",
+        "kk_normalize": "fp32",
+        "norm_stats": "fp32",
+        "group_norm": "fp32",
+        "wkv": "fp32",
+        "logits": io,
+        "state_io": io,
+    }

@@ -29,6 +29,7 @@ from rwkv_opt.passes._precision import (
     PrecisionConfig,
     PrecisionPass,
     coerce_enum,
+    mixed_precision_meta,
 )
 from rwkv_opt.passes.base import register
 from rwkv_opt.passes.ep_kernels import bf16_ops
@@ -76,17 +77,4 @@ class Bf16(PrecisionPass):
 
     def precision_meta(self, policy: Policy) -> dict:
         io = "bf16" if policy.io_low else "fp32"
-        return {
-            "mode": self.mode_name,
-            "weights": "bf16",
-            "activations": "bf16",
-            "matmul": "bf16",
-            "decay": "fp32",
-            "kk_normalize": "fp32",
-            "norm_stats": "fp32",
-            "group_norm": "fp32",
-            "wkv": "fp32",
-            "logits": io,
-            "state_io": io,
-            "provider": self.config.provider.value,
-        }
+        return {**mixed_precision_meta(self.mode_name, "bf16", "bf16", io), "provider": self.config.provider.value}

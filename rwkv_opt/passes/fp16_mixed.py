@@ -36,6 +36,7 @@ from rwkv_opt.passes._precision import (
     PrecisionConfig,
     PrecisionPass,
     coerce_enum,
+    mixed_precision_meta,
 )
 from rwkv_opt.passes.base import register
 
@@ -78,16 +79,4 @@ class Fp16Mixed(PrecisionPass):
     def precision_meta(self, policy: Policy) -> dict:
         io = "fp16" if policy.io_low else "fp32"
         act = self.config.elementwise.value
-        return {
-            "mode": self.mode_name,
-            "weights": "fp16",
-            "activations": act,
-            "matmul": "fp16",
-            "decay": "fp32",
-            "kk_normalize": "fp32",
-            "norm_stats": "fp32",
-            "group_norm": "fp32",
-            "wkv": "fp32",
-            "logits": io,
-            "state_io": io,
-        }
+        return mixed_precision_meta(self.mode_name, "fp16", act, io)
