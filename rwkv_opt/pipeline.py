@@ -176,7 +176,8 @@ def verify(
             path = path.with_name(f".verify-{blocks}-blocks.onnx")
             onnx.save_model(truncate(onnx.load(str(artifact), load_external_data=False), blocks), str(path))
         try:
-            sess, provider = Session(path, Provider.CPU, low_memory=True), "cpu"
+            with phase("verify: start the ORT session"):
+                sess, provider = Session(path, Provider.CPU, low_memory=True), "cpu"
         finally:
             if path != Path(artifact):
                 path.unlink(missing_ok=True)
@@ -382,9 +383,11 @@ def run_pipeline(
             )
             progress("[3/4] save the model to a staging directory (it becomes the artifact once verified)")
             t0 = time.perf_counter()
-            save_model(model, tmp / MODEL_FILE, consume=True)
+            with phase("save"):
+                save_model(model, tmp / MODEL_FILE, consume=True)
             del model
-        check_onnx(tmp / MODEL_FILE, "saving")
+        with phase("onnx.checker"):
+            check_onnx(tmp / MODEL_FILE, "saving")
         phases["write"] = time.perf_counter() - t0
         manifest.extra["artifact_bytes"] = artifact_size(tmp)
         progress(f"      {manifest.extra['artifact_bytes'] / 2**20:.1f} MiB, {phases['write']:.1f}s")

@@ -18,6 +18,7 @@ import contextlib
 import os
 import resource
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, TextIO
@@ -77,6 +78,24 @@ class _Phase:
         self.name, self.total, self.unit = name, total, unit
         self.t0 = self.last = time.perf_counter()
         self.said = False  # whether anything was shown (then the end is shown too)
+        self._stop: threading.Event | None = None
+        self._beat: threading.Thread | None = None
+        if not total and _sink:  # an amount of work nobody can count: a heartbeat with the elapsed time
+            self._stop = threading.Event()
+            self._beat = threading.Thread(target=self._heartbeat, args=(_sink[-1],), daemon=True)
+            self._beat.start()
+
+    def _heartbeat(self, sink: _Sink) -> None:
+        while not self._stop.wait(_REDRAW if sink.bar is not None else EVERY):
+            took = time.perf_counter() - self.t0
+            if sink.bar is not None:
+                if took >= BAR_AFTER:
+                    self.said = True
+                    sink.bar.write(f"\r\033[K      {self.name} ...  {_clock(took)}")
+                    sink.bar.flush()
+            else:
+                self.said = True
+                sink.emit(f"      {self.name} ...  {_clock(took)} so far  (RSS {rss_bytes() / 2**30:.2f} GiB)")
 
     def status(self, done: int, now: float) -> str:
         """'name 12/24 layers  31 s, ETA 31 s'."""
@@ -107,6 +126,9 @@ class _Phase:
     def end(self, completed: bool = True) -> None:
         """Replace the bar (or follow the lines) with the phase's total time, if anything was shown; an
         interrupted phase only erases its bar, so the error that follows starts on a clean line."""
+        if self._stop is not None:
+            self._stop.set()
+            self._beat.join(timeout=1.0)
         if not _sink or not self.said:
             return
         sink = _sink[-1]
@@ -114,12 +136,14 @@ class _Phase:
             sink.bar.write("\r\033[K")
             sink.bar.flush()
         if completed:
-            sink.emit(f"      {self.name}: {self.total} {self.unit} in {_clock(time.perf_counter() - self.t0)}")
+            amount = f"{self.total} {self.unit} " if self.total else ""
+            sink.emit(f"      {self.name}: {amount}in {_clock(time.perf_counter() - self.t0)}")
 
 
 @contextlib.contextmanager
-def phase(name: str, total: int, unit: str = "steps"):
-    """A phase of `total` units of work (layers, matrices, tokens) that tick() reports on."""
+def phase(name: str, total: int = 0, unit: str = "steps"):
+    """A phase of `total` units of work (layers, matrices, tokens) that tick() reports on; with total 0
+    (work nobody can count: onnxsim, an ORT session's start, a save) a heartbeat shows the elapsed time."""
     p = _Phase(name, total, unit)
     _phases.append(p)
     try:

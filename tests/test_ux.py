@@ -233,3 +233,27 @@ def test_readme_examples_write_only_into_the_ignored_work_folder():
         assert path.startswith("work/"), f"README example writes {path} outside work/"
     ignored = subprocess.run(["git", "check-ignore", "-q", "work/cpu-fp32/model.onnx"], cwd=REPO)
     assert ignored.returncode == 0, "work/ is not gitignored"
+
+
+def test_a_phase_of_unknown_length_has_a_heartbeat(monkeypatch):
+    """onnxsim, an ORT session's start, the save: no amount to count, so a heartbeat says the phase is
+    alive with its elapsed time (lines in logs), and its total time when it ends; nothing without a sink."""
+    import time
+
+    from rwkv_opt import progress
+
+    monkeypatch.setattr(progress, "EVERY", 0.05)
+    lines: list[str] = []
+    with progress.set_sink(lines.append, bar=False):
+        with progress.phase("onnxsim"):
+            time.sleep(0.3)
+    beats = [m for m in lines if "onnxsim ..." in m and "so far" in m]
+    assert len(beats) >= 2 and lines[-1].strip().startswith("onnxsim: in ")
+    n = len(lines)
+    with progress.phase("quiet"):  # no sink: silence, and no thread left behind
+        time.sleep(0.1)
+    assert len(lines) == n
+    with progress.set_sink(lines.append, bar=False):
+        with progress.phase("fast"):  # ends before the first beat: says nothing
+            pass
+    assert len(lines) == n

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import onnx
 from onnx import helper
 
+from rwkv_opt.progress import phase
 from rwkv_opt.passes.base import Pass, PassConfig, PassResult, mark_applied, names_read, register
 from rwkv_opt.tensorstore import is_weight
 
@@ -48,7 +49,8 @@ class Simplify(Pass):
         os.environ[_ITERS_ENV] = str(self.config.max_iterations)
         stripped, weights = _weightless(model)
         try:
-            out, ok = onnxsim.simplify(stripped, check_n=0, mutable_initializer=False, skipped_optimizers=_SKIPPED)
+            with phase("onnxsim"):
+                out, ok = onnxsim.simplify(stripped, check_n=0, mutable_initializer=False, skipped_optimizers=_SKIPPED)
         finally:
             if old is None:
                 os.environ.pop(_ITERS_ENV, None)
