@@ -55,21 +55,13 @@ class Moved:
 
 def measure(info: ArtifactInfo, provider: Provider, protocol: dict, checkpoint=None) -> dict[str, float]:
     """The protocol's accuracy figures, measured in a worker process (see runner.run_worker)."""
-    from rwkv_opt.bench.runner import run_worker
+    from rwkv_opt.bench.runner import measure_accuracy
 
-    res = run_worker(
-        {
-            "kind": "accuracy",
-            "artifact": str(info.path),
-            "provider": provider.value,
-            "threads": None,
-            "checkpoint": str(checkpoint) if checkpoint else None,
-            "settings": [[protocol["batch"], protocol["prompt_len"]]],
-            "drift_tokens": protocol["decode"],
-            "seed": protocol["seed"],
-        }
-    )
-    return {k: float(res["results"][0][k]) for k in METRICS}
+    setting = (protocol["batch"], protocol["prompt_len"])
+    row = measure_accuracy(info, provider, [list(setting)], None, protocol["decode"], protocol["seed"], checkpoint)[
+        setting
+    ]
+    return {k: float(row[k]) for k in METRICS}
 
 
 def baseline_key(info: ArtifactInfo, taken: set[str]) -> str:

@@ -157,7 +157,8 @@ def _aggregate(cell, rounds: list[dict], prof: dict, acc: dict, decode: int, thr
     return row
 
 
-def _accuracy(info, provider, settings, threads, drift_tokens, seed, checkpoint) -> dict:
+def measure_accuracy(info, provider, settings, threads, drift_tokens, seed, checkpoint) -> dict:
+    """Accuracy figures per (batch, prompt_len) setting, measured in a worker process."""
     res = run_worker(
         {
             "kind": "accuracy",
@@ -228,7 +229,7 @@ def run(
                 f"[{k}/{n_jobs}] {info.name} ({info.target}) on {p.value}: accuracy vs fp32 numpy reference, "
                 f"{len(settings)} setting(s), {drift_tokens} teacher-forced decode steps each"
             )
-            for (b, t), a in _accuracy(info, p, settings, threads, drift_tokens, seed, checkpoint).items():
+            for (b, t), a in measure_accuracy(info, p, settings, threads, drift_tokens, seed, checkpoint).items():
                 acc[info.path, p, b, t] = a
                 progress(
                     f"      B={b} T={t}: max|err|/std {a['max_rel_err']:.2e}, KL {a['mean_kl']:.2e}, "
