@@ -264,19 +264,31 @@ def seal(directory: Path) -> None:
     each other file's sha256 and size there ("files")."""
     directory = Path(directory)
     files, man_path = {}, directory / MANIFEST_FILE
+    man = read_manifest(directory) if man_path.is_file() else None
+    record = man is not None and man.get("tool") == TOOL  # only an rwkv-opt manifest lists its files' digests
     mask = _umask()
     for p in sorted(q for q in directory.rglob("*") if q.is_file() and q != man_path):
         os.chmod(p, 0o666 & ~mask)
-        files[p.relative_to(directory).as_posix()] = {"sha256": file_sha256(p, sync=True), "bytes": p.stat().st_size}
+        if record:
+            files[p.relative_to(directory).as_posix()] = {
+                "sha256": file_sha256(p, sync=True),
+                "bytes": p.stat().st_size,
+            }
+        else:  # e.g. a Hugging Face folder from `convert`: durable, not hashed (a 1.5B folder: ~10 s saved)
+            _fsync_file(p)
     for d in [directory, *(q for q in directory.rglob("*") if q.is_dir())]:
         os.chmod(d, 0o777 & ~mask)
-    if man_path.is_file():
-        man = read_manifest(directory)
-        if man.get("tool") == TOOL:
+    if man is not None:
+        if record:
             write_json(man_path, {**man, "files": files})
         os.chmod(man_path, 0o666 & ~mask)
-        file_sha256(man_path, sync=True)
+        _fsync_file(man_path)
     _fsync_dir(directory)
+
+
+def _fsync_file(p: Path) -> None:
+    with open(p, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def _fsync_dir(d: Path) -> None:
