@@ -6,7 +6,7 @@
 
 A variant is NAME=ARTIFACT[@key=value[@key=value...]]: the artifact run with the session options of
 `rwkv_opt.runtime.session.session_options` plus those ORT session config entries. NAME's part before
-the first '+' names its baseline (the variant called just that), so `int4+lora8` is compared with `int4`.
+its last '+' names its baseline, so `int4+lora8` is compared with `int4` and `int4+lora8+b64` with `int4+lora8`.
 
 Every measurement is a fresh process; each round runs every variant once, the order rotating per round.
 Inside a process: prefill of --prefill random tokens from the zero state (one warm-up, median of 3 calls,
@@ -182,7 +182,7 @@ def markdown(d: dict) -> str:
              % d["prefill"], "|---|---|---|---|---|---|---|"]
     rows = d["rows"]
     for v in d["variants"]:
-        name, base = v["name"], v["name"].split("+")[0]
+        name, base = v["name"], v["name"].rsplit("+", 1)[0]
         mine = [r for r in rows if r["variant"] == name]
         dec = statistics.median(r["decode_ms"] for r in mine)
         pre = statistics.median(r["prefill_tok_s"] for r in mine)
