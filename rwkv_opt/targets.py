@@ -97,7 +97,7 @@ INT4_BUDGET = Budget(min_top1=0.90, max_rel_err=3.0, max_kl=0.1)
 _INT8 = ("quantize", {"scheme": "int8"})
 # FFN key at 8 bits: each FFN matrix at 4 bits cost ~12x the KL of an attention one; the embedding at
 # block 64 keeps the artifact under 0.2x of fp32. The time-mix LoRAs at 8 bits (block 32): in fp32 they were
-# 17% of the bytes a decode step reads (20 of 118 MiB, 0.1B) for ~1% of the parameters (reports/decode.md).
+# 17% of the bytes a decode step reads (20 of 118 MiB, 0.1B) for 3% of the parameters (reports/decode.md).
 _INT4 = ("quantize", {"scheme": "nbits4", "block_size": 32, "algorithm": "gptq", "embedding": "nbits4",
                       "exclude": (WKV_GLOB, DEEPEMBED_GLOB),
                       "overrides": (("*/ffn/MatMul", "nbits8", 128), ("/emb", "nbits4", 64),
