@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -36,7 +35,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-import decode_profile  # noqa: E402
+import decode_profile
+from bandwidth import cpu_description
 
 PROMPT, WARMUP, PREFILL_REPS = 128, 3, 3
 GEMV_SHAPES = [(768, 768)] * 48 + [(768, 3072), (3072, 768)] * 12 + [(768, 65536)]
@@ -139,14 +139,6 @@ def child(cmd: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def cpu_model() -> str:
-    info = Path("/proc/cpuinfo").read_text().splitlines()
-    name = next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")), platform.processor())
-    flags = next((ln.split(":", 1)[1].split() for ln in info if ln.startswith("flags")), [])
-    keep = [f for f in flags if f.startswith(("avx512_vnni", "avx512_bf16", "amx", "avx_vnni", "avx512f", "avx2"))]
-    return f"{name}, {os.cpu_count()} logical CPUs; {' '.join(sorted(keep))}"
-
-
 def run(a) -> dict:
     variants = [parse_variant(v) for v in a.variant]
     wbytes = {art: sum(decode_profile.report(Path(art), a.threads, 0, 0)["weight_bytes"].values())
@@ -163,7 +155,7 @@ def run(a) -> dict:
             print(f"round {r + 1}: {name}: decode {res['decode_ms']:.2f} ms, prefill {res['prefill_tok_s']:.0f} tok/s, "
                   f"load {res['load_1m']:.2f}", file=sys.stderr)
     bw.append(child(["--gemv", str(a.threads)]))
-    return {"cpu": cpu_model(), "variants": [{"name": n, "artifact": art, "entries": e, "weight_bytes": wbytes[art]}
+    return {"cpu": cpu_description(), "variants": [{"name": n, "artifact": art, "entries": e, "weight_bytes": wbytes[art]}
                                              for n, art, e in variants],
             "gemv_gbps": bw, "rows": rows, "threads": a.threads, "decode": a.decode, "prefill": a.prefill,
             "date": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", "command": " ".join(sys.argv)}
@@ -178,8 +170,8 @@ def markdown(d: dict) -> str:
     numpy_bw = max(b["numpy"] for b in d["gemv_gbps"])
     lines = [f"- CPU: {d['cpu']}", f"- date: {d['date']}; {d['threads']} threads; `{d['command']}`",
              f"- numpy GEMV bandwidth (best before/after): {numpy_bw:.1f} GB/s", "",
-             "| variant | decode ms/token | x baseline | floor ms | x floor | prefill T=%d tok/s | x baseline |"
-             % d["prefill"], "|---|---|---|---|---|---|---|"]
+             (f"| variant | decode ms/token | x baseline | floor ms | x floor | prefill T={d['prefill']} tok/s "
+              "| x baseline |"), "|---|---|---|---|---|---|---|"]
     rows = d["rows"]
     for v in d["variants"]:
         name, base = v["name"], v["name"].rsplit("+", 1)[0]
