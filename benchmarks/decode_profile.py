@@ -62,8 +62,8 @@ def weight_bytes(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> dict[st
             if n.op_type.startswith("Gather") and j == 0 and t.dims:
                 size //= t.dims[0]
             kind = "other"
-            if n.op_type in GEMM_OPS and j >= 1:
-                kind = "big" if _weight_numel(n, t) >= BIG else "lora"
+            if n.op_type in GEMM_OPS and j >= 1 and n.input[1] in inits:   # the weight and its scales, zero points
+                kind = "big" if _weight_numel(n, inits[n.input[1]]) >= BIG else "lora"
             out[kind] += size
     return dict(out)
 
