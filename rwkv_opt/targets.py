@@ -95,13 +95,15 @@ _FAST = (("fuse_wkv", {}), ("simplify", {}))
 INT8_BUDGET = Budget(min_top1=0.98, max_rel_err=0.5, max_kl=0.02)
 INT4_BUDGET = Budget(min_top1=0.90, max_rel_err=3.0, max_kl=0.1)
 _INT8 = ("quantize", {"scheme": "int8"})
+# The time-mix LoRAs at 8 bits (MatMulNBits block 32, int8 compute): in fp32 they were 17% of the bytes a
+# cpu-int4 decode step reads (20 of 118 MiB, 0.1B) for 3% of the parameters (reports/decode.md).
+_LORA8 = tuple((g, "nbits8", 32) for g in LORA_GLOBS)
+_FLOAT_ONLY = (WKV_GLOB, DEEPEMBED_GLOB)   # what stays float once the LoRAs are quantized
 # FFN key at 8 bits: each FFN matrix at 4 bits cost ~12x the KL of an attention one; the embedding at
-# block 64 keeps the artifact under 0.2x of fp32. The time-mix LoRAs at 8 bits (block 32): in fp32 they were
-# 17% of the bytes a decode step reads (20 of 118 MiB, 0.1B) for 3% of the parameters (reports/decode.md).
+# block 64 keeps the artifact under 0.2x of fp32.
 _INT4 = ("quantize", {"scheme": "nbits4", "block_size": 32, "algorithm": "gptq", "embedding": "nbits4",
-                      "exclude": (WKV_GLOB, DEEPEMBED_GLOB),
-                      "overrides": (("*/ffn/MatMul", "nbits8", 128), ("/emb", "nbits4", 64),
-                                    *((g, "nbits8", 32) for g in LORA_GLOBS))})
+                      "exclude": _FLOAT_ONLY,
+                      "overrides": (("*/ffn/MatMul", "nbits8", 128), ("/emb", "nbits4", 64), *_LORA8)})
 _INT4_CUDA = ("quantize", {"scheme": "nbits4", "block_size": 32, "algorithm": "gptq"})
 
 TARGETS: dict[str, Target] = {t.name: t for t in [
