@@ -16,7 +16,7 @@ whole round hits both sides. The memory-bandwidth floor is measured in the same 
 rounds: numpy GEMVs (x @ W, fp32) over the 0.1B model's projection shapes (516 MiB, far above the L2); the
 best GB/s seen. A variant's floor = the weight bytes one decode step reads (benchmarks/decode_profile.py)
 / that bandwidth. The same GEMVs also run as one ORT graph of MatMuls, with and without prepacked weights,
-and as Gemm(transB): the 'gemv' table, which says how close ORT's own kernels get to numpy's.
+and as Gemm(transB), and with 1 thread: the 'gemv' table, which says how close ORT's kernels get to numpy's.
 """
 from __future__ import annotations
 
@@ -117,6 +117,7 @@ def gemv(threads: int, reps: int = 10) -> dict:
     runs = {"numpy": lambda: [xs[w.shape[0]] @ w for w in ws]}
     for mode in ("matmul_prepacked", "matmul_unpacked", "gemm_transB"):
         runs[mode] = _gemv_ort(ws, threads, mode)
+    runs["matmul_prepacked_1thread"] = _gemv_ort(ws, 1, "matmul_prepacked")
     best = {k: float("inf") for k in runs}
     for r in range(reps):
         for k, f in runs.items() if r % 2 == 0 else reversed(list(runs.items())):
