@@ -16,7 +16,8 @@ whole round hits both sides. The memory-bandwidth floor is measured in the same 
 rounds: numpy GEMVs (x @ W, fp32) over the 0.1B model's projection shapes (516 MiB, far above the L2); the
 best GB/s seen. A variant's floor = the weight bytes one decode step reads (benchmarks/decode_profile.py)
 / that bandwidth. The same GEMVs also run as one ORT graph of MatMuls, with and without prepacked weights,
-and as Gemm(transB), and with 1 thread: the 'gemv' table, which says how close ORT's kernels get to numpy's.
+and as Gemm(transB), and with 1 thread, each in its own process: the 'gemv' table, which says how close
+ORT's kernels get to numpy's.
 """
 from __future__ import annotations
 
@@ -108,23 +109,31 @@ def _gemv_ort(ws: list[np.ndarray], threads: int, mode: str):
     return lambda: s.run(None, feed)
 
 
-def gemv(threads: int, reps: int = 10) -> dict:
-    """GB/s (best of reps, weight bytes read per second) of one pass of GEMVs over GEMV_SHAPES."""
+GEMV_MODES = ("numpy", "matmul_prepacked", "matmul_unpacked", "gemm_transB", "matmul_prepacked_1thread")
+
+
+def gemv(mode: str, threads: int, reps: int = 10) -> float:
+    """GB/s (best of reps, weight bytes read per second) of one pass of GEMVs over GEMV_SHAPES, by `mode`.
+    One mode per process: another ORT pool's (or OpenBLAS's) spinning threads in the same process take
+    the second core and halve the figure of whichever kernel runs next (seen: 13 vs 25 GB/s)."""
     rng = np.random.default_rng(0)
     ws = [rng.standard_normal(s, dtype=np.float32) for s in GEMV_SHAPES]
-    nbytes = sum(w.nbytes for w in ws)
     xs = {k: np.ones(k, np.float32) for k in (768, 3072)}
-    runs = {"numpy": lambda: [xs[w.shape[0]] @ w for w in ws]}
-    for mode in ("matmul_prepacked", "matmul_unpacked", "gemm_transB"):
-        runs[mode] = _gemv_ort(ws, threads, mode)
-    runs["matmul_prepacked_1thread"] = _gemv_ort(ws, 1, "matmul_prepacked")
-    best = {k: float("inf") for k in runs}
-    for r in range(reps):
-        for k, f in runs.items() if r % 2 == 0 else reversed(list(runs.items())):
-            t0 = time.perf_counter()
-            f()
-            best[k] = min(best[k], time.perf_counter() - t0)
-    return {k: nbytes / t / 1e9 for k, t in best.items()}
+    if mode == "numpy":
+        run = lambda: [xs[w.shape[0]] @ w for w in ws]
+    else:
+        run = _gemv_ort(ws, 1 if mode.endswith("_1thread") else threads, mode.removesuffix("_1thread"))
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - t0)
+    return sum(w.nbytes for w in ws) / best / 1e9
+
+
+def gemv_table(threads: int) -> dict[str, float]:
+    """GB/s per GEMV_MODES entry, each in a fresh process."""
+    return {m: child(["--gemv", m, "--threads", str(threads)])["gbps"] for m in GEMV_MODES}
 
 
 # ---- the driver ---------------------------------------------------------------------------------
@@ -144,7 +153,7 @@ def run(a) -> dict:
     variants = [parse_variant(v) for v in a.variant]
     wbytes = {art: sum(decode_profile.report(Path(art), a.threads, 0, 0)["weight_bytes"].values())
               for _, art, _ in variants}
-    bw = [child(["--gemv", str(a.threads)])]
+    bw = [gemv_table(a.threads)]
     print(f"gemv GB/s: {bw[0]}", file=sys.stderr)
     rows = []
     for r in range(a.rounds):
@@ -155,7 +164,7 @@ def run(a) -> dict:
             rows.append({"round": r, "variant": name, **res})
             print(f"round {r + 1}: {name}: decode {res['decode_ms']:.2f} ms, prefill {res['prefill_tok_s']:.0f} tok/s, "
                   f"load {res['load_1m']:.2f}", file=sys.stderr)
-    bw.append(child(["--gemv", str(a.threads)]))
+    bw.append(gemv_table(a.threads))
     return {"cpu": cpu_description(), "variants": [{"name": n, "artifact": art, "entries": e, "weight_bytes": wbytes[art]}
                                              for n, art, e in variants],
             "gemv_gbps": bw, "rows": rows, "threads": a.threads, "decode": a.decode, "prefill": a.prefill,
@@ -199,10 +208,10 @@ def main(argv=None) -> int:
     ap.add_argument("-o", "--output", type=Path, default=HERE.parent / "reports" / "decode-ab.md")
     ap.add_argument("--measure", help=argparse.SUPPRESS)
     ap.add_argument("--entries", default="{}", help=argparse.SUPPRESS)
-    ap.add_argument("--gemv", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--gemv", choices=GEMV_MODES, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.gemv:
-        print(json.dumps(gemv(a.gemv)))
+        print(json.dumps({"gbps": gemv(a.gemv, a.threads)}))
         return 0
     if a.measure:
         print(json.dumps(measure(a.measure, json.loads(a.entries), a.threads, a.decode, a.prefill)))
