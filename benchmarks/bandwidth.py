@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -73,6 +75,16 @@ def measure(mb: int = 1024, repeat: int = 5) -> dict:
     res[f"gbps_read_{cores}threads"] = read_bandwidth(mb, repeat, cores)
     res["gbps"] = max(v for k, v in res.items() if k.startswith("gbps_"))
     return res
+
+
+def cpu_description() -> str:
+    """The CPU model, logical CPU count and the SIMD/matrix flags that decide ORT's kernels (for reports)."""
+    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
+    name = next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")), platform.processor())
+    flags = next((ln.split(":", 1)[1].split() for ln in info if ln.startswith("flags")), [])
+    keep = sorted(f for f in flags if f.startswith(("avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx",
+                                                     "avx_vnni", "avx2", "fma")))
+    return f"{name}, {os.cpu_count()} logical CPUs; flags: {' '.join(keep) or 'n/a'}"
 
 
 def weight_bytes_per_token(config, bytes_per_weight: int = 4) -> int:

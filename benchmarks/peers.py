@@ -211,14 +211,13 @@ def _fmt(v: float) -> str:
 def _header(a, results: list[dict], manifest: dict) -> list[str]:
     loads = [r[k] for r in results for k in ("load_1m_start", "load_1m_end")]
     cores = os.cpu_count()
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
+    cpu = bandwidth.cpu_description()
     vers = {p: metadata.version(p) for p in ("rwkv-opt", "onnxruntime", "numpy", "torch", "rwkv")}
     # the runners' own threads (--threads each, one runner at a time) put ~a.threads on the 1-min load;
     # more than that means other work shared the CPU
     busy = max(loads) >= a.threads + 0.5 * cores
     return [f"# Peers: rwkv-opt cpu-fp32 vs official rwkv {vers['rwkv']} ('cpu fp32'), {a.preset} synthetic", "",
-            f"- machine: {cpu}, {cores} cores; {platform.platform()}",
+            f"- machine: {cpu}; {platform.platform()}",
             f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
             "- versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()) + f", python {platform.python_version()}",
             f"- command: `{a.command}`",

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from rwkv_opt.config import Precision, Provider
 from rwkv_opt.errors import RwkvOptError
 from rwkv_opt.graph.model import LogitsMode
+from rwkv_opt.passes.quantize import DEEPEMBED_GLOB, LORA_GLOBS, WKV_GLOB
 
 
 TOP1_ALPHA = 0.05   # a verification refuses top-1 when agreement this low has under 5% probability
@@ -94,10 +95,15 @@ _FAST = (("fuse_wkv", {}), ("simplify", {}))
 INT8_BUDGET = Budget(min_top1=0.98, max_rel_err=0.5, max_kl=0.02)
 INT4_BUDGET = Budget(min_top1=0.90, max_rel_err=3.0, max_kl=0.1)
 _INT8 = ("quantize", {"scheme": "int8"})
+# The time-mix LoRAs at 8 bits (MatMulNBits block 32, int8 compute): in fp32 they were 17% of the bytes a
+# cpu-int4 decode step reads (20 of 118 MiB, 0.1B) for 3% of the parameters (reports/decode.md).
+_LORA8 = tuple((g, "nbits8", 32) for g in LORA_GLOBS)
+_FLOAT_ONLY = (WKV_GLOB, DEEPEMBED_GLOB)   # what stays float once the LoRAs are quantized
 # FFN key at 8 bits: each FFN matrix at 4 bits cost ~12x the KL of an attention one; the embedding at
 # block 64 keeps the artifact under 0.2x of fp32.
 _INT4 = ("quantize", {"scheme": "nbits4", "block_size": 32, "algorithm": "gptq", "embedding": "nbits4",
-                      "overrides": (("*/ffn/MatMul", "nbits8", 128), ("/emb", "nbits4", 64))})
+                      "exclude": _FLOAT_ONLY,
+                      "overrides": (("*/ffn/MatMul", "nbits8", 128), ("/emb", "nbits4", 64), *_LORA8)})
 _INT4_CUDA = ("quantize", {"scheme": "nbits4", "block_size": 32, "algorithm": "gptq"})
 
 TARGETS: dict[str, Target] = {t.name: t for t in [
@@ -113,7 +119,7 @@ TARGETS: dict[str, Target] = {t.name: t for t in [
            "int8 per-column weights, dynamic uint8 activations (DynamicQuantizeMatMul) on the big projections",
            quantization="int8-dynamic"),
     Target("cpu-int4", Provider.CPU, Precision.FP32, _FAST + (_INT4,), INT4_BUDGET,
-           "4-bit MatMulNBits (block 32, GPTQ, int8 compute), FFN key 8-bit, 4-bit embedding; LoRA, decay fp32",
+           "4-bit MatMulNBits (block 32, GPTQ, int8 compute), FFN key and LoRAs 8-bit, 4-bit embedding; WKV fp32",
            quantization="nbits4-b32-gptq"),
     Target("cuda-int4", Provider.CUDA, Precision.FP16_MIXED, (("fp16_mixed", {}),) + _FAST + (_INT4_CUDA,),
            INT4_BUDGET, "fp16-mixed with 4-bit MatMulNBits (block 32, GPTQ) on the big projections",

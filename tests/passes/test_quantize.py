@@ -231,6 +231,32 @@ def test_default_exclusions_cover_the_fragile_scopes():
     assert "*/att/decay/*" in DEFAULT_EXCLUDE
 
 
+def test_int4_target_quantizes_the_loras_at_8_bits(base7, tiny7):
+    """cpu-int4: every time-mix LoRA MatMul (decay, a, gate, v_mix; down and up) is 8-bit MatMulNBits at
+    block 32 and int8 compute, the big projections stay 4-bit (FFN key 8-bit), the WKV stays float; the
+    LoRA weights a decode step reads shrink (0.1B: 3.5x, fp32 -> 8-bit codes + an fp32 scale and a zero point
+    per 32; tiny's LoRA ranks under 32 are padded to one block, so less there)."""
+    from rwkv_opt.targets import get_target
+
+    cfg = {**dict(get_target("cpu-int4").passes)["quantize"], "algorithm": "rtn"}
+    out = _quantize(base7, **cfg)
+    lora = [n for n in out.graph.node if any(s in n.name for s in FLOAT_SCOPES[:4]) and "MatMul" in n.op_type]
+    assert len(lora) == 8 * tiny7.config.n_layer - 2
+    for n in lora:
+        attrs = {a.name: a.i for a in n.attribute}
+        assert n.op_type == "MatMulNBits"
+        assert (attrs["bits"], attrs["block_size"], attrs["accuracy_level"]) == (8, 32, 4), n.name
+    bits = {n.name: {a.name: a.i for a in n.attribute}["bits"] for n in out.graph.node if n.op_type == "MatMulNBits"}
+    assert bits["/blocks.1/att/MatMul"] == 4 and bits["/blocks.1/ffn/MatMul"] == 8
+    assert not any("/wkv/" in n.name for n in out.graph.node if n.op_type == "MatMulNBits")
+    sizes = {t.name: t for t in out.graph.initializer}
+    before = {t.name: t for t in base7.graph.initializer}
+    fp32 = sum(4 * int(np.prod(before[i].dims)) for n in base7.graph.node for i in n.input[1:2]
+               if n.name in {m.name for m in lora})
+    q = sum(len(sizes[i].raw_data) for n in lora for i in n.input[1:])
+    assert 2.5 < fp32 / q < 4.0, (fp32, q)
+
+
 @pytest.mark.parametrize("target", ["cpu-int8", "cpu-int4", "cuda-int4"])
 def test_pipeline_artifacts(tiny7, tmp_path, target):
     """Tiny artifacts through run_pipeline with the target's passes, verified on 16 + 32 tokens against
@@ -252,8 +278,10 @@ def test_pipeline_artifacts(tiny7, tmp_path, target):
     assert v["within_budget"] and v["mean_kl"] <= get_target(target).budget.max_kl, v
     assert man["quantization"] == t.quantization
     q = [p for p in man["passes"] if p["name"] == "quantize"][0]
+    # cpu-int4 also quantizes the LoRAs: down + up of decay, a, gate and v_mix (which block 0 has not)
+    loras = 8 * tiny7.config.n_layer - 2 if target == "cpu-int4" else 0
     assert q["changed"] and q["ops_after"].get("MatMulNBits", 0) + q["ops_after"].get("DynamicQuantizeMatMul", 0) \
-        == 6 * tiny7.config.n_layer + 1
+        == 6 * tiny7.config.n_layer + 1 + loras
     logits, _ = Session(tmp_path / target).forward(np.arange(5)[None])
     assert np.isfinite(logits).all()
 
