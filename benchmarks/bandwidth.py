@@ -11,6 +11,7 @@ fastest this machine was seen to move bytes. The decode floor of a model is the 
 weights one decoded token must read (every weight but the embedding, of which one row is gathered)
 divided by that bandwidth: no runtime that streams fp32 weights from DRAM can decode faster.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,8 +83,11 @@ def cpu_description() -> str:
     info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
     name = next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")), platform.processor())
     flags = next((ln.split(":", 1)[1].split() for ln in info if ln.startswith("flags")), [])
-    keep = sorted(f for f in flags if f.startswith(("avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx",
-                                                     "avx_vnni", "avx2", "fma")))
+    keep = sorted(
+        f
+        for f in flags
+        if f.startswith(("avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx", "avx_vnni", "avx2", "fma"))
+    )
     return f"{name}, {os.cpu_count()} logical CPUs; flags: {' '.join(keep) or 'n/a'}"
 
 
@@ -111,8 +115,10 @@ def main() -> None:
         from rwkv_opt.checkpoint.synth import preset_config
 
         cfg = preset_config(a.preset)
-        print(f"{a.preset}: {weight_bytes_per_token(cfg) / 2**20:.0f} MiB of fp32 weights per decoded token, "
-              f"floor {floor_ms(cfg, r['gbps']):.1f} ms/token at {r['gbps']:.2f} GB/s")
+        print(
+            f"{a.preset}: {weight_bytes_per_token(cfg) / 2**20:.0f} MiB of fp32 weights per decoded token, "
+            f"floor {floor_ms(cfg, r['gbps']):.1f} ms/token at {r['gbps']:.2f} GB/s"
+        )
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ best GB/s seen. A variant's floor = the weight bytes one decode step reads (benc
 and as Gemm(transB), and with 1 thread, each in its own process: the 'gemv' table, which says how close
 ORT's kernels get to numpy's.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-import decode_profile
-from bandwidth import cpu_description
+import decode_profile  # noqa: E402  (a sibling script, importable once HERE is on the path)
+from bandwidth import cpu_description  # noqa: E402
 
 PROMPT, WARMUP, PREFILL_REPS = 128, 3, 3
 GEMV_SHAPES = [(768, 768)] * 48 + [(768, 3072), (3072, 768)] * 12 + [(768, 65536)]
@@ -77,11 +78,14 @@ def measure(art: str, entries: dict[str, str], threads: int, decode: int, prefil
     dec = []
     for i in range(steps.shape[1]):
         t0 = time.perf_counter()
-        _, st = s.forward(steps[:, i:i + 1], st)
+        _, st = s.forward(steps[:, i : i + 1], st)
         if i >= WARMUP:
             dec.append(time.perf_counter() - t0)
-    return {"prefill_tok_s": prefill / statistics.median(times), "decode_ms": statistics.median(dec) * 1e3,
-            "load_1m": os.getloadavg()[0]}
+    return {
+        "prefill_tok_s": prefill / statistics.median(times),
+        "decode_ms": statistics.median(dec) * 1e3,
+        "load_1m": os.getloadavg()[0],
+    }
 
 
 def _gemv_ort(ws: list[np.ndarray], threads: int, mode: str):
@@ -98,8 +102,9 @@ def _gemv_ort(ws: list[np.ndarray], threads: int, mode: str):
             nodes.append(helper.make_node("MatMul", [f"x{w.shape[0]}", f"w{i}"], [f"y{i}"]))
         outs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None))
     ins = [helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [1, k]) for k in (768, 3072)]
-    m = helper.make_model(helper.make_graph(nodes, "gemv", ins, outs, inits),
-                          opset_imports=[helper.make_opsetid("", 21)])
+    m = helper.make_model(
+        helper.make_graph(nodes, "gemv", ins, outs, inits), opset_imports=[helper.make_opsetid("", 21)]
+    )
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
     if mode == "matmul_unpacked":
@@ -120,7 +125,10 @@ def gemv(mode: str, threads: int, reps: int = 10) -> float:
     ws = [rng.standard_normal(s, dtype=np.float32) for s in GEMV_SHAPES]
     xs = {k: np.ones(k, np.float32) for k in (768, 3072)}
     if mode == "numpy":
-        run = lambda: [xs[w.shape[0]] @ w for w in ws]
+
+        def run():
+            return [xs[w.shape[0]] @ w for w in ws]
+
     else:
         run = _gemv_ort(ws, 1 if mode.endswith("_1thread") else threads, mode.removesuffix("_1thread"))
     best = float("inf")
@@ -144,31 +152,55 @@ def parse_variant(spec: str) -> tuple[str, str, dict[str, str]]:
 
 
 def child(cmd: list[str]) -> dict:
-    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), *cmd], check=True, capture_output=True,
-                         text=True)
+    out = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), *cmd], check=True, capture_output=True, text=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def run(a) -> dict:
     variants = [parse_variant(v) for v in a.variant]
-    wbytes = {art: sum(decode_profile.report(Path(art), a.threads, 0, 0)["weight_bytes"].values())
-              for _, art, _ in variants}
+    wbytes = {
+        art: sum(decode_profile.report(Path(art), a.threads, 0, 0)["weight_bytes"].values()) for _, art, _ in variants
+    }
     bw = [gemv_table(a.threads)]
     print(f"gemv GB/s: {bw[0]}", file=sys.stderr)
     rows = []
     for r in range(a.rounds):
         k = r % len(variants)
         for name, art, entries in variants[k:] + variants[:k]:
-            res = child(["--measure", art, "--entries", json.dumps(entries), "--threads", str(a.threads),
-                         "--decode", str(a.decode), "--prefill", str(a.prefill)])
+            res = child(
+                [
+                    "--measure",
+                    art,
+                    "--entries",
+                    json.dumps(entries),
+                    "--threads",
+                    str(a.threads),
+                    "--decode",
+                    str(a.decode),
+                    "--prefill",
+                    str(a.prefill),
+                ]
+            )
             rows.append({"round": r, "variant": name, **res})
-            print(f"round {r + 1}: {name}: decode {res['decode_ms']:.2f} ms, prefill {res['prefill_tok_s']:.0f} tok/s, "
-                  f"load {res['load_1m']:.2f}", file=sys.stderr)
+            print(
+                f"round {r + 1}: {name}: decode {res['decode_ms']:.2f} ms, prefill {res['prefill_tok_s']:.0f} tok/s, "
+                f"load {res['load_1m']:.2f}",
+                file=sys.stderr,
+            )
     bw.append(gemv_table(a.threads))
-    return {"cpu": cpu_description(), "variants": [{"name": n, "artifact": art, "entries": e, "weight_bytes": wbytes[art]}
-                                             for n, art, e in variants],
-            "gemv_gbps": bw, "rows": rows, "threads": a.threads, "decode": a.decode, "prefill": a.prefill,
-            "date": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", "command": " ".join(sys.argv)}
+    return {
+        "cpu": cpu_description(),
+        "variants": [{"name": n, "artifact": art, "entries": e, "weight_bytes": wbytes[art]} for n, art, e in variants],
+        "gemv_gbps": bw,
+        "rows": rows,
+        "threads": a.threads,
+        "decode": a.decode,
+        "prefill": a.prefill,
+        "date": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        "command": " ".join(sys.argv),
+    }
 
 
 def _paired(rows: list[dict], name: str, base: str, key: str) -> float:
@@ -178,10 +210,17 @@ def _paired(rows: list[dict], name: str, base: str, key: str) -> float:
 
 def markdown(d: dict) -> str:
     numpy_bw = max(b["numpy"] for b in d["gemv_gbps"])
-    lines = [f"- CPU: {d['cpu']}", f"- date: {d['date']}; {d['threads']} threads; `{d['command']}`",
-             f"- numpy GEMV bandwidth (best before/after): {numpy_bw:.1f} GB/s", "",
-             (f"| variant | decode ms/token | x baseline | floor ms | x floor | prefill T={d['prefill']} tok/s "
-              "| x baseline |"), "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"- CPU: {d['cpu']}",
+        f"- date: {d['date']}; {d['threads']} threads; `{d['command']}`",
+        f"- numpy GEMV bandwidth (best before/after): {numpy_bw:.1f} GB/s",
+        "",
+        (
+            f"| variant | decode ms/token | x baseline | floor ms | x floor | prefill T={d['prefill']} tok/s "
+            "| x baseline |"
+        ),
+        "|---|---|---|---|---|---|---|",
+    ]
     rows = d["rows"]
     for v in d["variants"]:
         name, base = v["name"], v["name"].rsplit("+", 1)[0]
@@ -192,8 +231,13 @@ def markdown(d: dict) -> str:
         rd = f"{_paired(rows, name, base, 'decode_ms'):.3f}" if base != name else "1"
         rp = f"{_paired(rows, name, base, 'prefill_tok_s'):.3f}" if base != name else "1"
         lines.append(f"| {name} | {dec:.2f} | {rd} | {floor:.2f} | {dec / floor:.2f} | {pre:.0f} | {rp} |")
-    lines += ["", "GEMV GB/s over 516 MiB of fp32 0.1B-shaped weights (best of 10, before / after the rounds):", "",
-              "| kernel | before | after |", "|---|---|---|"]
+    lines += [
+        "",
+        "GEMV GB/s over 516 MiB of fp32 0.1B-shaped weights (best of 10, before / after the rounds):",
+        "",
+        "| kernel | before | after |",
+        "|---|---|---|",
+    ]
     lines += [f"| {k} | {d['gemv_gbps'][0][k]:.1f} | {d['gemv_gbps'][-1][k]:.1f} |" for k in d["gemv_gbps"][0]]
     return "\n".join(lines) + "\n"
 

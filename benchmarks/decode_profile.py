@@ -12,6 +12,7 @@ Per artifact:
             with a weight of >= 768 x 768), LoRA (the other weight GEMMs), WKV (fuse_wkv's nodes),
             shape (Reshape/Slice/Concat/Shape/...), the rest (elementwise, norms) -- as ms/step and share.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,13 @@ from rwkv_opt.onnx_util import numel
 GEMM_OPS = {"MatMul", "MatMulNBits", "DynamicQuantizeMatMul", "Gemm", "FusedMatMul"}
 SHAPE_OPS = {"Reshape", "Slice", "Concat", "Shape", "Squeeze", "Unsqueeze", "Identity", "Equal", "Less", "If"}
 BIG = 768 * 768
-_BYTES = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.UINT8: 1,
-          onnx.TensorProto.INT8: 1, onnx.TensorProto.INT64: 8}
+_BYTES = {
+    onnx.TensorProto.FLOAT: 4,
+    onnx.TensorProto.FLOAT16: 2,
+    onnx.TensorProto.UINT8: 1,
+    onnx.TensorProto.INT8: 1,
+    onnx.TensorProto.INT64: 8,
+}
 
 
 def _then(node: onnx.NodeProto) -> onnx.GraphProto:
@@ -62,7 +68,7 @@ def weight_bytes(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> dict[st
             if n.op_type.startswith("Gather") and j == 0 and t.dims:
                 size //= t.dims[0]
             kind = "other"
-            if n.op_type in GEMM_OPS and j >= 1 and n.input[1] in inits:   # the weight and its scales, zero points
+            if n.op_type in GEMM_OPS and j >= 1 and n.input[1] in inits:  # the weight and its scales, zero points
                 kind = "big" if _weight_numel(n, inits[n.input[1]]) >= BIG else "lora"
             out[kind] += size
     return dict(out)
@@ -90,8 +96,14 @@ def profile(art: Path, model: onnx.ModelProto, threads: int, steps: int, prompt:
     from rwkv_opt.runtime import Session
 
     inits = {t.name: t for t in model.graph.initializer}
-    big = {n.name for n in model.graph.node if n.op_type in GEMM_OPS and len(n.input) > 1
-           and n.input[1] in inits and _weight_numel(n, inits[n.input[1]]) >= BIG}
+    big = {
+        n.name
+        for n in model.graph.node
+        if n.op_type in GEMM_OPS
+        and len(n.input) > 1
+        and n.input[1] in inits
+        and _weight_numel(n, inits[n.input[1]]) >= BIG
+    }
     with tempfile.TemporaryDirectory(prefix="decode-prof-") as tmp:
         s = Session(art, threads=threads, profile=str(Path(tmp) / "p"))
         rng = np.random.default_rng(0)
@@ -99,9 +111,9 @@ def profile(art: Path, model: onnx.ModelProto, threads: int, steps: int, prompt:
         for _ in range(2):
             _, st = s.forward(toks[:, :prompt])
             for t in range(steps):
-                _, st = s.forward(toks[:, prompt + t:prompt + t + 1], st)
+                _, st = s.forward(toks[:, prompt + t : prompt + t + 1], st)
         events = json.loads(Path(s.sess.end_profiling()).read_text())
-    runs = split_runs(events)[1 + steps + 1:]          # skip the warm-up round and the measured prefill
+    runs = split_runs(events)[1 + steps + 1 :]  # skip the warm-up round and the measured prefill
     ms: dict[str, float] = defaultdict(float)
     for e, _, excl in nest([e for r in runs for e in r]):
         name = e["name"].removesuffix("_kernel_time")
@@ -113,8 +125,12 @@ def report(art: Path, threads: int, steps: int, prompt: int) -> dict:
     model = onnx.load(str(model_path(art)), load_external_data=False)
     nodes = decode_nodes(model.graph)
     full = onnx.load(str(model_path(art)))
-    out = {"artifact": str(art), "nodes": len(nodes), "ops": dict(Counter(n.op_type for n in nodes).most_common()),
-           "weight_bytes": weight_bytes(full, nodes)}
+    out = {
+        "artifact": str(art),
+        "nodes": len(nodes),
+        "ops": dict(Counter(n.op_type for n in nodes).most_common()),
+        "weight_bytes": weight_bytes(full, nodes),
+    }
     del full
     if steps:
         out["profile_ms"] = profile(art, model, threads, steps, prompt)
@@ -131,13 +147,19 @@ def main(argv=None) -> int:
     for art in a.artifacts:
         r = report(art, a.threads, a.steps, a.prompt)
         wb = r["weight_bytes"]
-        print(f"{art}: {r['nodes']} nodes per decode step; weights read {sum(wb.values()) / 2**20:.1f} MiB "
-              f"({', '.join(f'{k} {v / 2**20:.1f}' for k, v in sorted(wb.items()))})")
+        print(
+            f"{art}: {r['nodes']} nodes per decode step; weights read {sum(wb.values()) / 2**20:.1f} MiB "
+            f"({', '.join(f'{k} {v / 2**20:.1f}' for k, v in sorted(wb.items()))})"
+        )
         print("  ops: " + ", ".join(f"{k} {v}" for k, v in r["ops"].items()))
         if "profile_ms" in r:
             tot = sum(r["profile_ms"].values())
-            print(f"  kernel time {tot:.2f} ms/step: " + ", ".join(
-                f"{k} {v:.2f} ({v / tot:.0%})" for k, v in sorted(r["profile_ms"].items(), key=lambda kv: -kv[1])))
+            print(
+                f"  kernel time {tot:.2f} ms/step: "
+                + ", ".join(
+                    f"{k} {v:.2f} ({v / tot:.0%})" for k, v in sorted(r["profile_ms"].items(), key=lambda kv: -kv[1])
+                )
+            )
     return 0
 
 

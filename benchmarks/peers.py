@@ -9,11 +9,13 @@ medians over rounds with ratios ours / theirs. Inside one subprocess: prefill at
 length is timed after one warm-up call (median of 3); decode is timed step by step after a
 128-token prompt and 3 warm-up steps (p50 of --decode steps). Both use --threads threads
 (ORT intra-op threads; torch.set_num_threads). The memory-bandwidth floor (benchmarks/bandwidth.py: best
-of numpy copy and read-only bandwidth) bounds any fp32 decode from below. A third runner, "matmuls", times one decode step's MatMuls alone
+of numpy copy and read-only bandwidth) bounds any fp32 decode from below. A third runner, "matmuls", times one
+decode step's MatMuls alone
 (every 2-D MatMul weight of our artifact, each fed a (1, K) input, in one ORT graph with the same
 threads): what ORT's own kernels need to stream the weights, so ours minus it is what the rest of
 our graph costs. The machine's 1-minute load is recorded around each subprocess.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -95,8 +97,9 @@ def _matmuls_session(artifact: str, threads: int):
     g = helper.make_graph(nodes, "matmuls", list(ins.values()), outs, list(used.values()))
     mm = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
     nbytes = sum(4 * t.dims[0] * t.dims[1] for t in used.values())
-    return nbytes, ort.InferenceSession(mm.SerializeToString(), session_options(threads),
-                                        providers=["CPUExecutionProvider"])
+    return nbytes, ort.InferenceSession(
+        mm.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"]
+    )
 
 
 def measure_matmuls(model: str, decode: int, threads: int) -> dict:
@@ -110,9 +113,15 @@ def measure_matmuls(model: str, decode: int, threads: int) -> dict:
         sess.run(None, feed)
         if i >= WARMUP_STEPS:
             times.append(time.perf_counter() - t0)
-    return {"kind": "matmuls", "weight_mib": nbytes / 2**20, "decode_ms_p50": float(np.percentile(times, 50)) * 1e3,
-            "decode_ms_p95": float(np.percentile(times, 95)) * 1e3, "load_1m_start": load0,
-            "load_1m_end": os.getloadavg()[0], "peak_rss_mb": peak_rss_mb()}
+    return {
+        "kind": "matmuls",
+        "weight_mib": nbytes / 2**20,
+        "decode_ms_p50": float(np.percentile(times, 50)) * 1e3,
+        "decode_ms_p95": float(np.percentile(times, 95)) * 1e3,
+        "load_1m_start": load0,
+        "load_1m_end": os.getloadavg()[0],
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 def measure(kind: str, model: str, prompt_lens: list[int], decode: int, threads: int, vocab: int) -> dict:
@@ -158,7 +167,9 @@ def prepare(a) -> tuple[Path, Path, dict]:
     ckpt = work / f"synth-{a.preset}.pth"
     if not ckpt.is_file():
         _log(f"writing {ckpt}")
-        subprocess.run([sys.executable, "-m", "rwkv_opt.cli", "synth", "--preset", a.preset, "-o", str(ckpt)], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "rwkv_opt.cli", "synth", "--preset", a.preset, "-o", str(ckpt)], check=True
+        )
     art = Path(a.artifact) if a.artifact else work / f"cpu-fp32-{a.preset}"
     if not (art / "manifest.json").is_file():
         import dataclasses
@@ -177,15 +188,34 @@ def prepare(a) -> tuple[Path, Path, dict]:
 
 def run_child(kind: str, model: Path, a, vocab: int) -> dict:
     out = Path(a.work) / f"result-{kind}.json"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--measure", kind, "--model", str(model),
-           "--prompt-lens", a.prompt_lens, "--decode", str(a.decode), "--threads", str(a.threads),
-           "--vocab", str(vocab), "--result", str(out)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--measure",
+        kind,
+        "--model",
+        str(model),
+        "--prompt-lens",
+        a.prompt_lens,
+        "--decode",
+        str(a.decode),
+        "--threads",
+        str(a.threads),
+        "--vocab",
+        str(vocab),
+        "--result",
+        str(out),
+    ]
     subprocess.run(cmd, check=True, stdout=sys.stderr)
     return json.loads(out.read_text())
 
 
-METRICS = [("decode ms/token (p50)", "decode_ms_p50", "lower"), ("decode ms/token (p95)", "decode_ms_p95", "lower"),
-           ("peak RSS MiB", "peak_rss_mb", "lower"), ("load (session/model) s", "load_s", "lower")]
+METRICS = [
+    ("decode ms/token (p50)", "decode_ms_p50", "lower"),
+    ("decode ms/token (p95)", "decode_ms_p95", "lower"),
+    ("peak RSS MiB", "peak_rss_mb", "lower"),
+    ("load (session/model) s", "load_s", "lower"),
+]
 
 
 def _metrics(prompt_lens: list[int]) -> list[tuple[str, str, str]]:
@@ -216,20 +246,27 @@ def _header(a, results: list[dict], manifest: dict) -> list[str]:
     # the runners' own threads (--threads each, one runner at a time) put ~a.threads on the 1-min load;
     # more than that means other work shared the CPU
     busy = max(loads) >= a.threads + 0.5 * cores
-    return [f"# Peers: rwkv-opt cpu-fp32 vs official rwkv {vers['rwkv']} ('cpu fp32'), {a.preset} synthetic", "",
-            f"- machine: {cpu}; {platform.platform()}",
-            f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
-            "- versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()) + f", python {platform.python_version()}",
-            f"- command: `{a.command}`",
-            f"- our artifact: target {manifest['target']}, passes {[p['name'] for p in manifest['passes']]}; "
-            f"{a.threads} threads each (ORT intra-op / torch.set_num_threads)",
-            f"- {a.runs} rounds, ours and theirs alternating (order swapped each round), each in a fresh process; "
-            f"decode = p50/p95 of {a.decode} steps after a {DECODE_PROMPT}-token prompt; prefill = median of "
-            f"{PREFILL_REPS} calls after a warm-up",
-            f"- load average (1 min) around the runs: {min(loads):.2f} to {max(loads):.2f} on {cores} cores, "
-            f"including the runners' own {a.threads} threads"
-            + (" -- HIGH: other work shared the CPU. Absolute times are pessimistic and the medians are noisy; "
-               "the best round of each runner is the least disturbed figure" if busy else " (quiet)")]
+    return [
+        f"# Peers: rwkv-opt cpu-fp32 vs official rwkv {vers['rwkv']} ('cpu fp32'), {a.preset} synthetic",
+        "",
+        f"- machine: {cpu}; {platform.platform()}",
+        f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()) + f", python {platform.python_version()}",
+        f"- command: `{a.command}`",
+        f"- our artifact: target {manifest['target']}, passes {[p['name'] for p in manifest['passes']]}; "
+        f"{a.threads} threads each (ORT intra-op / torch.set_num_threads)",
+        f"- {a.runs} rounds, ours and theirs alternating (order swapped each round), each in a fresh process; "
+        f"decode = p50/p95 of {a.decode} steps after a {DECODE_PROMPT}-token prompt; prefill = median of "
+        f"{PREFILL_REPS} calls after a warm-up",
+        f"- load average (1 min) around the runs: {min(loads):.2f} to {max(loads):.2f} on {cores} cores, "
+        f"including the runners' own {a.threads} threads"
+        + (
+            " -- HIGH: other work shared the CPU. Absolute times are pessimistic and the medians are noisy; "
+            "the best round of each runner is the least disturbed figure"
+            if busy
+            else " (quiet)"
+        ),
+    ]
 
 
 def _matmuls_lines(results: list[dict], floor: float, ours_ms: float) -> list[str]:
@@ -237,15 +274,18 @@ def _matmuls_lines(results: list[dict], floor: float, ours_ms: float) -> list[st
     if not mm:
         return []
     med = statistics.median(r["decode_ms_p50"] for r in mm)
-    return ["", f"ORT's MatMul kernels alone on the same {mm[0]['weight_mib']:,.0f} MiB of weights (one decode step's "
-            f"GEMVs, same threads, the `matmuls` rows): **{med:.1f} ms** median = {med / floor:.2f}x the floor. "
-            f"So of our {ours_ms:.1f} ms, {med:.1f} ms is the MatMul kernels streaming the weights and "
-            f"{ours_ms - med:.1f} ms ({(ours_ms - med) / ours_ms:.0%}) is the rest of the graph; ours / matmuls "
-            f"alone = {ours_ms / med:.2f}x. (Scratch measurements, session 2, 0.1B: our graph with its big MatMuls "
-            f"replaced by shape-keeping copies runs in ~2.1 ms by itself, so the rest is intrinsic, not cache "
-            f"misses after the GEMVs; in it the LoRA GEMVs take ~0.5 ms (they are also in the `matmuls` graph) "
-            f"and the 12 WKV state updates ~0.6 ms alone, and ~900 elementwise/shape nodes ~1 us each, where a hot "
-            f"chain of [1,1,768] Mul/Add runs at 0.35 us per node.)"]
+    return [
+        "",
+        f"ORT's MatMul kernels alone on the same {mm[0]['weight_mib']:,.0f} MiB of weights (one decode step's "
+        f"GEMVs, same threads, the `matmuls` rows): **{med:.1f} ms** median = {med / floor:.2f}x the floor. "
+        f"So of our {ours_ms:.1f} ms, {med:.1f} ms is the MatMul kernels streaming the weights and "
+        f"{ours_ms - med:.1f} ms ({(ours_ms - med) / ours_ms:.0%}) is the rest of the graph; ours / matmuls "
+        f"alone = {ours_ms / med:.2f}x. (Scratch measurements, session 2, 0.1B: our graph with its big MatMuls "
+        f"replaced by shape-keeping copies runs in ~2.1 ms by itself, so the rest is intrinsic, not cache "
+        f"misses after the GEMVs; in it the LoRA GEMVs take ~0.5 ms (they are also in the `matmuls` graph) "
+        f"and the 12 WKV state updates ~0.6 ms alone, and ~900 elementwise/shape nodes ~1 us each, where a hot "
+        f"chain of [1,1,768] Mul/Add runs at 0.35 us per node.)",
+    ]
 
 
 def write_report(path: Path, a, results: list[dict], bw: list[dict], cfg, manifest: dict) -> str:
@@ -254,37 +294,55 @@ def write_report(path: Path, a, results: list[dict], bw: list[dict], cfg, manife
     gbps = max(b["gbps"] for b in bw)
     floor = bandwidth.floor_ms(cfg, gbps)
     lines = _header(a, results, manifest) + [
-        "", "| metric | better is | ours median | official median | ours / official (medians) | ours best "
-        "| official best | ours / official (bests) |", "|---|---|---|---|---|---|---|---|"]
+        "",
+        "| metric | better is | ours median | official median | ours / official (medians) | ours best "
+        "| official best | ours / official (bests) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for label, key, better in _metrics(lens):
         (om, ob), (tm, tb) = summ["ours", key], summ["theirs", key]
-        lines.append(f"| {label} | {better} | {_fmt(om)} | {_fmt(tm)} | {om / tm:.2f} | {_fmt(ob)} | {_fmt(tb)} "
-                     f"| {ob / tb:.2f} |")
+        lines.append(
+            f"| {label} | {better} | {_fmt(om)} | {_fmt(tm)} | {om / tm:.2f} | {_fmt(ob)} | {_fmt(tb)} "
+            f"| {ob / tb:.2f} |"
+        )
     bws = ", ".join(f"{b['gbps']:.2f}" for b in bw)
     (om, ob), (tm, tb) = summ["ours", "decode_ms_p50"], summ["theirs", "decode_ms_p50"]
-    lines += ["", f"Memory-bandwidth floor: {bandwidth.weight_bytes_per_token(cfg) / 2**20:,.0f} MiB of fp32 weights "
-              f"read per decoded token (all but the gathered embedding) / {gbps:.2f} GB/s, the best memory bandwidth "
-              f"numpy reached (copy counted read + write, or read-only np.dot; best of {bws} GB/s measured before "
-              f"and after the rounds) "
-              f"= **{floor:.1f} ms/token**. Decode p50 vs floor: ours {om / floor:.2f}x (best round "
-              f"{ob / floor:.2f}x), official {tm / floor:.2f}x (best round {tb / floor:.2f}x).",
-              *_matmuls_lines(results, floor, om),
-              "", "Per-round figures:", "",
-              "| round | runner | decode p50 ms | " + " | ".join(f"prefill T={T} tok/s" for T in lens)
-              + " | peak RSS MiB | load 1m |", "|---|---|---|" + "---|" * len(lens) + "---|---|"]
+    lines += [
+        "",
+        f"Memory-bandwidth floor: {bandwidth.weight_bytes_per_token(cfg) / 2**20:,.0f} MiB of fp32 weights "
+        f"read per decoded token (all but the gathered embedding) / {gbps:.2f} GB/s, the best memory bandwidth "
+        f"numpy reached (copy counted read + write, or read-only np.dot; best of {bws} GB/s measured before "
+        f"and after the rounds) "
+        f"= **{floor:.1f} ms/token**. Decode p50 vs floor: ours {om / floor:.2f}x (best round "
+        f"{ob / floor:.2f}x), official {tm / floor:.2f}x (best round {tb / floor:.2f}x).",
+        *_matmuls_lines(results, floor, om),
+        "",
+        "Per-round figures:",
+        "",
+        "| round | runner | decode p50 ms | "
+        + " | ".join(f"prefill T={T} tok/s" for T in lens)
+        + " | peak RSS MiB | load 1m |",
+        "|---|---|---|" + "---|" * len(lens) + "---|---|",
+    ]
     rnd, seen = 0, set()
     for r in results:
-        if r["kind"] in seen or not seen:   # each round runs each runner once
+        if r["kind"] in seen or not seen:  # each round runs each runner once
             rnd, seen = rnd + 1, set()
         seen.add(r["kind"])
         pre = " | ".join(_fmt(r[f"prefill_tok_s_{T}"]) if f"prefill_tok_s_{T}" in r else "-" for T in lens)
-        lines.append(f"| {rnd} | {r['kind']} | {_fmt(r['decode_ms_p50'])} | {pre} | {_fmt(r['peak_rss_mb'])} "
-                     f"| {r['load_1m_start']:.2f} |")
+        lines.append(
+            f"| {rnd} | {r['kind']} | {_fmt(r['decode_ms_p50'])} | {pre} | {_fmt(r['peak_rss_mb'])} "
+            f"| {r['load_1m_start']:.2f} |"
+        )
     text = "\n".join(lines) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
-    path.with_suffix(".json").write_text(json.dumps({"command": a.command, "manifest": manifest, "results": results,
-                                                     "bandwidth": bw, "floor_ms": floor}, indent=1))
+    path.with_suffix(".json").write_text(
+        json.dumps(
+            {"command": a.command, "manifest": manifest, "results": results, "bandwidth": bw, "floor_ms": floor},
+            indent=1,
+        )
+    )
     return text
 
 
@@ -325,7 +383,7 @@ def main(argv=None) -> int:
     _log(f"copy bandwidth {bw[0]['gbps']:.2f} GB/s")
     results = []
     for i in range(a.runs):
-        for kind in (("ours", "theirs") if i % 2 == 0 else ("theirs", "ours")):
+        for kind in ("ours", "theirs") if i % 2 == 0 else ("theirs", "ours"):
             _log(f"round {i + 1}/{a.runs}: {kind}")
             results.append(run_child(kind, art if kind == "ours" else ckpt, a, cfg.vocab))
             _log(f"  decode {results[-1]['decode_ms_p50']:.1f} ms, peak RSS {results[-1]['peak_rss_mb']:.0f} MiB")

@@ -1,6 +1,7 @@
 """Named targets: data, not code paths. A target names its provider, precision policy, the
 passes that make it (in order, with config overrides), session settings and its accuracy budget.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,7 +14,7 @@ from rwkv_opt.graph.model import LogitsMode
 from rwkv_opt.passes.quantize import DEEPEMBED_GLOB, LORA_GLOBS, WKV_GLOB
 
 
-TOP1_ALPHA = 0.05   # a verification refuses top-1 when agreement this low has under 5% probability
+TOP1_ALPHA = 0.05  # a verification refuses top-1 when agreement this low has under 5% probability
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class Budget:
         p, n = self.min_top1, positions
         if p >= 1.0:
             return 1.0 if hits >= n else 0.0
-        return min(1.0, sum(math.comb(n, k) * p ** k * (1 - p) ** (n - k) for k in range(hits + 1)))
+        return min(1.0, sum(math.comb(n, k) * p**k * (1 - p) ** (n - k) for k in range(hits + 1)))
 
     def failures(self, top1: float, positions: int, max_rel_err: float, mean_kl: float) -> list[str]:
         """What a measurement misses, one phrase each; empty when it is within the budget."""
@@ -69,8 +70,10 @@ class Target:
     def with_wkv_op(self) -> "Target":
         """This target with fuse_wkv in mode=function: one rwkv7.WKV7 node per layer."""
         if "fuse_wkv" not in self.pass_names:
-            raise RwkvOptError(f"target {self.name} has no fuse_wkv pass, so --wkv-op has nothing to change; "
-                               "use a target that lists fuse_wkv (rwkv-opt targets).")
+            raise RwkvOptError(
+                f"target {self.name} has no fuse_wkv pass, so --wkv-op has nothing to change; "
+                "use a target that lists fuse_wkv (rwkv-opt targets)."
+            )
         passes = tuple((n, {**c, "mode": "function"}) if n == "fuse_wkv" else (n, c) for n, c in self.passes)
         return dataclasses.replace(self, passes=passes)
 
@@ -87,7 +90,8 @@ BF16_BUDGET = Budget(min_top1=0.93, max_rel_err=0.15, max_kl=2e-3)
 _FAST = (("fuse_wkv", {}), ("simplify", {}))
 
 # Weight quantization (passes/quantize.py; choices measured in reports/quantization.md). The budgets are
-# the accuracy goals of reports/quantization.md ("The goals, and how far each one is"; docs/precision.md); max|err|/std sits ~3x above the 0.1B measurement (a tail statistic). The
+# the accuracy goals of reports/quantization.md ("The goals, and how far each one is"; docs/precision.md);
+# max|err|/std sits ~3x above the 0.1B measurement (a tail statistic). The
 # synthetic 0.1B's logits are flat (its reference's median top-1 probability is under 3%): all three
 # miss top-1 there (KL is met), so `pipeline` refuses them on that model. On a 0.1B trained here
 # (benchmarks/trained_accuracy.py: median top-1 probability 9% on held-out text) all three meet
@@ -98,39 +102,84 @@ _INT8 = ("quantize", {"scheme": "int8"})
 # The time-mix LoRAs at 8 bits (MatMulNBits block 32, int8 compute): in fp32 they were 17% of the bytes a
 # cpu-int4 decode step reads (20 of 118 MiB, 0.1B) for 3% of the parameters (reports/decode.md).
 _LORA8 = tuple((g, "nbits8", 32) for g in LORA_GLOBS)
-_FLOAT_ONLY = (WKV_GLOB, DEEPEMBED_GLOB)   # what stays float once the LoRAs are quantized
+_FLOAT_ONLY = (WKV_GLOB, DEEPEMBED_GLOB)  # what stays float once the LoRAs are quantized
 # FFN key at 8 bits: each FFN matrix at 4 bits cost ~12x the KL of an attention one; the embedding at
 # block 64 keeps the artifact under 0.2x of fp32.
-_INT4 = ("quantize", {"scheme": "nbits4", "block_size": 32, "algorithm": "gptq", "embedding": "nbits4",
-                      "exclude": _FLOAT_ONLY,
-                      "overrides": (("*/ffn/MatMul", "nbits8", 128), ("/emb", "nbits4", 64), *_LORA8)})
+_INT4 = (
+    "quantize",
+    {
+        "scheme": "nbits4",
+        "block_size": 32,
+        "algorithm": "gptq",
+        "embedding": "nbits4",
+        "exclude": _FLOAT_ONLY,
+        "overrides": (("*/ffn/MatMul", "nbits8", 128), ("/emb", "nbits4", 64), *_LORA8),
+    },
+)
 _INT4_CUDA = ("quantize", {"scheme": "nbits4", "block_size": 32, "algorithm": "gptq"})
 
-TARGETS: dict[str, Target] = {t.name: t for t in [
-    Target("cpu-fp32", Provider.CPU, Precision.FP32, _FAST, FP32_BUDGET,
-           "fp32 on the ORT CPU EP: chunked-WKV prefill, direct-step decode"),
-    Target("cuda-fp32", Provider.CUDA, Precision.FP32, _FAST, FP32_BUDGET,
-           "fp32 on the CUDA EP"),
-    Target("cuda-fp16", Provider.CUDA, Precision.FP16_MIXED, (("fp16_mixed", {}),) + _FAST, FP16_BUDGET,
-           "fp16 weights and matmuls; decay, WKV state, norms and logits kept fp32"),
-    Target("cuda-bf16", Provider.CUDA, Precision.BF16, (("bf16", {"provider": "cuda"}),) + _FAST, BF16_BUDGET,
-           "bf16 like fp16-mixed, with fp32 islands for ops the CUDA EP has no bf16 kernel for"),
-    Target("cpu-int8", Provider.CPU, Precision.FP32, _FAST + (_INT8,), INT8_BUDGET,
-           "int8 per-column weights, dynamic uint8 activations (DynamicQuantizeMatMul) on the big projections",
-           quantization="int8-dynamic"),
-    Target("cpu-int4", Provider.CPU, Precision.FP32, _FAST + (_INT4,), INT4_BUDGET,
-           "4-bit MatMulNBits (block 32, GPTQ, int8 compute), FFN key and LoRAs 8-bit, 4-bit embedding; WKV fp32",
-           quantization="nbits4-b32-gptq"),
-    Target("cuda-int4", Provider.CUDA, Precision.FP16_MIXED, (("fp16_mixed", {}),) + _FAST + (_INT4_CUDA,),
-           INT4_BUDGET, "fp16-mixed with 4-bit MatMulNBits (block 32, GPTQ) on the big projections",
-           quantization="nbits4-b32-gptq"),
-]}
+TARGETS: dict[str, Target] = {
+    t.name: t
+    for t in [
+        Target(
+            "cpu-fp32",
+            Provider.CPU,
+            Precision.FP32,
+            _FAST,
+            FP32_BUDGET,
+            "fp32 on the ORT CPU EP: chunked-WKV prefill, direct-step decode",
+        ),
+        Target("cuda-fp32", Provider.CUDA, Precision.FP32, _FAST, FP32_BUDGET, "fp32 on the CUDA EP"),
+        Target(
+            "cuda-fp16",
+            Provider.CUDA,
+            Precision.FP16_MIXED,
+            (("fp16_mixed", {}),) + _FAST,
+            FP16_BUDGET,
+            "fp16 weights and matmuls; decay, WKV state, norms and logits kept fp32",
+        ),
+        Target(
+            "cuda-bf16",
+            Provider.CUDA,
+            Precision.BF16,
+            (("bf16", {"provider": "cuda"}),) + _FAST,
+            BF16_BUDGET,
+            "bf16 like fp16-mixed, with fp32 islands for ops the CUDA EP has no bf16 kernel for",
+        ),
+        Target(
+            "cpu-int8",
+            Provider.CPU,
+            Precision.FP32,
+            _FAST + (_INT8,),
+            INT8_BUDGET,
+            "int8 per-column weights, dynamic uint8 activations (DynamicQuantizeMatMul) on the big projections",
+            quantization="int8-dynamic",
+        ),
+        Target(
+            "cpu-int4",
+            Provider.CPU,
+            Precision.FP32,
+            _FAST + (_INT4,),
+            INT4_BUDGET,
+            "4-bit MatMulNBits (block 32, GPTQ, int8 compute), FFN key and LoRAs 8-bit, 4-bit embedding; WKV fp32",
+            quantization="nbits4-b32-gptq",
+        ),
+        Target(
+            "cuda-int4",
+            Provider.CUDA,
+            Precision.FP16_MIXED,
+            (("fp16_mixed", {}),) + _FAST + (_INT4_CUDA,),
+            INT4_BUDGET,
+            "fp16-mixed with 4-bit MatMulNBits (block 32, GPTQ) on the big projections",
+            quantization="nbits4-b32-gptq",
+        ),
+    ]
+}
 
 
 def get_target(name: str) -> Target:
     if name not in TARGETS:
-        raise RwkvOptError(f"unknown target '{name}'; choose one of: {', '.join(TARGETS)} "
-                           "(see `rwkv-opt targets`).")
+        raise RwkvOptError(f"unknown target '{name}'; choose one of: {', '.join(TARGETS)} (see `rwkv-opt targets`).")
     return TARGETS[name]
 
 
@@ -139,8 +188,10 @@ def runnable_here(target: Target) -> str | None:
     from rwkv_opt.runtime import available_providers
 
     if target.provider not in available_providers():
-        return (f"target {target.name} needs the {target.provider.ort_name}, which this onnxruntime lacks; "
-                "install onnxruntime-gpu on a CUDA machine, or use a cpu-* target here")
+        return (
+            f"target {target.name} needs the {target.provider.ort_name}, which this onnxruntime lacks; "
+            "install onnxruntime-gpu on a CUDA machine, or use a cpu-* target here"
+        )
     if target.provider is Provider.CPU and target.precision is Precision.BF16:
         return "ORT's CPU EP has no bf16 kernels; use cuda-bf16 on a GPU, or cpu-fp32 here"
     return None

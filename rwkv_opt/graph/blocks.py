@@ -2,6 +2,7 @@
 
 Layout letters: B batch, T time, C channels, H heads, N head size, F ffn dim, V vocab.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -47,14 +48,27 @@ def heads(g: GraphBuilder, x_BTC: Value, H: int, N: int) -> Value:
 def wkv_scan(g: GraphBuilder, H: int, N: int, r, w, k, v, kk, b, s0_BHNN) -> tuple[Value, Value]:
     """The WKV recurrence as a Scan over T (inputs (B,T,H,N)); emits y only, never per-step states.
 
-        S_t = S_{t-1} * w_t[key] - (S_{t-1} @ kk_t)[value] * b_t[key] + v_t[value] * k_t[key]
-        y_t = S_t @ r_t
+    S_t = S_{t-1} * w_t[key] - (S_{t-1} @ kk_t)[value] * b_t[key] + v_t[value] * k_t[key]
+    y_t = S_t @ r_t
     """
     col = lambda t: g.Unsqueeze(t, g.ints(-1))  # noqa: E731  (B,T,H,N,1)
     row = lambda t: g.Unsqueeze(t, g.ints(-2))  # noqa: E731  (B,T,H,1,N)
     body = _wkv_step_body(H, N)
-    s_out, y = g.op("Scan", s0_BHNN, col(r), row(w), row(k), col(v), col(kk), row(b), outputs=2,
-                    body=body, num_scan_inputs=6, scan_input_axes=[1] * 6, scan_output_axes=[1])
+    s_out, y = g.op(
+        "Scan",
+        s0_BHNN,
+        col(r),
+        row(w),
+        row(k),
+        col(v),
+        col(kk),
+        row(b),
+        outputs=2,
+        body=body,
+        num_scan_inputs=6,
+        scan_input_axes=[1] * 6,
+        scan_output_axes=[1],
+    )
     y_BTHN = g.Squeeze(y, g.ints(-1))
     return y_BTHN, s_out
 
@@ -69,7 +83,7 @@ def _wkv_step_body(H: int, N: int):
     kk = b.input("kk", FLOAT, ["B", H, N, 1])
     bb = b.input("b", FLOAT, ["B", H, 1, N])
     with b.scope(SC.WKV_STEP):
-        sa = b.MatMul(S, kk)                                  # removed value, read before decay
+        sa = b.MatMul(S, kk)  # removed value, read before decay
         S1 = b.Add(b.Sub(b.Mul(S, w), b.Mul(sa, bb)), b.Mul(v, k))
         y = b.MatMul(S1, r)
     b.output(S1, "S_out", FLOAT, ["B", H, N, N])
@@ -113,7 +127,7 @@ def tmix_projections(g: GraphBuilder, mixed, p, linear, normalize, H: int, N: in
     with g.scope(SC.GATE):
         gate = lora(g, xg, p("att.g1"), p("att.g2"), "Sigmoid")
 
-    kk = normalize(g, heads(g, g.Mul(k, p("att.k_k")), H, N))                   # (B,T,H,N)
+    kk = normalize(g, heads(g, g.Mul(k, p("att.k_k")), H, N))  # (B,T,H,N)
     k = g.Mul(k, g.Add(g.Mul(g.Sub(a, g.const(1.0)), p("att.k_a")), g.const(1.0)))
     if v_first is None:
         v_first = v

@@ -7,6 +7,7 @@
 One graph serves any batch >= 1 and any T >= 1; the state goes in and comes out.
 Linear weights are stored pre-transposed ([in, out]) so no Transpose runs at inference.
 """
+
 from __future__ import annotations
 
 import enum
@@ -27,7 +28,7 @@ from rwkv_opt.progress import tick
 
 
 class LogitsMode(str, enum.Enum):
-    ALL = "all"    # logits for every position (B,T,V)
+    ALL = "all"  # logits for every position (B,T,V)
     LAST = "last"  # only the last position (B,1,V): what prefill/decode needs
 
 
@@ -90,8 +91,15 @@ class _ModelBuilder:
         d = g.Sub(prev, xa)
         mixed = [B.lerp(g, xa, d, p(f"att.x_{m}")) for m in "rwkvag"]
         r, w, k, v, kk, a, gate, v_first = B.tmix_projections(
-            g, mixed, p, lambda x, n: g.MatMul(x, p(n, True)), B.l2_normalize, c.n_head, c.head_size,
-            None if i == 0 else v_first)
+            g,
+            mixed,
+            p,
+            lambda x, n: g.MatMul(x, p(n, True)),
+            B.l2_normalize,
+            c.n_head,
+            c.head_size,
+            None if i == 0 else v_first,
+        )
 
         H, N = c.n_head, c.head_size
         rh, wh, kh, vh, ah = (B.heads(g, t, H, N) for t in (r, w, k, v, a))
@@ -116,21 +124,26 @@ class _ModelBuilder:
             with g.scope(S.DEEPEMBED):
                 r = c.d_srank
                 semb = g.Gather(g.weight(P + "ffn.s_emb.weight.folded", self.w.s_emb_folded(i)), tokens)
-                semb = g.Reshape(semb, g.ints(0, 0, r, r))                       # (B,T,r,r)
+                semb = g.Reshape(semb, g.ints(0, 0, r, r))  # (B,T,r,r)
                 ss = g.MatMul(g.Unsqueeze(g.MatMul(xf, p("ffn.s1")), g.ints(-2)), semb)
-                ss = g.Squeeze(ss, g.ints(-2))                                   # (B,T,r)
+                ss = g.Squeeze(ss, g.ints(-2))  # (B,T,r)
                 h = g.Mul(h, g.Add(g.MatMul(ss, p("ffn.s2")), p("ffn.s0")))
         return g.Add(x, g.MatMul(h, p("ffn.value.weight", True))), ffn_next
 
     def metadata(self) -> dict:
         c = self.cfg
         return {
-            Key.N_LAYER: c.n_layer, Key.N_EMBD: c.n_embd, Key.HEAD_SIZE: c.head_size,
-            Key.VOCAB: c.vocab, Key.VARIANT: c.variant.value,
-            Key.CONFIG: json.dumps(c.to_dict()), Key.LOGITS: self.opts.logits.value,
+            Key.N_LAYER: c.n_layer,
+            Key.N_EMBD: c.n_embd,
+            Key.HEAD_SIZE: c.head_size,
+            Key.VOCAB: c.vocab,
+            Key.VARIANT: c.variant.value,
+            Key.CONFIG: json.dumps(c.to_dict()),
+            Key.LOGITS: self.opts.logits.value,
             Key.PRECISION: json.dumps({"weights": "fp32", "activations": "fp32", "wkv": "fp32"}),
             Key.STATE_DTYPES: json.dumps({"x_tmix": "float32", "wkv": "float32", "x_cmix": "float32"}),
-            Key.VERSION: __version__, Key.SOURCE_DIGEST: self.w.digest or "synthetic",
+            Key.VERSION: __version__,
+            Key.SOURCE_DIGEST: self.w.digest or "synthetic",
         }
 
 

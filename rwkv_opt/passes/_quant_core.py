@@ -22,6 +22,7 @@ Nodes:
   DynamicQuantizeMatMul (com.microsoft)  B int8 (K, N) per-column symmetric, b_scale (N,);
                                      the activation is quantized to uint8 per tensor at run time.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -86,14 +87,15 @@ def _codes(w: np.ndarray, s: np.ndarray, z: np.ndarray | None, bits: int) -> np.
 
 
 def rtn(w_KN: np.ndarray, bits: int, block: int, symmetric: bool) -> BlockQuant:
-    w = _blocks(np.asarray(w_KN, np.float32), block)                     # (G, block, N)
-    s, z = block_params(w, bits, symmetric)                               # (G, N)
+    w = _blocks(np.asarray(w_KN, np.float32), block)  # (G, block, N)
+    s, z = block_params(w, bits, symmetric)  # (G, N)
     q = _codes(w, s[:, None], None if z is None else z[:, None], bits)
     return BlockQuant(q.reshape(-1, w.shape[-1]).astype(np.uint8), s, z, bits, block, w_KN.shape[0])
 
 
-def gptq(w_KN: np.ndarray, h_KK: np.ndarray, bits: int, block: int, symmetric: bool,
-         percdamp: float = 0.1, lazy: int = 128) -> BlockQuant:
+def gptq(
+    w_KN: np.ndarray, h_KK: np.ndarray, bits: int, block: int, symmetric: bool, percdamp: float = 0.1, lazy: int = 128
+) -> BlockQuant:
     """GPTQ with per-block ranges taken from the error-updated weights when each block starts.
 
     h_KK is X^T X of the layer's inputs (any positive scale). Rows are visited in order (no
@@ -109,7 +111,7 @@ def gptq(w_KN: np.ndarray, h_KK: np.ndarray, bits: int, block: int, symmetric: b
     H[dead, dead] = 1.0
     W[dead] = 0.0
     H[np.diag_indices_from(H)] += percdamp * np.mean(np.diag(H))
-    U = np.linalg.cholesky(np.linalg.inv(H)).T                           # upper Cholesky of H^-1
+    U = np.linalg.cholesky(np.linalg.inv(H)).T  # upper Cholesky of H^-1
     Q = np.zeros_like(W, dtype=np.uint8)
     S = np.zeros((g, n), np.float32)
     Z = None if symmetric else np.zeros((g, n), np.float32)
@@ -119,7 +121,7 @@ def gptq(w_KN: np.ndarray, h_KK: np.ndarray, bits: int, block: int, symmetric: b
         E = np.zeros((i2 - i1, n), np.float32)
         for i in range(i1, i2):
             if i % block == 0:
-                s, z = block_params(W[i:i + block], bits, symmetric)
+                s, z = block_params(W[i : i + block], bits, symmetric)
                 S[i // block] = s
                 if Z is not None:
                     Z[i // block] = z
@@ -129,7 +131,7 @@ def gptq(w_KN: np.ndarray, h_KK: np.ndarray, bits: int, block: int, symmetric: b
             Q[i] = q
             deq = (q - ((1 << (bits - 1)) if zz is None else zz)) * S[b]
             e = (W[i] - deq) / U[i, i]
-            W[i + 1:i2] -= np.outer(U[i, i + 1:i2], e)
+            W[i + 1 : i2] -= np.outer(U[i, i + 1 : i2], e)
             E[i - i1] = e
         W[i2:] -= U[i1:i2, i2:].T @ E
     return BlockQuant(Q, S, Z, bits, block, k)
@@ -145,17 +147,18 @@ def int8_per_column(w_KN: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 # ---- packing and nodes ---------------------------------------------------------------------------
 
+
 def pack_nbits(bq: BlockQuant) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """-> (B uint8 (N, G, block*bits/8), scales (N, G), zero points uint8 (N, ceil(G*bits/8)) | None)."""
     g, n = bq.s.shape
-    q = bq.q.reshape(g, bq.block, n).transpose(2, 0, 1)                  # (N, G, block)
+    q = bq.q.reshape(g, bq.block, n).transpose(2, 0, 1)  # (N, G, block)
     if bq.bits == 4:
         b = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
     else:
         b = q.astype(np.uint8)
     zp = None
     if bq.z is not None:
-        z = bq.z.T.astype(np.uint8)                                      # (N, G)
+        z = bq.z.T.astype(np.uint8)  # (N, G)
         if bq.bits == 4:
             if g % 2:
                 z = np.concatenate([z, np.zeros((n, 1), np.uint8)], 1)
@@ -164,24 +167,37 @@ def pack_nbits(bq: BlockQuant) -> tuple[np.ndarray, np.ndarray, np.ndarray | Non
     return np.ascontiguousarray(b), np.ascontiguousarray(bq.s.T), zp
 
 
-def matmul_nbits_node(name: str, x: str, y: str, weight: str, bq: BlockQuant, accuracy_level: int,
-                      scale_dtype=np.float32) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
+def matmul_nbits_node(
+    name: str, x: str, y: str, weight: str, bq: BlockQuant, accuracy_level: int, scale_dtype=np.float32
+) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
     b, s, zp = pack_nbits(bq)
     inits = [make_tensor(b, f"{weight}.q{bq.bits}"), make_tensor(s.astype(scale_dtype), f"{weight}.scales")]
     ins = [x, inits[0].name, inits[1].name]
     if zp is not None:
         inits.append(make_tensor(zp, f"{weight}.zero_points"))
         ins.append(inits[2].name)
-    node = helper.make_node("MatMulNBits", ins, [y], name=name, domain=MS_DOMAIN, K=bq.k, N=s.shape[0],
-                            bits=bq.bits, block_size=bq.block, accuracy_level=accuracy_level)
+    node = helper.make_node(
+        "MatMulNBits",
+        ins,
+        [y],
+        name=name,
+        domain=MS_DOMAIN,
+        K=bq.k,
+        N=s.shape[0],
+        bits=bq.bits,
+        block_size=bq.block,
+        accuracy_level=accuracy_level,
+    )
     return node, inits
 
 
-def dynamic_int8_node(name: str, x: str, y: str, weight: str, w_KN: np.ndarray
-                      ) -> tuple[onnx.NodeProto, list[onnx.TensorProto], np.ndarray]:
+def dynamic_int8_node(
+    name: str, x: str, y: str, weight: str, w_KN: np.ndarray
+) -> tuple[onnx.NodeProto, list[onnx.TensorProto], np.ndarray]:
     """DynamicQuantizeMatMul over per-column int8 weights; also returns the dequantized weight."""
     q, s = int8_per_column(w_KN)
     inits = [make_tensor(q, f"{weight}.q8"), make_tensor(s, f"{weight}.scale")]
-    node = helper.make_node("DynamicQuantizeMatMul", [x, inits[0].name, inits[1].name], [y], name=name,
-                            domain=MS_DOMAIN)
+    node = helper.make_node(
+        "DynamicQuantizeMatMul", [x, inits[0].name, inits[1].name], [y], name=name, domain=MS_DOMAIN
+    )
     return node, inits, q.astype(np.float32) * s

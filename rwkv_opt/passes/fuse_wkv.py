@@ -30,6 +30,7 @@ are named under the Scan's scope (`/blocks.{i}/att/wkv/fused/...`, the original 
 name inside the Scan branch), so precision passes can still address the WKV, which stays fp32.
 Every branch keeps the graph valid for any batch and T >= 1. Needs opset >= 18 (Pad with axes).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,15 +49,15 @@ from rwkv_opt.tensorstore import read_array
 from rwkv_opt.passes.base import Pass, PassConfig, PassResult, drop_dead, mark_applied, register
 
 ROLES = ("r", "w", "k", "v", "kk", "b")
-COLUMNS = {"r", "v", "kk"}      # body inputs shaped (B,H,N,1); the others are (B,H,1,N)
+COLUMNS = {"r", "v", "kk"}  # body inputs shaped (B,H,N,1); the others are (B,H,1,N)
 MIN_OPSET = 18
-SHAPE_OPS = {"Reshape", "Unsqueeze", "Squeeze", "Identity"}   # commute with Exp / Log
+SHAPE_OPS = {"Reshape", "Unsqueeze", "Squeeze", "Identity"}  # commute with Exp / Log
 
 
 class FuseMode(str, enum.Enum):
-    AUTO = "auto"          # If on T: step (T == 1), original Scan (T < min_chunked_len), chunked
-    CHUNKED = "chunked"    # the chunked form for every T
-    STEP = "step"          # the direct step alone, no If: a decode-only graph (T must be 1)
+    AUTO = "auto"  # If on T: step (T == 1), original Scan (T < min_chunked_len), chunked
+    CHUNKED = "chunked"  # the chunked form for every T
+    STEP = "step"  # the direct step alone, no If: a decode-only graph (T must be 1)
     FUNCTION = "function"  # one rwkv7.WKV7 node per site, its body (the AUTO dispatch) an ONNX function
 
 
@@ -66,8 +67,8 @@ FUNCTION_INPUTS = (*ROLES, "state")
 
 @dataclass(frozen=True)
 class FuseWkvConfig(PassConfig):
-    chunk: int = 64              # chunk length L of the chunked form (even, <= 64, multiple of 16 above 16)
-    min_chunked_len: int = 32    # shortest T that takes the chunked form; shorter T > 1 keeps the Scan
+    chunk: int = 64  # chunk length L of the chunked form (even, <= 64, multiple of 16 above 16)
+    min_chunked_len: int = 32  # shortest T that takes the chunked form; shorter T > 1 keeps the Scan
     mode: FuseMode = FuseMode.AUTO
 
     def problem(self) -> str | None:
@@ -83,7 +84,7 @@ class WkvScan:
     """A matched WKV Scan: the node, its scan inputs by role, and the head shape."""
 
     node: onnx.NodeProto
-    inputs: dict[str, str]   # role -> outer tensor fed to the Scan ((B,T,H,N,1) or (B,T,H,1,N))
+    inputs: dict[str, str]  # role -> outer tensor fed to the Scan ((B,T,H,N,1) or (B,T,H,1,N))
     H: int
     N: int
 
@@ -192,8 +193,8 @@ class _Site:
 
     scan: WkvScan
     prefix: str
-    x: dict[str, str]            # role -> (B,T,H,N) tensor
-    logw: tuple | None           # (Exp input, shape-only nodes to replay on it) when w = Exp(.)
+    x: dict[str, str]  # role -> (B,T,H,N) tensor
+    logw: tuple | None  # (Exp input, shape-only nodes to replay on it) when w = Exp(.)
     y_name: str
     s_name: str
 
@@ -255,8 +256,12 @@ def _site(graph: onnx.GraphProto, scan: WkvScan, main: _Scoped, prefix: str, pro
     x = {role: _bthn(scan, role, main, prod, consts) for role in ROLES}
     y5 = scan.node.output[1]
     users = [n for n in graph.node if y5 in n.input]
-    absorb = (len(users) == 1 and users[0].op_type == "Squeeze" and _axes(consts, users[0]) in ([-1], [4])
-              and y5 not in {o.name for o in graph.output})
+    absorb = (
+        len(users) == 1
+        and users[0].op_type == "Squeeze"
+        and _axes(consts, users[0]) in ([-1], [4])
+        and y5 not in {o.name for o in graph.output}
+    )
     y_name = users[0].output[0] if absorb else _unabsorbed_y(prefix)
     return _Site(scan, prefix, x, _log_decay(prod, x["w"]), y_name, scan.node.output[0])
 
@@ -264,8 +269,9 @@ def _site(graph: onnx.GraphProto, scan: WkvScan, main: _Scoped, prefix: str, pro
 def _step_branch(opset: int, site: _Site) -> onnx.GraphProto:
     b, sc, x = _Scoped(opset, f"{site.prefix}/step"), site.scan, site.x
     y, s = wkv_step(b, sc.H, sc.N, *(x[r] for r in ROLES), sc.node.input[0])
-    return b.branch([(y, f"/{site.prefix}/step/y", [None, 1, sc.H, sc.N]),
-                     (s, f"/{site.prefix}/step/s", [None, sc.H, sc.N, sc.N])])
+    return b.branch(
+        [(y, f"/{site.prefix}/step/y", [None, 1, sc.H, sc.N]), (s, f"/{site.prefix}/step/s", [None, sc.H, sc.N, sc.N])]
+    )
 
 
 def _scan_branch(opset: int, site: _Site) -> onnx.GraphProto:
@@ -280,8 +286,12 @@ def _scan_branch(opset: int, site: _Site) -> onnx.GraphProto:
     s, y5 = b.op("Scan", sc.node.input[0], *(roles[order[t]] for t in sc.node.input[1:]), outputs=2, **attrs)
     b.nodes[-1].name = sc.node.name
     y = b.Squeeze(y5, b.ints(-1))
-    return b.branch([(y, f"/{site.prefix}/scan/y", [None, None, sc.H, sc.N]),
-                     (s, f"/{site.prefix}/scan/s", [None, sc.H, sc.N, sc.N])])
+    return b.branch(
+        [
+            (y, f"/{site.prefix}/scan/y", [None, None, sc.H, sc.N]),
+            (s, f"/{site.prefix}/scan/s", [None, sc.H, sc.N, sc.N]),
+        ]
+    )
 
 
 def _chunked(b: GraphBuilder, site: _Site, chunk: int) -> tuple[Value, Value]:
@@ -298,36 +308,51 @@ def _chunked(b: GraphBuilder, site: _Site, chunk: int) -> tuple[Value, Value]:
 def _chunked_branch(opset: int, site: _Site, chunk: int) -> onnx.GraphProto:
     b, sc = _Scoped(opset, f"{site.prefix}/chunked"), site.scan
     y, s = _chunked(b, site, chunk)
-    return b.branch([(y, f"/{site.prefix}/chunked/y", [None, None, sc.H, sc.N]),
-                     (s, f"/{site.prefix}/chunked/s", [None, sc.H, sc.N, sc.N])])
+    return b.branch(
+        [
+            (y, f"/{site.prefix}/chunked/y", [None, None, sc.H, sc.N]),
+            (s, f"/{site.prefix}/chunked/s", [None, sc.H, sc.N, sc.N]),
+        ]
+    )
 
 
 def _dispatch(main: _Scoped, opset: int, site: _Site, cfg: FuseWkvConfig) -> tuple[Value, Value]:
     """The If tree on T = Shape(r)[1] (see the module docstring) -> (y, s)."""
     sc = site.scan
     # T from the (B,T,H,N) r the Scan reads (Shape is dtype-neutral: precision passes leave it)
-    T = main.Shape(site.x["r"], start=1, end=2)                                  # (1,) int64
+    T = main.Shape(site.x["r"], start=1, end=2)  # (1,) int64
     longer = _chunked_branch(opset, site, cfg.chunk)
     if cfg.min_chunked_len > 2:
         inner = _Scoped(opset, f"{site.prefix}/multi")
         short = main.Less(T, main.ints(cfg.min_chunked_len))
         y, s = inner.If(short, then_branch=_scan_branch(opset, site), else_branch=longer, outputs=2)
-        longer = inner.branch([(y, f"/{site.prefix}/multi/y", [None, None, sc.H, sc.N]),
-                               (s, f"/{site.prefix}/multi/s", [None, sc.H, sc.N, sc.N])])
+        longer = inner.branch(
+            [
+                (y, f"/{site.prefix}/multi/y", [None, None, sc.H, sc.N]),
+                (s, f"/{site.prefix}/multi/s", [None, sc.H, sc.N, sc.N]),
+            ]
+        )
     one = main.Equal(T, main.ints(1))
     return main.If(one, then_branch=_step_branch(opset, site), else_branch=longer, outputs=2)
 
 
-def _rewrite(graph: onnx.GraphProto, scan: WkvScan, opset: int, taken: set, cfg: FuseWkvConfig,
-             prod: dict, consts: dict) -> tuple[list, list, _Site]:
+def _rewrite(
+    graph: onnx.GraphProto, scan: WkvScan, opset: int, taken: set, cfg: FuseWkvConfig, prod: dict, consts: dict
+) -> tuple[list, list, _Site]:
     """The nodes (and their initializers) that replace `scan`; they produce its state output and y
     under the site's names."""
     prefix = _fresh_prefix(scan.node, taken)
     main = _Scoped(opset, prefix)
     site = _site(graph, scan, main, prefix, prod, consts)
     if FuseMode(cfg.mode) is FuseMode.FUNCTION:
-        y, s = main.op(FUNCTION_NAME, *(site.x[r] for r in ROLES), scan.node.input[0], outputs=2,
-                       domain=FUNCTION_DOMAIN, name=FUNCTION_NAME)
+        y, s = main.op(
+            FUNCTION_NAME,
+            *(site.x[r] for r in ROLES),
+            scan.node.input[0],
+            outputs=2,
+            domain=FUNCTION_DOMAIN,
+            name=FUNCTION_NAME,
+        )
     elif FuseMode(cfg.mode) is FuseMode.CHUNKED:
         y, s = _chunked(main, site, cfg.chunk)
     elif FuseMode(cfg.mode) is FuseMode.STEP:
@@ -337,9 +362,12 @@ def _rewrite(graph: onnx.GraphProto, scan: WkvScan, opset: int, taken: set, cfg:
         y, s = _dispatch(main, opset, site, cfg)
     main.output(s, site.s_name, FLOAT, None)
     main.output(y, site.y_name, FLOAT, None)
-    if site.y_name == _unabsorbed_y(site.prefix):   # y's other readers get the 5-D tensor they had
-        main.nodes.append(helper.make_node("Unsqueeze", [site.y_name, main.ints(-1)], [scan.node.output[1]],
-                                           name=f"/{prefix}/Unsqueeze_y"))
+    if site.y_name == _unabsorbed_y(site.prefix):  # y's other readers get the 5-D tensor they had
+        main.nodes.append(
+            helper.make_node(
+                "Unsqueeze", [site.y_name, main.ints(-1)], [scan.node.output[1]], name=f"/{prefix}/Unsqueeze_y"
+            )
+        )
     return main.nodes, list(main.initializers.values()), site
 
 
@@ -361,8 +389,14 @@ def wkv7_function(opset: int, scan: WkvScan, cfg: FuseWkvConfig) -> onnx.Functio
     body = consts + list(b.nodes)
     for n in body:
         n.output[:] = [rename.get(o, o) for o in n.output]
-    return helper.make_function(FUNCTION_DOMAIN, FUNCTION_NAME, list(FUNCTION_INPUTS), ["y", "state_out"], body,
-                                opset_imports=[helper.make_opsetid("", opset)])
+    return helper.make_function(
+        FUNCTION_DOMAIN,
+        FUNCTION_NAME,
+        list(FUNCTION_INPUTS),
+        ["y", "state_out"],
+        body,
+        opset_imports=[helper.make_opsetid("", opset)],
+    )
 
 
 def _splice(g: onnx.GraphProto, plans: dict) -> list[_Site]:
@@ -380,8 +414,8 @@ def _splice(g: onnx.GraphProto, plans: dict) -> list[_Site]:
     del g.node[:]
     g.node.extend(new)
     g.initializer.extend(i for _, inits, _ in plans.values() for i in inits)
-    drop_dead(g)   # the Unsqueezes that fed the Scans (the Scan branch makes its own), their
-                   # constants, and the value_info of the Scans' 5-D y
+    drop_dead(g)  # the Unsqueezes that fed the Scans (the Scan branch makes its own), their
+    # constants, and the value_info of the Scans' 5-D y
     return sites
 
 
@@ -411,15 +445,19 @@ class FuseWkv(Pass):
         version = opset(out)
         prod = {o: n for n in g.node for o in n.output}
         consts = {i.name: read_array(i) for i in g.initializer if i.data_type == onnx.TensorProto.INT64}
-        plans = {scan.node.output[0]: _rewrite(g, scan, version, taken, self.config, prod, consts)
-                 for scan in find_wkv_scans(g)}
+        plans = {
+            scan.node.output[0]: _rewrite(g, scan, version, taken, self.config, prod, consts)
+            for scan in find_wkv_scans(g)
+        }
         sites = _splice(g, plans)
         if FuseMode(self.config.mode) is FuseMode.FUNCTION:
             out.functions.append(wkv7_function(version, sites[0].scan, self.config))
             out.opset_import.append(helper.make_opsetid(FUNCTION_DOMAIN, 1))
         mark_applied(out, self.name)
-        notes = [f"fused {len(sites)} WKV Scan(s) (mode {FuseMode(self.config.mode).value}, chunk "
-                 f"{self.config.chunk}, min_chunked_len {self.config.min_chunked_len}) under "
-                 f"{', '.join('/' + s.prefix for s in sites)}",
-                 f"log decay read before its Exp in {sum(s.logw is not None for s in sites)} of {len(sites)}"]
+        notes = [
+            f"fused {len(sites)} WKV Scan(s) (mode {FuseMode(self.config.mode).value}, chunk "
+            f"{self.config.chunk}, min_chunked_len {self.config.min_chunked_len}) under "
+            f"{', '.join('/' + s.prefix for s in sites)}",
+            f"log decay read before its Exp in {sum(s.logw is not None for s in sites)} of {len(sites)}",
+        ]
         return PassResult(out, True, notes)

@@ -6,6 +6,7 @@ the model's contract layout (see rwkv_opt.graph.contract). Inputs are checked be
 (integer ids of shape (batch, seq), every state tensor with the model's shape and dtype and the
 tokens' batch): each violation is one RwkvOptError sentence, never a silent cast or broadcast.
 """
+
 from __future__ import annotations
 
 import re
@@ -27,8 +28,13 @@ def available_providers() -> list[Provider]:
     return [p for p in Provider if p.ort_name in have]
 
 
-def session_options(threads: int | None = None, opt_level: str = "all", profile: str | None = None,
-                    low_memory: bool = False, quantized: bool = False):
+def session_options(
+    threads: int | None = None,
+    opt_level: str = "all",
+    profile: str | None = None,
+    low_memory: bool = False,
+    quantized: bool = False,
+):
     """ORT options for our models: intra-op `threads`, one inter-op thread (the graph is one chain),
     ORT's graph optimizations at `opt_level`. ORT's saved optimized model is not used: measured on the
     0.1B cpu-fp32 artifact (2 cores) it cuts session load from 0.41 to 0.30-0.35 s, for a second,
@@ -59,17 +65,34 @@ def _read_meta(path: Path) -> dict[str, str]:
 
 
 # what onnxruntime raises for a model it cannot load (a damaged file, a missing .data file, a bad graph)
-_ORT_LOAD_ERRORS = tuple(getattr(ort.capi.onnxruntime_pybind11_state, n) for n in
-                         ("Fail", "InvalidArgument", "NoSuchFile", "InvalidProtobuf", "InvalidGraph",
-                          "RuntimeException", "NotImplemented"))
+_ORT_LOAD_ERRORS = tuple(
+    getattr(ort.capi.onnxruntime_pybind11_state, n)
+    for n in (
+        "Fail",
+        "InvalidArgument",
+        "NoSuchFile",
+        "InvalidProtobuf",
+        "InvalidGraph",
+        "RuntimeException",
+        "NotImplemented",
+    )
+)
 
 
 class Session:
     """An ORT session over an artifact directory (or a model.onnx path)."""
 
-    def __init__(self, artifact, provider: Provider | str = Provider.CPU, threads: int | None = None,
-                 opt_level: str = "all", profile: str | None = None, max_chunk: int = 1024,
-                 low_memory: bool = False, verify: bool = False):
+    def __init__(
+        self,
+        artifact,
+        provider: Provider | str = Provider.CPU,
+        threads: int | None = None,
+        opt_level: str = "all",
+        profile: str | None = None,
+        max_chunk: int = 1024,
+        low_memory: bool = False,
+        verify: bool = False,
+    ):
         """`verify`: check every file against the sha256 its manifest records first (reads them all once)."""
         self.path = model_path(Path(artifact))
         if verify:
@@ -79,13 +102,17 @@ class Session:
         self.logits_mode = Meta(self.meta).logits
         self.provider = Provider(provider)
         if self.provider not in available_providers():
-            raise RwkvOptError(f"execution provider '{self.provider.value}' is not available in this onnxruntime "
-                               f"(have: {', '.join(p.value for p in available_providers())}); "
-                               "install onnxruntime-gpu for CUDA or use --providers cpu.")
+            raise RwkvOptError(
+                f"execution provider '{self.provider.value}' is not available in this onnxruntime "
+                f"(have: {', '.join(p.value for p in available_providers())}); "
+                "install onnxruntime-gpu for CUDA or use --providers cpu."
+            )
         providers = [self.provider.ort_name] + (["CPUExecutionProvider"] if self.provider is not Provider.CPU else [])
-        so = session_options(threads, opt_level, profile, low_memory, quantized=Meta(self.meta).quantization is not None)
+        so = session_options(
+            threads, opt_level, profile, low_memory, quantized=Meta(self.meta).quantization is not None
+        )
         if Meta(self.meta).sampler == "sampling":  # its overridable defaults would each log a warning
-            so.log_severity_level = 3                    # (passes/sampling_head.py); errors still show
+            so.log_severity_level = 3  # (passes/sampling_head.py); errors still show
         self.sess = self._load(so, providers)
         self.inputs = {i.name: i for i in self.sess.get_inputs()}
         self.output_names = [o.name for o in self.sess.get_outputs()]
@@ -107,8 +134,9 @@ class Session:
     # ---- state ----------------------------------------------------------------------------------
     def _state_dtype(self, name: str):
         t = self.inputs[name].type  # e.g. 'tensor(float)'
-        return {"tensor(float)": np.float32, "tensor(float16)": np.float16,
-                "tensor(bfloat16)": ml_dtypes.bfloat16}.get(t, np.float32)
+        return {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bfloat16)": ml_dtypes.bfloat16}.get(
+            t, np.float32
+        )
 
     def zero_state(self, batch: int = 1) -> dict[str, np.ndarray]:
         return {name: np.zeros(shape, dtype) for name, (shape, dtype) in self.zero_state_spec(batch).items()}
@@ -122,11 +150,14 @@ class Session:
         try:
             arr = np.asarray(tokens)
         except ValueError:
-            raise RwkvOptError("token ids must form a rectangular (batch, seq) array; the rows differ in length.") \
-                from None
+            raise RwkvOptError(
+                "token ids must form a rectangular (batch, seq) array; the rows differ in length."
+            ) from None
         if arr.dtype.kind not in "iu":
-            raise RwkvOptError(f"token ids must be integers, got {arr.dtype} values; convert them with "
-                               "np.asarray(ids, np.int64) after checking they are whole numbers.")
+            raise RwkvOptError(
+                f"token ids must be integers, got {arr.dtype} values; convert them with "
+                "np.asarray(ids, np.int64) after checking they are whole numbers."
+            )
         if arr.ndim not in (1, 2):
             raise RwkvOptError(f"token ids must have shape (batch, seq) or (seq,), got shape {arr.shape}.")
         arr = np.atleast_2d(arr)
@@ -151,11 +182,15 @@ class Session:
             v = state[name]
             got = getattr(v, "shape", None)
             if got is not None and len(got) and got[0] != batch and tuple(got[1:]) == shape[1:]:
-                raise RwkvOptError(f"state '{name}' has batch {got[0]} but the tokens have batch {batch}; "
-                                   "use a state of the same batch.")
+                raise RwkvOptError(
+                    f"state '{name}' has batch {got[0]} but the tokens have batch {batch}; "
+                    "use a state of the same batch."
+                )
             if not isinstance(v, np.ndarray) or v.shape != shape or v.dtype != dtype:
-                raise RwkvOptError(f"state '{name}' must be a {np.dtype(dtype).name} array of shape {shape}, got "
-                                   f"{getattr(v, 'dtype', type(v).__name__)} {got}.")
+                raise RwkvOptError(
+                    f"state '{name}' must be a {np.dtype(dtype).name} array of shape {shape}, got "
+                    f"{getattr(v, 'dtype', type(v).__name__)} {got}."
+                )
 
     def zero_state_spec(self, batch: int) -> dict[str, tuple[tuple[int, ...], type]]:
         """Each state input's (shape, dtype) for `batch`, from the model's config and input types."""
@@ -189,7 +224,7 @@ class Session:
             self.check_state(state, tokens.shape[0])
         logits = []
         for s in range(0, tokens.shape[1], self.max_chunk):
-            out, state = self._step(tokens[:, s:s + self.max_chunk], state)
+            out, state = self._step(tokens[:, s : s + self.max_chunk], state)
             logits.append(out[contract.LOGITS])
         if self.logits_mode == "last" or len(logits) == 1:
             return logits[-1], state

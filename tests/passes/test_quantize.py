@@ -1,4 +1,5 @@
 """quantize pass: op types, exclusions, numerics vs the fp32 graph, refusals, calibration, targets."""
+
 from __future__ import annotations
 
 import fnmatch
@@ -49,8 +50,10 @@ def _logits(model, cfg, tokens, optimize=False):
     return ort_session(model, optimize=optimize).run(["head"], feed)[0]
 
 
-@pytest.mark.parametrize("scheme,op,bits", [("int8", "DynamicQuantizeMatMul", None),
-                                            ("nbits8", "MatMulNBits", 8), ("nbits4", "MatMulNBits", 4)])
+@pytest.mark.parametrize(
+    "scheme,op,bits",
+    [("int8", "DynamicQuantizeMatMul", None), ("nbits8", "MatMulNBits", 8), ("nbits4", "MatMulNBits", 4)],
+)
 def test_op_types(base, scheme, op, bits):
     out = _quantize(base, scheme=scheme)
     before = {n.name: n.op_type for n in base.graph.node}
@@ -75,12 +78,12 @@ def test_exclusions_stay_float(base):
     kept = 0
     for n in out.graph.node:
         if any(s in n.name for s in FLOAT_SCOPES):
-            assert n == nodes_before[n.name], f"{n.name} changed"     # Scan bodies included
+            assert n == nodes_before[n.name], f"{n.name} changed"  # Scan bodies included
             for i in n.input:
                 if i in inits_before:
                     assert inits_after[i] == inits_before[i], f"{i} changed"
             kept += n.op_type == "MatMul"
-    assert kept >= 8 * int(get_meta(base, "rwkv_opt.n_layer")) - 2   # 4 LoRA pairs (layer 0: no v_mix)
+    assert kept >= 8 * int(get_meta(base, "rwkv_opt.n_layer")) - 2  # 4 LoRA pairs (layer 0: no v_mix)
     assert not [n.name for n in out.graph.node if n.op_type == "MatMul" and _big(n.name)]
 
 
@@ -94,7 +97,7 @@ def test_overrides_and_embedding(base):
     assert bits(ops["/blocks.1/att/MatMul_3"]) == 4
     assert ops["/emb"].op_type == "GatherBlockQuantized" and bits(ops["/emb"]) == 4
     assert {a.name: a.i for a in ops["/emb"].attribute}["block_size"] == 64
-    for n in out.graph.node:                                  # DeepEmbed tables take `embedding`
+    for n in out.graph.node:  # DeepEmbed tables take `embedding`
         if n.name.endswith("/deepembed/Gather"):
             assert n.op_type == "GatherBlockQuantized" and bits(n) == 8
     assert "emb.weight.ln0" not in {t.name for t in out.graph.initializer}
@@ -113,7 +116,7 @@ def test_exact_against_dequantized_weights(base, tiny_weights):
             w = numpy_helper.to_array(inits[n.input[1]])
             deq = qc.rtn(w, 4, 32, False).dequantize()
             inits[n.input[1]].CopyFrom(numpy_helper.from_array(deq, n.input[1]))
-        elif quantized[n.name] == "GatherBlockQuantized":        # emb, and DeepEmbed's s_emb tables
+        elif quantized[n.name] == "GatherBlockQuantized":  # emb, and DeepEmbed's s_emb tables
             w = numpy_helper.to_array(inits[n.input[0]])
             deq = np.ascontiguousarray(qc.rtn(w.T, 8, 32, False).dequantize().T)
             inits[n.input[0]].CopyFrom(numpy_helper.from_array(deq, n.input[0]))
@@ -172,7 +175,7 @@ def test_shared_weight_quantized_per_node(base7):
     shared = onnx.ModelProto()
     shared.CopyFrom(base7)
     nodes = {n.name: n for n in shared.graph.node}
-    nodes["/blocks.0/att/MatMul_1"].input[1] = nodes["/blocks.0/att/MatMul"].input[1]   # k reads r's weight
+    nodes["/blocks.0/att/MatMul_1"].input[1] = nodes["/blocks.0/att/MatMul"].input[1]  # k reads r's weight
     out = _quantize(shared, scheme="nbits4", overrides=(("/blocks.0/att/MatMul_1", "nbits8"),))
     ins = {n.name: list(n.input) for n in out.graph.node}
     assert ins["/blocks.0/att/MatMul"][1] != ins["/blocks.0/att/MatMul_1"][1]
@@ -184,12 +187,12 @@ def test_no_match_is_no_change(base):
 
 
 def test_gptq_calibrated_from_the_model(base, tiny_weights):
-    res = Quantize(QuantizeConfig(scheme="nbits4", algorithm="gptq", calibration_sequences=4,
-                                  calibration_length=32))(base)
+    res = Quantize(QuantizeConfig(scheme="nbits4", algorithm="gptq", calibration_sequences=4, calibration_length=32))(
+        base
+    )
     onnx.checker.check_model(res.model, full_check=True)
     assert any("gptq calibration: 4 x 32 tokens (sequences sampled from the model)" in n for n in res.notes)
-    assert sum(n.op_type == "MatMulNBits" for n in res.model.graph.node) == \
-        6 * tiny_weights.config.n_layer + 1
+    assert sum(n.op_type == "MatMulNBits" for n in res.model.graph.node) == 6 * tiny_weights.config.n_layer + 1
 
 
 def test_gptq_beats_rtn_on_held_out_inputs():
@@ -223,8 +226,14 @@ def test_calibration_text(tmp_path):
 
 def test_default_exclusions_cover_the_fragile_scopes():
     cfg = QuantizeConfig()
-    for name in ("/blocks.0/att/decay/MatMul", "/blocks.3/att/wkv/fused/If", "/blocks.1/att/a/MatMul_1",
-                 "/blocks.1/att/gate/MatMul", "/blocks.2/att/v_mix/MatMul", "/blocks.0/ffn/deepembed/MatMul"):
+    for name in (
+        "/blocks.0/att/decay/MatMul",
+        "/blocks.3/att/wkv/fused/If",
+        "/blocks.1/att/a/MatMul_1",
+        "/blocks.1/att/gate/MatMul",
+        "/blocks.2/att/v_mix/MatMul",
+        "/blocks.0/ffn/deepembed/MatMul",
+    ):
         assert cfg.resolve(name)[0].value == "float", name
     for name in ("/blocks.0/att/MatMul", "/blocks.11/ffn/MatMul_1", "/head/MatMul"):
         assert cfg.resolve(name) == ("nbits4", 128), name
@@ -251,8 +260,12 @@ def test_int4_target_quantizes_the_loras_at_8_bits(base7, tiny7):
     assert not any("/wkv/" in n.name for n in out.graph.node if n.op_type == "MatMulNBits")
     sizes = {t.name: t for t in out.graph.initializer}
     before = {t.name: t for t in base7.graph.initializer}
-    fp32 = sum(4 * int(np.prod(before[i].dims)) for n in base7.graph.node for i in n.input[1:2]
-               if n.name in {m.name for m in lora})
+    fp32 = sum(
+        4 * int(np.prod(before[i].dims))
+        for n in base7.graph.node
+        for i in n.input[1:2]
+        if n.name in {m.name for m in lora}
+    )
     q = sum(len(sizes[i].raw_data) for n in lora for i in n.input[1:])
     assert 2.5 < fp32 / q < 4.0, (fp32, q)
 
@@ -280,8 +293,11 @@ def test_pipeline_artifacts(tiny7, tmp_path, target):
     q = [p for p in man["passes"] if p["name"] == "quantize"][0]
     # cpu-int4 also quantizes the LoRAs: down + up of decay, a, gate and v_mix (which block 0 has not)
     loras = 8 * tiny7.config.n_layer - 2 if target == "cpu-int4" else 0
-    assert q["changed"] and q["ops_after"].get("MatMulNBits", 0) + q["ops_after"].get("DynamicQuantizeMatMul", 0) \
+    assert (
+        q["changed"]
+        and q["ops_after"].get("MatMulNBits", 0) + q["ops_after"].get("DynamicQuantizeMatMul", 0)
         == 6 * tiny7.config.n_layer + 1 + loras
+    )
     logits, _ = Session(tmp_path / target).forward(np.arange(5)[None])
     assert np.isfinite(logits).all()
 
