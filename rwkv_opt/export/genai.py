@@ -18,7 +18,6 @@ hard-linked into the output (or copied in chunks across filesystems), never held
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -26,7 +25,7 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto, helper
 
-from rwkv_opt.graph.contract import Genai
+from rwkv_opt.graph.contract import Genai, Key, Meta
 from rwkv_opt import __version__
 from rwkv_opt.artifact import (
     MANIFEST_FILE,
@@ -70,7 +69,7 @@ def export_genai(artifact: Path, out: Path) -> dict:
     model = onnx.load(str(model_path(artifact)), load_external_data=False)
     meta = {p.key: p.value for p in model.metadata_props}
     _refuse_heads(artifact, manifest, meta)
-    config = json.loads(meta["rwkv_opt.config"])
+    config = Meta(meta).config(where=str(model_path(artifact))).to_dict()
     rewire(model, config["n_layer"])
     onnx.checker.check_model(weightless(model))  # the graph alone: the checker refuses hard-linked data
     provider = manifest.get("provider", "cpu")
@@ -99,13 +98,13 @@ def export_genai(artifact: Path, out: Path) -> dict:
 
 def _refuse_heads(artifact: Path, manifest: dict, meta: dict[str, str]) -> None:
     """One sentence when the model is not a plain logits model: genai samples on the host."""
-    if "rwkv_opt.config" not in meta:
+    if Key.CONFIG not in meta:
         raise RwkvOptError(
             f"{artifact / MODEL_FILE} has no rwkv-opt metadata; export an artifact made by "
             "`rwkv-opt pipeline` or `rwkv-opt build`."
         )
     heads = list(manifest.get("heads") or [])
-    heads += [meta[k] for k in ("rwkv_opt.head", "rwkv_opt.train.head") if k in meta]
+    heads += [meta[k] for k in (Key.SAMPLER, Key.TRAIN + "head") if k in meta]
     if heads:
         raise RwkvOptError(
             f"{artifact} carries the '{heads[0]}' head, but onnxruntime-genai runs plain logits "

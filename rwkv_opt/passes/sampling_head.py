@@ -497,7 +497,7 @@ class SamplingHead(Pass):
         if out is None or len(out.type.tensor_type.shape.dim) != 3:
             return f"the model has no rank-3 '{contract.LOGITS}' (logits) output to sample from"
         names = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
-        if get_meta(model, "rwkv_opt.head") == NAME or TOKEN in names or OCCURRENCE in names:
+        if get_meta(model, contract.Key.SAMPLER) == NAME or TOKEN in names or OCCURRENCE in names:
             return "the model already has a sampling head (output 'y' / input 'occurence')"
         opset = onnx_util.opset(model)
         if opset < 16:
@@ -513,7 +513,7 @@ class SamplingHead(Pass):
 
     @staticmethod
     def _vocab(model: onnx.ModelProto) -> int | None:
-        meta = get_meta(model, "rwkv_opt.vocab")
+        meta = get_meta(model, contract.Key.VOCAB)
         if meta is not None:
             return int(meta)
         dim = _logits_info(model).type.tensor_type.shape.dim[2]
@@ -527,10 +527,10 @@ class SamplingHead(Pass):
         _append(model, g)
         if not cfg.emit_logits:
             model.graph.output.remove(logits)
-        set_meta(model, "rwkv_opt.head", NAME)
+        set_meta(model, contract.Key.SAMPLER, NAME)
         set_meta(
             model,
-            "rwkv_opt.sampling",
+            contract.Key.SAMPLING,
             json.dumps(
                 {
                     "defaults": {k: v.tolist() for k, v in sampling_feeds(SamplingParams()).items()},
