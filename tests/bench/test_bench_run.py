@@ -124,11 +124,7 @@ def test_unavailable_provider_refused_up_front(tiny_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "args, msg",
-    [
-        (["--providers", "tpu"], "unknown provider 'tpu'"),
-        (["--decode", "0"], "must be >= 1"),
-    ],
+    "args, msg", [(["--providers", "tpu"], "unknown provider 'tpu'"), (["--decode", "0"], "must be >= 1")]
 )
 def test_bad_settings_refused(tiny_dir, tmp_path, capsys, args, msg):
     assert cli_main(["bench", str(tiny_dir / "cpu-fp32"), *args, "-o", str(tmp_path / "r")]) == 2

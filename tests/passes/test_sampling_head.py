@@ -19,13 +19,7 @@ from onnx import TensorProto, helper
 
 from rwkv_opt.graph.model import BuildOptions, LogitsMode, build_model
 from rwkv_opt.passes.base import PassRefused, get_meta
-from rwkv_opt.passes.sampling_head import (
-    Config,
-    SamplingHead,
-    occurrence_from_onnx,
-    occurrence_to_onnx,
-    sampling_feeds,
-)
+from rwkv_opt.passes.sampling_head import Config, SamplingHead, occurrence_from_onnx, occurrence_to_onnx, sampling_feeds
 from rwkv_opt.reference.sampler import (
     OFFICIAL_PIPELINE_ARGS,
     Occurrence,

@@ -10,12 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from rwkv_opt.reference.tokenizer import (
-    StreamDecoder,
-    WorldTokenizer,
-    default_vocab_path,
-    load_world_tokenizer,
-)
+from rwkv_opt.reference.tokenizer import StreamDecoder, WorldTokenizer, default_vocab_path, load_world_tokenizer
 
 os.environ.setdefault("RWKV_V7_ON", "1")
 rwkv_tokenizer = pytest.importorskip("rwkv.rwkv_tokenizer")
