@@ -484,11 +484,13 @@ class SourceRef:
             return None
         if checkpoint is not None:
             candidates = [Path(checkpoint)]
-        else:
+        elif self.path:  # Path("") would be the current directory
             p = Path(self.path)
-            candidates = [p] + ([beside / p] if beside is not None and self.path and not p.is_absolute() else [])
+            candidates = [p] + ([beside / p] if beside is not None and not p.is_absolute() else [])
+        else:
+            candidates = []
         for path in candidates:
-            if str(path) and path.exists():  # a file, or a Hugging Face folder
+            if path.exists():  # a file, or a Hugging Face folder
                 return path
         raise RwkvOptError(
             f"the artifact was built from '{checkpoint or self.path}', which is not on this machine; "

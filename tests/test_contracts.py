@@ -67,6 +67,8 @@ def test_source_ref_refuses_weights_that_are_not_the_source(tmp_path):
     assert ref.load(tmp_path / "b.pth", same_weights=False).digest != w.digest  # training may start elsewhere
     with pytest.raises(RwkvOptError, match="not on this machine"):
         SourceRef(str(tmp_path / "gone.pth")).locate()
+    with pytest.raises(RwkvOptError, match="not on this machine"):  # an empty path is not the current directory
+        SourceRef("").locate(beside=tmp_path)
 
 
 def test_meta_reads_every_key_it_names(tiny7):
