@@ -10,6 +10,11 @@ outputs: head [batch, seq or 1, V], x_tmix_next_{i}, wkv_next_{i}, x_cmix_next_{
 
 from __future__ import annotations
 
+import json
+
+from rwkv_opt.config import ModelConfig
+from rwkv_opt.errors import RwkvOptError
+
 TOKENS = "x"
 LOGITS = "head"
 
@@ -106,10 +111,6 @@ class Meta:
         return self.props.get(key, default)
 
     def _json(self, key: str, default):
-        import json
-
-        from rwkv_opt.errors import RwkvOptError
-
         raw = self.props.get(key)
         if raw is None:
             return default
@@ -125,11 +126,6 @@ class Meta:
     def config(self, where: str = "the model"):
         """The ModelConfig, or None for a model rwkv-opt did not build; a malformed entry (not JSON,
         unknown keys, sizes that are not positive integers) is refused in one sentence naming `where`."""
-        import json
-
-        from rwkv_opt.config import ModelConfig
-        from rwkv_opt.errors import RwkvOptError
-
         if Key.CONFIG not in self.props:
             return None
         try:

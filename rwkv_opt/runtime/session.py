@@ -99,7 +99,8 @@ class Session:
             verify_files(self.path.parent)
         self.meta = _read_meta(self.path)
         self.config = model_config(self.path, self.meta)
-        self.logits_mode = Meta(self.meta).logits
+        meta = Meta(self.meta)
+        self.logits_mode = meta.logits
         self.provider = Provider(provider)
         if self.provider not in available_providers():
             raise RwkvOptError(
@@ -108,17 +109,15 @@ class Session:
                 "install onnxruntime-gpu for CUDA or use --providers cpu."
             )
         providers = [self.provider.ort_name] + (["CPUExecutionProvider"] if self.provider is not Provider.CPU else [])
-        so = session_options(
-            threads, opt_level, profile, low_memory, quantized=Meta(self.meta).quantization is not None
-        )
-        if Meta(self.meta).sampler == "sampling":  # its overridable defaults would each log a warning
+        so = session_options(threads, opt_level, profile, low_memory, quantized=meta.quantization is not None)
+        if meta.sampler == "sampling":  # its overridable defaults would each log a warning
             so.log_severity_level = 3  # (passes/sampling_head.py); errors still show
         self.sess = self._load(so, providers)
         self.inputs = {i.name: i for i in self.sess.get_inputs()}
         self.output_names = [o.name for o in self.sess.get_outputs()]
         self.max_chunk = max_chunk
         # the sampling head's `occurence` has a default, so ORT lists it as an overridable initializer
-        self.has_sampler = "occurence" in self.inputs or Meta(self.meta).sampler == "sampling"
+        self.has_sampler = "occurence" in self.inputs or meta.sampler == "sampling"
 
     def _load(self, options, providers) -> ort.InferenceSession:
         """The ORT session; a model ORT cannot load is one sentence (naming the changed file when the
