@@ -176,12 +176,10 @@ def test_modes_follow_the_umask(tmp_path, umask, dir_mode, file_mode):
     assert modes == dict.fromkeys(["manifest.json", "model.onnx", "model.onnx.data"], file_mode)
 
 
-@pytest.mark.parametrize("sig,when", [(signal.SIGTERM, "[4/4] verify"), (signal.SIGHUP, "[2/4] passes")])
-def test_signal_during_a_run_leaves_nothing(tmp_path, sig, when):
-    """SIGTERM while verify runs its temporary session, SIGHUP during the passes: no .tmp-* dir, scratch
-    weights or lock file stays, exit 130."""
+def _pipeline_signalled_at(out: Path, when: str, sig: int) -> subprocess.Popen:
+    """`rwkv-opt pipeline -o OUT`, sent `sig` when its stderr reaches the stage line starting with `when`."""
     p = subprocess.Popen(
-        [sys.executable, "-m", "rwkv_opt.cli", "pipeline", "-o", str(tmp_path / "out")],
+        [sys.executable, "-m", "rwkv_opt.cli", "pipeline", "-o", str(out)],
         cwd=REPO,
         env=ENV,
         stdout=subprocess.DEVNULL,
@@ -192,6 +190,14 @@ def test_signal_during_a_run_leaves_nothing(tmp_path, sig, when):
         if line.startswith(when):
             p.send_signal(sig)
             break
+    return p
+
+
+@pytest.mark.parametrize("sig,when", [(signal.SIGTERM, "[4/4] verify"), (signal.SIGHUP, "[2/4] passes")])
+def test_signal_during_a_run_leaves_nothing(tmp_path, sig, when):
+    """SIGTERM while verify runs its temporary session, SIGHUP during the passes: no .tmp-* dir, scratch
+    weights or lock file stays, exit 130."""
+    p = _pipeline_signalled_at(tmp_path / "out", when, sig)
     assert p.wait(timeout=120) == 130, "the run ended before the signal"
     assert "Traceback" not in p.stderr.read()
     assert list(tmp_path.iterdir()) == []
@@ -200,18 +206,7 @@ def test_signal_during_a_run_leaves_nothing(tmp_path, sig, when):
 def test_sigkill_leftovers_are_removed_by_the_next_run(tmp_path):
     """SIGKILL during verify cannot be caught: the staging dir (with its model) and the lock file stay; the
     next run into the same -o takes the dead run's lock and removes its staging dir."""
-    p = subprocess.Popen(
-        [sys.executable, "-m", "rwkv_opt.cli", "pipeline", "-o", str(tmp_path / "out")],
-        cwd=REPO,
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    for line in p.stderr:
-        if line.startswith("[4/4] verify"):
-            p.kill()
-            break
+    p = _pipeline_signalled_at(tmp_path / "out", "[4/4] verify", signal.SIGKILL)
     p.wait(timeout=120)
     left = sorted(q.name for q in tmp_path.iterdir())
     assert left[0] == ".out.lock" and left[1].startswith(f".out.tmp-{p.pid}-") and len(left) == 2, left

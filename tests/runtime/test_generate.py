@@ -107,52 +107,18 @@ def test_chat_keeps_the_state_between_turns(head_session, tok):
 
 
 def test_cli_generate_with_and_without_head(artifacts):
-    graph = cli("generate", artifacts["head"], "--prompt", "Once upon a time", "--max-tokens", "24", "--seed", "5")
+    def story(artifact, *options):
+        return cli("generate", artifacts[artifact], "--prompt", "Once upon a time", "--max-tokens", "24", *options)
+
+    graph = story("head", "--seed", "5")
     assert graph.returncode == 0, graph.stderr
     assert graph.stdout.strip() and "sampling in the graph" in graph.stderr and "Warning" not in graph.stderr
-    host = cli(
-        "generate",
-        artifacts["head"],
-        "--prompt",
-        "Once upon a time",
-        "--max-tokens",
-        "24",
-        "--seed",
-        "5",
-        "--sampler",
-        "host",
-    )
+    host = story("head", "--seed", "5", "--sampler", "host")
     assert host.returncode == 0 and host.stdout == graph.stdout and "on the host" in host.stderr
-    plain = cli(
-        "generate",
-        artifacts["plain"],
-        "--prompt",
-        "Once upon a time",
-        "--max-tokens",
-        "24",
-        "--preset",
-        "official",
-        "--temperature",
-        "0",
-        "--seed",
-        "1",
-    )
+    greedy = ("--preset", "official", "--temperature", "0")
+    plain = story("plain", *greedy, "--seed", "1")
     assert plain.returncode == 0 and plain.stdout.strip() and "on the host" in plain.stderr
-    greedy = cli(
-        "generate",
-        artifacts["plain"],
-        "--prompt",
-        "Once upon a time",
-        "--max-tokens",
-        "24",
-        "--preset",
-        "official",
-        "--temperature",
-        "0",
-        "--seed",
-        "2",
-    )
-    assert greedy.stdout == plain.stdout
+    assert story("plain", *greedy, "--seed", "2").stdout == plain.stdout  # temperature 0: the seed does not matter
     bad = cli("generate", artifacts["plain"], "--prompt", "x", "--sampler", "graph")
     assert bad.returncode == 2 and "no sampling head" in bad.stderr and "Traceback" not in bad.stderr
 
