@@ -16,7 +16,6 @@ Per artifact:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from collections import Counter, defaultdict
@@ -112,7 +111,7 @@ def profile(art: Path, model: onnx.ModelProto, threads: int, steps: int, prompt:
             _, st = s.forward(toks[:, :prompt])
             for t in range(steps):
                 _, st = s.forward(toks[:, prompt + t : prompt + t + 1], st)
-        events = json.loads(Path(s.sess.end_profiling()).read_text())
+        events = s.end_profiling()
     runs = split_runs(events)[1 + steps + 1 :]  # skip the warm-up round and the measured prefill
     ms: dict[str, float] = defaultdict(float)
     for e, _, excl in nest([e for r in runs for e in r]):

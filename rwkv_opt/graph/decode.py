@@ -1,0 +1,260 @@
+"""The decode graph: an artifact's model specialised to one token per call (T == 1).
+
+`rwkv-opt pipeline` saves it as decode.onnx beside model.onnx; `runtime.Session` runs it for every
+T == 1 call and model.onnx for prompts. Same inputs, outputs, state layout and weights: its large
+initializers point at the same offsets of model.onnx.data, so the weights exist once on disk, and
+ONNX Runtime (1.32, measured on the 0.1B) keeps one pre-packed copy of them for both sessions.
+
+What T == 1 lets go (each rewrite is checked against shapes inferred with seq fixed to 1):
+- fuse_wkv's If(Shape(r)[1] == 1): its then-branch (the direct WKV step) is inlined; the Shape,
+  Equal and the prefill branches go.
+- a Slice that keeps the last position of a length-1 axis returns its input, and the slice that
+  drops it is empty, so the token shift Concat(last, x[:, :-1]) is `last`.
+- Reshape of a Reshape reads the first one's input (when the outer shape has no 0 to copy), and a
+  Reshape to the shape its input already has is dropped.
+Outputs that are graph outputs keep their names (an Identity when the value was rewritten away).
+Nothing here changes a value: the decode graph's outputs are bitwise those of model.onnx at T == 1
+(tests/graph/test_decode_graph.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import onnx
+from onnx import helper, numpy_helper
+
+from rwkv_opt.artifact import MODEL_FILE
+from rwkv_opt.graph import contract
+from rwkv_opt.graph.contract import Key, get_meta, set_meta
+from rwkv_opt.onnx_util import drop_dead, inferred_value_info
+
+DECODE_FILE = "decode.onnx"
+ROLE_DECODE = "decode"  # Key.GRAPH_ROLE of decode.onnx
+
+
+def model_digest(model_bytes: bytes) -> str:
+    """The digest decode.onnx records of the model.onnx it was made from (its structure file)."""
+    return hashlib.sha256(model_bytes).hexdigest()
+
+
+def decode_graph(model: onnx.ModelProto, model_sha256: str) -> onnx.ModelProto | None:
+    """A copy of `model` for T == 1 calls, or None when T == 1 would gain nothing (no fuse_wkv If:
+    a Scan-only or function-mode graph) or the model is a training graph (its seq is fixed > 1)."""
+    if get_meta(model, Key.TRAIN + "head") is not None or get_meta(model, Key.GRAPH_ROLE):
+        return None
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    if not _inline_step_branches(g):
+        return None
+    _fix_seq(g)
+    shapes = _shapes(out)
+    _rewrite(g, shapes)
+    drop_dead(g)
+    del g.value_info[:]
+    set_meta(out, Key.GRAPH_ROLE, ROLE_DECODE)
+    set_meta(out, Key.DECODE_OF, model_sha256)
+    return out
+
+
+def save_decode_graph(directory: Path) -> dict | None:
+    """Write decode.onnx beside `directory`'s model.onnx (its large weights stay references into
+    model.onnx.data) -> {"file", "nodes", "model_nodes"}, or None when there is nothing to gain."""
+    path = Path(directory) / MODEL_FILE
+    raw = path.read_bytes()
+    model = onnx.load_from_string(raw)  # external tensors stay references: nothing is read from .data
+    decode = decode_graph(model, model_digest(raw))
+    if decode is None:
+        return None
+    onnx.save_model(decode, str(path.with_name(DECODE_FILE)))
+    return {"file": DECODE_FILE, "nodes": len(decode.graph.node), "model_nodes": len(model.graph.node)}
+
+
+# ---- fuse_wkv's If ------------------------------------------------------------------------------------
+
+
+def _producers(g: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    return {o: n for n in g.node for o in n.output}
+
+
+def _const_ints(g: onnx.GraphProto, name: str, prod: dict) -> list[int] | None:
+    """The int values of a constant (initializer or Constant node), else None."""
+    for t in g.initializer:
+        if t.name == name:
+            return [int(v) for v in numpy_helper.to_array(t).reshape(-1)]
+    n = prod.get(name)
+    if n is not None and n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+        return [int(v) for v in numpy_helper.to_array(n.attribute[0].t).reshape(-1)]
+    return None
+
+
+def _attr(node: onnx.NodeProto, name: str, default=None):
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def _is_t_equals_one(g: onnx.GraphProto, cond: str, prod: dict) -> bool:
+    """cond = Equal(Shape(v, start=1, end=2), [1]): fuse_wkv's test of T == 1."""
+    eq = prod.get(cond)
+    if eq is None or eq.op_type != "Equal":
+        return False
+    shape = prod.get(eq.input[0])
+    return (
+        shape is not None
+        and shape.op_type == "Shape"
+        and _attr(shape, "start") == 1
+        and _attr(shape, "end") == 2
+        and _const_ints(g, eq.input[1], prod) == [1]
+    )
+
+
+def _inline_step_branches(g: onnx.GraphProto) -> int:
+    """Replace every If on T == 1 by the nodes of its then-branch -> number replaced."""
+    prod = _producers(g)
+    nodes, count = [], 0
+    for n in g.node:
+        if n.op_type != "If" or not _is_t_equals_one(g, n.input[0], prod):
+            nodes.append(n)
+            continue
+        branch = _attr(n, "then_branch")
+        rename = {o.name: outer for o, outer in zip(branch.output, n.output)}
+        for b in branch.node:
+            inlined = onnx.NodeProto()
+            inlined.CopyFrom(b)
+            inlined.input[:] = [rename.get(x, x) for x in b.input]
+            inlined.output[:] = [rename.get(x, x) for x in b.output]
+            nodes.append(inlined)
+        g.initializer.extend(branch.initializer)  # the branch's own small constants (named under its scope)
+        count += 1
+    del g.node[:]
+    g.node.extend(nodes)
+    return count
+
+
+# ---- shapes with seq = 1 --------------------------------------------------------------------------------
+
+
+def _fix_seq(g: onnx.GraphProto) -> None:
+    """The tokens input, and every input/output dim named like its seq dim, become 1."""
+    tokens = next(i for i in g.input if i.name == contract.TOKENS)
+    seq = tokens.type.tensor_type.shape.dim[1]
+    name = seq.dim_param
+    for vi in [*g.input, *g.output]:
+        for d in vi.type.tensor_type.shape.dim:
+            if (name and d.dim_param == name) or vi is tokens and d is seq:
+                d.Clear()
+                d.dim_value = 1
+
+
+def _shapes(model: onnx.ModelProto) -> dict[str, list]:
+    """name -> dims (int, or None when symbolic/unknown) of every value ONNX can infer. ONNX's
+    inference stops at com.microsoft ops, so the quantized ones are seen through float stand-ins
+    with the same output shape (a value whose shape stays unknown is simply not rewritten)."""
+    view = onnx.ModelProto()
+    view.CopyFrom(model)
+    dims = {t.name: list(t.dims) for t in view.graph.initializer}
+    fakes = []
+    for n in view.graph.node:
+        stand_in = _stand_in(n, dims)
+        if stand_in is not None:
+            (op, data, fake_dims) = stand_in
+            fake = f"{n.output[0]}/shape_stand_in"
+            fakes.append(helper.make_tensor_value_info(fake, onnx.TensorProto.FLOAT, fake_dims))
+            inputs = [n.input[0], fake] if op == "MatMul" else [fake, n.input[1]]
+            n.CopyFrom(helper.make_node(op, inputs, [n.output[0]], name=n.name))
+    view.graph.input.extend(fakes)
+    out = {}
+    for vi in inferred_value_info(view, keep_up_to=64):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+            out[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+    return out
+
+
+def _stand_in(n: onnx.NodeProto, dims: dict[str, list]) -> tuple[str, str, list] | None:
+    """(standard op, data input, its float dims) computing the shape `n` computes, for the quantized ops."""
+    if n.domain != "com.microsoft":
+        return None
+    if n.op_type == "MatMulNBits":
+        return "MatMul", n.input[1], [_attr(n, "K"), _attr(n, "N")]
+    if n.op_type == "DynamicQuantizeMatMul" and n.input[1] in dims:
+        return "MatMul", n.input[1], dims[n.input[1]]
+    if n.op_type == "GatherBlockQuantized" and n.input[0] in dims:
+        table = list(dims[n.input[0]])
+        table[-1] *= 8 // _attr(n, "bits", 4)  # 4-bit codes are packed two to a byte
+        return "Gather", n.input[0], table
+    return None
+
+
+# ---- rewrites ---------------------------------------------------------------------------------------------
+
+_BIG = 2**62  # a Slice end at or past this is "to the end"
+
+
+def _slice_axis1(g, n, prod) -> tuple[int, int] | None:
+    """(start, end) of a Slice over axis 1 with step 1, from constants; else None."""
+    if n.op_type != "Slice" or len(n.input) < 4:
+        return None
+    starts, ends, axes = (_const_ints(g, x, prod) for x in n.input[1:4])
+    steps = _const_ints(g, n.input[4], prod) if len(n.input) > 4 and n.input[4] else [1]
+    if axes != [1] or steps != [1] or starts is None or ends is None or len(starts) != 1 or len(ends) != 1:
+        return None
+    return starts[0], ends[0]
+
+
+def _rewrite(g: onnx.GraphProto, shapes: dict[str, list]) -> None:
+    """Alias away the T == 1 no-ops (see the module docstring); graph outputs keep their names."""
+    prod = _producers(g)
+    alias: dict[str, str] = {}
+    empty: set[str] = set()
+    unit = lambda v: (shapes.get(v) or [None, None])[1:2] == [1]  # noqa: E731  axis 1 has length 1
+    read = lambda v: alias.get(v, v)  # noqa: E731
+    for n in g.node:
+        n.input[:] = [read(x) for x in n.input]
+        sl = _slice_axis1(g, n, prod)
+        if sl is not None and unit(n.input[0]):
+            start, end = sl
+            if start in (0, -1) and end >= _BIG:
+                alias[n.output[0]] = n.input[0]
+            elif start == 0 and end in (0, -1):
+                empty.add(n.output[0])
+        elif n.op_type == "Concat" and _attr(n, "axis") == 1:
+            kept = [x for x in n.input if x not in empty]
+            if len(kept) == 1 and len(n.input) > 1:
+                alias[n.output[0]] = kept[0]
+        elif n.op_type == "Reshape":
+            _reshape(g, n, prod, shapes, alias)
+    _apply(g, alias)
+
+
+def _reshape(g, n, prod, shapes, alias) -> None:
+    src, target = n.input[0], _const_ints(g, n.input[1], prod)
+    if target is None or _attr(n, "allowzero", 0):
+        return
+    inner = prod.get(src)
+    if inner is not None and inner.op_type == "Reshape" and 0 not in target:
+        n.input[0] = inner.input[0]  # the inner Reshape goes when nothing else reads it
+    have, want = shapes.get(n.input[0]), shapes.get(n.output[0])
+    if have is not None and have == want and None not in have:
+        alias[n.output[0]] = n.input[0]
+
+
+def _apply(g: onnx.GraphProto, alias: dict[str, str]) -> None:
+    """Point readers at the aliases; a graph output that became an alias is an Identity."""
+
+    def final(v):
+        while v in alias:
+            v = alias[v]
+        return v
+
+    kept = [n for n in g.node if not all(o in alias for o in n.output)]
+    for n in kept:
+        n.input[:] = [final(x) for x in n.input]
+    del g.node[:]
+    g.node.extend(kept)
+    outputs = {o.name for o in g.output}
+    for name in alias:
+        if name in outputs:
+            g.node.append(helper.make_node("Identity", [final(name)], [name], name=f"{name}/decode_alias"))
+    drop_dead(g)
+
