@@ -257,4 +257,3 @@ def _apply(g: onnx.GraphProto, alias: dict[str, str]) -> None:
         if name in outputs:
             g.node.append(helper.make_node("Identity", [final(name)], [name], name=f"{name}/decode_alias"))
     drop_dead(g)
-
