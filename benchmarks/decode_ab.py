@@ -5,8 +5,10 @@
         [--threads 2] [-o reports/decode-ab.md]
 
 A variant is NAME=ARTIFACT[@key=value[@key=value...]]: the artifact run with the session options of
-`rwkv_opt.runtime.session.session_options` plus those ORT session config entries. NAME's part before
-its last '+' names its baseline, so `int4+lora8` is compared with `int4` and `int4+lora8+b64` with `int4+lora8`.
+`rwkv_opt.runtime.session.session_options` plus those ORT session config entries; the entry
+rwkv_opt.decode_graph=0 is ours, not ORT's: Session(decode_graph=False), model.onnx as it is for every
+call. NAME's part before its last '+' names its baseline, so `int4+lora8` is compared with `int4` and
+`int4+lora8+b64` with `int4+lora8`.
 
 Every measurement is a fresh process; each round runs every variant once, the order rotating per round.
 Inside a process: prefill of --prefill random tokens from the zero state (one warm-up, median of 3 calls,
@@ -41,6 +43,7 @@ import decode_profile  # noqa: E402  (a sibling script, importable once HERE is 
 from bandwidth import cpu_description  # noqa: E402
 
 PROMPT, WARMUP, PREFILL_REPS = 128, 3, 3
+DECODE_GRAPH_ENTRY = "rwkv_opt.decode_graph"  # @rwkv_opt.decode_graph=0: no decode path (graph/decode.py)
 GEMV_SHAPES = [(768, 768)] * 48 + [(768, 3072), (3072, 768)] * 12 + [(768, 65536)]
 
 
@@ -60,11 +63,22 @@ def _patch_session_options(entries: dict[str, str]) -> None:
     S.session_options = patched
 
 
+def _vm(key: str) -> float:
+    """/proc/self/status VmRSS or VmHWM in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def measure(art: str, entries: dict[str, str], threads: int, decode: int, prefill: int) -> dict:
+    entries = dict(entries)
+    decode_graph = entries.pop(DECODE_GRAPH_ENTRY, "1") != "0"
     _patch_session_options(entries)
     from rwkv_opt.runtime import Session
 
-    s = Session(art, threads=threads)
+    rss0 = _vm("VmRSS")
+    s = Session(art, threads=threads, decode_graph=decode_graph)
     rng = np.random.default_rng(0)
     toks = rng.integers(0, s.config.vocab, (1, prefill))
     s.forward(toks)
@@ -85,6 +99,8 @@ def measure(art: str, entries: dict[str, str], threads: int, decode: int, prefil
         "prefill_tok_s": prefill / statistics.median(times),
         "decode_ms": statistics.median(dec) * 1e3,
         "load_1m": os.getloadavg()[0],
+        "rss_mb": _vm("VmRSS") - rss0,  # what the session(s) hold after prefill and decode
+        "decode_path": s.decode_path,
     }
 
 
@@ -217,9 +233,9 @@ def markdown(d: dict) -> str:
         "",
         (
             f"| variant | decode ms/token | x baseline | floor ms | x floor | prefill T={d['prefill']} tok/s "
-            "| x baseline |"
+            "| x baseline | session RSS MiB |"
         ),
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     rows = d["rows"]
     for v in d["variants"]:
@@ -230,7 +246,8 @@ def markdown(d: dict) -> str:
         floor = v["weight_bytes"] / numpy_bw / 1e6
         rd = f"{_paired(rows, name, base, 'decode_ms'):.3f}" if base != name else "1"
         rp = f"{_paired(rows, name, base, 'prefill_tok_s'):.3f}" if base != name else "1"
-        lines.append(f"| {name} | {dec:.2f} | {rd} | {floor:.2f} | {dec / floor:.2f} | {pre:.0f} | {rp} |")
+        rss = statistics.median(r.get("rss_mb", float("nan")) for r in mine)
+        lines.append(f"| {name} | {dec:.2f} | {rd} | {floor:.2f} | {dec / floor:.2f} | {pre:.0f} | {rp} | {rss:.0f} |")
     lines += [
         "",
         "GEMV GB/s over 516 MiB of fp32 0.1B-shaped weights (best of 10, before / after the rounds):",

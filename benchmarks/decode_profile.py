@@ -4,8 +4,8 @@ kernel time goes (shares within one profiled run, which a busy host skews far le
     python benchmarks/decode_profile.py ART [ART ...] [--threads 2] [--steps 16] [--prompt 32]
 
 Per artifact:
-  nodes     nodes a T == 1 call runs: the top level plus the branch each If takes for T == 1 (fuse_wkv's
-            direct step), recursively;
+  nodes     nodes a T == 1 call runs: the decode path's (graph/decode.py) when Session builds one, else
+            model.onnx's top level plus the branch each If takes for T == 1 (fuse_wkv's step), recursively;
   weights   bytes of initializers those nodes read (a Gather's table counts one row: what a token reads);
   profile   ORT profiler over --steps decode steps after a --prompt prefill (and one warm-up of both):
             exclusive kernel time per class -- big projections (MatMul/MatMulNBits/DynamicQuantizeMatMul
@@ -16,6 +16,7 @@ Per artifact:
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from collections import Counter, defaultdict
@@ -26,6 +27,7 @@ import onnx
 
 from rwkv_opt.artifact import model_path
 from rwkv_opt.bench.placement import nest, split_runs
+from rwkv_opt.graph.decode import decode_graph
 from rwkv_opt.onnx_util import numel
 
 GEMM_OPS = {"MatMul", "MatMulNBits", "DynamicQuantizeMatMul", "Gemm", "FusedMatMul"}
@@ -111,7 +113,7 @@ def profile(art: Path, model: onnx.ModelProto, threads: int, steps: int, prompt:
             _, st = s.forward(toks[:, :prompt])
             for t in range(steps):
                 _, st = s.forward(toks[:, prompt + t : prompt + t + 1], st)
-        events = s.end_profiling()
+        events = json.loads(Path(s.sess.end_profiling()).read_text())
     runs = split_runs(events)[1 + steps + 1 :]  # skip the warm-up round and the measured prefill
     ms: dict[str, float] = defaultdict(float)
     for e, _, excl in nest([e for r in runs for e in r]):
@@ -121,11 +123,14 @@ def profile(art: Path, model: onnx.ModelProto, threads: int, steps: int, prompt:
 
 
 def report(art: Path, threads: int, steps: int, prompt: int) -> dict:
-    model = onnx.load(str(model_path(art)), load_external_data=False)
+    path = model_path(art)
+    plain = onnx.load(str(path), load_external_data=False)
+    model = decode_graph(plain) or plain  # what Session runs for T == 1 (graph/decode.py)
     nodes = decode_nodes(model.graph)
-    full = onnx.load(str(model_path(art)))
+    full = onnx.load(str(path))
     out = {
         "artifact": str(art),
+        "graph": "decode path" if model is not plain else "model.onnx",
         "nodes": len(nodes),
         "ops": dict(Counter(n.op_type for n in nodes).most_common()),
         "weight_bytes": weight_bytes(full, nodes),
@@ -147,7 +152,8 @@ def main(argv=None) -> int:
         r = report(art, a.threads, a.steps, a.prompt)
         wb = r["weight_bytes"]
         print(
-            f"{art}: {r['nodes']} nodes per decode step; weights read {sum(wb.values()) / 2**20:.1f} MiB "
+            f"{art} ({r['graph']}): {r['nodes']} nodes per decode step; "
+            f"weights read {sum(wb.values()) / 2**20:.1f} MiB "
             f"({', '.join(f'{k} {v / 2**20:.1f}' for k, v in sorted(wb.items()))})"
         )
         print("  ops: " + ", ".join(f"{k} {v}" for k, v in r["ops"].items()))

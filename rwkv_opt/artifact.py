@@ -40,7 +40,6 @@ OWN_FILES = frozenset(
         MODEL_FILE,
         DATA_FILE,
         MANIFEST_FILE,
-        "decode.onnx",
         "model.pth",
         "train_step.onnx",
         "eval.onnx",

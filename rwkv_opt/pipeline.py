@@ -18,7 +18,6 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from rwkv_opt.graph.decode import save_decode_graph
 from rwkv_opt.artifact import MODEL_FILE, Manifest, artifact_size, initializer_bytes, save_model, staging_dir
 from rwkv_opt.artifact import versions  # noqa: F401  (its old home; bench and users import it from here)
 from rwkv_opt.checkpoint.weights import Weights
@@ -389,14 +388,6 @@ def run_pipeline(
             del model
         with phase("onnx.checker"):
             check_onnx(tmp / MODEL_FILE, "saving")
-        decode = save_decode_graph(tmp)
-        if decode is not None:
-            check_onnx(tmp / decode["file"], "making the decode graph")
-            manifest.extra["decode_graph"] = decode
-            progress(
-                f"      decode graph {decode['file']} (T == 1 calls): {decode['nodes']} nodes, "
-                f"model.onnx {decode['model_nodes']} + its If branches; same weights"
-            )
         phases["write"] = time.perf_counter() - t0
         manifest.extra["artifact_bytes"] = artifact_size(tmp)
         progress(f"      {manifest.extra['artifact_bytes'] / 2**20:.1f} MiB, {phases['write']:.1f}s")

@@ -14,6 +14,7 @@ outermost event, per-op-type time uses each event's exclusive time.
 
 from __future__ import annotations
 
+import json
 import re
 import tempfile
 from collections import defaultdict
@@ -133,7 +134,7 @@ def profile_run(artifact: Path, provider, threads: int | None, batch: int, promp
                 _, st = sess.forward(steps[:, t : t + 1], st)
         used = sess.sess.get_providers()
         chunks = -(-prompt_len // sess.max_chunk)
-        events = sess.end_profiling()
+        events = json.loads(Path(sess.sess.end_profiling()).read_text())
         del sess
     out = parse_profile(events, provider.ort_name, n_warm_runs=chunks + PROFILE_STEPS, prefill_runs=chunks)
     dropped = provider.ort_name not in used

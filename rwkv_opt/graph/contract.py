@@ -62,8 +62,6 @@ class Key:
     SAMPLER = "rwkv_opt.head"  # "sampling" when the in-graph sampler is appended
     SAMPLING = "rwkv_opt.sampling"  # JSON: the sampler's defaults and feeds
     TRAIN = "rwkv_opt.train."  # prefix: training head (head, objective, seq, batch, trainable)
-    GRAPH_ROLE = "rwkv_opt.graph_role"  # "decode" in decode.onnx (T == 1 only); absent in model.onnx
-    DECODE_OF = "rwkv_opt.decode_of"  # decode.onnx: sha256 of the model.onnx it was made from
 
 
 # The keys every base graph carries (graph/model.py writes them).

@@ -1,9 +1,14 @@
-"""The decode graph: an artifact's model specialised to one token per call (T == 1).
+"""The decode path: an artifact's graph specialised to one token per call (T == 1), and the one graph
+`runtime.Session` runs, which takes that path for T == 1 and the artifact's own graph otherwise.
 
-`rwkv-opt pipeline` saves it as decode.onnx beside model.onnx; `runtime.Session` runs it for every
-T == 1 call and model.onnx for prompts. Same inputs, outputs, state layout and weights: its large
-initializers point at the same offsets of model.onnx.data, so the weights exist once on disk, and
-ONNX Runtime (1.32, measured on the 0.1B) keeps one pre-packed copy of them for both sessions.
+    tokens ─ Shape[1] == 1 ─ If ─ then: decode_graph(model)   (no WKV If, no token-shift Slice/Concat)
+                                └ else: model's own nodes      (prompts: the chunked WKV and the rest)
+
+Both branches read the same top-level initializers, so ONNX Runtime pre-packs each weight once for the
+session (1.32, 0.1B: fp32 601 vs 567 MiB after load, int4 179 vs 165). Two sessions, one over
+model.onnx and one over a separate decode file, would hold two packed copies (1108 vs 567 MiB,
+301 vs 165), which is why there is no decode.onnx: the artifact on disk is unchanged and the
+decode path is built when a Session loads it (~0.1 s at 0.1B).
 
 What T == 1 lets go (each rewrite is checked against shapes inferred with seq fixed to 1):
 - fuse_wkv's If(Shape(r)[1] == 1): its then-branch (the direct WKV step) is inlined; the Shape,
@@ -13,36 +18,25 @@ What T == 1 lets go (each rewrite is checked against shapes inferred with seq fi
 - Reshape of a Reshape reads the first one's input (when the outer shape has no 0 to copy), and a
   Reshape to the shape its input already has is dropped.
 Outputs that are graph outputs keep their names (an Identity when the value was rewritten away).
-Nothing here changes a value: the decode graph's outputs are bitwise those of model.onnx at T == 1
-(tests/graph/test_decode_graph.py).
+Nothing here changes a value: at T == 1 the decode path's outputs are bitwise model.onnx's on ORT's
+CPU EP for fp32 and quantized graphs (tests/graph/test_decode_graph.py).
 """
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
-
+import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from rwkv_opt.artifact import MODEL_FILE
 from rwkv_opt.graph import contract
-from rwkv_opt.graph.contract import Key, get_meta, set_meta
-from rwkv_opt.onnx_util import drop_dead, inferred_value_info
-
-DECODE_FILE = "decode.onnx"
-ROLE_DECODE = "decode"  # Key.GRAPH_ROLE of decode.onnx
+from rwkv_opt.graph.contract import Key, get_meta
+from rwkv_opt.onnx_util import drop_dead, inferred_value_info, subgraphs
 
 
-def model_digest(model_bytes: bytes) -> str:
-    """The digest decode.onnx records of the model.onnx it was made from (its structure file)."""
-    return hashlib.sha256(model_bytes).hexdigest()
-
-
-def decode_graph(model: onnx.ModelProto, model_sha256: str) -> onnx.ModelProto | None:
+def decode_graph(model: onnx.ModelProto) -> onnx.ModelProto | None:
     """A copy of `model` for T == 1 calls, or None when T == 1 would gain nothing (no fuse_wkv If:
     a Scan-only or function-mode graph) or the model is a training graph (its seq is fixed > 1)."""
-    if get_meta(model, Key.TRAIN + "head") is not None or get_meta(model, Key.GRAPH_ROLE):
+    if get_meta(model, Key.TRAIN + "head") is not None:
         return None
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -54,22 +48,66 @@ def decode_graph(model: onnx.ModelProto, model_sha256: str) -> onnx.ModelProto |
     _rewrite(g, shapes)
     drop_dead(g)
     del g.value_info[:]
-    set_meta(out, Key.GRAPH_ROLE, ROLE_DECODE)
-    set_meta(out, Key.DECODE_OF, model_sha256)
     return out
 
 
-def save_decode_graph(directory: Path) -> dict | None:
-    """Write decode.onnx beside `directory`'s model.onnx (its large weights stay references into
-    model.onnx.data) -> {"file", "nodes", "model_nodes"}, or None when there is nothing to gain."""
-    path = Path(directory) / MODEL_FILE
-    raw = path.read_bytes()
-    model = onnx.load_from_string(raw)  # external tensors stay references: nothing is read from .data
-    decode = decode_graph(model, model_digest(raw))
+def with_decode_path(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """One graph for every call: If(T == 1) over decode_graph(model) and model's own nodes, both reading
+    the same top-level initializers; inputs, outputs and metadata are model's. None when decode_graph is."""
+    decode = decode_graph(model)
     if decode is None:
         return None
-    onnx.save_model(decode, str(path.with_name(DECODE_FILE)))
-    return {"file": DECODE_FILE, "nodes": len(decode.graph.node), "model_nodes": len(model.graph.node)}
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    shared = {t.name for t in g.initializer}
+    g.initializer.extend(t for t in decode.graph.initializer if t.name not in shared)  # the step's constants
+    outputs = [o.name for o in g.output]
+    then = _branch(decode.graph.node, outputs, "decode", internal=True)
+    orig = _branch(g.node, outputs, "prompt", internal=False)
+    p = "decode_path/"
+    with_if = [
+        helper.make_node("Shape", [contract.TOKENS], [p + "T"], start=1, end=2, name=p + "Shape"),
+        helper.make_node("Equal", [p + "T", p + "one"], [p + "is_one"], name=p + "Equal"),
+        helper.make_node("Squeeze", [p + "is_one"], [p + "cond"], name=p + "Squeeze"),
+        helper.make_node("If", [p + "cond"], outputs, then_branch=then, else_branch=orig, name=p + "If"),
+    ]
+    g.initializer.append(onnx.numpy_helper.from_array(np.array([1], np.int64), p + "one"))
+    del g.node[:]
+    g.node.extend(with_if)
+    del g.value_info[:]
+    return out
+
+
+def _branch(nodes, outputs: list[str], tag: str, internal: bool) -> onnx.GraphProto:
+    """`nodes` as an If branch returning `outputs`, renamed `tag`/NAME (the If defines the plain names).
+    `internal`: every value the nodes make is renamed too (the decode branch: its values share names with
+    the other branch's); else only the outputs."""
+    rename = {o: f"{tag}/{o}" for o in outputs}
+    if internal:
+        rename.update({o: f"{tag}/{o}" for n in nodes for o in n.output})
+    copied = []
+    for n in nodes:
+        c = onnx.NodeProto()
+        c.CopyFrom(n)
+        c.output[:] = [rename.get(x, x) for x in n.output]
+        _rename_reads(c, rename)
+        copied.append(c)
+    outs = [helper.make_empty_tensor_value_info(rename[o]) for o in outputs]
+    return helper.make_graph(copied, tag, [], outs)
+
+
+def _rename_reads(node: onnx.NodeProto, rename: dict[str, str]) -> None:
+    """Rename what `node` reads, in its inputs and in its subgraphs' captures (names a subgraph defines
+    itself shadow the outer ones)."""
+    node.input[:] = [rename.get(x, x) for x in node.input]
+    for sg in subgraphs(node):
+        own = {i.name for i in sg.input} | {t.name for t in sg.initializer} | {o for n in sg.node for o in n.output}
+        inner = {k: v for k, v in rename.items() if k not in own}
+        for n in sg.node:
+            _rename_reads(n, inner)
+        for o in sg.output:
+            o.name = inner.get(o.name, o.name)
 
 
 # ---- fuse_wkv's If ------------------------------------------------------------------------------------

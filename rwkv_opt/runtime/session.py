@@ -9,7 +9,6 @@ tokens' batch): each violation is one RwkvOptError sentence, never a silent cast
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -17,12 +16,12 @@ import ml_dtypes
 import numpy as np
 import onnxruntime as ort
 
-from rwkv_opt.artifact import MODEL_FILE, load_proto, model_config, model_path, verify_files, verify_recorded
+from rwkv_opt.artifact import load_proto, model_config, model_path, verify_files, verify_recorded
 from rwkv_opt.config import Provider
 from rwkv_opt.errors import RwkvOptError
 from rwkv_opt.graph import contract
-from rwkv_opt.graph.contract import Key, Meta
-from rwkv_opt.graph.decode import DECODE_FILE, ROLE_DECODE, model_digest
+from rwkv_opt.graph.contract import Meta
+from rwkv_opt.graph.decode import with_decode_path
 
 
 def available_providers() -> list[Provider]:
@@ -97,8 +96,8 @@ class Session:
         decode_graph: bool = True,
     ):
         """`verify`: check every file against the sha256 its manifest records first (reads them all once).
-        `decode_graph`: run decode.onnx (the T == 1 graph beside model.onnx, graph/decode.py) for one-token
-        calls when the artifact has one; False runs model.onnx for every call."""
+        `decode_graph`: one-token calls take graph/decode.py's decode path (model.onnx specialised to
+        T == 1, built at load, same weights); False runs model.onnx as it is for every call."""
         self.path = model_path(Path(artifact))
         if verify:
             verify_files(self.path.parent)
@@ -117,50 +116,32 @@ class Session:
         so = session_options(threads, opt_level, profile, low_memory, quantized=meta.quantization is not None)
         if meta.sampler == "sampling":  # its overridable defaults would each log a warning
             so.log_severity_level = 3  # (passes/sampling_head.py); errors still show
-        self.sess = self._load(self.path, so, providers)
-        decode = self._decode_path() if decode_graph else None
-        self.decode_sess = self._load(decode, so, providers) if decode else None
+        self.sess = self._load(so, providers, decode_graph)
         self.inputs = {i.name: i for i in self.sess.get_inputs()}
         self.output_names = [o.name for o in self.sess.get_outputs()]
         self.max_chunk = max_chunk
         # the sampling head's `occurence` has a default, so ORT lists it as an overridable initializer
         self.has_sampler = "occurence" in self.inputs or meta.sampler == "sampling"
 
-    def _decode_path(self) -> Path | None:
-        """decode.onnx beside model.onnx when it was made from this model.onnx; a decode graph of another
-        model (model.onnx replaced by hand) is refused rather than run."""
-        path = self.path.with_name(DECODE_FILE)
-        if self.path.name != MODEL_FILE or not path.is_file():
-            return None
-        meta = Meta(_read_meta(path))
-        if meta.props.get(Key.GRAPH_ROLE) != ROLE_DECODE:
-            return None
-        if meta.props.get(Key.DECODE_OF) != model_digest(self.path.read_bytes()):
-            raise RwkvOptError(
-                f"{path} was made from another {MODEL_FILE} than the one beside it; rebuild the artifact "
-                f"(or delete {DECODE_FILE} to run {MODEL_FILE} for every call)."
-            )
-        return path
-
-    def _load(self, path: Path, options, providers) -> ort.InferenceSession:
+    def _load(self, options, providers, decode_path: bool) -> ort.InferenceSession:
         """The ORT session; a model ORT cannot load is one sentence (naming the changed file when the
-        manifest's digests tell which)."""
+        manifest's digests tell which). With `decode_path`, the graph run is graph/decode.py's
+        with_decode_path of model.onnx (one session, so the weights are pre-packed once)."""
+        model = with_decode_path(load_proto(self.path)) if decode_path else None
+        self.decode_path = model is not None
         try:
-            return ort.InferenceSession(str(path), options, providers=providers)
+            if model is None:
+                return ort.InferenceSession(str(self.path), options, providers=providers)
+            # built in memory: external data is found beside model.onnx, not beside the cwd
+            options.add_session_config_entry(
+                "session.model_external_initializers_file_folder_path", str(self.path.parent.resolve())
+            )
+            return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
         except _ORT_LOAD_ERRORS as e:
             verify_recorded(self.path.parent)  # a missing or changed file is the better sentence
             reason = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", str(e).splitlines()[0] if str(e) else "")
             reason = re.split(r"\.\s", reason)[0][:200] or type(e).__name__
-            raise RwkvOptError(f"onnxruntime cannot load {path} ({reason}); rebuild the artifact.") from None
-
-    def end_profiling(self) -> list[dict]:
-        """The profile events of both sessions (with `profile`), decode.onnx's moved onto model.onnx's clock."""
-        events = json.loads(Path(self.sess.end_profiling()).read_text())
-        if self.decode_sess is not None:
-            shift = (self.decode_sess.get_profiling_start_time_ns() - self.sess.get_profiling_start_time_ns()) / 1e3
-            for e in json.loads(Path(self.decode_sess.end_profiling()).read_text()):
-                events.append({**e, "ts": e["ts"] + shift})
-        return events
+            raise RwkvOptError(f"onnxruntime cannot load {self.path} ({reason}); rebuild the artifact.") from None
 
     # ---- state ----------------------------------------------------------------------------------
     def _state_dtype(self, name: str):
@@ -174,9 +155,7 @@ class Session:
 
     # ---- running --------------------------------------------------------------------------------
     def run(self, feed: dict) -> dict[str, np.ndarray]:
-        """One ORT call: decode.onnx for a one-token feed when the artifact has it, else model.onnx."""
-        one = self.decode_sess is not None and feed[contract.TOKENS].shape[1] == 1
-        return dict(zip(self.output_names, (self.decode_sess if one else self.sess).run(self.output_names, feed)))
+        return dict(zip(self.output_names, self.sess.run(None, feed)))
 
     def check_tokens(self, tokens) -> np.ndarray:
         """tokens (B,T) or (T,) of integer ids in [0, vocab) -> an int64 (B,T) array; anything else is refused."""
