@@ -82,7 +82,9 @@ def cmd_synth(a) -> int:
 def cmd_build(a) -> int:
     import onnx
 
-    from rwkv_opt.artifact import MODEL_FILE, Manifest, save_model, staging_dir
+    from rwkv_opt.artifact import MODEL_FILE, Manifest, save_model
+
+    from rwkv_opt.outdir import staging_dir
     from rwkv_opt.graph.model import BuildOptions, LogitsMode, build_model
     from rwkv_opt.pipeline import check_onnx
     from rwkv_opt.progress import set_sink, stderr_line

@@ -18,7 +18,9 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from rwkv_opt.artifact import MODEL_FILE, Manifest, artifact_size, initializer_bytes, save_model, staging_dir
+from rwkv_opt.artifact import MODEL_FILE, Manifest, artifact_size, initializer_bytes, save_model
+
+from rwkv_opt.outdir import staging_dir
 from rwkv_opt.artifact import versions  # noqa: F401  (its old home; bench and users import it from here)
 from rwkv_opt.checkpoint.weights import Weights
 from rwkv_opt.config import Precision, Provider

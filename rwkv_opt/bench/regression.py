@@ -23,7 +23,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from rwkv_opt.artifact import MANIFEST_MAX_BYTES, WRITE_ERRNOS, verify_recorded, write_json, write_refusal
+from rwkv_opt.artifact import MANIFEST_MAX_BYTES, verify_recorded, write_json
+
+from rwkv_opt.outdir import WRITE_ERRNOS, write_refusal
 from rwkv_opt.bench.source import ArtifactInfo, artifact_info, refuse_unrunnable
 from rwkv_opt.config import Provider
 from rwkv_opt.errors import RwkvOptError

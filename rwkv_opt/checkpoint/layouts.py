@@ -414,7 +414,8 @@ def _shards(view: Mapping[str, np.ndarray], max_bytes: int | None) -> list[list[
 
 def write_hf(out: Path, weights: Weights, max_shard_bytes: int | None = None) -> None:
     """An fla-hub folder: config.json, model.safetensors (or shards + index), the tokenizer files."""
-    from rwkv_opt.artifact import staging_dir, write_json
+    from rwkv_opt.artifact import write_json
+    from rwkv_opt.outdir import staging_dir
 
     if weights.config.deepembed:
         raise CheckpointError(

@@ -27,15 +27,8 @@ from onnx import TensorProto, helper
 
 from rwkv_opt.graph.contract import Genai, Key, Meta
 from rwkv_opt import __version__
-from rwkv_opt.artifact import (
-    MANIFEST_FILE,
-    MODEL_FILE,
-    artifact_size,
-    model_path,
-    read_manifest,
-    staging_dir,
-    write_json,
-)
+from rwkv_opt.artifact import MANIFEST_FILE, MODEL_FILE, artifact_size, model_path, read_manifest, write_json
+from rwkv_opt.outdir import staging_dir
 from rwkv_opt.errors import RwkvOptError
 from rwkv_opt.export.genai_readme import render
 from rwkv_opt.export.tokenizer_bpe import write_tokenizer

@@ -20,7 +20,8 @@ from typing import Callable
 import numpy as np
 
 from rwkv_opt.graph.contract import Meta
-from rwkv_opt.artifact import MANIFEST_FILE, Manifest, SourceRef, load_proto, staging_dir, write_json
+from rwkv_opt.artifact import MANIFEST_FILE, Manifest, SourceRef, load_proto, write_json
+from rwkv_opt.outdir import staging_dir
 from rwkv_opt.checkpoint.weights import Weights
 from rwkv_opt.errors import RwkvOptError
 from rwkv_opt.training.data import all_batches, batches, read_jsonl, windows

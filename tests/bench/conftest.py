@@ -16,7 +16,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from rwkv_opt.artifact import seal
+from rwkv_opt.outdir import seal
 from rwkv_opt.checkpoint import load_source
 from rwkv_opt.cli import main as cli_main
 from rwkv_opt.passes.base import load_builtin

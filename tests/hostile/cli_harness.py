@@ -120,7 +120,7 @@ def _nan_head(art: Path) -> None:
     import onnx
     from onnx import numpy_helper
 
-    from rwkv_opt.artifact import seal
+    from rwkv_opt.outdir import seal
 
     m = onnx.load(str(art / "model.onnx"))
     head = max(
