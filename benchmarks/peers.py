@@ -12,15 +12,16 @@ Every measurement runs in a fresh subprocess (so peak RSS is that runner's own),
 and reverse their order each round, and the tables show medians over rounds. Inside one subprocess:
 prefill at each prompt length is timed after one warm-up call (median of 3); decode is timed step by
 step after a 128-token prompt and 3 warm-up steps (p50 of --decode steps). llama-bench runs the same
-prompt lengths and --decode generated tokens, 3 repetitions after its own warm-up: prefill is the median
-repetition's tok/s, decode 1000 / tg tok/s of the median repetition (p50) and of the slowest (p95).
-All use --threads threads (ORT intra-op threads; torch.set_num_threads; llama-bench -t). The
-memory-bandwidth floor (benchmarks/bandwidth.py: best of numpy copy and read-only bandwidth, measured in
-the same run) bounds any fp32 decode from below. A further runner, "matmuls", times one decode step's
-MatMuls alone (every 2-D MatMul weight of our artifact, each fed a (1, K) input, in one ORT graph with
-the same threads): what ORT's own kernels need to stream the weights, so ours minus it is what the rest
-of our graph costs. The machine's 1-minute load is recorded around each subprocess. The report ends
-with the issue's goals (decode and prefill ratios at each bit width) and whether each holds.
+prompt lengths and --decode generated tokens (from an empty state: an RWKV step costs the same at any
+position), 3 repetitions after its own warm-up: prefill is the median repetition's tok/s, decode
+1000 / tg tok/s of the median repetition (p50) and of the slowest (p95). All use
+--threads threads (ORT intra-op threads; torch.set_num_threads; llama-bench -t). The memory-bandwidth
+floor (benchmarks/bandwidth.py: best of numpy copy and read-only bandwidth, measured in the same run)
+bounds any fp32 decode from below. A further runner, "matmuls", times one decode step's MatMuls alone
+(every 2-D MatMul weight of our artifact, each fed a (1, K) input, in one ORT graph with the same
+threads): what ORT's own kernels need to stream the weights, so ours minus it is what the rest of our
+graph costs. The machine's 1-minute load is recorded around each subprocess. The report ends with the
+issue's goals (decode and prefill ratios at each bit width) and whether each holds.
 """
 
 from __future__ import annotations
@@ -322,7 +323,7 @@ def _goal_lines(rows: list[dict]) -> list[str]:
     ]
     for r in rows:
         if r["median"] is None:
-            lines.append(f"| {r['ratio']} | {r['goal']} | n/a | n/a | not measured (no llama.cpp build) |")
+            lines.append(f"| {r['ratio']} | {r['goal']} | n/a | n/a | not measured in this run |")
         else:
             verdict = "yes" if r["holds"] else "**no**"
             lines.append(f"| {r['ratio']} | {r['goal']} | {r['median']:.2f} | {r['best']:.2f} | {verdict} |")
@@ -355,7 +356,6 @@ def _title(kinds: set[str], rwkv_version: str, preset: str) -> str:
 def _header(a, results: list[dict], manifest: dict) -> list[str]:
     loads = [r[k] for r in results for k in ("load_1m_start", "load_1m_end")]
     cores = os.cpu_count()
-    cpu = bandwidth.cpu_description()
     vers = {p: metadata.version(p) for p in ("rwkv-opt", "onnxruntime", "numpy", "torch", "rwkv")}
     # the runners' own threads (--threads each, one runner at a time) put ~a.threads on the 1-min load;
     # more than that means other work shared the CPU
@@ -364,8 +364,8 @@ def _header(a, results: list[dict], manifest: dict) -> list[str]:
     return [
         _title({r["kind"] for r in results}, vers["rwkv"], a.preset),
         "",
-        f"- machine: {cpu}; {platform.platform()}",
-        f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"- machine: {a.machine}",
+        f"- date: {a.date}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()) + f", python {platform.python_version()}",
         *_llama_lines(results),
         f"- command: `{a.command}`",
@@ -473,7 +473,15 @@ def write_report(path: Path, a, results: list[dict], bw: list[dict], cfg, manife
     path.write_text(text)
     path.with_suffix(".json").write_text(
         json.dumps(
-            {"command": a.command, "manifest": manifest, "results": results, "bandwidth": bw, "floor_ms": floor},
+            {
+                "command": a.command,
+                "machine": a.machine,
+                "date": a.date,
+                "manifest": manifest,
+                "results": results,
+                "bandwidth": bw,
+                "floor_ms": floor,
+            },
             indent=1,
         )
     )
@@ -519,10 +527,13 @@ def run(a, argv) -> int:
     if a.report_only:  # same figures, new layout: the command is the one that measured them
         d = json.loads(a.output.with_suffix(".json").read_text())
         a.command, a.runs = d["command"], sum(r["kind"] == "ours" for r in d["results"])
+        a.machine, a.date = d.get("machine", "not recorded in the JSON"), d.get("date", "not recorded in the JSON")
         cfg = ModelConfig.from_dict(d["manifest"]["source"]["config"])
         print(write_report(a.output, a, d["results"], d["bandwidth"], cfg, d["manifest"]))
         return 0
     a.command = "python benchmarks/peers.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
+    a.machine = f"{bandwidth.cpu_description()}; {platform.platform()}"
+    a.date = f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
     build = llamacpp.find_build(a.llama_cpp)
     a.llama_cpp = str(build.bin) if build else None  # the measuring processes use the same build
     _log(f"llama.cpp: {build.bin}" if build else "llama.cpp: no build found; its runners are left out")

@@ -208,6 +208,7 @@ def test_report_has_a_column_per_runner_and_the_goals(tmp_path):
     rows[2].update(llama_build="0c1e570 (build 1)", llama_cpu="Xeon", llama_model="rwkv7, 537 MiB", decode_tokens=64)
     rows[0]["load_s"] = 0.2
     a = SimpleNamespace(prompt_lens="512", preset="tiny", threads=2, runs=1, decode=8, command="peers.py --runs 1")
+    a.machine, a.date = "Xeon, 2 logical CPUs; flags: avx2", "2026-12-05 20:00 UTC"
     manifest = {"target": "cpu-fp32", "passes": [{"name": "fuse_wkv"}]}
     cfg = llamacpp.world_config("tiny")
     text = peers.write_report(tmp_path / "r.md", a, rows, [{"gbps": 10.0}], cfg, manifest)
@@ -221,4 +222,6 @@ def test_report_has_a_column_per_runner_and_the_goals(tmp_path):
     assert "| decode: rwkv-opt cpu-fp32 / llama.cpp f32 | <= 0.85x | 0.80 | 0.80 | yes |" in text
     assert "| prefill T=512: rwkv-opt cpu-fp32 / llama.cpp f32 | >= 1.5x | 1.43 | 1.43 | **no** |" in text
     assert "| decode: rwkv-opt cpu-int8 / llama.cpp q8_0 | <= 0.8x | n/a | n/a |" in text
-    assert json.loads((tmp_path / "r.json").read_text())["results"] == rows
+    assert "- machine: Xeon, 2 logical CPUs; flags: avx2\n- date: 2026-12-05 20:00 UTC\n" in text
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["results"] == rows and saved["machine"] == a.machine and saved["date"] == a.date
