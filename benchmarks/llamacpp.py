@@ -182,7 +182,8 @@ def world_config(preset: str):
 
 
 def world_checkpoint(preset: str, work: Path, progress: Callable[[str], None] = print) -> Path:
-    """WORK/synth-PRESET.pth (bf16, seed 0): `rwkv-opt synth --preset PRESET`, with a 65536-token vocabulary."""
+    """WORK/synth-PRESET-v65536.pth (made when missing): `rwkv-opt synth --preset PRESET` (bf16, seed 0) with the
+    World vocabulary size."""
     from rwkv_opt.checkpoint.synth import SyntheticStateDict
     from rwkv_opt.checkpoint.torchzip import write_pth
 
@@ -228,6 +229,8 @@ def make_ggufs(build: LlamaCpp, ckpt: Path, work: Path, progress: Callable[[str]
 # ---- the logits check ----------------------------------------------------------------------------------
 def llama_logits(build: LlamaCpp, gguf: Path, tokens: list[int], threads: int, steps: bool) -> np.ndarray:
     """llama.cpp's logits (T, V) at every position: the tokens as one batch, or one decode call per token."""
+    if not (build.bin / "libllama.so").is_file():
+        raise RwkvOptError(f"{build.bin} has no libllama.so, which the check loads; build it there (ninja llama).")
     os.environ["LLAMA_CPP_LIB_PATH"] = str(build.bin)  # read when llama_cpp is first imported
     try:
         from llama_cpp import Llama

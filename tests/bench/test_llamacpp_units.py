@@ -225,3 +225,11 @@ def test_report_has_a_column_per_runner_and_the_goals(tmp_path):
     assert "- machine: Xeon, 2 logical CPUs; flags: avx2\n- date: 2026-12-05 20:00 UTC\n" in text
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved["results"] == rows and saved["machine"] == a.machine and saved["date"] == a.date
+
+
+def test_logits_check_needs_libllama(tmp_path):
+    build = llamacpp.build_at(fake_build(tmp_path / "b"), "test")
+    with pytest.raises(
+        RwkvOptError, match=r"has no libllama.so, which the check loads; build it there \(ninja llama\)"
+    ):
+        llamacpp.llama_logits(build, tmp_path / "m.gguf", [1, 2], 2, steps=False)
