@@ -1,19 +1,27 @@
-"""Our cpu-fp32 artifact vs BlinkDL's official `rwkv` package (torch CPU, 'cpu fp32'), in one run.
+"""rwkv-opt on CPU vs BlinkDL's official `rwkv` package and, when a build is present, llama.cpp, in one run.
 
-    python benchmarks/peers.py --preset 0.1b --runs 5 -o reports/peers.md
+    python benchmarks/peers.py --preset 0.1b --runs 5 -o reports/peers.md [--llama-cpp DIR]
 
-Both read the same synthetic checkpoint (`rwkv-opt synth --preset P -o WORK/synth-P.pth`; our
-artifact is built from that file). Every measurement runs in a fresh subprocess (so peak RSS is
-that runner's own), runs alternate ours/theirs and swap order each round, and the table shows
-medians over rounds with ratios ours / theirs. Inside one subprocess: prefill at each prompt
-length is timed after one warm-up call (median of 3); decode is timed step by step after a
-128-token prompt and 3 warm-up steps (p50 of --decode steps). Both use --threads threads
-(ORT intra-op threads; torch.set_num_threads). The memory-bandwidth floor (benchmarks/bandwidth.py: best
-of numpy copy and read-only bandwidth) bounds any fp32 decode from below. A third runner, "matmuls", times one
-decode step's MatMuls alone
+All read the same synthetic checkpoint (WORK/synth-P-v65536.pth: `rwkv-opt synth --preset P` with the
+65536-token World vocabulary, which llama.cpp's converter needs; benchmarks/llamacpp.py). Runners: "ours"
+(our cpu-fp32 artifact), "theirs" (the official package, torch 'cpu fp32'), "ours-int8" and "ours-int4"
+(cpu-int8 / cpu-int4 artifacts, built --no-verify --quant-algorithm rtn), and with a llama.cpp build
+(--llama-cpp DIR, $LLAMA_CPP_DIR, or llama-bench on PATH) "llama-f32", "llama-q8_0", "llama-q4_0":
+llama-bench on GGUFs of the checkpoint (our fla-hub folder -> convert_hf_to_gguf.py -> llama-quantize).
+Every measurement runs in a fresh subprocess (so peak RSS is that runner's own), the runners alternate
+and reverse their order each round, and the tables show medians over rounds. Inside one subprocess:
+prefill at each prompt length is timed after one warm-up call (median of 3); decode is timed step by
+step after a 128-token prompt and 3 warm-up steps (p50 of --decode steps). llama-bench runs the same
+prompt lengths and --decode generated tokens (from an empty state: an RWKV step costs the same at any
+position), 3 repetitions after its own warm-up: prefill is the median repetition's tok/s, decode
+1000 / tg tok/s of the median repetition (p50) and of the slowest (p95). All use
+--threads threads (ORT intra-op threads; torch.set_num_threads; llama-bench -t). The memory-bandwidth
+floor (benchmarks/bandwidth.py: best of numpy copy and read-only bandwidth, measured in the same run)
+bounds any fp32 decode from below. A further runner, "matmuls", times one decode step's MatMuls alone
 (every 2-D MatMul weight of our artifact, each fed a (1, K) input, in one ORT graph with the same
-threads): what ORT's own kernels need to stream the weights, so ours minus it is what the rest of
-our graph costs. The machine's 1-minute load is recorded around each subprocess.
+threads): what ORT's own kernels need to stream the weights, so ours minus it is what the rest of our
+graph costs. The machine's 1-minute load is recorded around each subprocess. The report ends with the
+issue's goals (decode and prefill ratios at each bit width) and whether each holds.
 """
 
 from __future__ import annotations
@@ -37,8 +45,14 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import bandwidth  # noqa: E402
+import llamacpp  # noqa: E402
+
+from rwkv_opt.errors import RwkvOptError  # noqa: E402
 
 PREFILL_REPS = 3
+OUR_TARGETS = {"ours": "cpu-fp32", "ours-int8": "cpu-int8", "ours-int4": "cpu-int4"}
+# the measuring order of a round (reversed every other round): each of ours next to its peer at that bit width
+RUNNERS = ("ours", "theirs", "llama-f32", "ours-int8", "llama-q8_0", "ours-int4", "llama-q4_0")
 WARMUP_STEPS = 3
 DECODE_PROMPT = 128
 
@@ -124,9 +138,33 @@ def measure_matmuls(model: str, decode: int, threads: int) -> dict:
     }
 
 
-def measure(kind: str, model: str, prompt_lens: list[int], decode: int, threads: int, vocab: int) -> dict:
-    if kind == "matmuls":
-        return measure_matmuls(model, decode, threads)
+def measure_llama(gguf: str, prompt_lens: list[int], decode: int, threads: int, build_dir: str) -> dict:
+    """llama-bench on `gguf` (a child of this process, so RUSAGE_CHILDREN's peak RSS is its own)."""
+    load0 = os.getloadavg()[0]
+    build = llamacpp.find_build(build_dir)
+    cmd = llamacpp.bench_command(build, Path(gguf), threads, prompt_lens, decode, PREFILL_REPS)
+    res = llamacpp.parse_bench(llamacpp.run_tool(cmd, "llama-bench"))
+    res.update(
+        kind="llama",
+        load_1m_start=load0,
+        load_1m_end=os.getloadavg()[0],
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+    )
+    return res
+
+
+def measure(a) -> dict:
+    """One runner's figures, in this (fresh) process: a.measure says how, a.model what."""
+    lens = [int(x) for x in a.prompt_lens.split(",")]
+    if a.measure == "matmuls":
+        return measure_matmuls(a.model, a.decode, a.threads)
+    if a.measure == "llama":
+        return measure_llama(a.model, lens, a.decode, a.threads, a.llama_cpp)
+    return measure_runtime(a.measure, a.model, lens, a.decode, a.threads, a.vocab)
+
+
+def measure_runtime(kind: str, model: str, prompt_lens: list[int], decode: int, threads: int, vocab: int) -> dict:
+    """Ours or theirs: prefill at each prompt length, then decode step by step."""
     load0 = os.getloadavg()[0]
     load_s, seq, step = _runner(kind, model, threads)
     rng = np.random.default_rng(0)
@@ -160,39 +198,33 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def prepare(a) -> tuple[Path, Path, dict]:
-    """The synthetic .pth (written with `rwkv-opt synth`) and our artifact built from it."""
+def prepare(a, build: llamacpp.LlamaCpp | None) -> tuple[dict[str, tuple[str, Path]], dict]:
+    """Runner name -> (measuring kind, model path), and our cpu-fp32 artifact's manifest. Writes the checkpoint,
+    our artifacts (cpu-fp32 verified; cpu-int8/int4 --no-verify, RTN) and, with a build, the GGUFs if missing."""
     work = Path(a.work)
-    work.mkdir(parents=True, exist_ok=True)
-    ckpt = work / f"synth-{a.preset}.pth"
-    if not ckpt.is_file():
-        _log(f"writing {ckpt}")
-        subprocess.run(
-            [sys.executable, "-m", "rwkv_opt.cli", "synth", "--preset", a.preset, "-o", str(ckpt)], check=True
-        )
-    art = Path(a.artifact) if a.artifact else work / f"cpu-fp32-{a.preset}"
-    if not (art / "manifest.json").is_file():
-        import dataclasses
-
-        from rwkv_opt.checkpoint.weights import load_weights
-        from rwkv_opt.passes.base import load_builtin
-        from rwkv_opt.pipeline import run_pipeline
-        from rwkv_opt.targets import get_target
-
-        t = get_target("cpu-fp32")
-        t = dataclasses.replace(t, passes=tuple(p for p in t.passes if p[0] in load_builtin()))
-        _log(f"building {art} (cpu-fp32, passes: {', '.join(t.pass_names)})")
-        run_pipeline(t, load_weights(ckpt), art, progress=_log)
-    return ckpt, art, json.loads((art / "manifest.json").read_text())
+    ckpt = llamacpp.world_checkpoint(a.preset, work, progress=_log)
+    art = Path(a.artifact) if a.artifact else work / f"{ckpt.stem}-cpu-fp32"
+    runners = {"theirs": ("theirs", ckpt)}
+    for name, target in OUR_TARGETS.items():
+        out = art if name == "ours" else work / f"{ckpt.stem}-{target}"
+        _log(f"building {out} ({target})")
+        extra = () if name == "ours" else ("--no-verify", "--quant-algorithm", "rtn")
+        runners[name] = ("ours", llamacpp.build_artifact(ckpt, target, out, *extra))
+    if build is not None:
+        for t, gguf in llamacpp.make_ggufs(build, ckpt, work, progress=_log).items():
+            runners[f"llama-{t}"] = ("llama", gguf)
+    return {n: runners[n] for n in RUNNERS if n in runners}, json.loads((art / "manifest.json").read_text())
 
 
-def run_child(kind: str, model: Path, a, vocab: int) -> dict:
-    out = Path(a.work) / f"result-{kind}.json"
+def run_child(name: str, kind: str, model: Path, a, vocab: int) -> dict:
+    """Runner `name` measured in a fresh process (`kind`: how to measure `model`)."""
+    out = Path(a.work) / f"result-{name}.json"
     cmd = [
         sys.executable,
         str(Path(__file__).resolve()),
         "--measure",
         kind,
+        *(["--llama-cpp", a.llama_cpp] if a.llama_cpp else []),
         "--model",
         str(model),
         "--prompt-lens",
@@ -207,7 +239,7 @@ def run_child(kind: str, model: Path, a, vocab: int) -> dict:
         str(out),
     ]
     subprocess.run(cmd, check=True, stdout=sys.stderr)
-    return json.loads(out.read_text())
+    return {**json.loads(out.read_text()), "kind": name}
 
 
 METRICS = [
@@ -216,6 +248,22 @@ METRICS = [
     ("peak RSS MiB", "peak_rss_mb", "lower"),
     ("load (session/model) s", "load_s", "lower"),
 ]
+LABELS = {
+    "ours": "rwkv-opt cpu-fp32",
+    "theirs": "official fp32",
+    "llama-f32": "llama.cpp f32",
+    "ours-int8": "rwkv-opt cpu-int8",
+    "llama-q8_0": "llama.cpp q8_0",
+    "ours-int4": "rwkv-opt cpu-int4",
+    "llama-q4_0": "llama.cpp q4_0",
+}
+# issue 19's goals: (ours, peer, at most ours/peer) for decode ms/token; ours/peer at least PREFILL_GOAL for
+# prefill tok/s at every prompt length and bit width; fp32 decode at most FLOOR_GOAL x the bandwidth floor
+DECODE_GOALS = (("ours", "theirs", 0.8), ("ours", "llama-f32", 0.85), ("ours-int8", "llama-q8_0", 0.8))
+DECODE_GOALS += (("ours-int4", "llama-q4_0", 0.8),)
+PREFILL_PAIRS = (("ours", "theirs"), ("ours", "llama-f32"), ("ours-int8", "llama-q8_0"), ("ours-int4", "llama-q4_0"))
+PREFILL_GOAL = 1.5
+FLOOR_GOAL = 1.2
 
 
 def _metrics(prompt_lens: list[int]) -> list[tuple[str, str, str]]:
@@ -224,38 +272,107 @@ def _metrics(prompt_lens: list[int]) -> list[tuple[str, str, str]]:
 
 
 def summarize(results: list[dict], prompt_lens: list[int]) -> dict:
-    """Per runner and metric: the median over rounds and the best round (least disturbed by load)."""
+    """(runner, metric) -> (median over rounds, best round: least disturbed by load), for what each measured."""
     out = {}
-    for kind in ("ours", "theirs"):
+    for kind in dict.fromkeys(r["kind"] for r in results if r["kind"] != "matmuls"):
         rs = [r for r in results if r["kind"] == kind]
         for _, key, better in _metrics(prompt_lens):
-            vals = [r[key] for r in rs]
-            out[kind, key] = (statistics.median(vals), min(vals) if better == "lower" else max(vals))
+            vals = [r[key] for r in rs if key in r]
+            if vals:
+                out[kind, key] = (statistics.median(vals), min(vals) if better == "lower" else max(vals))
     return out
+
+
+def _goal(summ: dict, what: str, ours: str, peer: str, key: str, op: str, limit: float) -> dict:
+    """One ratio row: ours / peer of `key` (medians and best rounds) against `op limit`; None when not measured."""
+    row = {"ratio": f"{what}: {LABELS[ours]} / {LABELS[peer]}", "goal": f"{op} {limit:g}x"}
+    if (ours, key) not in summ or (peer, key) not in summ:
+        return {**row, "median": None, "best": None, "holds": None}
+    (om, ob), (pm, pb) = summ[ours, key], summ[peer, key]
+    med = om / pm
+    return {**row, "median": med, "best": ob / pb, "holds": med <= limit if op == "<=" else med >= limit}
+
+
+def goal_rows(summ: dict, prompt_lens: list[int], floor: float) -> list[dict]:
+    """The issue's goals, each with its ratio (medians over rounds, and best rounds) and whether it holds."""
+    rows = [_goal(summ, "decode", o, p, "decode_ms_p50", "<=", lim) for o, p, lim in DECODE_GOALS]
+    om, ob = summ["ours", "decode_ms_p50"]
+    rows.append(
+        {
+            "ratio": f"decode: {LABELS['ours']} / bandwidth floor ({floor:.2f} ms)",
+            "goal": f"<= {FLOOR_GOAL:g}x",
+            "median": om / floor,
+            "best": ob / floor,
+            "holds": om / floor <= FLOOR_GOAL,
+        }
+    )
+    for T in prompt_lens:
+        rows += [
+            _goal(summ, f"prefill T={T}", o, p, f"prefill_tok_s_{T}", ">=", PREFILL_GOAL) for o, p in PREFILL_PAIRS
+        ]
+    return rows
+
+
+def _goal_lines(rows: list[dict]) -> list[str]:
+    lines = [
+        "",
+        "Goals of issue 19 (decode: ratio of ms/token, lower is better; prefill: ratio of tok/s, higher is better):",
+        "",
+        "| ratio | goal | median ratio | best-round ratio | holds (medians) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["median"] is None:
+            lines.append(f"| {r['ratio']} | {r['goal']} | n/a | n/a | not measured in this run |")
+        else:
+            verdict = "yes" if r["holds"] else "**no**"
+            lines.append(f"| {r['ratio']} | {r['goal']} | {r['median']:.2f} | {r['best']:.2f} | {verdict} |")
+    return lines
 
 
 def _fmt(v: float) -> str:
     return f"{v:,.1f}" if abs(v) >= 10 else f"{v:.3g}"
 
 
+def _llama_lines(results: list[dict]) -> list[str]:
+    ll = [r for r in results if r["kind"].startswith("llama-")]
+    if not ll:
+        return ["- llama.cpp: no build found (--llama-cpp DIR, $LLAMA_CPP_DIR, or llama-bench on PATH): not measured"]
+    models = "; ".join(dict.fromkeys(f"{r['kind']}: {r['llama_model']}" for r in ll))
+    return [
+        f"- llama.cpp: build {ll[0]['llama_build']} (llama-bench -o json, {ll[0].get('decode_tokens')} generated "
+        f"tokens, {PREFILL_REPS} repetitions after its warm-up); its CPU: {ll[0]['llama_cpu']}; GGUFs: {models}"
+    ]
+
+
+def _title(kinds: set[str], rwkv_version: str, preset: str) -> str:
+    """The report's title: the runners that were measured."""
+    ours = ", ".join(LABELS[k].removeprefix("rwkv-opt ") for k in RUNNERS if k in kinds and k.startswith("ours"))
+    llama = ", ".join(k.removeprefix("llama-") for k in RUNNERS if k in kinds and k.startswith("llama-"))
+    peers = f"official rwkv {rwkv_version} ('cpu fp32')" + (f" and llama.cpp ({llama})" if llama else "")
+    return f"# Peers: rwkv-opt {ours} vs {peers}, {preset} synthetic"
+
+
 def _header(a, results: list[dict], manifest: dict) -> list[str]:
     loads = [r[k] for r in results for k in ("load_1m_start", "load_1m_end")]
     cores = os.cpu_count()
-    cpu = bandwidth.cpu_description()
     vers = {p: metadata.version(p) for p in ("rwkv-opt", "onnxruntime", "numpy", "torch", "rwkv")}
     # the runners' own threads (--threads each, one runner at a time) put ~a.threads on the 1-min load;
     # more than that means other work shared the CPU
     busy = max(loads) >= a.threads + 0.5 * cores
+    quant = any(r["kind"] in ("ours-int8", "ours-int4") for r in results)
     return [
-        f"# Peers: rwkv-opt cpu-fp32 vs official rwkv {vers['rwkv']} ('cpu fp32'), {a.preset} synthetic",
+        _title({r["kind"] for r in results}, vers["rwkv"], a.preset),
         "",
-        f"- machine: {cpu}; {platform.platform()}",
-        f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"- machine: {a.machine}",
+        f"- date: {a.date}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()) + f", python {platform.python_version()}",
+        *_llama_lines(results),
         f"- command: `{a.command}`",
-        f"- our artifact: target {manifest['target']}, passes {[p['name'] for p in manifest['passes']]}; "
-        f"{a.threads} threads each (ORT intra-op / torch.set_num_threads)",
-        f"- {a.runs} rounds, ours and theirs alternating (order swapped each round), each in a fresh process; "
+        f"- our artifacts: cpu-fp32 (passes {[p['name'] for p in manifest['passes']]})"
+        + ("; cpu-int8 and cpu-int4 built --no-verify --quant-algorithm rtn" if quant else "")
+        + f"; {a.threads} threads each (ORT intra-op / torch.set_num_threads / llama-bench -t)",
+        f"- {a.runs} rounds, the runners in turn (order reversed each round), each in a fresh process; "
         f"decode = p50/p95 of {a.decode} steps after a {DECODE_PROMPT}-token prompt; prefill = median of "
         f"{PREFILL_REPS} calls after a warm-up",
         f"- load average (1 min) around the runs: {min(loads):.2f} to {max(loads):.2f} on {cores} cores, "
@@ -288,34 +405,36 @@ def _matmuls_lines(results: list[dict], floor: float, ours_ms: float) -> list[st
     ]
 
 
-def write_report(path: Path, a, results: list[dict], bw: list[dict], cfg, manifest: dict) -> str:
-    lens = [int(x) for x in a.prompt_lens.split(",")]
-    summ = summarize(results, lens)
-    gbps = max(b["gbps"] for b in bw)
-    floor = bandwidth.floor_ms(cfg, gbps)
-    lines = _header(a, results, manifest) + [
+def _table_lines(summ: dict, lens: list[int]) -> list[str]:
+    """Medians over rounds (best round in parentheses), one column per runner."""
+    names = [n for n in RUNNERS if (n, "decode_ms_p50") in summ]
+    lines = [
         "",
-        "| metric | better is | ours median | official median | ours / official (medians) | ours best "
-        "| official best | ours / official (bests) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| metric | better is | " + " | ".join(LABELS[n] for n in names) + " |",
+        "|---|---|" + "---|" * len(names),
     ]
     for label, key, better in _metrics(lens):
-        (om, ob), (tm, tb) = summ["ours", key], summ["theirs", key]
-        lines.append(
-            f"| {label} | {better} | {_fmt(om)} | {_fmt(tm)} | {om / tm:.2f} | {_fmt(ob)} | {_fmt(tb)} "
-            f"| {ob / tb:.2f} |"
-        )
+        cells = [f"{_fmt(summ[n, key][0])} ({_fmt(summ[n, key][1])})" if (n, key) in summ else "-" for n in names]
+        lines.append(f"| {label} | {better} | " + " | ".join(cells) + " |")
+    return lines + ["", "Cells: median over rounds (best round)."]
+
+
+def _floor_lines(summ: dict, cfg, bw: list[dict], floor: float) -> list[str]:
+    gbps = max(b["gbps"] for b in bw)
     bws = ", ".join(f"{b['gbps']:.2f}" for b in bw)
-    (om, ob), (tm, tb) = summ["ours", "decode_ms_p50"], summ["theirs", "decode_ms_p50"]
-    lines += [
+    dec = {n: summ[n, "decode_ms_p50"] for n in ("ours", "theirs", "llama-f32") if (n, "decode_ms_p50") in summ}
+    vs = ", ".join(f"{LABELS[n]} {m / floor:.2f}x (best round {b / floor:.2f}x)" for n, (m, b) in dec.items())
+    return [
         "",
         f"Memory-bandwidth floor: {bandwidth.weight_bytes_per_token(cfg) / 2**20:,.0f} MiB of fp32 weights "
         f"read per decoded token (all but the gathered embedding) / {gbps:.2f} GB/s, the best memory bandwidth "
         f"numpy reached (copy counted read + write, or read-only np.dot; best of {bws} GB/s measured before "
-        f"and after the rounds) "
-        f"= **{floor:.1f} ms/token**. Decode p50 vs floor: ours {om / floor:.2f}x (best round "
-        f"{ob / floor:.2f}x), official {tm / floor:.2f}x (best round {tb / floor:.2f}x).",
-        *_matmuls_lines(results, floor, om),
+        f"and after the rounds) = **{floor:.1f} ms/token**. fp32 decode p50 vs floor: {vs}.",
+    ]
+
+
+def _round_lines(results: list[dict], lens: list[int]) -> list[str]:
+    lines = [
         "",
         "Per-round figures:",
         "",
@@ -334,65 +453,110 @@ def write_report(path: Path, a, results: list[dict], bw: list[dict], cfg, manife
             f"| {rnd} | {r['kind']} | {_fmt(r['decode_ms_p50'])} | {pre} | {_fmt(r['peak_rss_mb'])} "
             f"| {r['load_1m_start']:.2f} |"
         )
+    return lines
+
+
+def write_report(path: Path, a, results: list[dict], bw: list[dict], cfg, manifest: dict) -> str:
+    lens = [int(x) for x in a.prompt_lens.split(",")]
+    summ = summarize(results, lens)
+    floor = bandwidth.floor_ms(cfg, max(b["gbps"] for b in bw))
+    lines = [
+        *_header(a, results, manifest),
+        *_table_lines(summ, lens),
+        *_goal_lines(goal_rows(summ, lens, floor)),
+        *_floor_lines(summ, cfg, bw, floor),
+        *_matmuls_lines(results, floor, summ["ours", "decode_ms_p50"][0]),
+        *_round_lines(results, lens),
+    ]
     text = "\n".join(lines) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     path.with_suffix(".json").write_text(
         json.dumps(
-            {"command": a.command, "manifest": manifest, "results": results, "bandwidth": bw, "floor_ms": floor},
+            {
+                "command": a.command,
+                "machine": a.machine,
+                "date": a.date,
+                "manifest": manifest,
+                "results": results,
+                "bandwidth": bw,
+                "floor_ms": floor,
+            },
             indent=1,
         )
     )
     return text
 
 
-def main(argv=None) -> int:
+def run_rounds(a, runners: dict[str, tuple[str, Path]], vocab: int) -> list[dict]:
+    """a.runs rounds of every runner in turn (order reversed every other round), then the matmuls runner."""
+    results = []
+    for i in range(a.runs):
+        for name in list(runners) if i % 2 == 0 else list(reversed(runners)):
+            _log(f"round {i + 1}/{a.runs}: {name}")
+            results.append(run_child(name, *runners[name], a, vocab))
+            _log(f"  decode {results[-1]['decode_ms_p50']:.1f} ms, peak RSS {results[-1]['peak_rss_mb']:.0f} MiB")
+        _log(f"round {i + 1}/{a.runs}: matmuls alone")
+        results.append(run_child("matmuls", "matmuls", runners["ours"][1], a, vocab))
+        _log(f"  decode {results[-1]['decode_ms_p50']:.1f} ms")
+    return results
+
+
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="0.1b")
-    ap.add_argument("--runs", type=int, default=5, help="rounds (each: ours and theirs in fresh processes)")
+    ap.add_argument("--runs", type=int, default=5, help="rounds (each: every runner in a fresh process)")
     ap.add_argument("--prompt-lens", default="128,512")
     ap.add_argument("--decode", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--work", default="/tmp/rwkv-opt-peers", help="checkpoint, artifact and scratch directory")
+    ap.add_argument("--work", default="/tmp/rwkv-opt-peers", help="checkpoint, artifacts, GGUFs and scratch")
     ap.add_argument("--artifact", help="an existing cpu-fp32 artifact built from the work dir's checkpoint")
+    ap.add_argument("--llama-cpp", help="llama.cpp build directory (else $LLAMA_CPP_DIR, else llama-bench on PATH)")
     ap.add_argument("-o", "--output", type=Path, default=HERE.parent / "reports" / "peers.md")
-    ap.add_argument("--measure", choices=["ours", "theirs", "matmuls"], help=argparse.SUPPRESS)
+    ap.add_argument("--measure", choices=["ours", "theirs", "matmuls", "llama"], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     ap.add_argument("--report-only", action="store_true", help="rewrite the report from the JSON beside -o")
-    a = ap.parse_args(argv)
-    lens = [int(x) for x in a.prompt_lens.split(",")]
-    if a.measure:
-        res = measure(a.measure, a.model, lens, a.decode, a.threads, a.vocab)
-        Path(a.result).write_text(json.dumps(res))
-        return 0
+    return ap
+
+
+def run(a, argv) -> int:
     from rwkv_opt.config import ModelConfig
 
     if a.report_only:  # same figures, new layout: the command is the one that measured them
         d = json.loads(a.output.with_suffix(".json").read_text())
         a.command, a.runs = d["command"], sum(r["kind"] == "ours" for r in d["results"])
+        a.machine, a.date = d.get("machine", "not recorded in the JSON"), d.get("date", "not recorded in the JSON")
         cfg = ModelConfig.from_dict(d["manifest"]["source"]["config"])
         print(write_report(a.output, a, d["results"], d["bandwidth"], cfg, d["manifest"]))
         return 0
     a.command = "python benchmarks/peers.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
-    ckpt, art, manifest = prepare(a)
-
+    a.machine = f"{bandwidth.cpu_description()}; {platform.platform()}"
+    a.date = f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
+    build = llamacpp.find_build(a.llama_cpp)
+    a.llama_cpp = str(build.bin) if build else None  # the measuring processes use the same build
+    _log(f"llama.cpp: {build.bin}" if build else "llama.cpp: no build found; its runners are left out")
+    runners, manifest = prepare(a, build)
     cfg = ModelConfig.from_dict(manifest["source"]["config"])
     bw = [bandwidth.measure(512)]
     _log(f"copy bandwidth {bw[0]['gbps']:.2f} GB/s")
-    results = []
-    for i in range(a.runs):
-        for kind in ("ours", "theirs") if i % 2 == 0 else ("theirs", "ours"):
-            _log(f"round {i + 1}/{a.runs}: {kind}")
-            results.append(run_child(kind, art if kind == "ours" else ckpt, a, cfg.vocab))
-            _log(f"  decode {results[-1]['decode_ms_p50']:.1f} ms, peak RSS {results[-1]['peak_rss_mb']:.0f} MiB")
-        _log(f"round {i + 1}/{a.runs}: matmuls alone")
-        results.append(run_child("matmuls", art, a, cfg.vocab))
-        _log(f"  decode {results[-1]['decode_ms_p50']:.1f} ms")
+    results = run_rounds(a, runners, cfg.vocab)
     bw.append(bandwidth.measure(512))
     print(write_report(a.output, a, results, bw, cfg, manifest))
     return 0
+
+
+def main(argv=None) -> int:
+    a = _parser().parse_args(argv)
+    if a.measure:
+        Path(a.result).write_text(json.dumps(measure(a)))
+        return 0
+    try:
+        return run(a, argv)
+    except RwkvOptError as e:
+        print(f"peers.py: error: {e}", file=sys.stderr)
+        return e.exit_code
 
 
 if __name__ == "__main__":
