@@ -26,7 +26,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -126,6 +126,11 @@ class FlaView(Mapping):
             mapped = to_fla(key)
             if mapped is not None:
                 self.names[mapped[0]] = (key, mapped[1])
+
+    def source(self, key: str) -> tuple[str, np.ndarray]:
+        """(BlinkDL key, tensor as the BlinkDL state dict has it) behind fla key ``key``."""
+        blink = self.names[key][0]
+        return blink, self.raw[blink]
 
     def __getitem__(self, key: str) -> np.ndarray:
         blink, transposed = self.names[key]
@@ -301,7 +306,7 @@ def _with_fla_names(msg: str) -> str:
     return re.sub(r"'([\w.]+)'", name, msg)
 
 
-def _read_hf(folder: Path, digest: bool) -> Weights:
+def _read_hf(folder: Path, digest: bool, finite: bool) -> Weights:
     if not (folder / CONFIG).is_file():
         raise CheckpointError(
             f"{folder} is a folder without {CONFIG}; pass a Hugging Face model folder, "
@@ -320,7 +325,8 @@ def _read_hf(folder: Path, digest: bool) -> Weights:
     check_config(folder, config, cfg)
     raw = {k: raw[k] for k in expected_shapes(cfg) if k in raw}  # BlinkDL order
     names = [CONFIG] + ([INDEX] if shards is not None else []) + files
-    require_finite(raw, str(folder), release=release_pages)
+    if finite:
+        require_finite(raw, str(folder), release=release_pages)
     return Weights(
         raw,
         cfg,
@@ -331,21 +337,27 @@ def _read_hf(folder: Path, digest: bool) -> Weights:
     )
 
 
-def open_checkpoint(path, *, digest: bool = True) -> Weights:
-    """Weights from a .pth, a .safetensors/.st file with BlinkDL keys, or a fla-hub folder."""
+def open_checkpoint(path, *, digest: bool = True, finite: bool = True) -> Weights:
+    """Weights from a .pth, a .safetensors/.st file with BlinkDL keys, or a fla-hub folder.
+
+    ``finite=False`` skips the NaN/inf pass over every weight, for a caller that makes it itself while
+    it reads the bytes anyway (``convert``: one pass over the source instead of two)."""
     path = Path(path)
     if path.is_dir():
-        return _read_hf(path, digest)
+        return _read_hf(path, digest, finite)
     if not path.is_file():
         raise CheckpointError(
             f"{path} does not exist; pass a BlinkDL RWKV-7 .pth or .safetensors file, "
             "or a Hugging Face (fla-hub) model folder."
         )
     if not (path.suffix in (".safetensors", ".st") or is_safetensors(path)):
-        return dataclasses.replace(load_pth(path, digest=digest), layout="pth", tokenizer=file_tokenizer())
+        return dataclasses.replace(
+            load_pth(path, digest=digest, finite=finite), layout="pth", tokenizer=file_tokenizer()
+        )
     raw = read_safetensors(path)
     cfg = validate(raw, path.name)
-    require_finite(raw, path.name, release=release_pages)
+    if finite:
+        require_finite(raw, path.name, release=release_pages)
     return Weights(
         raw,
         cfg,
@@ -412,8 +424,9 @@ def _shards(view: Mapping[str, np.ndarray], max_bytes: int | None) -> list[list[
     return groups
 
 
-def write_hf(out: Path, weights: Weights, max_shard_bytes: int | None = None) -> None:
-    """An fla-hub folder: config.json, model.safetensors (or shards + index), the tokenizer files."""
+def write_hf(out: Path, weights: Weights, max_shard_bytes: int | None = None, *, check: Callable | None = None) -> None:
+    """An fla-hub folder: config.json, model.safetensors (or shards + index), the tokenizer files.
+    ``check(key, array)``: as for ``write_safetensors``, with the BlinkDL key and tensor (as the source has them)."""
     from rwkv_opt.artifact import staging_dir, write_json
 
     if weights.config.deepembed:
@@ -423,13 +436,14 @@ def write_hf(out: Path, weights: Weights, max_shard_bytes: int | None = None) ->
         )
     view = FlaView(weights.raw)
     groups = _shards(view, max_shard_bytes)
+    fla_check = None if check is None else (lambda key, _: check(*view.source(key)))
     with staging_dir(out) as tmp:
         if len(groups) == 1:
-            write_safetensors(tmp / SINGLE, view, _ST_METADATA)
+            write_safetensors(tmp / SINGLE, view, _ST_METADATA, check=fla_check)
         else:
             names = [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
             for name, keys in zip(names, groups):
-                write_safetensors(tmp / name, {k: view[k] for k in keys}, _ST_METADATA)
+                write_safetensors(tmp / name, {k: view[k] for k in keys}, _ST_METADATA, check=fla_check)
             total = sum(view[k].nbytes for k in view)
             write_json(
                 tmp / INDEX,
@@ -452,42 +466,23 @@ def _copy_tokenizer(weights: Weights, dest: Path) -> None:
         shutil.copyfile(default_vocab_path(), dest / VOCAB_NAME)
 
 
-class _Releasing(Mapping):
-    """A state dict for write_pth's streaming path (it has `spec`): when the writer asks for a tensor,
-    the pages of the one it wrote before leave the RSS, so a converted file is never resident whole."""
-
-    def __init__(self, raw: Mapping[str, np.ndarray]):
-        self.raw, self.last = raw, None
-
-    def spec(self, key: str) -> tuple[np.dtype, tuple]:
-        a = self.raw[key]
-        return a.dtype, a.shape
-
-    def __getitem__(self, key: str) -> np.ndarray:
-        if self.last is not None:
-            release_pages(self.last)
-        self.last = self.raw[key]
-        return self.last
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.raw)
-
-    def __len__(self) -> int:
-        return len(self.raw)
-
-
 def convert(src, to: str, out) -> Weights:
     """Write checkpoint `src` in layout `to` (pth, safetensors or hf) at `out`; returns its Weights."""
     src, out = Path(src), Path(out)
     if out.exists() and os.path.samefile(src, out):
         raise CheckpointError(f"{out} is the checkpoint being converted; choose another output path.")
-    weights = open_checkpoint(src, digest=False)
-    if to == "pth":
-        write_pth(out, _Releasing(weights.raw))
-    elif to == "safetensors":
-        write_safetensors(out, weights.raw, _ST_METADATA)
-    elif to == "hf":
-        write_hf(out, weights)
-    else:
+    if to not in ("pth", "safetensors", "hf"):
         raise CheckpointError(f"unknown layout '{to}'; choose pth, safetensors or hf.")
+    weights = open_checkpoint(src, digest=False, finite=False)  # the writer checks while it copies
+    name = str(src) if src.is_dir() else src.name  # as open_checkpoint names the source in its refusals
+
+    def finite(key: str, a: np.ndarray) -> None:
+        require_finite({key: a}, name)
+
+    if to == "pth":
+        write_pth(out, weights.raw, check=finite)
+    elif to == "safetensors":
+        write_safetensors(out, weights.raw, _ST_METADATA, check=finite)
+    else:
+        write_hf(out, weights, check=finite)
     return weights
