@@ -41,11 +41,11 @@ import os
 import pickle
 import struct
 import zipfile
-import zlib
 from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
+from isal.isal_zlib import crc32  # zlib.crc32's result, 5-8x faster: the CRC pass runs at disk speed
 
 from rwkv_opt.checkpoint.bounds import MAX_ELEMENTS, element_count, excerpt
 from rwkv_opt.checkpoint.pickle_scan import PickleRefused, scan
@@ -467,7 +467,7 @@ def _verify(fh, spans: list, file_size: int, digest) -> None:
         end = pos + len(chunk)
         while current is not None and current[0] < end:
             start, nbytes, want, where = current
-            crc = zlib.crc32(chunk[max(start, pos) - pos : min(start + nbytes, end) - pos], crc)
+            crc = crc32(chunk[max(start, pos) - pos : min(start + nbytes, end) - pos], crc)
             if start + nbytes > end:
                 break  # the span goes on in the next piece
             if crc != want:

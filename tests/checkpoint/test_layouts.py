@@ -18,6 +18,7 @@ import struct
 import subprocess
 import sys
 import threading
+import zipfile
 from pathlib import Path
 
 import ml_dtypes
@@ -392,6 +393,7 @@ def _round_trip(src: Path, work: Path, hf: bool) -> None:
         mid = work / via / ("m.safetensors" if via == "safetensors" else "hf")
         convert(src, via, mid)
         convert(mid, "pth", work / via / src.name)
+        assert zipfile.ZipFile(work / via / src.name).testzip() is None  # the CRC-32s, checked by zlib itself
         if via == "safetensors":
             assert filecmp.cmp(src, work / via / src.name, shallow=False)
         else:
