@@ -20,6 +20,7 @@ are not covered (the tokenizer is recorded on its own).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -27,12 +28,13 @@ import os
 import re
 import shutil
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from rwkv_opt.checkpoint.safetensors_io import is_safetensors, read_safetensors, write_safetensors
-from rwkv_opt.checkpoint.torchzip import release_pages, write_pth
+from rwkv_opt.checkpoint.torchzip import open_pth, release_pages, write_pth
 from rwkv_opt.checkpoint.bounds import require_finite
 from rwkv_opt.checkpoint.weights import _OPTIONAL, Weights, file_digest, load_pth, validate
 from rwkv_opt.config import SQUEEZABLE, ModelConfig, expected_shapes
@@ -337,11 +339,11 @@ def _read_hf(folder: Path, digest: bool, finite: bool) -> Weights:
     )
 
 
-def open_checkpoint(path, *, digest: bool = True, finite: bool = True) -> Weights:
+def open_checkpoint(path, *, digest: bool = True, finite: bool = True, verify: bool = True) -> Weights:
     """Weights from a .pth, a .safetensors/.st file with BlinkDL keys, or a fla-hub folder.
 
-    ``finite=False`` skips the NaN/inf pass over every weight, for a caller that makes it itself while
-    it reads the bytes anyway (``convert``: one pass over the source instead of two)."""
+    ``finite=False`` skips the NaN/inf pass over every weight, and ``verify=False`` a .pth's CRC-32 pass,
+    for a caller that makes them itself (``convert``: while it writes, before its output appears)."""
     path = Path(path)
     if path.is_dir():
         return _read_hf(path, digest, finite)
@@ -352,7 +354,7 @@ def open_checkpoint(path, *, digest: bool = True, finite: bool = True) -> Weight
         )
     if not (path.suffix in (".safetensors", ".st") or is_safetensors(path)):
         return dataclasses.replace(
-            load_pth(path, digest=digest, finite=finite), layout="pth", tokenizer=file_tokenizer()
+            load_pth(path, digest=digest, finite=finite, verify=verify), layout="pth", tokenizer=file_tokenizer()
         )
     raw = read_safetensors(path)
     cfg = validate(raw, path.name)
@@ -424,9 +426,17 @@ def _shards(view: Mapping[str, np.ndarray], max_bytes: int | None) -> list[list[
     return groups
 
 
-def write_hf(out: Path, weights: Weights, max_shard_bytes: int | None = None, *, check: Callable | None = None) -> None:
+def write_hf(
+    out: Path,
+    weights: Weights,
+    max_shard_bytes: int | None = None,
+    *,
+    check: Callable | None = None,
+    before_commit: Callable[[], None] | None = None,
+) -> None:
     """An fla-hub folder: config.json, model.safetensors (or shards + index), the tokenizer files.
-    ``check(key, array)``: as for ``write_safetensors``, with the BlinkDL key and tensor (as the source has them)."""
+    ``check(key, array)``: as for ``write_safetensors``, with the BlinkDL key and tensor (as the source has
+    them); ``before_commit()``: as for ``write_safetensors``."""
     from rwkv_opt.artifact import staging_dir, write_json
 
     if weights.config.deepembed:
@@ -454,6 +464,8 @@ def write_hf(out: Path, weights: Weights, max_shard_bytes: int | None = None, *,
             )
         write_json(tmp / CONFIG, hf_config(weights.config, np.asarray(weights.raw["emb.weight"]).dtype))
         _copy_tokenizer(weights, tmp)
+        if before_commit is not None:
+            before_commit()
 
 
 def _copy_tokenizer(weights: Weights, dest: Path) -> None:
@@ -466,6 +478,19 @@ def _copy_tokenizer(weights: Weights, dest: Path) -> None:
         shutil.copyfile(default_vocab_path(), dest / VOCAB_NAME)
 
 
+@contextlib.contextmanager
+def _crc_pass(src: Path, layout: str) -> Iterator[Callable[[], None]]:
+    """A .pth source's CRC-32 pass (``MappedPth.verify``) on a thread of its own, so the disk reads the source
+    while the output is written; yields the wait for it (raising its refusal), which the writer calls before
+    its output appears. Other layouts have no CRC: the wait returns at once. Leaving the block waits for the
+    pass to end (one read of the file at most), so no thread outlives ``convert``."""
+    if layout != "pth":
+        yield lambda: None
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rwkv-opt-crc") as pool:
+        yield pool.submit(open_pth(src).verify).result
+
+
 def convert(src, to: str, out) -> Weights:
     """Write checkpoint `src` in layout `to` (pth, safetensors or hf) at `out`; returns its Weights."""
     src, out = Path(src), Path(out)
@@ -473,16 +498,17 @@ def convert(src, to: str, out) -> Weights:
         raise CheckpointError(f"{out} is the checkpoint being converted; choose another output path.")
     if to not in ("pth", "safetensors", "hf"):
         raise CheckpointError(f"unknown layout '{to}'; choose pth, safetensors or hf.")
-    weights = open_checkpoint(src, digest=False, finite=False)  # the writer checks while it copies
+    weights = open_checkpoint(src, digest=False, finite=False, verify=False)  # both checked while writing
     name = str(src) if src.is_dir() else src.name  # as open_checkpoint names the source in its refusals
 
     def finite(key: str, a: np.ndarray) -> None:
         require_finite({key: a}, name)
 
-    if to == "pth":
-        write_pth(out, weights.raw, check=finite)
-    elif to == "safetensors":
-        write_safetensors(out, weights.raw, _ST_METADATA, check=finite)
-    else:
-        write_hf(out, weights, check=finite)
+    with _crc_pass(src, weights.layout) as crc_checked:
+        if to == "pth":
+            write_pth(out, weights.raw, check=finite, before_commit=crc_checked)
+        elif to == "safetensors":
+            write_safetensors(out, weights.raw, _ST_METADATA, check=finite, before_commit=crc_checked)
+        else:
+            write_hf(out, weights, check=finite, before_commit=crc_checked)
     return weights

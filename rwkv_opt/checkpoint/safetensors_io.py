@@ -177,24 +177,29 @@ def write_safetensors(
     metadata: dict | None = None,
     *,
     check: Callable[[str, np.ndarray], None] | None = None,
+    before_commit: Callable[[], None] | None = None,
 ) -> int:
     """Write `tensors` to `path` one at a time (temp file, fsync, rename); returns bytes written.
     ``check(key, array)`` runs on each tensor just before it is copied (``convert``: the NaN/inf check in
-    the same pass over the bytes); what it raises aborts the write and removes the temp file."""
+    the same pass over the bytes), ``before_commit()`` once all is written, before the rename (``convert``:
+    waits for the source's CRC pass); what either raises aborts the write and removes the temp file."""
     from rwkv_opt.progress import phase, tick
 
     path = os.fspath(path)
     raw = _header(path, tensors, metadata)
-    with atomic_file(path) as fh, TensorSink(fh) as sink, phase("write safetensors", len(tensors), "tensors"):
-        sink.write(struct.pack("<Q", len(raw)) + raw)
-        for i, key in enumerate(tensors):
-            src = np.asarray(tensors[key])
-            sink.readahead(src)
-            if check is not None:
-                check(key, src)
-            for chunk in _tensor_chunks(src):
-                sink.write(chunk)
-            sink.then(partial(release_pages, src))  # a mapped source's pages leave the RSS once copied
-            tick(i + 1)
-        written = sink.size
+    with atomic_file(path) as fh:
+        with TensorSink(fh) as sink, phase("write safetensors", len(tensors), "tensors"):
+            sink.write(struct.pack("<Q", len(raw)) + raw)
+            for i, key in enumerate(tensors):
+                src = np.asarray(tensors[key])
+                sink.readahead(src)
+                if check is not None:
+                    check(key, src)
+                for chunk in _tensor_chunks(src):
+                    sink.write(chunk)
+                sink.then(partial(release_pages, src))  # a mapped source's pages leave the RSS once copied
+                tick(i + 1)
+            written = sink.size
+        if before_commit is not None:
+            before_commit()
     return written

@@ -300,16 +300,24 @@ def _write_archive(sink: TensorSink, prefix: str, arrays: Mapping[str, np.ndarra
 
 
 def write_pth(
-    path, tensors: Mapping[str, np.ndarray], *, check: Callable[[str, np.ndarray], None] | None = None
+    path,
+    tensors: Mapping[str, np.ndarray],
+    *,
+    check: Callable[[str, np.ndarray], None] | None = None,
+    before_commit: Callable[[], None] | None = None,
 ) -> None:
     """Write ``tensors`` to ``path`` so that ``torch.load`` (weights_only, mmap) and rwkv read it.
 
     The archive folder is the file's stem, as with ``torch.save``. The file appears atomically:
     it is written to ``path + '.tmp'``, fsynced and renamed; on any error the temp file is removed.
     ``check(key, array)`` runs on each tensor just before it is copied (``convert``: the NaN/inf check in
-    the same pass over the bytes); what it raises aborts the write and removes the temp file.
+    the same pass over the bytes), ``before_commit()`` once all is written, before the rename (``convert``:
+    waits for the source's CRC pass); what either raises aborts the write and removes the temp file.
     """
     path = os.fspath(path)
     arrays = _checked(path, tensors)
-    with atomic_file(path) as fh, TensorSink(fh) as sink:
-        _write_archive(sink, Path(path).stem, arrays, check)
+    with atomic_file(path) as fh:
+        with TensorSink(fh) as sink:
+            _write_archive(sink, Path(path).stem, arrays, check)
+        if before_commit is not None:
+            before_commit()

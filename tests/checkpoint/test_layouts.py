@@ -446,6 +446,23 @@ def test_nan_found_while_copying_is_refused_and_leaves_nothing(tmp_path, monkeyp
     assert not [t for t in threading.enumerate() if t.name.startswith("rwkv-opt-writer")]
 
 
+def test_crc_mismatch_found_while_writing_is_refused_and_leaves_nothing(tmp_path, big_paths):
+    """convert runs a .pth source's CRC-32 pass beside its writes (open_checkpoint skips its own): a flipped
+    mantissa bit (still finite) is refused with the reader's sentence before any output appears."""
+    write_pth(tmp_path / "bad.pth", synthetic_state_dict("tiny", seed=4))
+    at = streamwrite.mapping_of(read_pth(tmp_path / "bad.pth", verify_crc=False)["blocks.1.att.key.weight"])[1]
+    with open(tmp_path / "bad.pth", "r+b") as fh:
+        fh.seek(at + 6)
+        byte = fh.read(1)[0]
+        fh.seek(at + 6)
+        fh.write(bytes([byte ^ 1]))
+    for to, out in (("safetensors", "o.safetensors"), ("pth", "o.pth"), ("hf", "o")):
+        with pytest.raises(CheckpointError, match="bad.pth has a CRC-32 mismatch in"):
+            convert(tmp_path / "bad.pth", to, tmp_path / out)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pth"], to
+    assert not [t for t in threading.enumerate() if t.name.startswith(("rwkv-opt-writer", "rwkv-opt-crc"))]
+
+
 def test_disk_full_midway_is_one_sentence_leaves_nothing_and_does_not_hang(layouts, tmp_path):
     """A 512 KiB tmpfs under a 1.4 MB model: ENOSPC comes from the writer thread mid-file. The CLI must
     end (within the timeout: no thread waits forever), exit 2 with one sentence, and leave the mount empty."""
