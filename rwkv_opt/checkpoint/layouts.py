@@ -499,6 +499,8 @@ def convert(src, to: str, out) -> Weights:
     if to not in ("pth", "safetensors", "hf"):
         raise CheckpointError(f"unknown layout '{to}'; choose pth, safetensors or hf.")
     weights = open_checkpoint(src, digest=False, finite=False, verify=False)  # both checked while writing
+    for a in weights.raw.values():  # opening a cached 1.5B .pth leaves ~400 MB of it resident (measured)
+        release_pages(a)
     name = str(src) if src.is_dir() else src.name  # as open_checkpoint names the source in its refusals
 
     def finite(key: str, a: np.ndarray) -> None:
