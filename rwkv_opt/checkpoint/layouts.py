@@ -20,19 +20,21 @@ are not covered (the tokenizer is recorded on its own).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import re
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from rwkv_opt.checkpoint.safetensors_io import is_safetensors, read_safetensors, write_safetensors
-from rwkv_opt.checkpoint.torchzip import release_pages, write_pth
+from rwkv_opt.checkpoint.torchzip import open_pth, release_pages, write_pth
 from rwkv_opt.checkpoint.bounds import require_finite
 from rwkv_opt.checkpoint.weights import _OPTIONAL, Weights, file_digest, load_pth, validate
 from rwkv_opt.config import SQUEEZABLE, ModelConfig, expected_shapes
@@ -126,6 +128,11 @@ class FlaView(Mapping):
             mapped = to_fla(key)
             if mapped is not None:
                 self.names[mapped[0]] = (key, mapped[1])
+
+    def source(self, key: str) -> tuple[str, np.ndarray]:
+        """(BlinkDL key, tensor as the BlinkDL state dict has it) behind fla key ``key``."""
+        blink = self.names[key][0]
+        return blink, self.raw[blink]
 
     def __getitem__(self, key: str) -> np.ndarray:
         blink, transposed = self.names[key]
@@ -301,7 +308,7 @@ def _with_fla_names(msg: str) -> str:
     return re.sub(r"'([\w.]+)'", name, msg)
 
 
-def _read_hf(folder: Path, digest: bool) -> Weights:
+def _read_hf(folder: Path, digest: bool, finite: bool) -> Weights:
     if not (folder / CONFIG).is_file():
         raise CheckpointError(
             f"{folder} is a folder without {CONFIG}; pass a Hugging Face model folder, "
@@ -320,7 +327,8 @@ def _read_hf(folder: Path, digest: bool) -> Weights:
     check_config(folder, config, cfg)
     raw = {k: raw[k] for k in expected_shapes(cfg) if k in raw}  # BlinkDL order
     names = [CONFIG] + ([INDEX] if shards is not None else []) + files
-    require_finite(raw, str(folder), release=release_pages)
+    if finite:
+        require_finite(raw, str(folder), release=release_pages)
     return Weights(
         raw,
         cfg,
@@ -331,21 +339,27 @@ def _read_hf(folder: Path, digest: bool) -> Weights:
     )
 
 
-def open_checkpoint(path, *, digest: bool = True) -> Weights:
-    """Weights from a .pth, a .safetensors/.st file with BlinkDL keys, or a fla-hub folder."""
+def open_checkpoint(path, *, digest: bool = True, finite: bool = True, verify: bool = True) -> Weights:
+    """Weights from a .pth, a .safetensors/.st file with BlinkDL keys, or a fla-hub folder.
+
+    ``finite=False`` skips the NaN/inf pass over every weight, and ``verify=False`` a .pth's CRC-32 pass,
+    for a caller that makes them itself (``convert``: while it writes, before its output appears)."""
     path = Path(path)
     if path.is_dir():
-        return _read_hf(path, digest)
+        return _read_hf(path, digest, finite)
     if not path.is_file():
         raise CheckpointError(
             f"{path} does not exist; pass a BlinkDL RWKV-7 .pth or .safetensors file, "
             "or a Hugging Face (fla-hub) model folder."
         )
     if not (path.suffix in (".safetensors", ".st") or is_safetensors(path)):
-        return dataclasses.replace(load_pth(path, digest=digest), layout="pth", tokenizer=file_tokenizer())
+        return dataclasses.replace(
+            load_pth(path, digest=digest, finite=finite, verify=verify), layout="pth", tokenizer=file_tokenizer()
+        )
     raw = read_safetensors(path)
     cfg = validate(raw, path.name)
-    require_finite(raw, path.name, release=release_pages)
+    if finite:
+        require_finite(raw, path.name, release=release_pages)
     return Weights(
         raw,
         cfg,
@@ -412,8 +426,17 @@ def _shards(view: Mapping[str, np.ndarray], max_bytes: int | None) -> list[list[
     return groups
 
 
-def write_hf(out: Path, weights: Weights, max_shard_bytes: int | None = None) -> None:
-    """An fla-hub folder: config.json, model.safetensors (or shards + index), the tokenizer files."""
+def write_hf(
+    out: Path,
+    weights: Weights,
+    max_shard_bytes: int | None = None,
+    *,
+    check: Callable | None = None,
+    before_commit: Callable[[], None] | None = None,
+) -> None:
+    """An fla-hub folder: config.json, model.safetensors (or shards + index), the tokenizer files.
+    ``check(key, array)``: as for ``write_safetensors``, with the BlinkDL key and tensor (as the source has
+    them); ``before_commit()``: as for ``write_safetensors``."""
     from rwkv_opt.artifact import write_json
     from rwkv_opt.outdir import staging_dir
 
@@ -424,13 +447,14 @@ def write_hf(out: Path, weights: Weights, max_shard_bytes: int | None = None) ->
         )
     view = FlaView(weights.raw)
     groups = _shards(view, max_shard_bytes)
+    fla_check = None if check is None else (lambda key, _: check(*view.source(key)))
     with staging_dir(out) as tmp:
         if len(groups) == 1:
-            write_safetensors(tmp / SINGLE, view, _ST_METADATA)
+            write_safetensors(tmp / SINGLE, view, _ST_METADATA, check=fla_check)
         else:
             names = [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
             for name, keys in zip(names, groups):
-                write_safetensors(tmp / name, {k: view[k] for k in keys}, _ST_METADATA)
+                write_safetensors(tmp / name, {k: view[k] for k in keys}, _ST_METADATA, check=fla_check)
             total = sum(view[k].nbytes for k in view)
             write_json(
                 tmp / INDEX,
@@ -441,6 +465,8 @@ def write_hf(out: Path, weights: Weights, max_shard_bytes: int | None = None) ->
             )
         write_json(tmp / CONFIG, hf_config(weights.config, np.asarray(weights.raw["emb.weight"]).dtype))
         _copy_tokenizer(weights, tmp)
+        if before_commit is not None:
+            before_commit()
 
 
 def _copy_tokenizer(weights: Weights, dest: Path) -> None:
@@ -453,28 +479,17 @@ def _copy_tokenizer(weights: Weights, dest: Path) -> None:
         shutil.copyfile(default_vocab_path(), dest / VOCAB_NAME)
 
 
-class _Releasing(Mapping):
-    """A state dict for write_pth's streaming path (it has `spec`): when the writer asks for a tensor,
-    the pages of the one it wrote before leave the RSS, so a converted file is never resident whole."""
-
-    def __init__(self, raw: Mapping[str, np.ndarray]):
-        self.raw, self.last = raw, None
-
-    def spec(self, key: str) -> tuple[np.dtype, tuple]:
-        a = self.raw[key]
-        return a.dtype, a.shape
-
-    def __getitem__(self, key: str) -> np.ndarray:
-        if self.last is not None:
-            release_pages(self.last)
-        self.last = self.raw[key]
-        return self.last
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.raw)
-
-    def __len__(self) -> int:
-        return len(self.raw)
+@contextlib.contextmanager
+def _crc_pass(src: Path, layout: str) -> Iterator[Callable[[], None]]:
+    """A .pth source's CRC-32 pass (``MappedPth.verify``) on a thread of its own, so the disk reads the source
+    while the output is written; yields the wait for it (raising its refusal), which the writer calls before
+    its output appears. Other layouts have no CRC: the wait returns at once. Leaving the block waits for the
+    pass to end (one read of the file at most), so no thread outlives ``convert``."""
+    if layout != "pth":
+        yield lambda: None
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rwkv-opt-crc") as pool:
+        yield pool.submit(open_pth(src).verify).result
 
 
 def convert(src, to: str, out) -> Weights:
@@ -482,13 +497,21 @@ def convert(src, to: str, out) -> Weights:
     src, out = Path(src), Path(out)
     if out.exists() and os.path.samefile(src, out):
         raise CheckpointError(f"{out} is the checkpoint being converted; choose another output path.")
-    weights = open_checkpoint(src, digest=False)
-    if to == "pth":
-        write_pth(out, _Releasing(weights.raw))
-    elif to == "safetensors":
-        write_safetensors(out, weights.raw, _ST_METADATA)
-    elif to == "hf":
-        write_hf(out, weights)
-    else:
+    if to not in ("pth", "safetensors", "hf"):
         raise CheckpointError(f"unknown layout '{to}'; choose pth, safetensors or hf.")
+    weights = open_checkpoint(src, digest=False, finite=False, verify=False)  # both checked while writing
+    for a in weights.raw.values():  # opening a cached 1.5B .pth leaves ~400 MB of it resident (measured)
+        release_pages(a)
+    name = str(src) if src.is_dir() else src.name  # as open_checkpoint names the source in its refusals
+
+    def finite(key: str, a: np.ndarray) -> None:
+        require_finite({key: a}, name)
+
+    with _crc_pass(src, weights.layout) as crc_checked:
+        if to == "pth":
+            write_pth(out, weights.raw, check=finite, before_commit=crc_checked)
+        elif to == "safetensors":
+            write_safetensors(out, weights.raw, _ST_METADATA, check=finite, before_commit=crc_checked)
+        else:
+            write_hf(out, weights, check=finite, before_commit=crc_checked)
     return weights

@@ -13,7 +13,8 @@ then the tensor bytes; offsets count from the end of the header.
     ``ml_dtypes.bfloat16``);
   * anything else raises ``CheckpointError`` with one sentence naming the file (and the key).
 
-``write_safetensors`` streams one tensor at a time to a temp file that is renamed into place.
+``write_safetensors`` streams one tensor at a time to a temp file that is renamed into place, through
+``streamwrite.TensorSink`` (writer thread, copy_file_range of unchanged bytes, early write-back).
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ import json
 import math
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 
 import ml_dtypes
 import numpy as np
 
 from rwkv_opt.checkpoint.atomic import atomic_file
-from rwkv_opt.checkpoint.torchzip import release_pages
+from rwkv_opt.checkpoint.streamwrite import TensorSink, release_pages
 from rwkv_opt.checkpoint.torchzip_write import _tensor_chunks
 from rwkv_opt.errors import CheckpointError
 
@@ -169,19 +171,35 @@ def _header(path, tensors: Mapping, metadata: dict | None) -> bytes:
     return raw + b" " * (-(8 + len(raw)) % _ALIGN)
 
 
-def write_safetensors(path, tensors: Mapping[str, np.ndarray], metadata: dict | None = None) -> int:
-    """Write `tensors` to `path` one at a time (temp file, fsync, rename); returns bytes written."""
+def write_safetensors(
+    path,
+    tensors: Mapping[str, np.ndarray],
+    metadata: dict | None = None,
+    *,
+    check: Callable[[str, np.ndarray], None] | None = None,
+    before_commit: Callable[[], None] | None = None,
+) -> int:
+    """Write `tensors` to `path` one at a time (temp file, fsync, rename); returns bytes written.
+    ``check(key, array)`` runs on each tensor just before it is copied (``convert``: the NaN/inf check in
+    the same pass over the bytes), ``before_commit()`` once all is written, before the rename (``convert``:
+    waits for the source's CRC pass); what either raises aborts the write and removes the temp file."""
     from rwkv_opt.progress import phase, tick
 
     path = os.fspath(path)
     raw = _header(path, tensors, metadata)
-    with atomic_file(path) as fh, phase("write safetensors", len(tensors), "tensors"):
-        fh.write(struct.pack("<Q", len(raw)) + raw)
-        for i, key in enumerate(tensors):
-            src = tensors[key]
-            fh.writelines(_tensor_chunks(np.asarray(src)))
-            if isinstance(src, np.ndarray):
-                release_pages(src)  # a mapped source's pages leave the RSS once copied
-            tick(i + 1)
-        written = fh.tell()
+    with atomic_file(path) as fh:
+        with TensorSink(fh) as sink, phase("write safetensors", len(tensors), "tensors"):
+            sink.write(struct.pack("<Q", len(raw)) + raw)
+            for i, key in enumerate(tensors):
+                src = np.asarray(tensors[key])
+                sink.readahead(src)
+                if check is not None:
+                    check(key, src)
+                for chunk in _tensor_chunks(src):
+                    sink.write(chunk)
+                sink.then(partial(release_pages, src))  # a mapped source's pages leave the RSS once copied
+                tick(i + 1)
+            written = sink.size
+        if before_commit is not None:
+            before_commit()
     return written

@@ -12,7 +12,9 @@ boundary; its CRC-32 and sizes follow in a data descriptor, so the file is writt
 6.2): one contiguous storage per tensor, offset 0, ``_rebuild_tensor_v2`` with typed storages.
 
 Memory: tensors stream to disk in 64 MiB chunks; the only copy is ``np.ascontiguousarray`` (or a
-byte swap) of one tensor at a time, so memmapped sources cost about one tensor of RAM.
+byte swap) of one tensor at a time, so memmapped sources cost about one tensor of RAM. Speed: one pass
+over each tensor's bytes (finite check when asked, CRC-32) while a writer thread writes the chunk before
+(``streamwrite.TensorSink``: copy_file_range from a mapped source, early write-back, one fsync).
 """
 
 from __future__ import annotations
@@ -21,14 +23,16 @@ import hashlib
 import math
 import os
 import struct
-import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from functools import partial
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+from isal.isal_zlib import crc32  # zlib.crc32's result, 5-8x faster (a 1.5B .pth: 0.3 s instead of 2 s)
 
 from rwkv_opt.checkpoint.atomic import atomic_file
+from rwkv_opt.checkpoint.streamwrite import TensorSink, release_pages
 from rwkv_opt.errors import CheckpointError
 
 _ALIGN = 64
@@ -120,13 +124,13 @@ def _data_pkl(arrays: Mapping[str, np.ndarray]) -> bytes:
 
 
 class _ZipStream:
-    """Appends stored, aligned members to a binary file and remembers them for the directory."""
+    """Appends stored, aligned members to a ``TensorSink`` and remembers them for the directory."""
 
-    def __init__(self, fh):
-        self.fh, self.pos, self.entries = fh, 0, []
+    def __init__(self, sink: TensorSink):
+        self.sink, self.pos, self.entries = sink, 0, []
 
     def _write(self, data) -> None:
-        self.fh.write(data)
+        self.sink.write(data)
         self.pos += memoryview(data).nbytes
 
     def member(self, name: str, size: int, chunks: Iterable) -> int:
@@ -145,7 +149,7 @@ class _ZipStream:
         )
         crc, written = 0, 0
         for chunk in chunks:
-            crc = zlib.crc32(chunk, crc)
+            crc = crc32(chunk, crc)
             self._write(chunk)
             written += memoryview(chunk).nbytes
         assert written == size, f"member {name}: wrote {written} bytes, expected {size}"
@@ -266,8 +270,9 @@ def _checked(path: str, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarr
     return out
 
 
-def _write_archive(fh, prefix: str, arrays: Mapping[str, np.ndarray]) -> None:
-    z = _ZipStream(fh)
+def _write_archive(sink: TensorSink, prefix: str, arrays: Mapping[str, np.ndarray], check) -> None:
+    """The whole zip; ``check(key, array)`` (optional) runs on each tensor just before it is copied."""
+    z = _ZipStream(sink)
     records = [
         ("data.pkl", _data_pkl(arrays)),
         (".format_version", b"1"),
@@ -280,8 +285,12 @@ def _write_archive(fh, prefix: str, arrays: Mapping[str, np.ndarray]) -> None:
 
     crcs = []
     with phase("write checkpoint", len(arrays), "tensors"):
-        for i, a in enumerate(arrays.values()):
+        for i, (key, a) in enumerate(zip(arrays.keys(), arrays.values())):  # _Lazy makes values() one by one
+            sink.readahead(a)
+            if check is not None:
+                check(key, a)
             crcs.append(z.member(f"{prefix}/data/{i}", a.nbytes, _tensor_chunks(a)))
+            sink.then(partial(release_pages, a))  # a mapped source's pages leave the RSS once copied
             tick(i + 1)
     z.member(f"{prefix}/version", 2, [b"3\n"])
     # Torch only logs this id; any 40 digits do. Derived from the CRCs so output is reproducible.
@@ -290,13 +299,25 @@ def _write_archive(fh, prefix: str, arrays: Mapping[str, np.ndarray]) -> None:
     z.finish()
 
 
-def write_pth(path, tensors: Mapping[str, np.ndarray]) -> None:
+def write_pth(
+    path,
+    tensors: Mapping[str, np.ndarray],
+    *,
+    check: Callable[[str, np.ndarray], None] | None = None,
+    before_commit: Callable[[], None] | None = None,
+) -> None:
     """Write ``tensors`` to ``path`` so that ``torch.load`` (weights_only, mmap) and rwkv read it.
 
     The archive folder is the file's stem, as with ``torch.save``. The file appears atomically:
     it is written to ``path + '.tmp'``, fsynced and renamed; on any error the temp file is removed.
+    ``check(key, array)`` runs on each tensor just before it is copied (``convert``: the NaN/inf check in
+    the same pass over the bytes), ``before_commit()`` once all is written, before the rename (``convert``:
+    waits for the source's CRC pass); what either raises aborts the write and removes the temp file.
     """
     path = os.fspath(path)
     arrays = _checked(path, tensors)
     with atomic_file(path) as fh:
-        _write_archive(fh, Path(path).stem, arrays)
+        with TensorSink(fh) as sink:
+            _write_archive(sink, Path(path).stem, arrays, check)
+        if before_commit is not None:
+            before_commit()

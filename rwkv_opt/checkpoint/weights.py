@@ -132,7 +132,7 @@ def file_digest(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def load_pth(path: Path, *, digest: bool = True) -> Weights:
+def load_pth(path: Path, *, digest: bool = True, finite: bool = True, verify: bool = True) -> Weights:
     """Read, bound, validate and integrity-check a .pth, cheapest refusal first (issue 14).
 
     1. ``open_pth``: zip and pickle structure, every bound; maps the file, reads none of its data.
@@ -142,13 +142,18 @@ def load_pth(path: Path, *, digest: bool = True) -> Weights:
     4. ``require_finite``: NaN/inf in any weight, named. Here rather than in ``Weights.f32``: every
        consumer (graph builder, reference, training via ``raw``) is covered before any work starts,
        while the file is still in the page cache; each tensor's pages leave the RSS once checked.
+       ``finite=False`` leaves it to a caller that reads every byte anyway (``convert`` checks while copying);
+       ``verify=False`` (without ``digest``) leaves step 3 to one that runs it itself (``convert``, in
+       parallel with its writes and before its output appears).
     """
     mapped = open_pth(path)
     cfg = validate(mapped.tensors, path.name)
     check_sizes(mapped.tensors, mapped.file_size, path.name)
     sha = hashlib.sha256() if digest else None
-    mapped.verify(sha)
-    require_finite(mapped.tensors, path.name, release=release_pages)
+    if verify or sha is not None:
+        mapped.verify(sha)
+    if finite:
+        require_finite(mapped.tensors, path.name, release=release_pages)
     return Weights(mapped.tensors, cfg, source=str(path), digest="sha256:" + sha.hexdigest() if sha else "")
 
 

@@ -7,11 +7,19 @@ malformed files and folders are refused in one sentence naming the file (and key
 
 from __future__ import annotations
 
+import errno
 import filecmp
 import json
+import os
 import re
+import shlex
 import shutil
 import struct
+import subprocess
+import sys
+import threading
+import zipfile
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -19,6 +27,7 @@ import pytest
 from onnx import numpy_helper
 from rwkv_testutil import cli, ort_session, zero_feed
 
+from rwkv_opt.checkpoint import streamwrite, torchzip_write
 from rwkv_opt.checkpoint.layouts import CONFIG, INDEX, SINGLE, WORLD, convert, open_checkpoint, write_hf
 from rwkv_opt.checkpoint.safetensors_io import read_safetensors, write_safetensors
 from rwkv_opt.checkpoint.synth import synthetic_state_dict
@@ -344,3 +353,132 @@ def test_cli_convert_build_and_tokenizer_check(hf7, tmp_path):
     r = cli("convert", tmp_path / "nothing.pth", "--to", "safetensors", "-o", tmp_path / "x.safetensors")
     assert r.returncode == 2 and r.stderr.startswith("rwkv-opt: error:") and "nothing.pth does not exist" in r.stderr
     assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "x.safetensors.tmp").exists()
+
+
+# ---- the one-pass writer (streamwrite.TensorSink): copy_file_range, its fallback, failures ------------
+
+
+@pytest.fixture
+def big_paths(monkeypatch):
+    """Tiny tensors take the paths of big ones: 4 KiB chunks (several per tensor), nothing gathered as small."""
+    monkeypatch.setattr(streamwrite, "_SMALL", 256)
+    monkeypatch.setattr(torchzip_write, "_CHUNK", 4096)
+
+
+def _spy_copy_range(monkeypatch, fail_at: int | None, err: int | None) -> dict:
+    """Count os.copy_file_range calls (the real one runs); call number `fail_at` fails with `err`, as a
+    kernel that cannot copy between these files would. -> {"calls": n, "refused": [errno, ...]}."""
+    seen: dict = {"calls": 0, "refused": []}
+    real = os.copy_file_range
+
+    def spy(*args):
+        seen["calls"] += 1
+        try:
+            if seen["calls"] == fail_at:
+                raise OSError(err, os.strerror(err))
+            return real(*args)
+        except OSError as e:
+            seen["refused"].append(e.errno)
+            raise
+
+    monkeypatch.setattr(os, "copy_file_range", spy)
+    return seen
+
+
+def _round_trip(src: Path, work: Path, hf: bool) -> None:
+    """pth -> safetensors -> pth and (if `hf`) pth -> hf -> pth under `work`; each back file equals `src` byte
+    for byte (the hf one up to layer 0's unused v0/v1/v2, which fla has no place for)."""
+    for via in ("safetensors", "hf") if hf else ("safetensors",):
+        (work / via).mkdir()
+        mid = work / via / ("m.safetensors" if via == "safetensors" else "hf")
+        convert(src, via, mid)
+        convert(mid, "pth", work / via / src.name)
+        assert zipfile.ZipFile(work / via / src.name).testzip() is None  # the CRC-32s, checked by zlib itself
+        if via == "safetensors":
+            assert filecmp.cmp(src, work / via / src.name, shallow=False)
+        else:
+            original, again = read_pth(src), read_pth(work / via / src.name)
+            assert set(original) - set(again) <= UNUSED and all(_same(original[k], again[k]) for k in again)
+
+
+@pytest.mark.parametrize("fail", [None, errno.EXDEV, errno.ENOSYS, errno.EINVAL], ids=str)
+def test_copy_file_range_and_its_fallback_keep_round_trips_bit_identical(
+    layouts, tmp_path, monkeypatch, big_paths, fail
+):
+    """Unchanged bytes go file to file by copy_file_range; when the kernel refuses it (2nd call, mid-file),
+    the writer finishes with plain writes and the files are the same bytes as without it."""
+    seen = _spy_copy_range(monkeypatch, 2 if fail else None, fail)
+    _round_trip(layouts["pth"], tmp_path, "hf" in layouts)
+    st = tmp_path / "safetensors" / "m.safetensors"
+    assert filecmp.cmp(st, layouts["safetensors"], shallow=False)  # the same file as the plain writer's
+    if fail is None:
+        assert seen["calls"] > 20 and not seen["refused"]
+    else:  # one refusal per conversion, then no more tries in it
+        assert seen["refused"] and set(seen["refused"]) == {fail}
+
+
+def test_copy_across_file_systems_falls_back(layouts, tmp_path, monkeypatch, big_paths):
+    """A real EXDEV: the source on tmpfs (/dev/shm), the output elsewhere."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on another file system than the test's temp folder")
+    seen = _spy_copy_range(monkeypatch, None, None)
+    src = Path(shutil.copy(layouts["pth"], shm / f"rwkv-opt-test-{os.getpid()}-m.pth"))
+    try:
+        convert(src, "safetensors", tmp_path / "m.safetensors")
+    finally:
+        src.unlink()
+    assert seen["refused"] == [errno.EXDEV]
+    assert filecmp.cmp(tmp_path / "m.safetensors", layouts["safetensors"], shallow=False)
+
+
+def test_nan_found_while_copying_is_refused_and_leaves_nothing(tmp_path, monkeypatch, big_paths):
+    """convert checks finiteness in its copy pass (open_checkpoint skips its own pass): still one sentence
+    naming the key, for every output layout, no temp file left and no writer thread left running."""
+    sd = dict(synthetic_state_dict("tiny", seed=3))
+    sd["blocks.1.att.key.weight"] = sd["blocks.1.att.key.weight"].copy()
+    sd["blocks.1.att.key.weight"].reshape(-1)[5] = np.nan
+    write_pth(tmp_path / "nan.pth", sd)
+    for to, out in (("safetensors", "o.safetensors"), ("pth", "o.pth"), ("hf", "o")):
+        with pytest.raises(CheckpointError, match=r"nan.pth: 'blocks.1.att.key.weight' holds nan at flat index 5"):
+            convert(tmp_path / "nan.pth", to, tmp_path / out)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.pth"], to
+    assert not [t for t in threading.enumerate() if t.name.startswith("rwkv-opt-writer")]
+
+
+def test_crc_mismatch_found_while_writing_is_refused_and_leaves_nothing(tmp_path, big_paths):
+    """convert runs a .pth source's CRC-32 pass beside its writes (open_checkpoint skips its own): a flipped
+    mantissa bit (still finite) is refused with the reader's sentence before any output appears."""
+    write_pth(tmp_path / "bad.pth", synthetic_state_dict("tiny", seed=4))
+    at = streamwrite.mapping_of(read_pth(tmp_path / "bad.pth", verify_crc=False)["blocks.1.att.key.weight"])[1]
+    with open(tmp_path / "bad.pth", "r+b") as fh:
+        fh.seek(at + 6)
+        byte = fh.read(1)[0]
+        fh.seek(at + 6)
+        fh.write(bytes([byte ^ 1]))
+    for to, out in (("safetensors", "o.safetensors"), ("pth", "o.pth"), ("hf", "o")):
+        with pytest.raises(CheckpointError, match="bad.pth has a CRC-32 mismatch in"):
+            convert(tmp_path / "bad.pth", to, tmp_path / out)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pth"], to
+    assert not [t for t in threading.enumerate() if t.name.startswith(("rwkv-opt-writer", "rwkv-opt-crc"))]
+
+
+def test_disk_full_midway_is_one_sentence_leaves_nothing_and_does_not_hang(layouts, tmp_path):
+    """A 512 KiB tmpfs under a 1.4 MB model: ENOSPC comes from the writer thread mid-file. The CLI must
+    end (within the timeout: no thread waits forever), exit 2 with one sentence, and leave the mount empty."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"]).returncode != 0:
+        pytest.skip("needs unshare -rm (user + mount namespaces) to mount a small file system")
+    assert layouts["pth"].stat().st_size > 1 << 20
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    for to, out in (("safetensors", "o.safetensors"), ("pth", "o.pth")):
+        cmd = shlex.join([sys.executable, "-m", "rwkv_opt.cli", "convert", str(layouts["pth"]), "--to", to, "-o"])
+        script = (
+            f"mount -t tmpfs -o size=512k tmpfs {mnt} && {{ {cmd} {mnt / out}; rc=$?; echo LEFT:$(ls -A {mnt}); "
+            "exit $rc; }"
+        )
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+        r = subprocess.run(["unshare", "-rm", "sh", "-c", script], env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, (to, r.stdout, r.stderr)
+        assert r.stderr.startswith("rwkv-opt: error: cannot write") and r.stderr.count("\n") == 1, r.stderr
+        assert "Traceback" not in r.stderr and r.stdout.strip().endswith("LEFT:"), (to, r.stdout)
