@@ -6,8 +6,8 @@
 
 A variant is NAME=ARTIFACT[@key=value[@key=value...]]: the artifact run with the session options of
 `rwkv_opt.runtime.session.session_options` plus those ORT session config entries; the entry
-rwkv_opt.decode_graph=0 is ours, not ORT's: Session(decode_graph=False), model.onnx as it is for every
-call. NAME's part before its last '+' names its baseline, so `int4+lora8` is compared with `int4` and
+rwkv_opt.decode_graph=1 is ours, not ORT's: Session(decode_graph=True), graph/decode.py's T == 1 path
+for one-token calls. NAME's part before its last '+' names its baseline, so `int4+lora8` is compared with `int4` and
 `int4+lora8+b64` with `int4+lora8`.
 
 Every measurement is a fresh process; each round runs every variant once, the order rotating per round.
@@ -43,7 +43,7 @@ import decode_profile  # noqa: E402  (a sibling script, importable once HERE is 
 from bandwidth import cpu_description  # noqa: E402
 
 PROMPT, WARMUP, PREFILL_REPS = 128, 3, 3
-DECODE_GRAPH_ENTRY = "rwkv_opt.decode_graph"  # @rwkv_opt.decode_graph=0: no decode path (graph/decode.py)
+DECODE_GRAPH_ENTRY = "rwkv_opt.decode_graph"  # @rwkv_opt.decode_graph=1: the decode path (graph/decode.py)
 GEMV_SHAPES = [(768, 768)] * 48 + [(768, 3072), (3072, 768)] * 12 + [(768, 65536)]
 
 
@@ -73,7 +73,7 @@ def _vm(key: str) -> float:
 
 def measure(art: str, entries: dict[str, str], threads: int, decode: int, prefill: int) -> dict:
     entries = dict(entries)
-    decode_graph = entries.pop(DECODE_GRAPH_ENTRY, "1") != "0"
+    decode_graph = entries.pop(DECODE_GRAPH_ENTRY, "0") == "1"
     _patch_session_options(entries)
     from rwkv_opt.runtime import Session
 

@@ -4,8 +4,8 @@ kernel time goes (shares within one profiled run, which a busy host skews far le
     python benchmarks/decode_profile.py ART [ART ...] [--threads 2] [--steps 16] [--prompt 32]
 
 Per artifact:
-  nodes     nodes a T == 1 call runs: the decode path's (graph/decode.py) when Session builds one, else
-            model.onnx's top level plus the branch each If takes for T == 1 (fuse_wkv's step), recursively;
+  nodes     nodes a T == 1 call runs: model.onnx's top level plus the branch each If takes for T == 1
+            (fuse_wkv's step), recursively; with --decode-path, the decode path's (graph/decode.py);
   weights   bytes of initializers those nodes read (a Gather's table counts one row: what a token reads);
   profile   ORT profiler over --steps decode steps after a --prompt prefill (and one warm-up of both):
             exclusive kernel time per class -- big projections (MatMul/MatMulNBits/DynamicQuantizeMatMul
@@ -92,7 +92,7 @@ def _kind(op: str, name: str, big: set[str]) -> str:
     return "shape" if op in SHAPE_OPS else "rest"
 
 
-def profile(art: Path, model: onnx.ModelProto, threads: int, steps: int, prompt: int) -> dict:
+def profile(art: Path, model: onnx.ModelProto, threads: int, steps: int, prompt: int, decode_path: bool) -> dict:
     """ms per decode step per kind (exclusive kernel time), from ORT's profiler."""
     from rwkv_opt.runtime import Session
 
@@ -106,7 +106,7 @@ def profile(art: Path, model: onnx.ModelProto, threads: int, steps: int, prompt:
         and _weight_numel(n, inits[n.input[1]]) >= BIG
     }
     with tempfile.TemporaryDirectory(prefix="decode-prof-") as tmp:
-        s = Session(art, threads=threads, profile=str(Path(tmp) / "p"))
+        s = Session(art, threads=threads, profile=str(Path(tmp) / "p"), decode_graph=decode_path)
         rng = np.random.default_rng(0)
         toks = rng.integers(0, s.config.vocab, (1, prompt + steps))
         for _ in range(2):
@@ -122,10 +122,10 @@ def profile(art: Path, model: onnx.ModelProto, threads: int, steps: int, prompt:
     return dict(ms)
 
 
-def report(art: Path, threads: int, steps: int, prompt: int) -> dict:
+def report(art: Path, threads: int, steps: int, prompt: int, decode_path: bool = False) -> dict:
     path = model_path(art)
     plain = onnx.load(str(path), load_external_data=False)
-    model = decode_graph(plain) or plain  # what Session runs for T == 1 (graph/decode.py)
+    model = (decode_graph(plain) if decode_path else None) or plain  # Session(decode_graph=decode_path)
     nodes = decode_nodes(model.graph)
     full = onnx.load(str(path))
     out = {
@@ -137,7 +137,7 @@ def report(art: Path, threads: int, steps: int, prompt: int) -> dict:
     }
     del full
     if steps:
-        out["profile_ms"] = profile(art, model, threads, steps, prompt)
+        out["profile_ms"] = profile(art, model, threads, steps, prompt, decode_path)
     return out
 
 
@@ -147,9 +147,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=16, help="profiled decode steps (0: static facts only)")
     ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--decode-path", action="store_true", help="Session(decode_graph=True): graph/decode.py")
     a = ap.parse_args(argv)
     for art in a.artifacts:
-        r = report(art, a.threads, a.steps, a.prompt)
+        r = report(art, a.threads, a.steps, a.prompt, a.decode_path)
         wb = r["weight_bytes"]
         print(
             f"{art} ({r['graph']}): {r['nodes']} nodes per decode step; "

@@ -84,15 +84,31 @@ def release_pages(arr: np.ndarray) -> bool:
     return True
 
 
-def file_range(chunk: np.ndarray) -> tuple[str, int] | None:
-    """(source file, offset) when ``chunk`` is a C-contiguous view of a mapped file: its bytes can be
-    copied file to file unchanged. None otherwise (a transposed view, a byte-swapped copy, a fresh array)."""
+def file_range(chunk: np.ndarray) -> tuple[str, int, int] | None:
+    """(source file, offset, an address inside its mapping) when ``chunk`` is a C-contiguous view of a
+    mapped file: its bytes can be copied file to file unchanged. None otherwise (a transposed view, a
+    byte-swapped copy, a fresh array)."""
     if not chunk.flags.c_contiguous:
         return None
     found = mapping_of(chunk)
     if found is None or not getattr(found[0], "filename", None):
         return None
-    return found[0].filename, found[1]
+    return found[0].filename, found[1], chunk.ctypes.data
+
+
+def mapped_file_id(address: int) -> tuple[int, int] | None:
+    """(device, inode) of the file this process has mapped at `address` (/proc/self/maps); None if unknown."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                span, _, _, dev, inode = line.split(None, 5)[:5]
+                lo, hi = (int(x, 16) for x in span.split("-"))
+                if lo <= address < hi:
+                    major, minor = (int(x, 16) for x in dev.split(":"))
+                    return os.makedev(major, minor), int(inode)
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 class TensorSink:
@@ -127,7 +143,8 @@ class TensorSink:
                 f.cancel()
             self.pool.shutdown(wait=True, cancel_futures=True)
             for fd in self.sources.values():
-                os.close(fd)
+                if fd is not None:
+                    os.close(fd)
 
     @property
     def size(self) -> int:
@@ -144,7 +161,7 @@ class TensorSink:
             return
         self._flush_small()
         src = file_range(data) if isinstance(data, np.ndarray) and self.copy_range else None
-        src_fd = None if src is None else self._source_fd(src[0])
+        src_fd = None if src is None else self._source_fd(src[0], src[2])
         if src_fd is not None:
             self._submit(self._copy, src_fd, src[1], memoryview(data), self.pos)
         else:
@@ -162,18 +179,25 @@ class TensorSink:
         found = mapping_of(arr)
         if found is None or not getattr(found[0], "filename", None) or not hasattr(os, "posix_fadvise"):
             return
-        fd = self._source_fd(found[0].filename)
+        fd = self._source_fd(found[0].filename, arr.ctypes.data)
         if fd is not None:
             os.posix_fadvise(fd, found[1], arr.nbytes + _READAHEAD, os.POSIX_FADV_WILLNEED)
 
-    def _source_fd(self, name: str) -> int | None:
-        """A read-only fd of a mapped source file, opened once; None if it cannot be opened (e.g. removed
-        since it was mapped: the mapping still holds its bytes, so they are written from there)."""
+    def _source_fd(self, name: str, address: int) -> int | None:
+        """A read-only fd of the mapped source file, opened once; None when the file at that path is not
+        the one mapped at `address` (removed or replaced since it was mapped -- the mapping still holds
+        the bytes that were checked, so they are written from there) or the kernel cannot say."""
         if name not in self.sources:
+            fd = None
             try:
-                self.sources[name] = os.open(name, os.O_RDONLY)
+                fd = os.open(name, os.O_RDONLY)
+                st = os.fstat(fd)
+                if mapped_file_id(address) != (st.st_dev, st.st_ino):
+                    os.close(fd)
+                    fd = None
             except OSError:
-                return None
+                fd = None
+            self.sources[name] = fd
         return self.sources[name]
 
     def _flush_small(self) -> None:

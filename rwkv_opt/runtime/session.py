@@ -93,11 +93,13 @@ class Session:
         max_chunk: int = 1024,
         low_memory: bool = False,
         verify: bool = False,
-        decode_graph: bool = True,
+        decode_graph: bool = False,
     ):
         """`verify`: check every file against the sha256 its manifest records first (reads them all once).
         `decode_graph`: one-token calls take graph/decode.py's decode path (model.onnx specialised to
-        T == 1, built at load, same weights); False runs model.onnx as it is for every call."""
+        T == 1, built at load, same weights). Off by default: on ORT's CPU EP it measured within noise of
+        model.onnx (reports/decode.md), so it is there to be measured where the per-layer If may cost more
+        (a GPU EP), not turned on blindly."""
         self.path = model_path(Path(artifact))
         if verify:
             verify_files(self.path.parent)

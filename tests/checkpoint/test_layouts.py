@@ -482,3 +482,24 @@ def test_disk_full_midway_is_one_sentence_leaves_nothing_and_does_not_hang(layou
         assert r.returncode == 2, (to, r.stdout, r.stderr)
         assert r.stderr.startswith("rwkv-opt: error: cannot write") and r.stderr.count("\n") == 1, r.stderr
         assert "Traceback" not in r.stderr and r.stdout.strip().endswith("LEFT:"), (to, r.stdout)
+
+
+def test_source_replaced_after_mapping_is_written_from_the_mapping(tmp_path, monkeypatch, big_paths):
+    """The file at the source path is replaced after it was mapped (and checked): copy_file_range would copy
+    the new file's bytes, so the sink writes the mapped, checked bytes instead; a file that is the mapped one
+    is copied file to file."""
+    seen = _spy_copy_range(monkeypatch, None, None)
+    src = tmp_path / "src.bin"
+    src.write_bytes(bytes(range(256)) * 64)
+    mapped = np.memmap(src, dtype=np.uint8, mode="r")
+    ok = tmp_path / "ok.bin"
+    with open(ok, "wb") as fh, streamwrite.TensorSink(fh) as sink:
+        sink.write(mapped[:4096])
+    assert seen["calls"] >= 1 and ok.read_bytes() == bytes(mapped[:4096])
+    other = tmp_path / "other.bin"
+    other.write_bytes(b"\xff" * src.stat().st_size)
+    os.replace(other, src)  # same path, another file
+    calls, out = seen["calls"], tmp_path / "out.bin"
+    with open(out, "wb") as fh, streamwrite.TensorSink(fh) as sink:
+        sink.write(mapped[:8192])
+    assert seen["calls"] == calls and out.read_bytes() == bytes(range(256)) * 32

@@ -103,9 +103,7 @@ def model_for(genai_dir: Path, cpu: bool = False):
 def test_greedy_tokens_and_logits_equal_session(built, target):
     """rwkv7a: the cpu-fp32 target on an RWKV-7a (DeepEmbed) model."""
     art, genai_dir = built[target]
-    # genai runs model.onnx as it is; ORT's CPU EP emulates fp16 with casts whose placement (and so rounding)
-    # differs on Session's decode path (tests/graph/test_decode_graph.py): compare the same graph there
-    session = Session(art, threads=1, decode_graph=not target.startswith("cuda"))
+    session = Session(art, threads=1)
     model = model_for(genai_dir, cpu=target.startswith("cuda"))
     for prompt in prompts(session.config.vocab):
         want_tokens, want_logits, _ = session_greedy(session, [prompt], NEW_TOKENS)

@@ -161,7 +161,7 @@ def test_session_decode_path_reads_the_artifacts_data_and_packs_once(tmp_path):
 def test_session_one_token_calls_take_the_decode_path(tiny7, tmp_path):
     art = tmp_path / "a"
     run_pipeline(get_target("cpu-int8"), tiny7, art, **quiet)
-    s, plain = Session(art, verify=True), Session(art, decode_graph=False)
+    s, plain = Session(art, verify=True, decode_graph=True), Session(art)  # the decode path is opt-in
     assert s.decode_path and not plain.decode_path
     assert [n.op_type for n in onnx.load(str(art / "model.onnx")).graph.node].count("If") == tiny7.config.n_layer
     tokens = np.array([[1, 2, 3, 4, 5, 6, 7]])
