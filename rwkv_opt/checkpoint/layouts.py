@@ -492,13 +492,18 @@ def _crc_pass(src: Path, layout: str) -> Iterator[Callable[[], None]]:
         yield pool.submit(open_pth(src).verify).result
 
 
-def convert(src, to: str, out) -> Weights:
-    """Write checkpoint `src` in layout `to` (pth, safetensors or hf) at `out`; returns its Weights."""
+def convert(src, to: str, out, max_shard_bytes: int | None = None) -> Weights:
+    """Write checkpoint `src` in layout `to` (pth, safetensors or hf) at `out`; returns its Weights.
+    `max_shard_bytes` (hf only): model-0000N-of-0000M.safetensors shards of at most that size, with an index."""
     src, out = Path(src), Path(out)
     if out.exists() and os.path.samefile(src, out):
         raise CheckpointError(f"{out} is the checkpoint being converted; choose another output path.")
     if to not in ("pth", "safetensors", "hf"):
         raise CheckpointError(f"unknown layout '{to}'; choose pth, safetensors or hf.")
+    if max_shard_bytes is not None and (to != "hf" or max_shard_bytes < 1):
+        raise CheckpointError(
+            "a shard size applies to --to hf only and must be at least 1 byte (e.g. --max-shard-size 2GB)."
+        )
     weights = open_checkpoint(src, digest=False, finite=False, verify=False)  # both checked while writing
     for a in weights.raw.values():  # opening a cached 1.5B .pth leaves ~400 MB of it resident (measured)
         release_pages(a)
@@ -513,5 +518,5 @@ def convert(src, to: str, out) -> Weights:
         elif to == "safetensors":
             write_safetensors(out, weights.raw, _ST_METADATA, check=finite, before_commit=crc_checked)
         else:
-            write_hf(out, weights, check=finite, before_commit=crc_checked)
+            write_hf(out, weights, max_shard_bytes, check=finite, before_commit=crc_checked)
     return weights

@@ -165,6 +165,28 @@ def test_sharded_folder_loads(hf7, tmp_path):
     assert list(s.raw) == list(w.raw) and all(_same(s.raw[k], w.raw[k]) for k in w.raw)
 
 
+def test_cli_convert_writes_shards(hf7, tmp_path):
+    """`convert --to hf --max-shard-size`: shards of at most that size plus the index; what loads back is the
+    same model; a size for another layout or that is not a size is one sentence and writes nothing."""
+    out = tmp_path / "sh"
+    r = cli("convert", hf7 / "m.pth", "--to", "hf", "-o", out, "--max-shard-size", "0.2MB")
+    assert r.returncode == 0, r.stderr
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) >= 3 and (out / INDEX).is_file() and not (out / SINGLE).exists()
+    index = json.loads((out / INDEX).read_text())["weight_map"]
+    assert set(index.values()) == {p.name for p in shards}
+    assert all(p.stat().st_size <= 200_000 + 8 + 4096 for p in shards if len(read_safetensors(p)) > 1)
+    a, b = open_checkpoint(out).raw, open_checkpoint(hf7 / "hf").raw
+    assert list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    for args in (
+        ("--to", "pth", "-o", tmp_path / "x.pth", "--max-shard-size", "1MB"),
+        ("--to", "hf", "-o", tmp_path / "y", "--max-shard-size", "2QB"),
+    ):
+        r = cli("convert", hf7 / "m.pth", *args)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "shard" in r.stderr and "size" in r.stderr, r.stderr
+    assert not (tmp_path / "x.pth").exists() and not (tmp_path / "y").exists()
+
+
 def test_safetensors_package_reads_ours_and_we_read_its(tmp_path):
     st = pytest.importorskip("safetensors.numpy")
     sd = synthetic_state_dict("tiny", seed=2, dtype="fp32")
