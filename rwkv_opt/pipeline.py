@@ -317,6 +317,20 @@ def choose_quant_algorithm(target: Target, n_params: int, requested: str = "auto
     return dataclasses.replace(target, passes=passes), {"chosen": chosen, "target_default": own, "why": why}
 
 
+@dataclasses.dataclass
+class _Run:
+    """One pipeline run's settings, shared by its stages."""
+
+    target: Target
+    weights: Weights
+    heads: tuple
+    logits: LogitsMode
+    progress: Progress
+    quant_choice: dict | None
+    plan: dict
+    phases: dict = dataclasses.field(default_factory=dict)
+
+
 def run_pipeline(
     target: Target,
     weights: Weights,
@@ -335,7 +349,6 @@ def run_pipeline(
     written), or with `keep_unverified` written with manifest "verification": {"status": "failed", ...}.
     The model is saved into a staging directory and becomes `out` only after that decision."""
     t_start = time.perf_counter()
-    logits = logits or target.logits
     cfg = weights.config
     target, quant_choice = choose_quant_algorithm(target, cfg.n_params(), quant_algorithm)
     if quant_choice and quant_choice["chosen"] != quant_choice["target_default"]:
@@ -345,89 +358,15 @@ def run_pipeline(
     plan = memory_plan(cfg, target, estimated_artifact_bytes(cfg, target))
     _check_memory(cfg, target, plan, do_verify)
     _check_room(cfg, target, Path(out))
-    phases: dict[str, float] = {}
+    run = _Run(target, weights, tuple(heads), logits or target.logits, progress, quant_choice, plan)
     with set_sink(progress), staging_dir(out) as tmp:
-        with scratch_store(tmp) as store:
-            progress(
-                f"[1/4] build base fp32 graph ({cfg.n_layer} layers, C={cfg.n_embd}, "
-                f"V={cfg.vocab}, {cfg.variant.value})"
-            )
-            t0 = time.perf_counter()
-            with phase("build", cfg.n_layer, "layers"):
-                model = build_model(weights, BuildOptions(logits=logits))
-            weights.drop_cache()
-            check_onnx(model, "build")
-            t_build = phases["build"] = time.perf_counter() - t0
-            progress(
-                f"      {len(model.graph.node)} nodes, {initializer_bytes(model) / 2**20:.1f} MiB of weights, "
-                f"{t_build:.1f}s"
-            )
-            progress(f"[2/4] passes for target {target.name}")
-            t0 = time.perf_counter()
-            model, records = run_passes(
-                model, list(target.passes) + list(heads), progress, after_pass=store.release_unreferenced
-            )  # the disk holds what is live
-            phases["passes"] = time.perf_counter() - t0
-            manifest = Manifest(
-                target=target.name,
-                provider=target.provider.value,
-                precision=target.precision.value,
-                quantization=target.quantization,
-                logits=logits.value,
-                source=weights.manifest_source(),
-                passes=[r.__dict__ for r in records],
-                heads=[h for h, _ in heads],
-                extra={
-                    "build_seconds": round(t_build, 3),
-                    **({"quantization_algorithm": quant_choice} if quant_choice else {}),
-                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                },
-            )
-            progress("[3/4] save the model to a staging directory (it becomes the artifact once verified)")
-            t0 = time.perf_counter()
-            with phase("save"):
-                save_model(model, tmp / MODEL_FILE, consume=True)
-            del model
-        with phase("onnx.checker"):
-            check_onnx(tmp / MODEL_FILE, "saving")
-        phases["write"] = time.perf_counter() - t0
-        manifest.extra["artifact_bytes"] = artifact_size(tmp)
-        progress(f"      {manifest.extra['artifact_bytes'] / 2**20:.1f} MiB, {phases['write']:.1f}s")
+        manifest = _build_and_save(run, tmp)
         if do_verify:
-            progress("[4/4] verify against the numpy reference (prompt, then teacher-forced decode steps)")
-            t0 = time.perf_counter()
-            blocks = verify_blocks(cfg, target, plan, available_memory())
-            if blocks < cfg.n_layer:
-                progress(
-                    f"      the whole model's ORT CPU session needs about {plan['verify_session'] / 2**30:.1f} GiB: "
-                    f"verifying the embedding, blocks 0-{blocks - 1} of {cfg.n_layer} and the head"
-                )
-            v = manifest.verification = verify(tmp / MODEL_FILE, weights, target, logits=logits, blocks=blocks)
-            phases["verify"] = time.perf_counter() - t0
-            if v["status"] == "failed":
-                if not keep_unverified:
-                    raise RwkvOptError(refusal(target, v, weights))
-                v["kept"] = "--keep-unverified: written although it missed its budget"
-                progress(
-                    f"WARNING: {target.name} missed its accuracy budget ({'; '.join(v['misses'])}); kept "
-                    'because of --keep-unverified, marked "verification": {"status": "failed"} in '
-                    "its manifest"
-                )
+            _verify_stage(run, tmp, manifest, keep_unverified)
         else:
-            fits = plan["verify_session"] <= available_memory()
-            manifest.verification = {
-                "status": "skipped",
-                "skipped": "--no-verify: no logits were compared; the graph checks ran (onnx.checker after each "
-                "pass, the fp32 WKV state path)"
-                + (
-                    ""
-                    if fits
-                    else f"; verifying would need about {plan['verify_session'] / 2**30:.1f} GiB for the "
-                    "artifact's ORT CPU session, more than this machine has"
-                ),
-            }
+            manifest.verification = _skipped_verification(plan)
         manifest.extra.update(
-            phase_seconds={k: round(v, 3) for k, v in phases.items()},
+            phase_seconds={k: round(v, 3) for k, v in run.phases.items()},
             peak_rss_bytes=peak_rss_bytes(),
             total_seconds=round(time.perf_counter() - t_start, 3),
         )
@@ -436,6 +375,102 @@ def run_pipeline(
     m = manifest.to_dict()
     progress(f"done in {m['total_seconds']:.1f}s, peak memory (RSS) {m['peak_rss_bytes'] / 2**30:.2f} GiB")
     return m
+
+
+def _build_and_save(run: _Run, tmp: Path) -> Manifest:
+    """Stages 1-3: the base graph, the target's passes and heads, model.onnx (+ .data) in `tmp`, checked.
+    Weights live in a scratch store beside it meanwhile (tensorstore.py). -> the manifest so far."""
+    cfg, progress, phases = run.weights.config, run.progress, run.phases
+    with scratch_store(tmp) as store:
+        progress(
+            f"[1/4] build base fp32 graph ({cfg.n_layer} layers, C={cfg.n_embd}, V={cfg.vocab}, {cfg.variant.value})"
+        )
+        t0 = time.perf_counter()
+        with phase("build", cfg.n_layer, "layers"):
+            model = build_model(run.weights, BuildOptions(logits=run.logits))
+        run.weights.drop_cache()
+        check_onnx(model, "build")
+        t_build = phases["build"] = time.perf_counter() - t0
+        progress(
+            f"      {len(model.graph.node)} nodes, {initializer_bytes(model) / 2**20:.1f} MiB of weights, "
+            f"{t_build:.1f}s"
+        )
+        progress(f"[2/4] passes for target {run.target.name}")
+        t0 = time.perf_counter()
+        model, records = run_passes(
+            model, list(run.target.passes) + list(run.heads), progress, after_pass=store.release_unreferenced
+        )  # the disk holds what is live
+        phases["passes"] = time.perf_counter() - t0
+        manifest = _manifest(run, records, t_build)
+        progress("[3/4] save the model to a staging directory (it becomes the artifact once verified)")
+        t0 = time.perf_counter()
+        with phase("save"):
+            save_model(model, tmp / MODEL_FILE, consume=True)
+        del model
+    with phase("onnx.checker"):
+        check_onnx(tmp / MODEL_FILE, "saving")
+    phases["write"] = time.perf_counter() - t0
+    manifest.extra["artifact_bytes"] = artifact_size(tmp)
+    progress(f"      {manifest.extra['artifact_bytes'] / 2**20:.1f} MiB, {phases['write']:.1f}s")
+    return manifest
+
+
+def _manifest(run: _Run, records, t_build: float) -> Manifest:
+    t = run.target
+    return Manifest(
+        target=t.name,
+        provider=t.provider.value,
+        precision=t.precision.value,
+        quantization=t.quantization,
+        logits=run.logits.value,
+        source=run.weights.manifest_source(),
+        passes=[r.__dict__ for r in records],
+        heads=[h for h, _ in run.heads],
+        extra={
+            "build_seconds": round(t_build, 3),
+            **({"quantization_algorithm": run.quant_choice} if run.quant_choice else {}),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        },
+    )
+
+
+def _verify_stage(run: _Run, tmp: Path, manifest: Manifest, keep_unverified: bool) -> None:
+    """Stage 4: verify the staged artifact; a miss is refused (nothing is written) unless `keep_unverified`."""
+    cfg, target, progress = run.weights.config, run.target, run.progress
+    progress("[4/4] verify against the numpy reference (prompt, then teacher-forced decode steps)")
+    t0 = time.perf_counter()
+    blocks = verify_blocks(cfg, target, run.plan, available_memory())
+    if blocks < cfg.n_layer:
+        progress(
+            f"      the whole model's ORT CPU session needs about {run.plan['verify_session'] / 2**30:.1f} GiB: "
+            f"verifying the embedding, blocks 0-{blocks - 1} of {cfg.n_layer} and the head"
+        )
+    v = manifest.verification = verify(tmp / MODEL_FILE, run.weights, target, logits=run.logits, blocks=blocks)
+    run.phases["verify"] = time.perf_counter() - t0
+    if v["status"] == "failed":
+        if not keep_unverified:
+            raise RwkvOptError(refusal(target, v, run.weights))
+        v["kept"] = "--keep-unverified: written although it missed its budget"
+        progress(
+            f"WARNING: {target.name} missed its accuracy budget ({'; '.join(v['misses'])}); kept "
+            'because of --keep-unverified, marked "verification": {"status": "failed"} in '
+            "its manifest"
+        )
+
+
+def _skipped_verification(plan: dict) -> dict:
+    fits = plan["verify_session"] <= available_memory()
+    return {
+        "status": "skipped",
+        "skipped": "--no-verify: no logits were compared; the graph checks ran (onnx.checker after each "
+        "pass, the fp32 WKV state path)"
+        + (
+            ""
+            if fits
+            else f"; verifying would need about {plan['verify_session'] / 2**30:.1f} GiB for the "
+            "artifact's ORT CPU session, more than this machine has"
+        ),
+    }
 
 
 def refusal(target: Target, v: dict, weights: Weights) -> str:
