@@ -63,21 +63,15 @@ def _patch_session_options(entries: dict[str, str]) -> None:
     S.session_options = patched
 
 
-def _vm(key: str) -> float:
-    """/proc/self/status VmRSS or VmHWM in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def measure(art: str, entries: dict[str, str], threads: int, decode: int, prefill: int) -> dict:
     entries = dict(entries)
     decode_graph = entries.pop(DECODE_GRAPH_ENTRY, "0") == "1"
     _patch_session_options(entries)
     from rwkv_opt.runtime import Session
 
-    rss0 = _vm("VmRSS")
+    from rwkv_opt.progress import rss_bytes
+
+    rss0 = rss_bytes()
     s = Session(art, threads=threads, decode_graph=decode_graph)
     rng = np.random.default_rng(0)
     toks = rng.integers(0, s.config.vocab, (1, prefill))
@@ -99,7 +93,7 @@ def measure(art: str, entries: dict[str, str], threads: int, decode: int, prefil
         "prefill_tok_s": prefill / statistics.median(times),
         "decode_ms": statistics.median(dec) * 1e3,
         "load_1m": os.getloadavg()[0],
-        "rss_mb": _vm("VmRSS") - rss0,  # what the session(s) hold after prefill and decode
+        "rss_mb": (rss_bytes() - rss0) / 2**20,  # what the session(s) hold after prefill and decode
         "decode_path": s.decode_path,
     }
 

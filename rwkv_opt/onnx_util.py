@@ -48,6 +48,16 @@ def all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
             yield from all_graphs(sg)
 
 
+def attr(node: onnx.NodeProto, name: str, default=None):
+    """The value of `node`'s attribute `name`, or `default` when it has none."""
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    """Value name -> the node of `graph` (top level) that makes it."""
+    return {o: n for n in graph.node for o in n.output}
+
+
 def outer_refs(graph: onnx.GraphProto) -> set[str]:
     """Names a (sub)graph reads from enclosing scopes (captures), including through nested graphs."""
     defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}

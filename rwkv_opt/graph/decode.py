@@ -34,7 +34,7 @@ from onnx import helper, numpy_helper
 
 from rwkv_opt.graph import contract
 from rwkv_opt.graph.contract import Key, get_meta
-from rwkv_opt.onnx_util import drop_dead, inferred_value_info, subgraphs
+from rwkv_opt.onnx_util import attr, drop_dead, inferred_value_info, producers, subgraphs
 
 
 def decode_graph(model: onnx.ModelProto) -> onnx.ModelProto | None:
@@ -49,8 +49,7 @@ def decode_graph(model: onnx.ModelProto) -> onnx.ModelProto | None:
         return None
     _fix_seq(g)
     shapes = _shapes(out)
-    _rewrite(g, shapes)
-    drop_dead(g)
+    _rewrite(g, shapes)  # ends with drop_dead
     del g.value_info[:]
     return out
 
@@ -76,7 +75,7 @@ def with_decode_path(model: onnx.ModelProto) -> onnx.ModelProto | None:
         helper.make_node("Squeeze", [p + "is_one"], [p + "cond"], name=p + "Squeeze"),
         helper.make_node("If", [p + "cond"], outputs, then_branch=then, else_branch=orig, name=p + "If"),
     ]
-    g.initializer.append(onnx.numpy_helper.from_array(np.array([1], np.int64), p + "one"))
+    g.initializer.append(numpy_helper.from_array(np.array([1], np.int64), p + "one"))
     del g.node[:]
     g.node.extend(with_if)
     del g.value_info[:]
@@ -90,15 +89,17 @@ def _branch(nodes, outputs: list[str], tag: str, internal: bool) -> onnx.GraphPr
     rename = {o: f"{tag}/{o}" for o in outputs}
     if internal:
         rename.update({o: f"{tag}/{o}" for n in nodes for o in n.output})
-    copied = []
-    for n in nodes:
-        c = onnx.NodeProto()
-        c.CopyFrom(n)
-        c.output[:] = [rename.get(x, x) for x in n.output]
-        _rename_reads(c, rename)
-        copied.append(c)
     outs = [helper.make_empty_tensor_value_info(rename[o]) for o in outputs]
-    return helper.make_graph(copied, tag, [], outs)
+    return helper.make_graph([_renamed_copy(n, rename) for n in nodes], tag, [], outs)
+
+
+def _renamed_copy(node: onnx.NodeProto, rename: dict[str, str]) -> onnx.NodeProto:
+    """A copy of `node` whose outputs and reads (subgraph captures included) are renamed by `rename`."""
+    c = onnx.NodeProto()
+    c.CopyFrom(node)
+    c.output[:] = [rename.get(x, x) for x in node.output]
+    _rename_reads(c, rename)
+    return c
 
 
 def _rename_reads(node: onnx.NodeProto, rename: dict[str, str]) -> None:
@@ -117,10 +118,6 @@ def _rename_reads(node: onnx.NodeProto, rename: dict[str, str]) -> None:
 # ---- fuse_wkv's If ------------------------------------------------------------------------------------
 
 
-def _producers(g: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
-    return {o: n for n in g.node for o in n.output}
-
-
 def _const_ints(g: onnx.GraphProto, name: str, prod: dict) -> list[int] | None:
     """The int values of a constant (initializer or Constant node), else None."""
     for t in g.initializer:
@@ -132,10 +129,6 @@ def _const_ints(g: onnx.GraphProto, name: str, prod: dict) -> list[int] | None:
     return None
 
 
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
-
-
 def _is_t_equals_one(g: onnx.GraphProto, cond: str, prod: dict) -> bool:
     """cond = Equal(Shape(v, start=1, end=2), [1]): fuse_wkv's test of T == 1."""
     eq = prod.get(cond)
@@ -145,28 +138,23 @@ def _is_t_equals_one(g: onnx.GraphProto, cond: str, prod: dict) -> bool:
     return (
         shape is not None
         and shape.op_type == "Shape"
-        and _attr(shape, "start") == 1
-        and _attr(shape, "end") == 2
+        and attr(shape, "start") == 1
+        and attr(shape, "end") == 2
         and _const_ints(g, eq.input[1], prod) == [1]
     )
 
 
 def _inline_step_branches(g: onnx.GraphProto) -> int:
     """Replace every If on T == 1 by the nodes of its then-branch -> number replaced."""
-    prod = _producers(g)
+    prod = producers(g)
     nodes, count = [], 0
     for n in g.node:
         if n.op_type != "If" or not _is_t_equals_one(g, n.input[0], prod):
             nodes.append(n)
             continue
-        branch = _attr(n, "then_branch")
+        branch = attr(n, "then_branch")
         rename = {o.name: outer for o, outer in zip(branch.output, n.output)}
-        for b in branch.node:
-            inlined = onnx.NodeProto()
-            inlined.CopyFrom(b)
-            inlined.input[:] = [rename.get(x, x) for x in b.input]
-            inlined.output[:] = [rename.get(x, x) for x in b.output]
-            nodes.append(inlined)
+        nodes += [_renamed_copy(b, rename) for b in branch.node]
         g.initializer.extend(branch.initializer)  # the branch's own small constants (named under its scope)
         count += 1
     del g.node[:]
@@ -200,7 +188,7 @@ def _shapes(model: onnx.ModelProto) -> dict[str, list]:
     for n in view.graph.node:
         stand_in = _stand_in(n, dims)
         if stand_in is not None:
-            (op, data, fake_dims) = stand_in
+            op, fake_dims = stand_in
             fake = f"{n.output[0]}/shape_stand_in"
             fakes.append(helper.make_tensor_value_info(fake, onnx.TensorProto.FLOAT, fake_dims))
             inputs = [n.input[0], fake] if op == "MatMul" else [fake, n.input[1]]
@@ -213,18 +201,19 @@ def _shapes(model: onnx.ModelProto) -> dict[str, list]:
     return out
 
 
-def _stand_in(n: onnx.NodeProto, dims: dict[str, list]) -> tuple[str, str, list] | None:
-    """(standard op, data input, its float dims) computing the shape `n` computes, for the quantized ops."""
+def _stand_in(n: onnx.NodeProto, dims: dict[str, list]) -> tuple[str, list] | None:
+    """(standard op, float dims of the weight it stands in for) computing the shape `n` computes, for the
+    quantized ops."""
     if n.domain != "com.microsoft":
         return None
     if n.op_type == "MatMulNBits":
-        return "MatMul", n.input[1], [_attr(n, "K"), _attr(n, "N")]
+        return "MatMul", [attr(n, "K"), attr(n, "N")]
     if n.op_type == "DynamicQuantizeMatMul" and n.input[1] in dims:
-        return "MatMul", n.input[1], dims[n.input[1]]
+        return "MatMul", dims[n.input[1]]
     if n.op_type == "GatherBlockQuantized" and n.input[0] in dims:
         table = list(dims[n.input[0]])
-        table[-1] *= 8 // _attr(n, "bits", 4)  # 4-bit codes are packed two to a byte
-        return "Gather", n.input[0], table
+        table[-1] *= 8 // attr(n, "bits", 4)  # 4-bit codes are packed two to a byte
+        return "Gather", table
     return None
 
 
@@ -246,7 +235,7 @@ def _slice_axis1(g, n, prod) -> tuple[int, int] | None:
 
 def _rewrite(g: onnx.GraphProto, shapes: dict[str, list]) -> None:
     """Alias away the T == 1 no-ops (see the module docstring); graph outputs keep their names."""
-    prod = _producers(g)
+    prod = producers(g)
     alias: dict[str, str] = {}
     empty: set[str] = set()
     unit = lambda v: (shapes.get(v) or [None, None])[1:2] == [1]  # noqa: E731  axis 1 has length 1
@@ -260,7 +249,7 @@ def _rewrite(g: onnx.GraphProto, shapes: dict[str, list]) -> None:
                 alias[n.output[0]] = n.input[0]
             elif start == 0 and end in (0, -1):
                 empty.add(n.output[0])
-        elif n.op_type == "Concat" and _attr(n, "axis") == 1:
+        elif n.op_type == "Concat" and attr(n, "axis") == 1:
             kept = [x for x in n.input if x not in empty]
             if len(kept) == 1 and len(n.input) > 1:
                 alias[n.output[0]] = kept[0]
@@ -271,7 +260,7 @@ def _rewrite(g: onnx.GraphProto, shapes: dict[str, list]) -> None:
 
 def _reshape(g, n, prod, shapes, alias) -> None:
     src, target = n.input[0], _const_ints(g, n.input[1], prod)
-    if target is None or _attr(n, "allowzero", 0):
+    if target is None or attr(n, "allowzero", 0):
         return
     inner = prod.get(src)
     if inner is not None and inner.op_type == "Reshape" and 0 not in target:

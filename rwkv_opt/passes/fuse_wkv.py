@@ -43,7 +43,7 @@ import onnx
 from onnx import helper
 
 from rwkv_opt.graph.builder import FLOAT, GraphBuilder, Value
-from rwkv_opt.onnx_util import all_graphs, opset
+from rwkv_opt.onnx_util import all_graphs, attr, opset, producers
 from rwkv_opt.graph.wkv_chunked import check_chunk, wkv_chunked, wkv_step
 from rwkv_opt.tensorstore import read_array
 from rwkv_opt.passes.base import Pass, PassConfig, PassResult, drop_dead, mark_applied, register
@@ -100,21 +100,14 @@ def find_wkv_scans(graph: onnx.GraphProto) -> list[WkvScan]:
     return found
 
 
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
 def _match_scan(node: onnx.NodeProto) -> WkvScan | None:
-    if _attr(node, "num_scan_inputs") != 6 or len(node.input) != 7 or len(node.output) != 2:
+    if attr(node, "num_scan_inputs") != 6 or len(node.input) != 7 or len(node.output) != 2:
         return None
-    if list(_attr(node, "scan_input_axes", [0] * 6)) != [1] * 6 or list(_attr(node, "scan_output_axes", [0])) != [1]:
+    if list(attr(node, "scan_input_axes", [0] * 6)) != [1] * 6 or list(attr(node, "scan_output_axes", [0])) != [1]:
         return None
-    if any(_attr(node, k) and any(_attr(node, k)) for k in ("scan_input_directions", "scan_output_directions")):
+    if any(attr(node, k) and any(attr(node, k)) for k in ("scan_input_directions", "scan_output_directions")):
         return None
-    body = _attr(node, "body")
+    body = attr(node, "body")
     roles = _match_body(body)
     if roles is None:
         return None
@@ -130,7 +123,7 @@ def _match_body(body: onnx.GraphProto) -> dict[str, int] | None:
         return None
     if Counter(n.op_type for n in body.node) != Counter(MatMul=2, Mul=3, Sub=1, Add=1):
         return None
-    prod = {o: n for n in body.node for o in n.output}
+    prod = producers(body)
     idx = {i.name: j - 1 for j, i in enumerate(body.input)}
     S = body.input[0].name
     op = lambda name, t: prod[name] if name in prod and prod[name].op_type == t else None  # noqa: E731
@@ -224,7 +217,7 @@ def _fresh_prefix(node: onnx.NodeProto, taken: set) -> str:
 def _axes(graph_consts: dict, node: onnx.NodeProto) -> list[int] | None:
     if len(node.input) > 1 and node.input[1] in graph_consts:
         return [int(a) for a in np.ravel(graph_consts[node.input[1]])]
-    axes = _attr(node, "axes")
+    axes = attr(node, "axes")
     return list(axes) if axes is not None else None
 
 
@@ -232,7 +225,7 @@ def _log_decay(prod: dict, w_BTHN: str) -> tuple | None:
     """(x, chain) when w = shape-only ops (or a Cast to fp32, as a precision pass leaves it) applied
     to Exp(x): then log w = the same ops on x."""
     chain, t = [], w_BTHN
-    while t in prod and (prod[t].op_type in SHAPE_OPS or prod[t].op_type == "Cast" and _attr(prod[t], "to") == FLOAT):
+    while t in prod and (prod[t].op_type in SHAPE_OPS or prod[t].op_type == "Cast" and attr(prod[t], "to") == FLOAT):
         chain.append(prod[t])
         t = prod[t].input[0]
     if t not in prod or prod[t].op_type != "Exp":
@@ -443,7 +436,7 @@ class FuseWkv(Pass):
         g = out.graph
         taken = _names(g, set())
         version = opset(out)
-        prod = {o: n for n in g.node for o in n.output}
+        prod = producers(g)
         consts = {i.name: read_array(i) for i in g.initializer if i.data_type == onnx.TensorProto.INT64}
         plans = {
             scan.node.output[0]: _rewrite(g, scan, version, taken, self.config, prod, consts)

@@ -137,9 +137,10 @@ def test_session_decode_path_reads_the_artifacts_data_and_packs_once(tmp_path):
     assert (art / "model.onnx.data").stat().st_size > 64 << 20
     probe = (
         "import sys, numpy as np\n"
+        "from rwkv_opt.progress import rss_bytes\n"
         "from rwkv_opt.runtime import Session\n"
         "def rss():\n"
-        "    return int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1]) >> 10\n"
+        "    return rss_bytes() >> 20\n"
         "r0 = rss(); s = Session(sys.argv[1], threads=1, decode_graph=sys.argv[2] == '1')\n"
         "l, st = s.forward(np.arange(7)[None]); l2, _ = s.forward([[3]], st)\n"
         "print(rss() - r0, s.decode_path, float(l2.sum()), float(l.sum()))\n"
