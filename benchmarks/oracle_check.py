@@ -122,28 +122,10 @@ def main():
             )
             for batch in (1, 3):
                 g_lo, g_wkv = ours[batch][mode]
-                rows.append(
-                    (
-                        "onnx fp32",
-                        "reference",
-                        mode,
-                        batch,
-                        rel(g_lo, r_lo[:batch]),
-                        rel(g_wkv, r_wkv[:batch]),
-                        bool((g_lo.argmax(-1) == r_lo[:batch].argmax(-1)).all()),
-                    )
-                )
-                rows.append(
-                    (
-                        "onnx fp32",
-                        "official",
-                        mode,
-                        batch,
-                        rel(g_lo, o_lo[:batch]),
-                        rel(g_wkv, o_wkv[:batch]),
-                        bool((g_lo.argmax(-1) == o_lo[:batch].argmax(-1)).all()),
-                    )
-                )
+                for against, lo, wkv in (("reference", r_lo, r_wkv), ("official", o_lo, o_wkv)):
+                    lo, wkv = lo[:batch], wkv[:batch]
+                    top1 = bool((g_lo.argmax(-1) == lo.argmax(-1)).all())
+                    rows.append(("onnx fp32", against, mode, batch, rel(g_lo, lo), rel(g_wkv, wkv), top1))
     name = f"{a.preset}{' DeepEmbed (RWKV-7a)' if a.deepembed else ' (RWKV-7)'}"
     lines = [
         f"### {name}, 64-token prompts, split at {split}; reference in {a.ref_dtype}",
