@@ -14,6 +14,7 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from rwkv_opt.artifact import load_proto, model_config, model_path, verify_files, verify_recorded
@@ -61,10 +62,6 @@ def session_options(
     return so
 
 
-def _read_meta(path: Path) -> dict[str, str]:
-    return {p.key: p.value for p in load_proto(path).metadata_props}
-
-
 # what onnxruntime raises for a model it cannot load (a damaged file, a missing .data file, a bad graph)
 _ORT_LOAD_ERRORS = tuple(
     getattr(ort.capi.onnxruntime_pybind11_state, n)
@@ -103,7 +100,8 @@ class Session:
         self.path = model_path(Path(artifact))
         if verify:
             verify_files(self.path.parent)
-        self.meta = _read_meta(self.path)
+        proto = load_proto(self.path)  # the structure (external weights stay on disk)
+        self.meta = {p.key: p.value for p in proto.metadata_props}
         self.config = model_config(self.path, self.meta)
         meta = Meta(self.meta)
         self.logits_mode = meta.logits
@@ -118,18 +116,18 @@ class Session:
         so = session_options(threads, opt_level, profile, low_memory, quantized=meta.quantization is not None)
         if meta.sampler == "sampling":  # its overridable defaults would each log a warning
             so.log_severity_level = 3  # (passes/sampling_head.py); errors still show
-        self.sess = self._load(so, providers, decode_graph)
+        self.sess = self._load(so, providers, proto if decode_graph else None)
         self.inputs = {i.name: i for i in self.sess.get_inputs()}
         self.output_names = [o.name for o in self.sess.get_outputs()]
         self.max_chunk = max_chunk
         # the sampling head's `occurence` has a default, so ORT lists it as an overridable initializer
         self.has_sampler = "occurence" in self.inputs or meta.sampler == "sampling"
 
-    def _load(self, options, providers, decode_path: bool) -> ort.InferenceSession:
+    def _load(self, options, providers, decode_from: onnx.ModelProto | None) -> ort.InferenceSession:
         """The ORT session; a model ORT cannot load is one sentence (naming the changed file when the
-        manifest's digests tell which). With `decode_path`, the graph run is graph/decode.py's
-        with_decode_path of model.onnx (one session, so the weights are pre-packed once)."""
-        model = with_decode_path(load_proto(self.path)) if decode_path else None
+        manifest's digests tell which). With `decode_from` (model.onnx's structure), the graph run is
+        graph/decode.py's with_decode_path of it (one session, so the weights are pre-packed once)."""
+        model = with_decode_path(decode_from) if decode_from is not None else None
         self.decode_path = model is not None
         try:
             if model is None:
