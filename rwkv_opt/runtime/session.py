@@ -100,8 +100,10 @@ class Session:
         self.path = model_path(Path(artifact))
         if verify:
             verify_files(self.path.parent)
-        proto = load_proto(self.path)  # the structure (external weights stay on disk)
+        proto = load_proto(self.path)  # the structure (external weights stay on disk; inline ones do not)
         self.meta = {p.key: p.value for p in proto.metadata_props}
+        decode_from = proto if decode_graph else None
+        del proto  # not held while ORT loads its own copy unless the decode path is built from it
         self.config = model_config(self.path, self.meta)
         meta = Meta(self.meta)
         self.logits_mode = meta.logits
@@ -116,7 +118,8 @@ class Session:
         so = session_options(threads, opt_level, profile, low_memory, quantized=meta.quantization is not None)
         if meta.sampler == "sampling":  # its overridable defaults would each log a warning
             so.log_severity_level = 3  # (passes/sampling_head.py); errors still show
-        self.sess = self._load(so, providers, proto if decode_graph else None)
+        self.sess = self._load(so, providers, decode_from)
+        del decode_from
         self.inputs = {i.name: i for i in self.sess.get_inputs()}
         self.output_names = [o.name for o in self.sess.get_outputs()]
         self.max_chunk = max_chunk
