@@ -98,11 +98,15 @@ _FAST = (("fuse_wkv", {}), ("simplify", {}))
 # every budget: int8 top-1 99.0%, KL 2.7e-4 over 193 positions, and `pipeline` accepts them.
 INT8_BUDGET = Budget(min_top1=0.98, max_rel_err=0.5, max_kl=0.02)
 INT4_BUDGET = Budget(min_top1=0.90, max_rel_err=3.0, max_kl=0.1)
-_INT8 = ("quantize", {"scheme": "int8"})
-# The time-mix LoRAs at 8 bits (MatMulNBits block 32, int8 compute): in fp32 they were 17% of the bytes a
-# cpu-int4 decode step reads (20 of 118 MiB, 0.1B) for 3% of the parameters (reports/decode.md).
-_LORA8 = tuple((g, "nbits8", 32) for g in LORA_GLOBS)
 _FLOAT_ONLY = (WKV_GLOB, DEEPEMBED_GLOB)  # what stays float once the LoRAs are quantized
+# The time-mix LoRAs (decay, a, gate, v_mix) as DynamicQuantizeMatMul, per-column int8 weights: in fp32 they
+# were 17% of the bytes a cpu-int4 decode step read (20 of 118 MiB, 0.1B) for 3% of the parameters. As
+# DynamicQuantizeMatMul rather than 8-bit MatMulNBits (block 32): MLAS's u8s8 GEMM runs M = 512 about 3.5x
+# faster than MatMulNBits there (768 x 3072: 2.5 vs 9.0 ms), so prefill gains where MatMulNBits lost it.
+# Measured (0.1B, Intel Xeon, 2 threads, reports/decode.md "Session 7"): cpu-int8 decode 0.935x, prefill
+# 1.050x, KL 2.24e-3 -> 2.29e-3; cpu-int4 (FFN key too) decode 1.006x, prefill 1.153x, KL 8.073e-2 -> 8.078e-2.
+_LORA_INT8 = tuple((g, "int8") for g in LORA_GLOBS)
+_INT8 = ("quantize", {"scheme": "int8", "exclude": _FLOAT_ONLY})
 # FFN key at 8 bits: each FFN matrix at 4 bits cost ~12x the KL of an attention one; the embedding at
 # block 64 keeps the artifact under 0.2x of fp32.
 _INT4 = (
@@ -113,7 +117,7 @@ _INT4 = (
         "algorithm": "gptq",
         "embedding": "nbits4",
         "exclude": _FLOAT_ONLY,
-        "overrides": (("*/ffn/MatMul", "nbits8", 128), ("/emb", "nbits4", 64), *_LORA8),
+        "overrides": (("*/ffn/MatMul", "int8"), ("/emb", "nbits4", 64), *_LORA_INT8),
     },
 )
 _INT4_CUDA = ("quantize", {"scheme": "nbits4", "block_size": 32, "algorithm": "gptq"})
@@ -152,7 +156,7 @@ TARGETS: dict[str, Target] = {
             Precision.FP32,
             _FAST + (_INT8,),
             INT8_BUDGET,
-            "int8 per-column weights, dynamic uint8 activations (DynamicQuantizeMatMul) on the big projections",
+            "int8 per-column weights, dynamic uint8 activations (DynamicQuantizeMatMul) on the projections and LoRAs",
             quantization="int8-dynamic",
         ),
         Target(
@@ -161,7 +165,8 @@ TARGETS: dict[str, Target] = {
             Precision.FP32,
             _FAST + (_INT4,),
             INT4_BUDGET,
-            "4-bit MatMulNBits (block 32, GPTQ, int8 compute), FFN key and LoRAs 8-bit, 4-bit embedding; WKV fp32",
+            "4-bit MatMulNBits (block 32, GPTQ, int8 compute); FFN key and LoRAs int8 (DynamicQuantizeMatMul); "
+            "4-bit embedding; WKV fp32",
             quantization="nbits4-b32-gptq",
         ),
         Target(

@@ -240,24 +240,27 @@ def test_default_exclusions_cover_the_fragile_scopes():
     assert "*/att/decay/*" in DEFAULT_EXCLUDE
 
 
-def test_int4_target_quantizes_the_loras_at_8_bits(base7, tiny7):
-    """cpu-int4: every time-mix LoRA MatMul (decay, a, gate, v_mix; down and up) is 8-bit MatMulNBits at
-    block 32 and int8 compute, the big projections stay 4-bit (FFN key 8-bit), the WKV stays float; the
-    LoRA weights a decode step reads shrink (0.1B: 3.5x, fp32 -> 8-bit codes + an fp32 scale and a zero point
-    per 32; tiny's LoRA ranks under 32 are padded to one block, so less there)."""
+@pytest.mark.parametrize("target", ["cpu-int8", "cpu-int4"])
+def test_cpu_targets_quantize_the_loras_to_int8(base7, tiny7, target):
+    """cpu-int8 and cpu-int4: every time-mix LoRA MatMul (decay, a, gate, v_mix; down and up) is a
+    DynamicQuantizeMatMul over per-column int8 weights; cpu-int4's big projections stay 4-bit MatMulNBits
+    (FFN key int8 too), the WKV stays float; the LoRA weights a decode step reads shrink (fp32 -> int8 codes
+    + one fp32 scale per column: ~3.8x at 0.1B, less for tiny's small ranks)."""
     from rwkv_opt.targets import get_target
 
-    cfg = {**dict(get_target("cpu-int4").passes)["quantize"], "algorithm": "rtn"}
+    cfg = {**dict(get_target(target).passes)["quantize"], "algorithm": "rtn"}
     out = _quantize(base7, **cfg)
     lora = [n for n in out.graph.node if any(s in n.name for s in FLOAT_SCOPES[:4]) and "MatMul" in n.op_type]
     assert len(lora) == 8 * tiny7.config.n_layer - 2
-    for n in lora:
-        attrs = {a.name: a.i for a in n.attribute}
-        assert n.op_type == "MatMulNBits"
-        assert (attrs["bits"], attrs["block_size"], attrs["accuracy_level"]) == (8, 32, 4), n.name
-    bits = {n.name: {a.name: a.i for a in n.attribute}["bits"] for n in out.graph.node if n.op_type == "MatMulNBits"}
-    assert bits["/blocks.1/att/MatMul"] == 4 and bits["/blocks.1/ffn/MatMul"] == 8
-    assert not any("/wkv/" in n.name for n in out.graph.node if n.op_type == "MatMulNBits")
+    assert {n.op_type for n in lora} == {"DynamicQuantizeMatMul"}
+    ops = {n.name: n for n in out.graph.node}
+    assert ops["/blocks.1/ffn/MatMul"].op_type == "DynamicQuantizeMatMul"
+    if target == "cpu-int4":
+        bits = {
+            n.name: {a.name: a.i for a in n.attribute}["bits"] for n in out.graph.node if n.op_type == "MatMulNBits"
+        }
+        assert bits["/blocks.1/att/MatMul"] == 4 and bits["/blocks.1/ffn/MatMul_1"] == 4
+    assert not any("/wkv/" in n.name for n in out.graph.node if "MatMul" in n.op_type and n.op_type != "MatMul")
     sizes = {t.name: t for t in out.graph.initializer}
     before = {t.name: t for t in base7.graph.initializer}
     fp32 = sum(
@@ -291,8 +294,8 @@ def test_pipeline_artifacts(tiny7, tmp_path, target):
     assert v["within_budget"] and v["mean_kl"] <= get_target(target).budget.max_kl, v
     assert man["quantization"] == t.quantization
     q = [p for p in man["passes"] if p["name"] == "quantize"][0]
-    # cpu-int4 also quantizes the LoRAs: down + up of decay, a, gate and v_mix (which block 0 has not)
-    loras = 8 * tiny7.config.n_layer - 2 if target == "cpu-int4" else 0
+    # the cpu targets also quantize the LoRAs: down + up of decay, a, gate and v_mix (which block 0 has not)
+    loras = 8 * tiny7.config.n_layer - 2 if target.startswith("cpu-") else 0
     assert (
         q["changed"]
         and q["ops_after"].get("MatMulNBits", 0) + q["ops_after"].get("DynamicQuantizeMatMul", 0)
