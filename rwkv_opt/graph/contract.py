@@ -190,6 +190,7 @@ class Scope:
     BONUS = "bonus"  # (r * k * r_k).sum * v
     LN_X = "ln_x"  # GroupNorm of the WKV output
     DEEPEMBED = "deepembed"  # RWKV-7a's DeepEmbed path in ffn
+    TAIL = "tail"  # last block, logits "last": the WKV output cut to the last two positions
 
 
 def scope_path(*parts: str) -> str:

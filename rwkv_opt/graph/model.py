@@ -4,6 +4,12 @@
                                └ DeepEmbed: Gather(s_emb_i) per block
     block i:  x += TimeMix(LN1(x), state_i);  x += ChannelMix(LN2(x), state_i)
 
+With logits "last" (prefill and decode), block L-1 runs its WKV over every token (the state needs them)
+and everything after it -- GroupNorm, bonus, gate, output projection, the residual and the whole channel
+mix -- on the last two positions only (the channel mix's token shift reads the one before the last);
+llama.cpp prunes its last layer the same way. 0.1B, T = 512: one of twelve FFNs' work at 2 positions
+instead of 512 (reports/decode.md, session 7).
+
 One graph serves any batch >= 1 and any T >= 1; the state goes in and comes out.
 Linear weights are stored pre-transposed ([in, out]) so no Transpose runs at inference.
 """
@@ -23,7 +29,7 @@ from rwkv_opt.checkpoint.weights import Weights
 from rwkv_opt.graph import blocks as B
 from rwkv_opt.graph import contract
 from rwkv_opt.graph.contract import Scope as S
-from rwkv_opt.graph.builder import DEFAULT_OPSET, FLOAT, INT64, GraphBuilder
+from rwkv_opt.graph.builder import DEFAULT_OPSET, FLOAT, INT64, GraphBuilder, Value
 from rwkv_opt.progress import tick
 
 
@@ -63,11 +69,14 @@ class _ModelBuilder:
             att = g.input(names[0], FLOAT, ["batch", 1, c.n_embd])
             wkv = g.input(names[1], FLOAT, ["batch", c.n_head, c.head_size, c.head_size])
             ffn = g.input(names[2], FLOAT, ["batch", 1, c.n_embd])
+            # With only the last position's logits wanted, the last block runs its WKV (the state) over
+            # every token and the rest on the last two positions (the FFN's token shift reads the one before).
+            tail = i == c.n_layer - 1 and self.opts.logits is LogitsMode.LAST
             with g.scope(S.BLOCK.format(i=i)):
                 with g.scope(S.ATT):
-                    x, v_first, att_next, wkv_next = self.time_mix(i, x, v_first, att, wkv)
+                    x, v_first, att_next, wkv_next = self.time_mix(i, x, v_first, att, wkv, tail)
                 with g.scope(S.FFN):
-                    x, ffn_next = self.channel_mix(i, x, tokens, ffn)
+                    x, ffn_next = self.channel_mix(i, x, _last2(g, tokens) if tail else tokens, ffn)
             self.outs = getattr(self, "outs", []) + [(att_next, ffn_next, wkv_next, i)]
         with g.scope(S.HEAD):
             if self.opts.logits is LogitsMode.LAST:
@@ -83,7 +92,8 @@ class _ModelBuilder:
             g.output(ffn_next, names[2], FLOAT, ["batch", 1, c.n_embd])
         return g.model(metadata=self.metadata())
 
-    def time_mix(self, i, x, v_first, att_last, wkv_state):
+    def time_mix(self, i, x, v_first, att_last, wkv_state, tail: bool = False):
+        """The time mix of block i; with `tail`, its output covers only the last two positions."""
         g, c, P = self.g, self.cfg, f"blocks.{i}."
         p = lambda n, t=False: self.param(P + n, t)  # noqa: E731
         xa = B.layer_norm(g, x, p("ln1.weight"), p("ln1.bias"))
@@ -105,6 +115,9 @@ class _ModelBuilder:
         rh, wh, kh, vh, ah = (B.heads(g, t, H, N) for t in (r, w, k, v, a))
         with g.scope(S.WKV):
             y, wkv_next = B.wkv_scan(g, H, N, rh, wh, kh, vh, kk, g.Mul(kk, ah), wkv_state)
+        if tail:  # nothing after the state needs the earlier positions
+            with g.scope(S.TAIL):
+                y, r, k, vh, gate, x = (_last2(g, t) for t in (y, r, k, vh, gate, x))
         y = B.group_norm(g, y, c.n_embd, N, p("att.ln_x.weight"), p("att.ln_x.bias"))
         with g.scope(S.BONUS):
             rk = g.ReduceSum(B.heads(g, g.Mul(g.Mul(r, k), p("att.r_k")), H, N), g.ints(-1), keepdims=1)
@@ -145,6 +158,11 @@ class _ModelBuilder:
             Key.VERSION: __version__,
             Key.SOURCE_DIGEST: self.w.digest or "synthetic",
         }
+
+
+def _last2(g: GraphBuilder, x: Value) -> Value:
+    """x[:, -2:] (one position when T == 1)."""
+    return g.Slice(x, g.ints(-2), g.ints(B.INT64_MAX), g.ints(1))
 
 
 def build_model(weights: Weights, opts: BuildOptions = BuildOptions()) -> onnx.ModelProto:

@@ -62,14 +62,29 @@ def test_sequence_tokens_and_chunks(built, batch):
     assert rel(feed["wkv_state_0"], wst.wkv[0]) <= TOL
 
 
-def test_last_logits_mode(tiny7):
-    m = build_model(tiny7, BuildOptions(logits=LogitsMode.LAST))
+@pytest.mark.parametrize("T", [1, 2, 4, 70])
+def test_last_logits_mode(tiny_weights, T):
+    """Logits "last": the last block runs everything after its WKV on the last two positions (Scope.TAIL);
+    the logits and every state output still match the reference, for T = 1 (one position), 2 (exactly
+    two) and longer prompts (7 and 7a: DeepEmbed's token Gather is cut too); a chain of calls carries on."""
+    cfg = tiny_weights.config
+    m = build_model(tiny_weights, BuildOptions(logits=LogitsMode.LAST))
+    assert any("/tail/" in n.name for n in m.graph.node)
     sess = ort_session(m)
-    tokens = np.array([[5, 9, 200, 3], [7, 7, 7, 1000]])
-    out, _ = run(sess, tiny7.config, tokens, zero_feed(tiny7.config, 2))
-    want, _ = ReferenceModel(tiny7).forward(tokens)
-    assert out["head"].shape == (2, 1, tiny7.config.vocab)
+    tokens = np.random.default_rng(T).integers(0, cfg.vocab, (2, T))
+    out, st = run(sess, cfg, tokens, zero_feed(cfg, 2))
+    ref = ReferenceModel(tiny_weights)
+    want, wst = ref.forward(tokens)
+    assert out["head"].shape == (2, 1, cfg.vocab)
     assert rel(out["head"], want[:, -1:]) <= TOL
+    for i in range(cfg.n_layer):
+        assert rel(out[f"wkv_next_{i}"], wst.wkv[i]) <= TOL
+        assert rel(out[f"x_tmix_next_{i}"][:, 0], wst.att[i]) <= TOL
+        assert rel(out[f"x_cmix_next_{i}"][:, 0], wst.ffn[i]) <= TOL
+    more = np.random.default_rng(T + 1).integers(0, cfg.vocab, (2, 3))
+    out2, _ = run(sess, cfg, more, st)
+    want2, _ = ref.forward(np.concatenate([tokens, more], 1))
+    assert rel(out2["head"], want2[:, -1:]) <= TOL
 
 
 def test_contract_io_and_metadata(tiny7):
@@ -116,6 +131,7 @@ def test_every_scope_the_passes_read_exists(tiny_weights):
     g = build_model(tiny_weights).graph
     names = [n.name for n in g.node]
     names += [n.name for n in g.node for a in n.attribute if a.g.node for n in a.g.node]  # the Scan bodies
+    names += [n.name for n in build_model(tiny_weights, BuildOptions(logits=LogitsMode.LAST)).graph.node]  # TAIL
     deepembed = tiny_weights.config.variant.value != "rwkv7"
     for attr, value in vars(Scope).items():
         if attr.startswith("_") or (value == Scope.DEEPEMBED and not deepembed):
