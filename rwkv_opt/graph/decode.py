@@ -17,8 +17,8 @@ decode path is built when a Session loads it (~0.1 s at 0.1B).
 What T == 1 lets go (each rewrite is checked against shapes inferred with seq fixed to 1):
 - fuse_wkv's If(Shape(r)[1] == 1): its then-branch (the direct WKV step) is inlined; the Shape,
   Equal and the prefill branches go.
-- a Slice that keeps the last position of a length-1 axis returns its input, and the slice that
-  drops it is empty, so the token shift Concat(last, x[:, :-1]) is `last`.
+- a Slice that keeps the last k positions of a length-1 axis returns its input, and the slice that
+  drops the last is empty, so the token shift Concat(last, x[:, :-1]) is `last`.
 - Reshape of a Reshape reads the first one's input (when the outer shape has no 0 to copy), and a
   Reshape to the shape its input already has is dropped.
 Outputs that are graph outputs keep their names (an Identity when the value was rewritten away).
@@ -245,7 +245,7 @@ def _rewrite(g: onnx.GraphProto, shapes: dict[str, list]) -> None:
         sl = _slice_axis1(g, n, prod)
         if sl is not None and unit(n.input[0]):
             start, end = sl
-            if start in (0, -1) and end >= _BIG:
+            if start <= 0 and end >= _BIG:  # x[:, -k:] (the token shift's last, the last block's tail) or x[:, 0:]
                 alias[n.output[0]] = n.input[0]
             elif start == 0 and end in (0, -1):
                 empty.add(n.output[0])
