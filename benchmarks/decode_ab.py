@@ -7,7 +7,9 @@
 A variant is NAME=ARTIFACT[@key=value[@key=value...]]: the artifact run with the session options of
 `rwkv_opt.runtime.session.session_options` plus those ORT session config entries; the entry
 rwkv_opt.decode_graph=1 is ours, not ORT's: Session(decode_graph=True), graph/decode.py's T == 1 path
-for one-token calls. NAME's part before its last '+' names its baseline, so `int4+lora8` is compared with `int4` and
+for one-token calls; so is rwkv_opt.stepper=0: decode steps through Session.forward (fresh output arrays)
+instead of Session.stepper (runtime/stepper.py, what `rwkv-opt generate` uses: buffers reused).
+NAME's part before its last '+' names its baseline, so `int4+lora8` is compared with `int4` and
 `int4+lora8+b64` with `int4+lora8`.
 
 Every measurement is a fresh process; each round runs every variant once, the order rotating per round.
@@ -44,6 +46,7 @@ from bandwidth import cpu_description  # noqa: E402
 
 PROMPT, WARMUP, PREFILL_REPS = 128, 3, 3
 DECODE_GRAPH_ENTRY = "rwkv_opt.decode_graph"  # @rwkv_opt.decode_graph=1: the decode path (graph/decode.py)
+STEPPER_ENTRY = "rwkv_opt.stepper"  # @rwkv_opt.stepper=0: decode through Session.forward, not Session.stepper
 GEMV_SHAPES = [(768, 768)] * 48 + [(768, 3072), (3072, 768)] * 12 + [(768, 65536)]
 
 
@@ -66,6 +69,7 @@ def _patch_session_options(entries: dict[str, str]) -> None:
 def measure(art: str, entries: dict[str, str], threads: int, decode: int, prefill: int) -> dict:
     entries = dict(entries)
     decode_graph = entries.pop(DECODE_GRAPH_ENTRY, "0") == "1"
+    use_stepper = entries.pop(STEPPER_ENTRY, "1") == "1"
     _patch_session_options(entries)
     from rwkv_opt.runtime import Session
 
@@ -83,10 +87,14 @@ def measure(art: str, entries: dict[str, str], threads: int, decode: int, prefil
         times.append(time.perf_counter() - t0)
     _, st = s.forward(toks[:, :PROMPT])
     steps = rng.integers(0, s.config.vocab, (1, WARMUP + decode))
+    stepper = s.stepper(st) if use_stepper else None
     dec = []
     for i in range(steps.shape[1]):
         t0 = time.perf_counter()
-        _, st = s.forward(steps[:, i : i + 1], st)
+        if stepper is not None:
+            stepper.step(steps[:, i : i + 1])
+        else:
+            _, st = s.forward(steps[:, i : i + 1], st)
         if i >= WARMUP:
             dec.append(time.perf_counter() - t0)
     return {

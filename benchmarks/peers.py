@@ -74,7 +74,12 @@ def _runner(kind: str, model: str, threads: int):
 
         s = Session(model, threads=threads)
         seq = lambda toks: s.forward(np.asarray([toks]))[1]  # noqa: E731
-        step = lambda tok, st: s.forward(np.asarray([[tok]]), st)[1]  # noqa: E731
+
+        def step(tok, st):  # decode as `rwkv-opt generate` does: Session.stepper, its buffers reused
+            stepper = st if hasattr(st, "step") else s.stepper(st)
+            stepper.step(np.asarray([[tok]]))
+            return stepper
+
         return time.perf_counter() - t0, seq, step
     os.environ["RWKV_V7_ON"] = "1"  # read when `rwkv` is imported
     import torch

@@ -70,14 +70,47 @@ class _Sampler:
             )
         self.vocab = session.config.vocab
         self.rng = np.random.default_rng(seed)
+        self._stepper = None  # one-token steps (runtime/stepper.py); prompts go through Session
         self.state = session.zero_state(1)
         self.feeds = head.sampling_feeds(params)
         self.exempt = occurrence_exempt_mask(size=self.vocab)
         self.reset_occurrence()
 
+    @property
+    def state(self) -> dict:
+        return self._stepper.state if self._stepper is not None else self._state
+
+    @state.setter
+    def state(self, value: dict) -> None:
+        self._leave_stepper()
+        self._state = value
+
+    def _leave_stepper(self) -> None:
+        """Take the state (and the head's occurrence) back from the stepper, if one is running."""
+        if self._stepper is not None:
+            self._state = self._stepper.state
+            if self.in_graph:
+                self.occurence = self._stepper.carried(head.OCCURRENCE)
+            self._stepper = None
+
     def reset_occurrence(self) -> None:
+        self._leave_stepper()
         self.occurrence = Occurrence.zeros(self.vocab)
         self.occurence = np.zeros((1, self.vocab), np.float32)  # the head's encoding
+
+    def _one_token(self, ids: np.ndarray, u: np.ndarray) -> int:
+        """A decode step through the stepper (its buffers reused; same results as Session.run)."""
+        if self._stepper is None:
+            carry = {head.OCCURRENCE_NEXT: (head.OCCURRENCE, self.occurence)} if self.in_graph else None
+            self._stepper = self.session.stepper(self._state, 1, carry)
+        if not self.in_graph:
+            logits = self._stepper.step(ids)[contract.LOGITS]
+            _refuse_non_finite(self.session, "logits", logits[0, -1])
+            return int(sample_step(logits[0, -1], self.occurrence, self.params, float(u[0]), self.exempt))
+        out = self._stepper.step(ids, {**self.feeds, head.UNIFORM: u})
+        last = contract.state_outputs(self.session.config.n_layer - 1)[2]
+        _refuse_non_finite(self.session, f"state '{last}'", out[last])
+        return int(out[head.TOKEN][0])
 
     def step(self, tokens: Sequence[int]) -> int:
         """Feed `tokens` (>= 1) and draw the token that follows them. Non-finite logits (or, with the
@@ -86,8 +119,11 @@ class _Sampler:
         nothing and succeed."""
         ids = self.session.check_tokens(np.asarray(tokens).reshape(1, -1))
         u = self.rng.random(1)
+        if ids.shape[1] == 1:
+            return self._one_token(ids, u)
+        self._leave_stepper()
         if not self.in_graph:
-            logits, self.state = self.session.forward(ids, self.state)
+            logits, self._state = self.session.forward(ids, self._state)
             _refuse_non_finite(self.session, "logits", logits[0, -1])
             return int(sample_step(logits[0, -1], self.occurrence, self.params, float(u[0]), self.exempt))
         chunk = self.session.max_chunk
@@ -101,7 +137,7 @@ class _Sampler:
                 head.UNIFORM: u if last else np.zeros(1),
             }
             out = self.session.run(feed)
-            self.state = {
+            self._state = {
                 dst: out[src]
                 for i in range(self.session.config.n_layer)
                 for src, dst in zip(contract.state_outputs(i), contract.state_inputs(i))

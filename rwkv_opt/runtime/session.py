@@ -227,6 +227,13 @@ class Session:
                 new_state[dst] = out[src]
         return out, new_state
 
+    def stepper(self, state: dict | None = None, batch: int = 1, carry: dict | None = None):
+        """A decode loop's `Stepper` (runtime/stepper.py): one token per row per step, starting from `state`
+        (a copy is taken), its buffers reused from step to step (no allocation or copy per step)."""
+        from rwkv_opt.runtime.stepper import Stepper
+
+        return Stepper(self, state, batch, carry)
+
     def forward(self, tokens, state: dict | None = None):
         """tokens (B,T) or (T,) -> (logits (B,T,V) or (B,1,V) for a last-logits model, new state).
 
