@@ -21,7 +21,7 @@
            a numpy kernel registered through onnxruntime-extensions).
 Measured (WKV alone, H=12, N=64, 1 thread, benchmarks/wkv_prefill.py): the If costs ~5 us per
 call; the chunked form (L = 64) overtakes the Scan between T = 16 and 24 and is ~3.5-4x faster
-at T = 128-512; the direct step saves ~10-25% of the Scan's T == 1 time.
+at T = 128-512; the direct step saves ~10-25% of the Scan's T == 1 time. The default chunk is 32 (below).
 
 The Scan is found by structure, not by name: 6 scan inputs along axis 1 and a body that is exactly
     u = S @ kk;  S' = S * w - u * b + v * k;  y = S' @ r          (2 MatMul, 3 Mul, Sub, Add)
@@ -67,7 +67,10 @@ FUNCTION_INPUTS = (*ROLES, "state")
 
 @dataclass(frozen=True)
 class FuseWkvConfig(PassConfig):
-    chunk: int = 64  # chunk length L of the chunked form (even, <= 64, multiple of 16 above 16)
+    # chunk length L of the chunked form (even, <= 64, multiple of 16 above 16). 32: in the whole 0.1B model
+    # (Intel Xeon, 2 threads, decode_ab 4 rounds, reports/decode.md session 7) prefill T=128 fp32 1.007x,
+    # int8 1.049x, int4 1.020x and T=512 fp32 ~1.02x of L = 64, decode 0.98-1.00x
+    chunk: int = 32
     min_chunked_len: int = 32  # shortest T that takes the chunked form; shorter T > 1 keeps the Scan
     mode: FuseMode = FuseMode.AUTO
 
