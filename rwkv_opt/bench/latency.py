@@ -4,7 +4,8 @@ Protocol (per setting: batch B, prompt length T, D decode steps, R repeats):
   - session creation is timed once (the process is fresh, the file cache is warm);
   - one warm-up prefill and WARMUP_STEPS decode steps run first and are not counted;
   - each repeat: prefill B x T tokens from the zero state (timed), then D single-token decode
-    steps carrying the state (each timed); the repeat's p50/p95 are taken over its D steps;
+    steps carrying the state (each timed; through Session.stepper, as `generate` decodes); the
+    repeat's p50/p95 are taken over its D steps;
   - reported: the median over repeats of prefill time and of the per-repeat p50 and p95.
 `rwkv-opt bench` runs this with R = 1 in each of its rounds (one fresh process per round) and
 takes the median over rounds (runner.run), so each repeat also re-creates the session.
@@ -84,12 +85,14 @@ def gpu_mem_mb(provider: str) -> float:
 
 
 def _decode_steps(session, state, tokens: np.ndarray) -> tuple[list[float], dict]:
-    times = []
+    """Each column of `tokens` one timed step, through `Session.stepper` as `rwkv-opt generate` decodes (its
+    first step runs unbound, at `forward`'s speed; the rest reuse their buffers)."""
+    stepper, times = session.stepper(state), []
     for t in range(tokens.shape[1]):
         t0 = time.perf_counter()
-        _, state = session.forward(tokens[:, t : t + 1], state)
+        stepper.step(tokens[:, t : t + 1])
         times.append(time.perf_counter() - t0)
-    return times, state
+    return times, stepper.state
 
 
 def measure(session, batch: int, prompt_len: int, decode: int, repeat: int, seed: int = 0) -> dict:
