@@ -66,9 +66,17 @@ class Stepper:
 
     def step(self, tokens, extra: dict | None = None) -> dict[str, np.ndarray]:
         """tokens (B, 1) (or (B,)) ids -> every model output (views valid until the next step)."""
-        tokens = self.session.check_tokens(np.asarray(tokens).reshape(self.batch, -1))
-        if tokens.shape[1] != 1:
-            raise RwkvOptError(f"Stepper.step takes one token per row, got {tokens.shape[1]}; use Session.forward.")
+        arr = np.asarray(tokens)
+        if arr.ndim == 1:
+            arr = arr[:, None]
+        if arr.ndim != 2 or arr.shape[1] != 1:
+            raise RwkvOptError(
+                f"Stepper.step takes one token per row ((batch, 1) or (batch,)), got shape {arr.shape}; "
+                "feed prompts with Session.forward."
+            )
+        if arr.shape[0] != self.batch:
+            raise RwkvOptError(f"Stepper.step got {arr.shape[0]} rows but its state has batch {self.batch}.")
+        tokens = self.session.check_tokens(arr)
         extra = extra or {}
         if self._sets is None:
             out = self.session.run({contract.TOKENS: tokens, **self._state, **extra})

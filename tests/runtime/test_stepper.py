@@ -45,6 +45,11 @@ def test_stepper_refuses_prompts_and_wrong_state(artifact):
     s = Session(artifact)
     with pytest.raises(RwkvOptError, match="one token per row"):
         s.stepper().step(np.zeros((1, 3), np.int64))
+    with pytest.raises(RwkvOptError, match="got 3 rows but its state has batch 2"):
+        s.stepper(batch=2).step(np.zeros((3, 1), np.int64))
+    with pytest.raises(RwkvOptError, match="token id"):
+        s.stepper().step(np.array([[10**9]]))
+    assert s.stepper(batch=2).step(np.array([4, 5]))["head"].shape[0] == 2  # (batch,) is one token per row
     bad = s.zero_state(1)
     bad[next(iter(bad))] = np.zeros((1, 1, 3), np.float32)
     with pytest.raises(RwkvOptError, match="must be a float32 array of shape"):
