@@ -206,6 +206,11 @@ def state_outputs(i: int) -> tuple[str, str, str]:
     return f"x_tmix_next_{i}", f"wkv_next_{i}", f"x_cmix_next_{i}"
 
 
+def state_feedback(n_layer: int) -> dict[str, str]:
+    """Each state output -> the state input it feeds on the next call, for all `n_layer` layers."""
+    return {o: s for i in range(n_layer) for o, s in zip(state_outputs(i), state_inputs(i))}
+
+
 def transposed(key: str) -> str:
     """Initializer name of a Linear weight stored pre-transposed ([in, out])."""
     return key + ".T"

@@ -111,11 +111,7 @@ class _Runner:
 
     def step(self, tok_B1: np.ndarray, state: dict) -> tuple[dict, dict]:
         out = dict(zip(self.names, self.sess.run(None, {contract.TOKENS: tok_B1, **state})))
-        new = {}
-        for i in range(self.n_layer):
-            for src, dst in zip(contract.state_outputs(i), contract.state_inputs(i)):
-                new[dst] = out[src]
-        return out, new
+        return out, {dst: out[src] for src, dst in contract.state_feedback(self.n_layer).items()}
 
 
 def hessians(

@@ -137,11 +137,7 @@ class _Sampler:
                 head.UNIFORM: u if last else np.zeros(1),
             }
             out = self.session.run(feed)
-            self._state = {
-                dst: out[src]
-                for i in range(self.session.config.n_layer)
-                for src, dst in zip(contract.state_outputs(i), contract.state_inputs(i))
-            }
+            self._state = {dst: out[src] for src, dst in contract.state_feedback(self.session.config.n_layer).items()}
         last = contract.state_inputs(self.session.config.n_layer - 1)[2]  # downstream of every layer but the head,
         _refuse_non_finite(self.session, f"state '{last}'", self.state[last])  # and (B, 1, C): cheap per token
         self.occurence = out[head.OCCURRENCE_NEXT]

@@ -221,11 +221,7 @@ class Session:
     def _step(self, tokens: np.ndarray, state: dict, extra: dict | None = None):
         feed = {contract.TOKENS: tokens, **state, **(extra or {})}
         out = self.run(feed)
-        new_state = {}
-        for i in range(self.config.n_layer):
-            for src, dst in zip(contract.state_outputs(i), contract.state_inputs(i)):
-                new_state[dst] = out[src]
-        return out, new_state
+        return out, {dst: out[src] for src, dst in contract.state_feedback(self.config.n_layer).items()}
 
     def stepper(self, state: dict | None = None, batch: int = 1, carry: dict | None = None):
         """A decode loop's `Stepper` (runtime/stepper.py): one token per row per step, starting from `state`

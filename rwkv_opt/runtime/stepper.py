@@ -39,8 +39,7 @@ class Stepper:
             batch = next(iter(state.values())).shape[0]
             session.check_state(state, batch)
         self.batch = batch
-        pairs = (zip(contract.state_outputs(i), contract.state_inputs(i)) for i in range(session.config.n_layer))
-        self._next = {src: dst for pair in pairs for src, dst in pair}  # state output -> the input it feeds
+        self._next = contract.state_feedback(session.config.n_layer)  # state output -> the input it feeds
         self._state = {k: np.array(v, copy=True) for k, v in state.items()}  # unbound until the first step
         for out_name, (in_name, init) in (carry or {}).items():
             self._next[out_name] = in_name

@@ -20,11 +20,7 @@ def rel(a, b):
 def run(sess, cfg, tokens, feed):
     names = [o.name for o in sess.get_outputs()]
     out = dict(zip(names, sess.run(None, {"x": tokens, **feed})))
-    nxt = {}
-    for i in range(cfg.n_layer):
-        for src, dst in zip(contract.state_outputs(i), contract.state_inputs(i)):
-            nxt[dst] = out[src]
-    return out, nxt
+    return out, {dst: out[src] for src, dst in contract.state_feedback(cfg.n_layer).items()}
 
 
 @pytest.fixture(scope="module")

@@ -72,11 +72,7 @@ def test_sampler_head_runs_unbound_with_its_occurrence_carried(tiny7, tmp_path):
         want = s.run({contract.TOKENS: tok, **state, **feeds, head.OCCURRENCE: occ, head.UNIFORM: u})
         got = stepper.step(tok, {**feeds, head.UNIFORM: u})
         assert int(got[head.TOKEN][0]) == int(want[head.TOKEN][0])
-        state = {
-            d: want[o]
-            for i in range(tiny7.config.n_layer)
-            for o, d in zip(contract.state_outputs(i), contract.state_inputs(i))
-        }
+        state = {d: want[o] for o, d in contract.state_feedback(tiny7.config.n_layer).items()}
         occ = want[head.OCCURRENCE_NEXT]
     assert stepper._sets is None
     assert np.array_equal(stepper.carried(head.OCCURRENCE), occ)
