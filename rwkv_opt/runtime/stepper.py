@@ -80,8 +80,8 @@ class Stepper:
         if self._sets is None:
             out = self.session.run({contract.TOKENS: tokens, **self._state, **extra})
             self._state = {dst: out[src] for src, dst in self._next.items()}
-            inputs = {i.name for i in self.session.sess.get_inputs()}  # not overridable initializers (a
-            self._bound &= set(extra) | set(self._state) <= inputs  # sampler's occurrence): IOBinding refuses those
+            # IOBinding binds graph inputs only, not overridable initializers (a sampling head's occurrence)
+            self._bound &= set(extra) | set(self._state) <= set(self.session.inputs)
             if self._bound and all(np.dtype(v.dtype) in _BINDABLE for v in out.values()):
                 self._bind(out)
                 self._bind_extra(extra)
@@ -104,8 +104,8 @@ class Stepper:
     def _bind(self, out: dict[str, np.ndarray]) -> None:
         """Two bindings: set k's state in, the other set's out; the other outputs into fixed buffers."""
         self._outs_all = list(out)
-        self._sets = [{k: np.array(v, copy=True) for k, v in self._state.items()}, {}]
-        self._sets[1] = {k: np.empty_like(v) for k, v in self._sets[0].items()}
+        first = {k: np.array(v, copy=True) for k, v in self._state.items()}
+        self._sets = [first, {k: np.empty_like(v) for k, v in first.items()}]
         self._outs = {k: np.empty_like(v) for k, v in out.items() if k not in self._next}
         for k in range(2):
             io = self.session.sess.io_binding()
@@ -115,4 +115,3 @@ class Stepper:
                 dst = self._sets[1 - k][self._next[name]] if name in self._next else self._outs[name]
                 io.bind_output(name, "cpu", 0, dst.dtype, list(dst.shape), dst.ctypes.data)
             self._bindings.append(io)
-        self._cur = 0
