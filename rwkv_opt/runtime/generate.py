@@ -104,12 +104,21 @@ class _Sampler:
             carry = {head.OCCURRENCE_NEXT: (head.OCCURRENCE, self.occurence)} if self.in_graph else None
             self._stepper = self.session.stepper(self._state, 1, carry)
         if not self.in_graph:
-            logits = self._stepper.step(ids)[contract.LOGITS]
-            _refuse_non_finite(self.session, "logits", logits[0, -1])
-            return int(sample_step(logits[0, -1], self.occurrence, self.params, float(u[0]), self.exempt))
-        out = self._stepper.step(ids, {**self.feeds, head.UNIFORM: u})
-        last = contract.state_outputs(self.session.config.n_layer - 1)[2]
-        _refuse_non_finite(self.session, f"state '{last}'", out[last])
+            return self._draw_on_host(self._stepper.step(ids)[contract.LOGITS], u)
+        return self._head_token(self._stepper.step(ids, {**self.feeds, head.UNIFORM: u}))
+
+    def _draw_on_host(self, logits: np.ndarray, u: np.ndarray) -> int:
+        """The host sampler's token after the last position's logits (non-finite ones refused)."""
+        _refuse_non_finite(self.session, "logits", logits[0, -1])
+        return int(sample_step(logits[0, -1], self.occurrence, self.params, float(u[0]), self.exempt))
+
+    def _head_token(self, out: dict) -> int:
+        """The sampling head's token; its last-layer state output checked first (downstream of every layer
+        but the head, and (B, 1, C): cheap per token), named as the state input it feeds."""
+        n = self.session.config.n_layer
+        _refuse_non_finite(
+            self.session, f"state '{contract.state_inputs(n - 1)[2]}'", out[contract.state_outputs(n - 1)[2]]
+        )
         return int(out[head.TOKEN][0])
 
     def step(self, tokens: Sequence[int]) -> int:
@@ -124,8 +133,7 @@ class _Sampler:
         self._leave_stepper()
         if not self.in_graph:
             logits, self._state = self.session.forward(ids, self._state)
-            _refuse_non_finite(self.session, "logits", logits[0, -1])
-            return int(sample_step(logits[0, -1], self.occurrence, self.params, float(u[0]), self.exempt))
+            return self._draw_on_host(logits, u)
         chunk = self.session.max_chunk
         for s in range(0, ids.shape[1], chunk):
             last = s + chunk >= ids.shape[1]
@@ -138,10 +146,9 @@ class _Sampler:
             }
             out = self.session.run(feed)
             self._state = {dst: out[src] for src, dst in contract.state_feedback(self.session.config.n_layer).items()}
-        last = contract.state_inputs(self.session.config.n_layer - 1)[2]  # downstream of every layer but the head,
-        _refuse_non_finite(self.session, f"state '{last}'", self.state[last])  # and (B, 1, C): cheap per token
+        token = self._head_token(out)  # a non-finite state is refused before the occurrence moves on
         self.occurence = out[head.OCCURRENCE_NEXT]
-        return int(out[head.TOKEN][0])
+        return token
 
 
 def _refuse_non_finite(session: Session, what: str, values: np.ndarray) -> None:
