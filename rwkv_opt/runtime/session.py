@@ -23,6 +23,7 @@ from rwkv_opt.errors import RwkvOptError
 from rwkv_opt.graph import contract
 from rwkv_opt.graph.contract import Meta
 from rwkv_opt.graph.decode import with_decode_path
+from rwkv_opt.graph.prompt_int8 import applies, with_int8_prompts
 
 
 def available_providers() -> list[Provider]:
@@ -91,23 +92,29 @@ class Session:
         low_memory: bool = False,
         verify: bool = False,
         decode_graph: bool = False,
+        prompt_int8: bool | None = None,
     ):
         """`verify`: check every file against the sha256 its manifest records first (reads them all once).
         `decode_graph`: one-token calls take graph/decode.py's decode path (model.onnx specialised to
         T == 1, built at load, same weights). Off by default: on ORT's CPU EP it measured within noise of
         model.onnx (reports/decode.md), so it is there to be measured where the per-layer If may cost more
-        (a GPU EP), not turned on blindly."""
+        (a GPU EP), not turned on blindly.
+        `prompt_int8`: on the CPU EP, a 4-bit artifact's block MatMulNBits run calls with T > 1 through int8
+        twins of their weights (graph/prompt_int8.py: 1.45x prefill at 0.1B, +1 byte per weight of those
+        matrices in memory); one-token calls keep the 4-bit kernels. None (default): on unless `low_memory`."""
         self.path = model_path(Path(artifact))
         if verify:
             verify_files(self.path.parent)
         proto = load_proto(self.path)  # the structure (external weights stay on disk; inline ones do not)
         self.meta = {p.key: p.value for p in proto.metadata_props}
-        decode_from = proto if decode_graph else None
-        del proto  # not held while ORT loads its own copy unless the decode path is built from it
+        self.provider = Provider(provider)
+        int8 = (not low_memory if prompt_int8 is None else prompt_int8) and self.provider is Provider.CPU
+        int8 = int8 and applies(proto)
+        decode_from = proto if decode_graph or int8 else None
+        del proto  # not held while ORT loads its own copy unless a graph is built from it
         self.config = model_config(self.path, self.meta)
         meta = Meta(self.meta)
         self.logits_mode = meta.logits
-        self.provider = Provider(provider)
         if self.provider not in available_providers():
             raise RwkvOptError(
                 f"execution provider '{self.provider.value}' is not available in this onnxruntime "
@@ -118,7 +125,7 @@ class Session:
         so = session_options(threads, opt_level, profile, low_memory, quantized=meta.quantization is not None)
         if meta.sampler == "sampling":  # its overridable defaults would each log a warning
             so.log_severity_level = 3  # (passes/sampling_head.py); errors still show
-        self.sess = self._load(so, providers, decode_from)
+        self.sess = self._load(so, providers, decode_from, int8, decode_graph)
         del decode_from
         self.inputs = {i.name: i for i in self.sess.get_inputs()}
         self.output_names = [o.name for o in self.sess.get_outputs()]
@@ -126,12 +133,27 @@ class Session:
         # the sampling head's `occurence` has a default, so ORT lists it as an overridable initializer
         self.has_sampler = "occurence" in self.inputs or meta.sampler == "sampling"
 
-    def _load(self, options, providers, decode_from: onnx.ModelProto | None) -> ort.InferenceSession:
+    def _load(
+        self, options, providers, proto: onnx.ModelProto | None, int8: bool, decode: bool
+    ) -> ort.InferenceSession:
         """The ORT session; a model ORT cannot load is one sentence (naming the changed file when the
-        manifest's digests tell which). With `decode_from` (model.onnx's structure), the graph run is
-        graph/decode.py's with_decode_path of it (one session, so the weights are pre-packed once)."""
-        model = with_decode_path(decode_from) if decode_from is not None else None
-        self.decode_path = model is not None
+        manifest's digests tell which). With `proto` (model.onnx's structure), the graph run is built from
+        it: graph/prompt_int8.py's when `int8` and it applies, else graph/decode.py's with_decode_path when
+        `decode` (one session either way, so each weight is pre-packed once)."""
+        model, arrays = None, {}
+        if proto is not None and int8:
+            try:
+                model, arrays = with_int8_prompts(proto, self.path.parent) or (None, {})
+            except (OSError, ValueError, onnx.checker.ValidationError) as e:  # a weight file missing or cut short
+                verify_recorded(self.path.parent)
+                raise RwkvOptError(f"cannot read the weights of {self.path} ({e}); rebuild the artifact.") from None
+        if proto is not None and model is None and decode:
+            model = with_decode_path(proto)
+        self.decode_path, self.prompt_int8 = model is not None, bool(arrays)
+        # ORT reads these while the session is made (it copies them, then pre-packs): they must live until then
+        values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays.values()]
+        if values:
+            options.add_external_initializers(list(arrays), values)
         try:
             if model is None:
                 return ort.InferenceSession(str(self.path), options, providers=providers)
