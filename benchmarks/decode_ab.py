@@ -9,7 +9,7 @@ A variant is NAME=ARTIFACT[@key=value[@key=value...]]: the artifact run with the
 rwkv_opt.decode_graph=1 is ours, not ORT's: Session(decode_graph=True), graph/decode.py's T == 1 path
 for one-token calls; so is rwkv_opt.stepper=0: decode steps through Session.forward (fresh output arrays)
 instead of Session.stepper (runtime/stepper.py, what `rwkv-opt generate` uses: buffers reused); and
-rwkv_opt.prompt_int8=0: Session(prompt_int8=False), a 4-bit artifact's prompts on its own 4-bit kernels.
+rwkv_opt.int8_twins=0: Session(int8_twins=False), a 4-bit artifact on its own 4-bit kernels.
 NAME's part before its last '+' names its baseline, so `int4+lora8` is compared with `int4` and
 `int4+lora8+b64` with `int4+lora8`.
 
@@ -48,7 +48,7 @@ from bandwidth import cpu_description  # noqa: E402
 PROMPT, WARMUP, PREFILL_REPS = 128, 3, 3
 DECODE_GRAPH_ENTRY = "rwkv_opt.decode_graph"  # @rwkv_opt.decode_graph=1: the decode path (graph/decode.py)
 STEPPER_ENTRY = "rwkv_opt.stepper"  # @rwkv_opt.stepper=0: decode through Session.forward, not Session.stepper
-PROMPT_INT8_ENTRY = "rwkv_opt.prompt_int8"  # @rwkv_opt.prompt_int8=0: Session(prompt_int8=False)
+INT8_TWINS_ENTRY = "rwkv_opt.int8_twins"  # @rwkv_opt.int8_twins=0: Session(int8_twins=False)
 GEMV_SHAPES = [(768, 768)] * 48 + [(768, 3072), (3072, 768)] * 12 + [(768, 65536)]
 
 
@@ -72,14 +72,14 @@ def measure(art: str, entries: dict[str, str], threads: int, decode: int, prefil
     entries = dict(entries)
     decode_graph = entries.pop(DECODE_GRAPH_ENTRY, "0") == "1"
     use_stepper = entries.pop(STEPPER_ENTRY, "1") == "1"
-    prompt_int8 = entries.pop(PROMPT_INT8_ENTRY, "1") == "1"
+    int8_twins = entries.pop(INT8_TWINS_ENTRY, "1") == "1"
     _patch_session_options(entries)
     from rwkv_opt.runtime import Session
 
     from rwkv_opt.progress import rss_bytes
 
     rss0 = rss_bytes()
-    s = Session(art, threads=threads, decode_graph=decode_graph, prompt_int8=prompt_int8)
+    s = Session(art, threads=threads, decode_graph=decode_graph, int8_twins=int8_twins)
     rng = np.random.default_rng(0)
     toks = rng.integers(0, s.config.vocab, (1, prefill))
     s.forward(toks)

@@ -179,8 +179,8 @@ def verify(
             onnx.save_model(truncate(onnx.load(str(artifact), load_external_data=False), blocks), str(path))
         try:
             with phase("verify: start the ORT session"):
-                # prompt_int8 as a default Session runs a 4-bit artifact (graph/prompt_int8.py)
-                sess, provider = Session(path, Provider.CPU, low_memory=True, prompt_int8=True), "cpu"
+                # int8 twins as a default Session runs a 4-bit artifact (graph/int8_twins.py)
+                sess, provider = Session(path, Provider.CPU, low_memory=True, int8_twins=True), "cpu"
         finally:
             if path != Path(artifact):
                 path.unlink(missing_ok=True)

@@ -18,7 +18,7 @@ placement  nodes_on_provider, time_on_provider (fractions, ORT profiler), cpu_fa
 accuracy   max_rel_err (max|err| / std(ref)), mean_kl (KL(ref || model), nats), top1, state_drift
            (max|err| / std of the WKV states after the decode), acc_positions (logit rows compared),
            drift_tokens (teacher-forced decode steps after the prompt); NaN when accuracy is off
-provenance note (e.g. a CUDA target measured on CPU; a 4-bit artifact's prompts on int8 twins), measured_at
+provenance note (e.g. a CUDA target measured on CPU; a 4-bit artifact's GEMMs on int8 twins), measured_at
            (UTC, ISO 8601)
 
 The HTML page reads top-down: a summary (one row per artifact and provider, with "within budget"

@@ -152,8 +152,8 @@ def _aggregate(cell, rounds: list[dict], prof: dict, acc: dict, decode: int, thr
     }
     if row["cpu_fallback"]:
         row["note"] = "; ".join(x for x in (row["note"], "silent CPU fallback") if x)
-    if any(r.get("prompt_int8") for r in rounds):  # what a default Session does with a 4-bit artifact
-        row["note"] = "; ".join(x for x in (row["note"], "prompts on int8 twins (graph/prompt_int8.py)") if x)
+    if any(r.get("int8_twins") for r in rounds):  # what a default Session does with a 4-bit artifact
+        row["note"] = "; ".join(x for x in (row["note"], "4-bit block GEMMs on int8 twins (graph/int8_twins.py)") if x)
     row.update({key: acc.get(key, float("nan")) for key in _ACC_KEYS})
     row.update(acc_positions=acc.get("positions"), drift_tokens=drift_tokens if acc else None)
     return row

@@ -37,7 +37,7 @@ def latency_job(job: dict) -> dict:
     t0 = time.perf_counter()
     sess = Session(job["artifact"], provider, threads=job["threads"])
     out["session_s"] = time.perf_counter() - t0
-    out["prompt_int8"] = sess.prompt_int8  # a 4-bit artifact's prompts on int8 twins (graph/prompt_int8.py)
+    out["int8_twins"] = sess.int8_twins  # a 4-bit artifact's block GEMMs on int8 twins (graph/int8_twins.py)
     out.update(latency.measure(sess, job["batch"], job["prompt_len"], job["decode"], job["repeat"], job["seed"]))
     out["peak_rss_mb"] = latency.peak_rss_mb()
     out["gpu_mem_mb"] = latency.gpu_mem_mb(provider.value)

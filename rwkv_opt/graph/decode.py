@@ -60,14 +60,6 @@ def with_decode_path(model: onnx.ModelProto) -> onnx.ModelProto | None:
     decode = decode_graph(model)
     if decode is None:
         return None
-    return with_branches(model, decode, list(model.graph.node))
-
-
-def with_branches(
-    model: onnx.ModelProto, decode: onnx.ModelProto, prompt_nodes: list[onnx.NodeProto], tag: str = "prompt"
-) -> onnx.ModelProto:
-    """If(T == 1) over `decode` (decode_graph(model)) and `prompt_nodes` (model's nodes, or a variant of
-    them reading model's initializers and any the caller adds), both reading the top-level initializers."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
@@ -75,7 +67,7 @@ def with_branches(
     g.initializer.extend(t for t in decode.graph.initializer if t.name not in shared)  # the step's constants
     outputs = [o.name for o in g.output]
     then = _branch(decode.graph.node, outputs, "decode", internal=True)
-    orig = _branch(prompt_nodes, outputs, tag, internal=False)
+    orig = _branch(g.node, outputs, "prompt", internal=False)
     p = "decode_path/"
     with_if = [
         helper.make_node("Shape", [contract.TOKENS], [p + "T"], start=1, end=2, name=p + "Shape"),

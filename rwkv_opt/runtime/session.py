@@ -23,7 +23,8 @@ from rwkv_opt.errors import RwkvOptError
 from rwkv_opt.graph import contract
 from rwkv_opt.graph.contract import Meta
 from rwkv_opt.graph.decode import with_decode_path
-from rwkv_opt.graph.prompt_int8 import applies, with_int8_prompts
+from rwkv_opt.graph.int8_twins import applies, with_int8_twins
+from rwkv_opt.progress import release_freed_memory
 
 
 def available_providers() -> list[Provider]:
@@ -92,23 +93,23 @@ class Session:
         low_memory: bool = False,
         verify: bool = False,
         decode_graph: bool = False,
-        prompt_int8: bool | None = None,
+        int8_twins: bool | None = None,
     ):
         """`verify`: check every file against the sha256 its manifest records first (reads them all once).
         `decode_graph`: one-token calls take graph/decode.py's decode path (model.onnx specialised to
         T == 1, built at load, same weights). Off by default: on ORT's CPU EP it measured within noise of
         model.onnx (reports/decode.md), so it is there to be measured where the per-layer If may cost more
         (a GPU EP), not turned on blindly.
-        `prompt_int8`: on the CPU EP, a 4-bit artifact's block MatMulNBits run calls with T > 1 through int8
-        twins of their weights (graph/prompt_int8.py: 1.45x prefill at 0.1B, +1 byte per weight of those
-        matrices in memory); one-token calls keep the 4-bit kernels. None (default): on unless `low_memory`."""
+        `int8_twins`: on the CPU EP, a 4-bit artifact's block MatMulNBits run as DynamicQuantizeMatMul over
+        int8 twins of their weights, made at load (graph/int8_twins.py: prefill 1.3-1.9x, decode ~1.05x
+        slower, the files unchanged). None (default): on unless `low_memory`."""
         self.path = model_path(Path(artifact))
         if verify:
             verify_files(self.path.parent)
         proto = load_proto(self.path)  # the structure (external weights stay on disk; inline ones do not)
         self.meta = {p.key: p.value for p in proto.metadata_props}
         self.provider = Provider(provider)
-        int8 = (not low_memory if prompt_int8 is None else prompt_int8) and self.provider is Provider.CPU
+        int8 = (not low_memory if int8_twins is None else int8_twins) and self.provider is Provider.CPU
         int8 = int8 and applies(proto)
         decode_from = proto if decode_graph or int8 else None
         del proto  # not held while ORT loads its own copy unless a graph is built from it
@@ -127,6 +128,8 @@ class Session:
             so.log_severity_level = 3  # (passes/sampling_head.py); errors still show
         self.sess = self._load(so, providers, decode_from, int8, decode_graph)
         del decode_from
+        if self.int8_twins:  # the twins ORT has copied lie freed in malloc's heap (0.57 GiB at 1.5B)
+            release_freed_memory()
         self.inputs = {i.name: i for i in self.sess.get_inputs()}
         self.output_names = [o.name for o in self.sess.get_outputs()]
         self.max_chunk = max_chunk
@@ -138,18 +141,18 @@ class Session:
     ) -> ort.InferenceSession:
         """The ORT session; a model ORT cannot load is one sentence (naming the changed file when the
         manifest's digests tell which). With `proto` (model.onnx's structure), the graph run is built from
-        it: graph/prompt_int8.py's when `int8` and it applies, else graph/decode.py's with_decode_path when
-        `decode` (one session either way, so each weight is pre-packed once)."""
+        it: graph/int8_twins.py's when `int8` and it applies, then graph/decode.py's with_decode_path of
+        that when `decode` (one session either way, so each weight is pre-packed once)."""
         model, arrays = None, {}
         if proto is not None and int8:
             try:
-                model, arrays = with_int8_prompts(proto, self.path.parent) or (None, {})
+                model, arrays = with_int8_twins(proto, self.path.parent) or (None, {})
             except (OSError, ValueError, onnx.checker.ValidationError) as e:  # a weight file missing or cut short
                 verify_recorded(self.path.parent)
                 raise RwkvOptError(f"cannot read the weights of {self.path} ({e}); rebuild the artifact.") from None
-        if proto is not None and model is None and decode:
-            model = with_decode_path(proto)
-        self.decode_path, self.prompt_int8 = model is not None, bool(arrays)
+        path = with_decode_path(model if model is not None else proto) if proto is not None and decode else None
+        model = path or model
+        self.decode_path, self.int8_twins = path is not None, len(arrays)
         # ORT reads these while the session is made (it copies them, then pre-packs): they must live until then
         values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays.values()]
         if values:

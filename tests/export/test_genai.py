@@ -102,9 +102,9 @@ def model_for(genai_dir: Path, cpu: bool = False):
 @pytest.mark.parametrize("target", ["cpu-fp32", "cpu-int4", "cuda-fp16", "rwkv7a"])
 def test_greedy_tokens_and_logits_equal_session(built, target):
     """rwkv7a: the cpu-fp32 target on an RWKV-7a (DeepEmbed) model. genai runs model.onnx as written, so
-    Session does too (prompt_int8=False: a default Session runs cpu-int4 prompts through int8 twins)."""
+    Session does too (int8_twins=False: a default Session runs cpu-int4's block GEMMs on int8 twins)."""
     art, genai_dir = built[target]
-    session = Session(art, threads=1, prompt_int8=False)
+    session = Session(art, threads=1, int8_twins=False)
     model = model_for(genai_dir, cpu=target.startswith("cuda"))
     for prompt in prompts(session.config.vocab):
         want_tokens, want_logits, _ = session_greedy(session, [prompt], NEW_TOKENS)

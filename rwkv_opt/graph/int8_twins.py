@@ -1,0 +1,112 @@
+"""int8 twins of a 4-bit artifact's block GEMMs: the graph `runtime.Session` runs for cpu-int4 on the CPU EP.
+
+On ORT's CPU EP, MatMulNBits (4-bit, block 32, int8 compute) is slow for a prompt: at M = 512 rows,
+768 x 3072, it took 10.1 ms where DynamicQuantizeMatMul over int8 weights took 2.5 (MLAS's u8s8 GEMM;
+reports/decode.md, session 7). The artifact stays 4-bit on disk; when a Session loads it, every 4-bit
+MatMulNBits of the blocks (r/k/v/o in cpu-int4; the head is left, a prompt sends it one row) is replaced
+by a DynamicQuantizeMatMul over its twin: the 4-bit weight dequantized, (q - z) * s, then re-rounded
+per column to symmetric int8 (int8_per_column, the cpu-int8 scheme), computed here one matrix at a
+time in numpy and handed to ORT as external initializers (SessionOptions.add_external_initializers:
+no copy in the serialized graph, which stays far below protobuf's 2 GiB at any size). The 4-bit
+initializers they replace are dropped from the graph ORT loads.
+
+Measured (Intel Xeon, 2 threads; reports/decode.md, session 8): prefill 1.3-1.9x (0.1B T=128 / T=512,
+1.5B T=128), decode 1.04-1.05x slower (int8 reads twice the bytes of 4-bit at M = 1), session memory
+about the same after load and +0.6 GiB at its peak at 1.5B (our arrays, ORT's copy of them and its
+packing live together while the session is made). Not kept, for memory: an If(T == 1) keeping the
+4-bit kernels for one-token calls (decode unchanged, but ORT releases no initializer read inside an
+If until the whole session is made: 1.5B load peak 3.35 vs 1.37 GiB, +0.41 GiB after load), and the
+same arithmetic folded into model.onnx for every consumer (ORT's constant folding holds every
+intermediate of every chain until it ends: +1.2 GiB at 0.1B; it never folds DequantizeLinear).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from rwkv_opt.onnx_util import attr, names_read
+from rwkv_opt.passes._quant_core import MS_DOMAIN, int8_per_column
+
+PLACEHOLDER = "rwkv_opt_int8_twins (in memory, given to ORT by Session)"  # never opened
+
+
+def _targets(g: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The 4-bit, float32-scaled MatMulNBits of the blocks (top level)."""
+    inits = {t.name: t for t in g.initializer}
+    out = []
+    for n in g.node:
+        if n.op_type != "MatMulNBits" or n.domain != MS_DOMAIN or not n.name.startswith("/blocks."):
+            continue
+        scales = inits.get(n.input[2])
+        if attr(n, "bits") == 4 and scales is not None and scales.data_type == TensorProto.FLOAT:
+            out.append(n)
+    return out
+
+
+def applies(model: onnx.ModelProto) -> bool:
+    """Whether `model` has block MatMulNBits that with_int8_twins would replace (a cheap look, no weights read)."""
+    return bool(_targets(model.graph))
+
+
+def dequantize_nbits4(q: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, K: int, N: int, block: int):
+    """MatMulNBits' 4-bit B (N, K/block, block/2) uint8, scales (N, K/block), packed zero points
+    (N, ceil(K/block/2)) or None (symmetric: 8) -> the float32 weight (K, N) it multiplies by."""
+    nb = K // block
+    codes = np.stack([q & 15, q >> 4], -1).reshape(N, nb, block).astype(np.float32)
+    if zero_points is None:
+        z = np.full((N, nb), 8, np.float32)
+    else:
+        z = np.stack([zero_points & 15, zero_points >> 4], -1).reshape(N, -1)[:, :nb].astype(np.float32)
+    w = (codes - z[..., None]) * scales.reshape(N, nb, 1).astype(np.float32)
+    return np.ascontiguousarray(w.reshape(N, K).T)
+
+
+def with_int8_twins(model: onnx.ModelProto, base_dir: Path) -> tuple[onnx.ModelProto, dict[str, np.ndarray]] | None:
+    """(graph, {initializer name: int8 (K, N) array}) for a model with 4-bit MatMulNBits in its blocks, else
+    None. `model` is the structure (external weights stay in `base_dir`); the arrays are to be handed to ORT
+    with SessionOptions.add_external_initializers and kept alive until the session is made."""
+    targets = _targets(model.graph)
+    if not targets:
+        return None
+    inits = {t.name: t for t in model.graph.initializer}
+    read = lambda name: numpy_helper.to_array(inits[name], str(base_dir)) if name else None  # noqa: E731
+    arrays: dict[str, np.ndarray] = {}
+    new_inits: list[TensorProto] = []
+    replace: dict[str, onnx.NodeProto] = {}
+    for n in targets:
+        K, N, block = attr(n, "K"), attr(n, "N"), attr(n, "block_size")
+        zp = n.input[3] if len(n.input) > 3 else ""
+        w = dequantize_nbits4(read(n.input[1]), read(n.input[2]), read(zp), K, N, block)
+        q8, scale = int8_per_column(w)
+        del w
+        stem = f"{n.name}/int8_twin"
+        arrays[f"{stem}/q8"] = q8
+        new_inits += [_placeholder(f"{stem}/q8", q8), numpy_helper.from_array(scale, f"{stem}/scale")]
+        ins = [n.input[0], f"{stem}/q8", f"{stem}/scale"]
+        replace[n.name] = helper.make_node("DynamicQuantizeMatMul", ins, list(n.output), name=n.name, domain=MS_DOMAIN)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    nodes = [replace.get(n.name, n) for n in g.node]
+    del g.node[:]
+    g.node.extend(nodes)
+    read_now = names_read(g)
+    kept = [t for t in g.initializer if t.name in read_now]  # the 4-bit weights replaced go unread
+    del g.initializer[:]
+    g.initializer.extend(kept + new_inits)
+    return out, arrays
+
+
+def _placeholder(name: str, a: np.ndarray) -> TensorProto:
+    """An external-data initializer of `a`'s type and shape whose bytes ORT takes from the session options."""
+    t = TensorProto()
+    t.name, t.data_type = name, helper.np_dtype_to_tensor_dtype(a.dtype)
+    t.dims.extend(a.shape)
+    t.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", PLACEHOLDER), ("offset", "0"), ("length", str(a.nbytes))):
+        t.external_data.add(key=k, value=v)
+    return t
