@@ -35,16 +35,31 @@ PLACEHOLDER = "rwkv_opt_int8_twins (in memory, given to ORT by Session)"  # neve
 
 
 def _targets(g: onnx.GraphProto) -> list[onnx.NodeProto]:
-    """The 4-bit, float32-scaled MatMulNBits of the blocks (top level)."""
+    """The 4-bit, float32-scaled MatMulNBits of the blocks (top level) whose weights are initializers of the
+    shapes MatMulNBits defines (uint8 B (N, blocks, block/2), scales N * blocks, packed uint8 zero points);
+    anything else (float zero points, g_idx, a bias, a graph of another producer's shapes) stays as it is."""
     inits = {t.name: t for t in g.initializer}
-    out = []
-    for n in g.node:
-        if n.op_type != "MatMulNBits" or n.domain != MS_DOMAIN or not n.name.startswith("/blocks."):
-            continue
-        scales = inits.get(n.input[2])
-        if attr(n, "bits") == 4 and scales is not None and scales.data_type == TensorProto.FLOAT:
-            out.append(n)
-    return out
+    return [n for n in g.node if _twinnable(n, inits)]
+
+
+def _twinnable(n: onnx.NodeProto, inits: dict) -> bool:
+    if n.op_type != "MatMulNBits" or n.domain != MS_DOMAIN or not n.name.startswith("/blocks."):
+        return False
+    K, N, block = attr(n, "K"), attr(n, "N"), attr(n, "block_size")
+    if attr(n, "bits") != 4 or not all(isinstance(v, int) and v > 0 for v in (K, N, block)) or block % 2:
+        return False
+    if any(n.input[4:]):  # g_idx, bias
+        return False
+    nb = -(-K // block)
+    b, s = inits.get(n.input[1]), inits.get(n.input[2])
+    z = inits.get(n.input[3]) if len(n.input) > 3 and n.input[3] else None
+    if b is None or b.data_type != TensorProto.UINT8 or list(b.dims) != [N, nb, block // 2]:
+        return False
+    if s is None or s.data_type != TensorProto.FLOAT or int(np.prod(s.dims)) != N * nb:
+        return False
+    if len(n.input) > 3 and n.input[3]:
+        return z is not None and z.data_type == TensorProto.UINT8 and int(np.prod(z.dims)) == N * ((nb + 1) // 2)
+    return True
 
 
 def applies(model: onnx.ModelProto) -> bool:
@@ -53,16 +68,17 @@ def applies(model: onnx.ModelProto) -> bool:
 
 
 def dequantize_nbits4(q: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, K: int, N: int, block: int):
-    """MatMulNBits' 4-bit B (N, K/block, block/2) uint8, scales (N, K/block), packed zero points
-    (N, ceil(K/block/2)) or None (symmetric: 8) -> the float32 weight (K, N) it multiplies by."""
-    nb = K // block
+    """MatMulNBits' 4-bit B (N, blocks, block/2) uint8, scales (N, blocks) or flat, packed zero points
+    (N, ceil(blocks/2)) or flat, or None (symmetric: 8) -> the float32 weight (K, N) it multiplies by;
+    blocks = ceil(K / block), a partial last block padded."""
+    nb = -(-K // block)  # a last, partial block is padded
     codes = np.stack([q & 15, q >> 4], -1).reshape(N, nb, block).astype(np.float32)
     if zero_points is None:
         z = np.full((N, nb), 8, np.float32)
     else:
         z = np.stack([zero_points & 15, zero_points >> 4], -1).reshape(N, -1)[:, :nb].astype(np.float32)
     w = (codes - z[..., None]) * scales.reshape(N, nb, 1).astype(np.float32)
-    return np.ascontiguousarray(w.reshape(N, K).T)
+    return np.ascontiguousarray(w.reshape(N, nb * block)[:, :K].T)
 
 
 def with_int8_twins(model: onnx.ModelProto, base_dir: Path) -> tuple[onnx.ModelProto, dict[str, np.ndarray]] | None:

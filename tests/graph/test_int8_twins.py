@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from rwkv_opt.errors import RwkvOptError
-from rwkv_opt.graph.int8_twins import dequantize_nbits4, with_int8_twins
+from rwkv_opt.graph.int8_twins import applies, dequantize_nbits4, with_int8_twins
 from rwkv_opt.passes import _quant_core as qc
 from rwkv_opt.pipeline import run_pipeline
 from rwkv_opt.reference.model import ReferenceModel
@@ -28,7 +28,7 @@ def int4(tiny_weights, tmp_path_factory):
 
 
 @pytest.mark.parametrize("symmetric", [False, True], ids=["zero-points", "symmetric"])
-@pytest.mark.parametrize("K,N", [(96, 40), (128, 64)], ids=["3-blocks", "4-blocks"])
+@pytest.mark.parametrize("K,N", [(96, 40), (128, 64), (80, 24)], ids=["3-blocks", "4-blocks", "partial-block"])
 def test_dequantize_is_what_matmulnbits_multiplies_by(K, N, symmetric):
     """x @ dequantize_nbits4(B, scales, zero points) = MatMulNBits(x) (float compute), odd block counts
     (a padded zero-point nibble) and symmetric weights (implicit zero point 8) included."""
@@ -50,6 +50,40 @@ def test_dequantize_is_what_matmulnbits_multiplies_by(K, N, symmetric):
     assert w.shape == (K, N)
     np.testing.assert_allclose(x @ w, want, rtol=0, atol=1e-5 * np.abs(want).max())
     np.testing.assert_allclose(w, bq.dequantize(), rtol=0, atol=1e-6 * np.abs(w).max())
+
+
+def _nbits_model(K: int, N: int, bias: bool = False, node_name: str = "/blocks.0/att/MatMul") -> onnx.ModelProto:
+    rng = np.random.default_rng(1)
+    node, inits = qc.matmul_nbits_node(
+        node_name, "x", "y", "w", qc.rtn(rng.standard_normal((K, N)).astype(np.float32), 4, 32, False), 4
+    )
+    if bias:
+        node.input.extend(["", "", "bias"])
+        inits.append(numpy_helper.from_array(np.zeros(N, np.float32), "bias"))
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, K])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, N])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(qc.MS_DOMAIN, 1)])
+
+
+def test_only_matmulnbits_it_understands_get_twins(tmp_path):
+    """A block MatMulNBits of the shapes MatMulNBits defines gets a twin; one with a bias (or g_idx), one
+    outside the blocks, or one whose B is not an initializer of its declared shape stays as it is."""
+    assert applies(_nbits_model(96, 40))
+    assert not applies(_nbits_model(96, 40, bias=True))
+    assert not applies(_nbits_model(96, 40, node_name="/head/MatMul"))
+    odd = _nbits_model(96, 40)
+    b = odd.graph.initializer[0]
+    b.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(b).reshape(40, -1), b.name))  # (N, K/2): not B's shape
+    assert not applies(odd)
+    twinned, arrays = with_int8_twins(_nbits_model(96, 40), tmp_path)
+    assert [n.op_type for n in twinned.graph.node] == ["DynamicQuantizeMatMul"] and list(arrays) == [
+        "/blocks.0/att/MatMul/int8_twin/q8"
+    ]
 
 
 def _rel(a, b):
