@@ -14,11 +14,15 @@ accuracy  teacher forced vs the fp32 numpy reference: a `--prompt`-token prompt,
           tokens fed one at a time carrying the state; every artifact steps in lockstep with one
           reference run (its logits are computed once); logits compared at the prompt's last
           position and at every decode step (top-1 agreement, mean KL(ref || model), max|err|/std).
-speed     ORT CPU EP, ORT_ENABLE_ALL, intra-op threads = --threads, batch 1. Each round runs every
-          target once, in an order rotating per round: a prefill of --prefill-len tokens from the
-          zero state (timed), then --decode-steps single-token steps (each timed; the round keeps
-          their median). Reported: the median over rounds; ratios vs cpu-fp32 are the median of the
-          per-round paired ratios, so a busy host slows every target alike.
+speed     ORT CPU EP, ORT_ENABLE_ALL, intra-op threads = --threads, batch 1, a default Session (so cpu-int4
+          runs its int8 twins, graph/int8_twins.py). Each round times every target in a fresh process of
+          its own (benchmarks/decode_ab.py's --measure), in an order rotating per round: a prefill of
+          --prefill-len tokens from the zero state (median of its repeats), then --decode-steps one-token
+          steps through Session.stepper (their median). Several sessions in one process disturb each
+          other on 2 cores (their thread pools spin): that cost cpu-int4 30% of its prefill here (1224 vs
+          1752 tok/s), so the speed is never measured beside another session. Reported: the median over
+          rounds; ratios vs cpu-fp32 are the median of the per-round paired ratios, so a busy host slows
+          every target alike.
           CUDA targets are not timed here (the CPU EP would time fp16 through casts); their
           accuracy is measured on the CPU EP like the pipeline's own verification.
 size      bytes of the artifact directory (model.onnx + model.onnx.data).
@@ -125,28 +129,22 @@ def ablation(
     return rows
 
 
-def speed(sessions: dict[str, Session], vocab: int, rounds: int, steps: int, prefill_len: int) -> dict[str, dict]:
-    rng = np.random.default_rng(1)
-    prompt = rng.integers(0, vocab, (1, prefill_len), dtype=np.int64)
-    dec = rng.integers(0, vocab, (1, steps), dtype=np.int64)
-    names = list(sessions)
-    for s in sessions.values():  # warm-up: first runs allocate and prepack
-        _, st = s.forward(prompt)
-        s.forward(dec[:, :1], st)
+def speed(arts: dict[str, Path], threads: int, rounds: int, steps: int, prefill_len: int) -> dict[str, dict]:
+    """Prefill and decode of each artifact, each round every one in a fresh process (module docstring)."""
+    import decode_ab  # beside this file
+
+    names = list(arts)
     pre = {n: [] for n in names}
     step = {n: [] for n in names}
     for r in range(rounds):
         for n in names[r % len(names) :] + names[: r % len(names)]:
-            s = sessions[n]
-            t0 = time.perf_counter()
-            _, st = s.forward(prompt)
-            pre[n].append(time.perf_counter() - t0)
-            times = []
-            for t in range(steps):
-                t0 = time.perf_counter()
-                _, st = s.forward(dec[:, t : t + 1], st)
-                times.append(time.perf_counter() - t0)
-            step[n].append(statistics.median(times))
+            cmd = ["--measure", str(arts[n]), "--threads", str(threads), "--decode", str(steps)]
+            res = decode_ab.child(cmd + ["--prefill", str(prefill_len)])
+            pre[n].append(prefill_len / res["prefill_tok_s"])
+            step[n].append(res["decode_ms"] / 1e3)
+            print(
+                f"  round {r + 1}/{rounds} {n}: {res['prefill_tok_s']:.0f} tok/s, {res['decode_ms']:.2f} ms", flush=True
+            )
     out = {}
     for n in names:
         out[n] = {
@@ -243,10 +241,9 @@ def main(argv=None) -> int:
         if a.json:
             a.json.write_text(json.dumps(rows, indent=1, default=str))
         return 0
-    sessions = {n: Session(out / n, threads=a.threads) for n in a.targets}
-    acc = {n: accuracy(s, tokens, a.prompt, want) for n, s in sessions.items()}
-    timed = {n: s for n, s in sessions.items() if get_target(n).provider is Provider.CPU and not a.no_speed}
-    spd = speed(timed, w.config.vocab, a.rounds, a.decode_steps, a.prefill_len) if timed else {}
+    acc = {n: accuracy(Session(out / n, threads=a.threads), tokens, a.prompt, want) for n in a.targets}
+    timed = {n: out / n for n in a.targets if get_target(n).provider is Provider.CPU and not a.no_speed}
+    spd = speed(timed, a.threads, a.rounds, a.decode_steps, a.prefill_len) if timed else {}
     untimed = {"prefill_tok_s": None, "decode_ms": None, "prefill_x": None, "decode_x": None}
     rows = {
         n: {

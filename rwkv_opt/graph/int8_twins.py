@@ -10,10 +10,11 @@ time in numpy and handed to ORT as external initializers (SessionOptions.add_ext
 no copy in the serialized graph, which stays far below protobuf's 2 GiB at any size). The 4-bit
 initializers they replace are dropped from the graph ORT loads.
 
-Measured (Intel Xeon, 2 threads; reports/decode.md, session 8): prefill 1.3-1.9x (0.1B T=128 / T=512,
-1.5B T=128), decode 1.04-1.05x slower (int8 reads twice the bytes of 4-bit at M = 1), session memory
-about the same after load and +0.6 GiB at its peak at 1.5B (our arrays, ORT's copy of them and its
-packing live together while the session is made). Not kept, for memory: an If(T == 1) keeping the
+Measured (Intel Xeon, 2 threads; reports/decode.md, session 8): prefill 1.35x / 1.43x (0.1B, T = 128 /
+512) and 1.93x (1.5B, T = 128); decode unchanged within noise (0.1B 0.997x / 1.007x, 1.5B 75.5 vs 75.6 ms:
+the int8 twins read twice the bytes of 4-bit, and DynamicQuantizeMatMul's M = 1 kernel is that much faster);
+session memory about the same after load and +0.6 GiB at its peak at 1.5B (our arrays, ORT's copy of
+them and its packing live together while the session is made). Not kept, for memory: an If(T == 1) keeping the
 4-bit kernels for one-token calls (decode unchanged, but ORT releases no initializer read inside an
 If until the whole session is made: 1.5B load peak 3.35 vs 1.37 GiB, +0.41 GiB after load), and the
 same arithmetic folded into model.onnx for every consumer (ORT's constant folding holds every
@@ -92,22 +93,24 @@ def with_int8_twins(model: onnx.ModelProto, base_dir: Path) -> tuple[onnx.ModelP
     read = lambda name: numpy_helper.to_array(inits[name], str(base_dir)) if name else None  # noqa: E731
     arrays: dict[str, np.ndarray] = {}
     new_inits: list[TensorProto] = []
-    replace: dict[str, onnx.NodeProto] = {}
+    replace: dict[int, onnx.NodeProto] = {}  # by position: names need not be unique
+    where = {id(n): i for i, n in enumerate(model.graph.node)}
     for n in targets:
         K, N, block = attr(n, "K"), attr(n, "N"), attr(n, "block_size")
         zp = n.input[3] if len(n.input) > 3 else ""
         w = dequantize_nbits4(read(n.input[1]), read(n.input[2]), read(zp), K, N, block)
         q8, scale = int8_per_column(w)
         del w
-        stem = f"{n.name}/int8_twin"
+        stem = f"{n.name}/int8_twin/{where[id(n)]}"
         arrays[f"{stem}/q8"] = q8
         new_inits += [_placeholder(f"{stem}/q8", q8), numpy_helper.from_array(scale, f"{stem}/scale")]
         ins = [n.input[0], f"{stem}/q8", f"{stem}/scale"]
-        replace[n.name] = helper.make_node("DynamicQuantizeMatMul", ins, list(n.output), name=n.name, domain=MS_DOMAIN)
+        node = helper.make_node("DynamicQuantizeMatMul", ins, list(n.output), name=n.name, domain=MS_DOMAIN)
+        replace[where[id(n)]] = node
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
-    nodes = [replace.get(n.name, n) for n in g.node]
+    nodes = [replace.get(i, n) for i, n in enumerate(g.node)]
     del g.node[:]
     g.node.extend(nodes)
     read_now = names_read(g)

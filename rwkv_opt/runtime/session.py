@@ -101,8 +101,9 @@ class Session:
         model.onnx (reports/decode.md), so it is there to be measured where the per-layer If may cost more
         (a GPU EP), not turned on blindly.
         `int8_twins`: on the CPU EP, a 4-bit artifact's block MatMulNBits run as DynamicQuantizeMatMul over
-        int8 twins of their weights, made at load (graph/int8_twins.py: prefill 1.3-1.9x, decode ~1.05x
-        slower, the files unchanged). None (default): on unless `low_memory`."""
+        int8 twins of their weights, made at load (graph/int8_twins.py: prefill 1.35-1.93x, decode within
+        noise, the files unchanged). None (default): on unless `low_memory`. `self.int8_twins` is how many
+        matrices got one."""
         self.path = model_path(Path(artifact))
         if verify:
             verify_files(self.path.parent)

@@ -27,6 +27,18 @@ def int4(tiny_weights, tmp_path_factory):
     return out, tiny_weights
 
 
+def _one_node(node, inits, K: int, N: int) -> onnx.ModelProto:
+    """`node` reading x (3, K) and writing y (3, N), over `inits`."""
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, K])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, N])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(qc.MS_DOMAIN, 1)])
+
+
 @pytest.mark.parametrize("symmetric", [False, True], ids=["zero-points", "symmetric"])
 @pytest.mark.parametrize("K,N", [(96, 40), (128, 64), (80, 24)], ids=["3-blocks", "4-blocks", "partial-block"])
 def test_dequantize_is_what_matmulnbits_multiplies_by(K, N, symmetric):
@@ -35,14 +47,7 @@ def test_dequantize_is_what_matmulnbits_multiplies_by(K, N, symmetric):
     rng = np.random.default_rng(K + symmetric)
     bq = qc.rtn(rng.standard_normal((K, N)).astype(np.float32), 4, 32, symmetric)
     node, inits = qc.matmul_nbits_node("mm", "x", "y", "w", bq, accuracy_level=0)
-    graph = helper.make_graph(
-        [node],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, K])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, N])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(qc.MS_DOMAIN, 1)])
+    model = _one_node(node, inits, K, N)
     x = rng.standard_normal((3, K)).astype(np.float32)
     want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     arrays = [numpy_helper.to_array(t) for t in inits]
@@ -60,14 +65,7 @@ def _nbits_model(K: int, N: int, bias: bool = False, node_name: str = "/blocks.0
     if bias:
         node.input.extend(["", "", "bias"])
         inits.append(numpy_helper.from_array(np.zeros(N, np.float32), "bias"))
-    graph = helper.make_graph(
-        [node],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, K])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, N])],
-        inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(qc.MS_DOMAIN, 1)])
+    return _one_node(node, inits, K, N)
 
 
 def test_only_matmulnbits_it_understands_get_twins(tmp_path):
@@ -82,7 +80,7 @@ def test_only_matmulnbits_it_understands_get_twins(tmp_path):
     assert not applies(odd)
     twinned, arrays = with_int8_twins(_nbits_model(96, 40), tmp_path)
     assert [n.op_type for n in twinned.graph.node] == ["DynamicQuantizeMatMul"] and list(arrays) == [
-        "/blocks.0/att/MatMul/int8_twin/q8"
+        "/blocks.0/att/MatMul/int8_twin/0/q8"
     ]
 
 
