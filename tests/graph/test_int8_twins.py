@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from rwkv_opt.errors import RwkvOptError
-from rwkv_opt.graph.int8_twins import applies, dequantize_nbits4, with_int8_twins
+from rwkv_opt.graph.int8_twins import applies, dequantize_nbits4, int8_twin, with_int8_twins
 from rwkv_opt.passes import _quant_core as qc
 from rwkv_opt.pipeline import run_pipeline
 from rwkv_opt.reference.model import ReferenceModel
@@ -40,7 +40,9 @@ def _one_node(node, inits, K: int, N: int) -> onnx.ModelProto:
 
 
 @pytest.mark.parametrize("symmetric", [False, True], ids=["zero-points", "symmetric"])
-@pytest.mark.parametrize("K,N", [(96, 40), (128, 64), (80, 24)], ids=["3-blocks", "4-blocks", "partial-block"])
+@pytest.mark.parametrize(
+    "K,N", [(96, 40), (128, 64), (80, 24), (64, 300)], ids=["3-blocks", "4-blocks", "partial-block", "N>panel"]
+)
 def test_dequantize_is_what_matmulnbits_multiplies_by(K, N, symmetric):
     """x @ dequantize_nbits4(B, scales, zero points) = MatMulNBits(x) (float compute), odd block counts
     (a padded zero-point nibble) and symmetric weights (implicit zero point 8) included."""
@@ -55,6 +57,9 @@ def test_dequantize_is_what_matmulnbits_multiplies_by(K, N, symmetric):
     assert w.shape == (K, N)
     np.testing.assert_allclose(x @ w, want, rtol=0, atol=1e-5 * np.abs(want).max())
     np.testing.assert_allclose(w, bq.dequantize(), rtol=0, atol=1e-6 * np.abs(w).max())
+    q8, scale = int8_twin(arrays[0], arrays[1], None if symmetric else arrays[2], K, N, 32)
+    want_q8, want_scale = qc.int8_per_column(w)  # the fast path is the plain one, bit for bit
+    assert np.array_equal(q8, want_q8) and np.array_equal(scale, want_scale) and q8.flags.c_contiguous
 
 
 def _nbits_model(K: int, N: int, bias: bool = False, node_name: str = "/blocks.0/att/MatMul") -> onnx.ModelProto:
