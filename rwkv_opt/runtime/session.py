@@ -99,7 +99,8 @@ class Session:
         `decode_graph`: one-token calls take graph/decode.py's decode path (model.onnx specialised to
         T == 1, built at load, same weights). Off by default: on ORT's CPU EP it measured within noise of
         model.onnx (reports/decode.md), so it is there to be measured where the per-layer If may cost more
-        (a GPU EP), not turned on blindly.
+        (a GPU EP), not turned on blindly. Its If holds every weight until the session is made: the load's peak
+        is ~2x (1.5B cpu-int4: +2.52 vs +1.37 GiB), the memory after load the same.
         `int8_twins`: on the CPU EP, a 4-bit artifact's block MatMulNBits run as DynamicQuantizeMatMul over
         int8 twins of their weights, made at load (graph/int8_twins.py: prefill 1.35-1.93x, decode within
         noise, the files unchanged). None (default): on unless `low_memory`. `self.int8_twins` is how many
