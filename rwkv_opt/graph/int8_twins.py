@@ -29,10 +29,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from rwkv_opt.graph.contract import Scope
 from rwkv_opt.onnx_util import attr, names_read
 from rwkv_opt.passes._quant_core import MS_DOMAIN
 
 PLACEHOLDER = "rwkv_opt_int8_twins (in memory, given to ORT by Session)"  # never opened
+BLOCKS = "/" + Scope.BLOCK.split("{")[0]  # "/blocks.": node names inside a layer
 
 
 def _targets(g: onnx.GraphProto) -> list[onnx.NodeProto]:
@@ -44,7 +46,7 @@ def _targets(g: onnx.GraphProto) -> list[onnx.NodeProto]:
 
 
 def _twinnable(n: onnx.NodeProto, inits: dict) -> bool:
-    if n.op_type != "MatMulNBits" or n.domain != MS_DOMAIN or not n.name.startswith("/blocks."):
+    if n.op_type != "MatMulNBits" or n.domain != MS_DOMAIN or not n.name.startswith(BLOCKS):
         return False
     K, N, block = attr(n, "K"), attr(n, "N"), attr(n, "block_size")
     if attr(n, "bits") != 4 or not all(isinstance(v, int) and v > 0 for v in (K, N, block)) or block % 2:
