@@ -70,24 +70,9 @@ def applies(model: onnx.ModelProto) -> bool:
     return bool(_targets(model.graph))
 
 
-def dequantize_nbits4(q: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, K: int, N: int, block: int):
-    """MatMulNBits' 4-bit B (N, blocks, block/2) uint8, scales (N, blocks) or flat, packed zero points
-    (N, ceil(blocks/2)) or flat, or None (symmetric: 8) -> the float32 weight (K, N) it multiplies by;
-    blocks = ceil(K / block), a partial last block padded."""
-    nb = -(-K // block)  # a last, partial block is padded
-    codes = np.stack([q & 15, q >> 4], -1).reshape(N, nb, block).astype(np.float32)
-    if zero_points is None:
-        z = np.full((N, nb), 8, np.float32)
-    else:
-        z = np.stack([zero_points & 15, zero_points >> 4], -1).reshape(N, -1)[:, :nb].astype(np.float32)
-    w = (codes - z[..., None]) * scales.reshape(N, nb, 1).astype(np.float32)
-    return np.ascontiguousarray(w.reshape(N, nb * block)[:, :K].T)
-
-
-def int8_twin(q: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, K: int, N: int, block: int):
-    """int8_per_column(dequantize_nbits4(...)), bit for bit, in ~1/4 of its time: one float32 buffer worked
-    in place, and the transpose to (K, N) done on int8 in row panels (numpy's strided int8 transpose of a
-    2048 x 2048 took 37 ms, by panels of 256 rows 5 ms)."""
+def _dequantized(q: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, K: int, N: int, block: int):
+    """(q - z) * s as one float32 buffer worked in place -> a (N, K) view of it (a padded last block's tail
+    left out)."""
     nb = -(-K // block)
     codes = np.empty((N, nb, block), np.uint8)
     codes[..., 0::2] = q.reshape(N, nb, block // 2) & 15
@@ -96,13 +81,25 @@ def int8_twin(q: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None,
         z = np.full((N, nb), 8, np.float32)
     else:
         z = np.stack([zero_points & 15, zero_points >> 4], -1).reshape(N, -1)[:, :nb].astype(np.float32)
-    s = scales.reshape(N, nb).astype(np.float32)
     w = codes.reshape(N, nb * block).astype(np.float32)
-    del codes
     w3 = w.reshape(N, nb, block)
     w3 -= z[..., None]
-    w3 *= s[..., None]
-    w = w[:, :K]  # a padded last block's tail dropped
+    w3 *= scales.reshape(N, nb, 1).astype(np.float32)
+    return w[:, :K]
+
+
+def dequantize_nbits4(q: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, K: int, N: int, block: int):
+    """MatMulNBits' 4-bit B (N, blocks, block/2) uint8, scales (N, blocks) or flat, packed zero points
+    (N, ceil(blocks/2)) or flat, or None (symmetric: 8) -> the float32 weight (K, N) it multiplies by;
+    blocks = ceil(K / block), a partial last block padded."""
+    return np.ascontiguousarray(_dequantized(q, scales, zero_points, K, N, block).T)
+
+
+def int8_twin(q: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, K: int, N: int, block: int):
+    """int8_per_column(dequantize_nbits4(...)), bit for bit, in ~1/4 of its time: the rounding runs in place
+    on the dequantized buffer, and the transpose to (K, N) is done on int8 in row panels (numpy's strided
+    int8 transpose of a 2048 x 2048 took 37 ms, by panels of 256 rows 5 ms)."""
+    w = _dequantized(q, scales, zero_points, K, N, block)
     amax = np.maximum(w.max(1), -w.min(1))  # = max |w| exactly
     scale = np.where(amax == 0, 1.0, amax / 127.0).astype(np.float32)
     w /= scale[:, None]
