@@ -17,26 +17,19 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
-
-
-def _status_gib(key: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key):
-            return int(line.split()[1]) / 2**20
-    return float("nan")
 
 
 def measure(artifact: str, twins: bool, prompt: int, steps: int, threads: int) -> dict:
     import numpy as np
 
+    from rwkv_opt.progress import peak_rss_bytes, rss_bytes
     from rwkv_opt.runtime import Session
 
-    base = _status_gib("VmRSS")
+    base = rss_bytes() / 2**30
     t0 = time.perf_counter()
     s = Session(artifact, threads=threads, int8_twins=None if twins else False)
     load = time.perf_counter() - t0
-    after, peak = _status_gib("VmRSS") - base, _status_gib("VmHWM") - base
+    after, peak = rss_bytes() / 2**30 - base, peak_rss_bytes() / 2**30 - base
     toks = np.random.default_rng(0).integers(0, s.config.vocab, (1, prompt))
     s.forward(toks)
     pre = []
