@@ -17,11 +17,13 @@ position), 3 repetitions after its own warm-up: prefill is the median repetition
 1000 / tg tok/s of the median repetition (p50) and of the slowest (p95). All use
 --threads threads (ORT intra-op threads; torch.set_num_threads; llama-bench -t). The memory-bandwidth
 floor (benchmarks/bandwidth.py: best of numpy copy and read-only bandwidth, measured in the same run)
-bounds any fp32 decode from below. A further runner, "matmuls", times one decode step's MatMuls alone
-(every 2-D MatMul weight of our artifact, each fed a (1, K) input, in one ORT graph with the same
-threads): what ORT's own kernels need to stream the weights, so ours minus it is what the rest of our
-graph costs. The machine's 1-minute load is recorded around each subprocess. The report ends with the
-issue's goals (decode and prefill ratios at each bit width) and whether each holds.
+bounds any fp32 decode from below. A further runner, "matmuls", times one decode step's weight GEMMs alone
+for each of our artifacts ("matmuls", "matmuls-int8", "matmuls-int4": every MatMul over a 2-D weight,
+DynamicQuantizeMatMul and MatMulNBits, as our Session runs them, each fed a (1, K) input, in one ORT graph
+with the same threads): what ORT's own kernels need to stream the weights, so ours minus it is what the
+rest of our graph costs, and GEMMs alone slower than a decode goal allows says no graph meets it. The
+machine's 1-minute load is recorded around each subprocess. The report ends with the issue's goals (decode
+and prefill ratios at each bit width) and whether each holds.
 """
 
 from __future__ import annotations
@@ -92,33 +94,58 @@ def _runner(kind: str, model: str, threads: int):
     return time.perf_counter() - t0, (lambda toks: m.forward(toks, None)[1]), (lambda tok, st: m.forward([tok], st)[1])
 
 
-def _matmuls_session(artifact: str, threads: int):
-    """(weight bytes, an ORT session running every 2-D-weight MatMul of the artifact on a (1, K) input)."""
-    import onnx
-    import onnxruntime as ort
+GEMM_OPS = ("MatMul", "DynamicQuantizeMatMul", "MatMulNBits")
+
+
+def _matmuls_model(path: Path, twins: bool = True):
+    """(model, the int8 twins' arrays, weight bytes): every GEMM of model file `path` that has a weight operand
+    -- MatMul over a 2-D float weight, DynamicQuantizeMatMul, MatMulNBits -- each on a (1, K) input: one decode
+    step's weight-reading kernels alone, as our Session runs them (with `twins`, a 4-bit artifact's block GEMMs
+    on their int8 twins, graph/int8_twins.py), the rest of the graph left out. Weights stay on disk."""
     from onnx import TensorProto, helper
+
+    from rwkv_opt.artifact import load_proto
+    from rwkv_opt.graph.int8_twins import applies, with_int8_twins
+
+    m = load_proto(path)
+    m, arrays = (with_int8_twins(m, path.parent) if twins and applies(m) else None) or (m, {})
+    inits = {t.name: t for t in m.graph.initializer}
+    nodes, outs, ins, used = [], [], {}, {}
+    for n in m.graph.node:
+        w = inits.get(n.input[1]) if n.op_type in GEMM_OPS and len(n.input) > 1 else None
+        if w is None or (n.op_type == "MatMul" and (len(w.dims) != 2 or w.data_type != TensorProto.FLOAT)):
+            continue  # a MatMul of two activations (the WKV) or over a stacked weight is not a weight GEMV
+        k = next((a.i for a in n.attribute if a.name == "K"), None) if n.op_type == "MatMulNBits" else w.dims[0]
+        x = f"x{k}"
+        ins.setdefault(x, helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, k]))
+        node = helper.make_node(n.op_type, [x, *n.input[1:]], [f"y{len(nodes)}"], domain=n.domain)
+        node.attribute.extend(n.attribute)
+        nodes.append(node)
+        outs.append(helper.make_tensor_value_info(f"y{len(nodes) - 1}", TensorProto.FLOAT, None))
+        used.update((i, inits[i]) for i in n.input[1:] if i in inits)
+    g = helper.make_graph(nodes, "matmuls", list(ins.values()), outs, list(used.values()))
+    mm = helper.make_model(g, opset_imports=m.opset_import)
+    nbytes = sum(
+        int(np.prod(t.dims)) * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize for t in used.values()
+    )
+    return mm, arrays, nbytes
+
+
+def _matmuls_session(artifact: str, threads: int):
+    """(weight bytes, an ORT session over _matmuls_model of `artifact`)."""
+    import onnxruntime as ort
 
     from rwkv_opt.artifact import model_path
     from rwkv_opt.runtime.session import session_options
 
-    m = onnx.load(str(model_path(Path(artifact))))
-    inits = {t.name: t for t in m.graph.initializer}
-    nodes, outs, ins, used = [], [], {}, {}
-    for n in m.graph.node:
-        t = inits.get(n.input[1]) if n.op_type == "MatMul" and len(n.input) > 1 else None
-        if t is None or len(t.dims) != 2 or t.data_type != TensorProto.FLOAT:
-            continue
-        x = f"x{t.dims[0]}"
-        ins.setdefault(x, helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, t.dims[0]]))
-        nodes.append(helper.make_node("MatMul", [x, t.name], [f"y{len(nodes)}"]))
-        outs.append(helper.make_tensor_value_info(f"y{len(nodes) - 1}", TensorProto.FLOAT, None))
-        used[t.name] = t
-    g = helper.make_graph(nodes, "matmuls", list(ins.values()), outs, list(used.values()))
-    mm = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
-    nbytes = sum(4 * t.dims[0] * t.dims[1] for t in used.values())
-    return nbytes, ort.InferenceSession(
-        mm.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"]
-    )
+    path = model_path(Path(artifact))
+    mm, arrays, nbytes = _matmuls_model(path)
+    so = session_options(threads)
+    so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent.resolve()))
+    values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays.values()]  # alive until the session is made
+    if values:
+        so.add_external_initializers(list(arrays), values)
+    return nbytes, ort.InferenceSession(mm.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
 def measure_matmuls(model: str, decode: int, threads: int) -> dict:
@@ -266,6 +293,8 @@ LABELS = {
 # prefill tok/s at every prompt length and bit width; fp32 decode at most FLOOR_GOAL x the bandwidth floor
 DECODE_GOALS = (("ours", "theirs", 0.8), ("ours", "llama-f32", 0.85), ("ours-int8", "llama-q8_0", 0.8))
 DECODE_GOALS += (("ours-int4", "llama-q4_0", 0.8),)
+# the runner timing each of our artifacts' weight GEMMs alone (_matmuls_session); "matmuls" is the fp32 one
+MATMULS = {"ours": "matmuls", "ours-int8": "matmuls-int8", "ours-int4": "matmuls-int4"}
 PREFILL_PAIRS = (("ours", "theirs"), ("ours", "llama-f32"), ("ours-int8", "llama-q8_0"), ("ours-int4", "llama-q4_0"))
 PREFILL_GOAL = 1.5
 FLOOR_GOAL = 1.2
@@ -279,7 +308,7 @@ def _metrics(prompt_lens: list[int]) -> list[tuple[str, str, str]]:
 def summarize(results: list[dict], prompt_lens: list[int]) -> dict:
     """(runner, metric) -> (median over rounds, best round: least disturbed by load), for what each measured."""
     out = {}
-    for kind in dict.fromkeys(r["kind"] for r in results if r["kind"] != "matmuls"):
+    for kind in dict.fromkeys(r["kind"] for r in results if not r["kind"].startswith("matmuls")):
         rs = [r for r in results if r["kind"] == kind]
         for _, key, better in _metrics(prompt_lens):
             vals = [r[key] for r in rs if key in r]
@@ -391,22 +420,46 @@ def _header(a, results: list[dict], manifest: dict) -> list[str]:
     ]
 
 
-def _matmuls_lines(results: list[dict], floor: float, ours_ms: float) -> list[str]:
-    mm = [r for r in results if r["kind"] == "matmuls"]
-    if not mm:
+def _matmuls_lines(results: list[dict], floor: float, summ: dict) -> list[str]:
+    """What our graph costs beyond its weight GEMMs, per bit width, and whether the GEMMs alone could meet
+    the decode goal against that bit width's peer (if they alone take longer than goal x the peer's whole
+    step, no graph over these kernels meets it)."""
+    rows = []
+    for ours, peer, goal in DECODE_GOALS:
+        mm = [r for r in results if r["kind"] == MATMULS[ours]]
+        if not mm or (ours, "decode_ms_p50") not in summ:
+            continue
+        med, ours_ms = statistics.median(r["decode_ms_p50"] for r in mm), summ[ours, "decode_ms_p50"][0]
+        peer_ms = summ[peer, "decode_ms_p50"][0] if (peer, "decode_ms_p50") in summ else None
+        vs = f"{med / peer_ms:.2f}x" if peer_ms else "n/a"
+        within = "n/a" if peer_ms is None else ("yes" if med <= goal * peer_ms else "**no**")
+        rows.append(
+            f"| {LABELS[ours]} | {mm[0]['weight_mib']:,.1f} | {ours_ms:.2f} | {med:.2f} | "
+            f"{ours_ms - med:.2f} ({(ours_ms - med) / ours_ms:.0%}) | "
+            f"{LABELS[peer]} {_fmt(peer_ms) if peer_ms else '-'} | {vs} | {goal:g}x | {within} |"
+        )
+    if not rows:
         return []
-    med = statistics.median(r["decode_ms_p50"] for r in mm)
+    fp32 = [r for r in results if r["kind"] == "matmuls"]
+    floor_note = (
+        f" The fp32 GEMMs alone are {statistics.median(r['decode_ms_p50'] for r in fp32) / floor:.2f}x the "
+        f"bandwidth floor ({floor:.1f} ms)."
+        if fp32
+        else ""
+    )
     return [
         "",
-        f"ORT's MatMul kernels alone on the same {mm[0]['weight_mib']:,.0f} MiB of weights (one decode step's "
-        f"GEMVs, same threads, the `matmuls` rows): **{med:.1f} ms** median = {med / floor:.2f}x the floor. "
-        f"So of our {ours_ms:.1f} ms, {med:.1f} ms is the MatMul kernels streaming the weights and "
-        f"{ours_ms - med:.1f} ms ({(ours_ms - med) / ours_ms:.0%}) is the rest of the graph; ours / matmuls "
-        f"alone = {ours_ms / med:.2f}x. (Scratch measurements, session 2, 0.1B: our graph with its big MatMuls "
-        f"replaced by shape-keeping copies runs in ~2.1 ms by itself, so the rest is intrinsic, not cache "
-        f"misses after the GEMVs; in it the LoRA GEMVs take ~0.5 ms (they are also in the `matmuls` graph) "
-        f"and the 12 WKV state updates ~0.6 ms alone, and ~900 elementwise/shape nodes ~1 us each, where a hot "
-        f"chain of [1,1,768] Mul/Add runs at 0.35 us per node.)",
+        "Our weight GEMMs alone (the `matmuls` rows: every MatMul over a 2-D weight, DynamicQuantizeMatMul and "
+        "MatMulNBits of the artifact, as our Session runs them -- a 4-bit artifact's block GEMMs on their int8 "
+        "twins -- each fed a (1, K) input in one ORT graph, same threads, a fresh process per round; medians):",
+        "",
+        "| artifact | weights MiB | our step ms | GEMMs alone ms | rest of our graph ms | peer's whole step ms "
+        "| GEMMs alone / peer | decode goal | GEMMs alone within it |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        "Where the GEMMs alone take longer than the goal allows our whole step, no graph over ORT's kernels meets "
+        "that goal on this CPU: it needs faster kernels, not fewer nodes." + floor_note,
     ]
 
 
@@ -470,7 +523,7 @@ def write_report(path: Path, a, results: list[dict], bw: list[dict], cfg, manife
         *_table_lines(summ, lens),
         *_goal_lines(goal_rows(summ, lens, floor)),
         *_floor_lines(summ, cfg, bw, floor),
-        *_matmuls_lines(results, floor, summ["ours", "decode_ms_p50"][0]),
+        *_matmuls_lines(results, floor, summ),
         *_round_lines(results, lens),
     ]
     text = "\n".join(lines) + "\n"
@@ -494,16 +547,17 @@ def write_report(path: Path, a, results: list[dict], bw: list[dict], cfg, manife
 
 
 def run_rounds(a, runners: dict[str, tuple[str, Path]], vocab: int) -> list[dict]:
-    """a.runs rounds of every runner in turn (order reversed every other round), then the matmuls runner."""
+    """a.runs rounds of every runner in turn (order reversed every other round), then the matmuls runners."""
     results = []
     for i in range(a.runs):
         for name in list(runners) if i % 2 == 0 else list(reversed(runners)):
             _log(f"round {i + 1}/{a.runs}: {name}")
             results.append(run_child(name, *runners[name], a, vocab))
             _log(f"  decode {results[-1]['decode_ms_p50']:.1f} ms, peak RSS {results[-1]['peak_rss_mb']:.0f} MiB")
-        _log(f"round {i + 1}/{a.runs}: matmuls alone")
-        results.append(run_child("matmuls", "matmuls", runners["ours"][1], a, vocab))
-        _log(f"  decode {results[-1]['decode_ms_p50']:.1f} ms")
+        for ours, name in MATMULS.items():
+            _log(f"round {i + 1}/{a.runs}: {name} ({LABELS[ours]}'s GEMMs alone)")
+            results.append(run_child(name, "matmuls", runners[ours][1], a, vocab))
+            _log(f"  decode {results[-1]['decode_ms_p50']:.1f} ms")
     return results
 
 

@@ -123,6 +123,21 @@ def test_cli_generate_with_and_without_head(artifacts):
     assert bad.returncode == 2 and "no sampling head" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_cli_generate_int8_twins_option(tmp_path):
+    """A 4-bit artifact decodes on int8 twins by default (the summary line says how many), on its own 4-bit
+    kernels with --int8-twins off; a plain float artifact has none either way."""
+    r = cli("pipeline", "--target", "cpu-int4", "--no-verify", "-o", tmp_path / "int4")
+    assert r.returncode == 0, r.stderr[-2000:]
+    run = ("generate", tmp_path / "int4", "--prompt", "Hi", "--max-tokens", "4", "--temperature", "0")
+    default, off = cli(*run), cli(*run, "--int8-twins", "off")
+    assert default.returncode == 0 and off.returncode == 0, default.stderr + off.stderr
+    assert default.stdout.strip() and off.stdout.strip()
+    assert ", 8 block GEMMs on int8 twins]" in default.stderr  # tiny: 2 layers x r, k, v, o
+    assert "GEMMs on int8 twins" not in off.stderr and "sampling on the host]" in off.stderr
+    bad = cli(*run, "--int8-twins", "maybe")
+    assert bad.returncode == 2 and "invalid choice: 'maybe'" in bad.stderr
+
+
 def _read_until(proc, marker: str, timeout: float = 120.0) -> str:
     """Read the child's stdout until it ends with `marker` (the prompt), as a terminal user waits."""
     out, end = b"", time.monotonic() + timeout
