@@ -99,12 +99,15 @@ GEMM_OPS = ("MatMul", "DynamicQuantizeMatMul", "MatMulNBits")
 
 def _matmuls_model(path: Path, twins: bool = True):
     """(model, the int8 twins' arrays, weight bytes): every GEMM of model file `path` that has a weight operand
-    -- MatMul over a 2-D float weight, DynamicQuantizeMatMul, MatMulNBits -- each on a (1, K) input: one decode
-    step's weight-reading kernels alone, as our Session runs them (with `twins`, a 4-bit artifact's block GEMMs
-    on their int8 twins, graph/int8_twins.py), the rest of the graph left out. Weights stay on disk."""
+    -- MatMul over a 2-D float weight, DynamicQuantizeMatMul, MatMulNBits -- each on an (M, K) input `x{K}`
+    (the head's on a (1, K) input `head_x{K}`, as our graph runs it on the last position only): at M = 1 one
+    decode step's weight-reading kernels alone, at M = T a prompt's, as our Session runs them (with `twins`,
+    a 4-bit artifact's block GEMMs on their int8 twins, graph/int8_twins.py), the rest of the graph left out.
+    Weights stay on disk."""
     from onnx import TensorProto, helper
 
     from rwkv_opt.artifact import load_proto
+    from rwkv_opt.graph.contract import Scope
     from rwkv_opt.graph.int8_twins import applies, with_int8_twins
 
     m = load_proto(path)
@@ -116,8 +119,9 @@ def _matmuls_model(path: Path, twins: bool = True):
         if w is None or (n.op_type == "MatMul" and (len(w.dims) != 2 or w.data_type != TensorProto.FLOAT)):
             continue  # a MatMul of two activations (the WKV) or over a stacked weight is not a weight GEMV
         k = next((a.i for a in n.attribute if a.name == "K"), None) if n.op_type == "MatMulNBits" else w.dims[0]
-        x = f"x{k}"
-        ins.setdefault(x, helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, k]))
+        head = n.name.startswith(f"/{Scope.HEAD}/")
+        x = f"head_x{k}" if head else f"x{k}"
+        ins.setdefault(x, helper.make_tensor_value_info(x, TensorProto.FLOAT, [1 if head else "M", k]))
         node = helper.make_node(n.op_type, [x, *n.input[1:]], [f"y{len(nodes)}"], domain=n.domain)
         node.attribute.extend(n.attribute)
         nodes.append(node)
@@ -148,18 +152,37 @@ def _matmuls_session(artifact: str, threads: int):
     return nbytes, ort.InferenceSession(mm.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def measure_matmuls(model: str, decode: int, threads: int) -> dict:
+def measure_matmuls(model: str, prompt_lens: list[int], decode: int, threads: int) -> dict:
+    """One step's weight GEMMs alone (M = 1), then a prompt's (M = T, the head at M = 1), as measure_runtime times
+    decode and prefill."""
     load0 = os.getloadavg()[0]
     nbytes, sess = _matmuls_session(model, threads)
     rng = np.random.default_rng(0)
-    feed = {i.name: rng.standard_normal(i.shape).astype(np.float32) for i in sess.get_inputs()}
-    times = []
+
+    def feed(m: int) -> dict:
+        return {
+            i.name: rng.standard_normal([m if d == "M" else d for d in i.shape]).astype(np.float32)
+            for i in sess.get_inputs()
+        }
+
+    res = {}
+    for T in prompt_lens:
+        f = feed(T)
+        sess.run(None, f)  # warm-up
+        times = []
+        for _ in range(PREFILL_REPS):
+            t0 = time.perf_counter()
+            sess.run(None, f)
+            times.append(time.perf_counter() - t0)
+        res[f"prefill_gemm_ms_{T}"] = statistics.median(times) * 1e3
+    feed, times = feed(1), []
     for i in range(WARMUP_STEPS + decode):
         t0 = time.perf_counter()
         sess.run(None, feed)
         if i >= WARMUP_STEPS:
             times.append(time.perf_counter() - t0)
     return {
+        **res,
         "kind": "matmuls",
         "weight_mib": nbytes / 2**20,
         "decode_ms_p50": float(np.percentile(times, 50)) * 1e3,
@@ -189,7 +212,7 @@ def measure(a) -> dict:
     """One runner's figures, in this (fresh) process: a.measure says how, a.model what."""
     lens = [int(x) for x in a.prompt_lens.split(",")]
     if a.measure == "matmuls":
-        return measure_matmuls(a.model, a.decode, a.threads)
+        return measure_matmuls(a.model, lens, a.decode, a.threads)
     if a.measure == "llama":
         return measure_llama(a.model, lens, a.decode, a.threads, a.llama_cpp)
     return measure_runtime(a.measure, a.model, lens, a.decode, a.threads, a.vocab)
@@ -438,7 +461,8 @@ def _matmuls_lines(results: list[dict], floor: float, summ: dict) -> list[str]:
             f"{ours_ms - med:.2f} ({(ours_ms - med) / ours_ms:.0%}) | "
             f"{LABELS[peer]} {_fmt(peer_ms) if peer_ms else '-'} | {vs} | {goal:g}x | {within} |"
         )
-    if not rows:
+    pre = _prefill_gemm_rows(results, summ)
+    if not rows and not pre:
         return []
     fp32 = [r for r in results if r["kind"] == "matmuls"]
     floor_note = (
@@ -460,6 +484,39 @@ def _matmuls_lines(results: list[dict], floor: float, summ: dict) -> list[str]:
         "",
         "Where the GEMMs alone take longer than the goal allows our whole step, no graph over ORT's kernels meets "
         "that goal on this CPU: it needs faster kernels, not fewer nodes." + floor_note,
+        *pre,
+    ]
+
+
+def _prefill_gemm_rows(results: list[dict], summ: dict) -> list[str]:
+    """Per prompt length and bit width: a prompt's weight GEMMs alone (M = T; the head at M = 1) against the time
+    the prefill goal allows our whole call (the peer's call / PREFILL_GOAL), and what that leaves the rest."""
+    rows = []
+    for ours, peer in PREFILL_PAIRS:
+        mm = [r for r in results if r["kind"] == MATMULS[ours]]
+        for T in sorted({int(k.rsplit("_", 1)[1]) for r in mm for k in r if k.startswith("prefill_gemm_ms_")}):
+            key = f"prefill_tok_s_{T}"
+            if (ours, key) not in summ or (peer, key) not in summ:
+                continue
+            gemm = statistics.median(r[f"prefill_gemm_ms_{T}"] for r in mm if f"prefill_gemm_ms_{T}" in r)
+            ours_ms, peer_ms = 1e3 * T / summ[ours, key][0], 1e3 * T / summ[peer, key][0]
+            allowed = peer_ms / PREFILL_GOAL
+            rows.append(
+                f"| {T} | {LABELS[ours]} | {ours_ms:,.1f} | {gemm:,.1f} | {ours_ms - gemm:,.1f} | {LABELS[peer]} "
+                f"{peer_ms:,.1f} | {allowed:,.1f} | {allowed - gemm:,.1f} |"
+            )
+    if not rows:
+        return []
+    return [
+        "",
+        f"A prompt's weight GEMMs alone (the same graphs at M = T, the head at M = 1 as our graph runs it; all "
+        f"layers at M = T, where our graph runs the last layer's FFN on two positions) against the time the "
+        f"prefill goal (>= {PREFILL_GOAL:g}x the peer's tok/s) allows our whole call; medians:",
+        "",
+        "| T | artifact | our call ms | GEMMs alone ms | rest of our graph ms | peer's call ms | goal allows ms "
+        "| left for the rest ms |",
+        "|---|---|---|---|---|---|---|---|",
+        *rows,
     ]
 
 
