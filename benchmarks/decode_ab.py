@@ -166,10 +166,33 @@ def gemv_table(threads: int) -> dict[str, float]:
 
 
 # ---- the driver ---------------------------------------------------------------------------------
+OURS = (DECODE_GRAPH_ENTRY, STEPPER_ENTRY, INT8_TWINS_ENTRY)
+
+
+def ort_knows(key: str) -> bool:
+    """Whether this onnxruntime build names session config entry `key` anywhere in its binary. ORT accepts any
+    key and ignores the ones it does not know, so a misspelt entry would A/B nothing (session 8 timed
+    "session.intra_op.dynamic_block_base", which is not a key; "session.dynamic_block_base" is)."""
+    import onnxruntime
+
+    capi = Path(onnxruntime.__file__).parent / "capi"
+    return any(key.encode() in f.read_bytes() for f in capi.glob("onnxruntime_pybind11_state*"))
+
+
 def parse_variant(spec: str) -> tuple[str, str, dict[str, str]]:
+    """NAME=ARTIFACT[@key=value...]; a key neither ours nor known to onnxruntime is refused."""
     name, _, rest = spec.partition("=")
     art, *kvs = rest.split("@")
-    return name, art, dict(kv.split("=", 1) for kv in kvs)
+    if not name or not art or any("=" not in kv for kv in kvs):
+        raise SystemExit(f"decode_ab.py: --variant {spec!r} is not NAME=ARTIFACT[@key=value...]")
+    entries = dict(kv.split("=", 1) for kv in kvs)
+    unknown = [k for k in entries if k not in OURS and not ort_knows(k)]
+    if unknown:
+        raise SystemExit(
+            f"decode_ab.py: --variant {name}: onnxruntime knows no session config entry {unknown[0]!r} (it would "
+            f"ignore it and the A/B would measure nothing); ours are {', '.join(OURS)}."
+        )
+    return name, art, entries
 
 
 def child(cmd: list[str]) -> dict:
