@@ -316,6 +316,7 @@ LABELS = {
 # prefill tok/s at every prompt length and bit width; fp32 decode at most FLOOR_GOAL x the bandwidth floor
 DECODE_GOALS = (("ours", "theirs", 0.8), ("ours", "llama-f32", 0.85), ("ours-int8", "llama-q8_0", 0.8))
 DECODE_GOALS += (("ours-int4", "llama-q4_0", 0.8),)
+DECODE_LIMIT = {o: lim for o, p, lim in DECODE_GOALS if p.startswith("llama-")}  # ours -> its goal vs llama.cpp
 # the runner timing each of our artifacts' weight GEMMs alone (_matmuls_session); "matmuls" is the fp32 one
 MATMULS = {"ours": "matmuls", "ours-int8": "matmuls-int8", "ours-int4": "matmuls-int4"}
 PREFILL_PAIRS = (("ours", "theirs"), ("ours", "llama-f32"), ("ours-int8", "llama-q8_0"), ("ours-int4", "llama-q4_0"))
@@ -571,12 +572,83 @@ def _round_lines(results: list[dict], lens: list[int]) -> list[str]:
     return lines
 
 
+GROUPS = (
+    ("fp32", ("ours", "theirs", "llama-f32")),
+    ("int8", ("ours-int8", "llama-q8_0")),
+    ("int4", ("ours-int4", "llama-q4_0")),
+)
+GOAL_PEER = {"ours": "llama-f32", "ours-int8": "llama-q8_0", "ours-int4": "llama-q4_0"}
+
+
+def plot(path: Path, results: list[dict], summ: dict, lens: list[int]) -> bool:
+    """PATH (a PNG): decode ms/token per bit width (ours split into its weight GEMMs alone and the rest of the
+    graph, a tick at the goal against llama.cpp) and prefill tok/s per prompt length (a tick at the goal);
+    medians, a dot at the best round. False (nothing written) when nothing was measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [(g, [n for n in names if (n, "decode_ms_p50") in summ]) for g, names in GROUPS]
+    groups = [(g, names) for g, names in groups if names]
+    if not groups:
+        return False
+    colors = {n: f"C{i}" for i, n in enumerate(RUNNERS)}
+    fig, axes = plt.subplots(1, 1 + len(lens), figsize=(4.2 * (1 + len(lens)), 4.2), constrained_layout=True)
+    panels = [("decode_ms_p50", "decode ms/token (lower is better)")]
+    panels += [(f"prefill_tok_s_{T}", f"prefill T={T}, tok/s (higher is better)") for T in lens]
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        x, ticks = 0.0, []
+        for g, names in groups:
+            start = x
+            for n in names:
+                if (n, key) not in summ:
+                    x += 1
+                    continue
+                med, best = summ[n, key]
+                mm = [r for r in results if r["kind"] == MATMULS.get(n, "") and key == "decode_ms_p50"]
+                if mm:  # our decode bar: the GEMMs alone, then the rest of the graph
+                    gemm = statistics.median(r["decode_ms_p50"] for r in mm)
+                    ax.bar(x, min(gemm, med), color=colors[n], edgecolor="black", linewidth=0.5)
+                    ax.bar(x, max(med - gemm, 0), bottom=min(gemm, med), color=colors[n], alpha=0.4, hatch="//")
+                else:
+                    ax.bar(x, med, color=colors[n], edgecolor="black", linewidth=0.5)
+                ax.plot(x, best, "k.", ms=5)
+                peer = GOAL_PEER.get(n)
+                if peer and (peer, key) in summ:
+                    goal = summ[peer, key][0] * (DECODE_LIMIT[n] if key == "decode_ms_p50" else PREFILL_GOAL)
+                    ax.plot([x - 0.45, x + 0.45], [goal, goal], color="red", lw=1.5)
+                x += 1
+            ticks.append(((start + x - 1) / 2, g))
+            x += 0.6
+        ax.set_xticks([t for t, _ in ticks], [g for _, g in ticks])
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[n]) for n in RUNNERS if any(n in ns for _, ns in groups)]
+    labels = [LABELS[n] for n in RUNNERS if any(n in ns for _, ns in groups)]
+    handles += [
+        plt.Rectangle((0, 0), 1, 1, facecolor="white", edgecolor="gray", hatch="//"),
+        plt.Line2D([], [], color="red"),
+        plt.Line2D([], [], color="black", marker=".", ls=""),
+    ]
+    labels += ["ours: rest of the graph (solid: GEMMs alone)", "goal vs llama.cpp", "best round"]
+    fig.legend(handles, labels, loc="outside lower center", ncol=4, fontsize=8)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return True
+
+
 def write_report(path: Path, a, results: list[dict], bw: list[dict], cfg, manifest: dict) -> str:
     lens = [int(x) for x in a.prompt_lens.split(",")]
     summ = summarize(results, lens)
     floor = bandwidth.floor_ms(cfg, max(b["gbps"] for b in bw))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    png = path.with_suffix(".png")
     lines = [
         *_header(a, results, manifest),
+        *(["", f"![decode and prefill per bit width]({png.name})"] if plot(png, results, summ, lens) else []),
         *_table_lines(summ, lens),
         *_goal_lines(goal_rows(summ, lens, floor)),
         *_floor_lines(summ, cfg, bw, floor),
@@ -584,7 +656,6 @@ def write_report(path: Path, a, results: list[dict], bw: list[dict], cfg, manife
         *_round_lines(results, lens),
     ]
     text = "\n".join(lines) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     path.with_suffix(".json").write_text(
         json.dumps(

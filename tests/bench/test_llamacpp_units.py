@@ -223,6 +223,7 @@ def test_report_has_a_column_per_runner_and_the_goals(tmp_path):
     assert "| prefill T=512: rwkv-opt cpu-fp32 / llama.cpp f32 | >= 1.5x | 1.43 | 1.43 | **no** |" in text
     assert "| decode: rwkv-opt cpu-int8 / llama.cpp q8_0 | <= 0.8x | n/a | n/a |" in text
     assert "- machine: Xeon, 2 logical CPUs; flags: avx2\n- date: 2026-12-05 20:00 UTC\n" in text
+    assert "\n![decode and prefill per bit width](r.png)\n" in text and (tmp_path / "r.png").is_file()
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved["results"] == rows and saved["machine"] == a.machine and saved["date"] == a.date
 

@@ -113,3 +113,17 @@ def test_gemms_alone_take_prompt_shaped_inputs(tiny_dir):
     _, sess = peers._matmuls_session(str(tiny_dir / "cpu-fp32"), 1)
     shapes = {i.name: i.shape for i in sess.get_inputs()}
     assert shapes.pop("head_x128") == [1, 128] and shapes and all(s[0] == "M" for s in shapes.values())
+
+
+def test_plot_is_written_beside_the_report_and_skipped_without_figures(tmp_path):
+    summ = {
+        ("ours", "decode_ms_p50"): (20.0, 19.0),
+        ("llama-f32", "decode_ms_p50"): (18.0, 17.0),
+        ("ours", "prefill_tok_s_128"): (800.0, 820.0),
+        ("llama-f32", "prefill_tok_s_128"): (600.0, 610.0),
+    }
+    results = _results("matmuls", 17.0)
+    png = tmp_path / "p.png"
+    assert peers.plot(png, results, summ, [128])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(tmp_path.glob(".*tmp"))
+    assert not peers.plot(tmp_path / "none.png", [], {}, [128]) and not (tmp_path / "none.png").exists()
