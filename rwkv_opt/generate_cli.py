@@ -47,7 +47,8 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
         choices=["auto", "on", "off"],
         default="auto",
         help="a 4-bit artifact's block GEMMs on int8 copies made at load (CPU): prompts 1.2-1.9x faster, "
-        "decode within 0-5%% (reports/decode.md); off keeps the 4-bit kernels and less memory (default: auto = on)",
+        "decode 0-15%% slower by CPU (reports/decode.md); off keeps the 4-bit kernels and less memory "
+        "(default: auto = on)",
     )
 
 

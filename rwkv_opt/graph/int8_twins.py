@@ -21,7 +21,9 @@ same arithmetic folded into model.onnx for every consumer (ORT's constant foldin
 intermediate of every chain until it ends: +1.2 GiB at 0.1B; it never folds DequantizeLinear).
 On an AMD EPYC (session 9, 0.1B): prefill 1.61x at T = 128 (1.19x paired at T = 512 in a disturbed run,
 1.2-1.3x in its quiet rounds), decode 1.025-1.055x slower (the larger twins read more bytes; the step's GEMMs
-alone measured 5.7-6.5 ms on twins vs 5.8-6.2 ms on the 4-bit kernels). `--int8-twins off` in generate/chat.
+alone measured 5.7-6.5 ms on twins vs 5.8-6.2 ms on the 4-bit kernels); at 1.5B prefill T = 128 1.79x and
+decode 1.15x slower (57.4 vs 50.0 ms, 5 fresh-process pairs: 14% more bytes per step, and the 4-bit M = 1 kernel
+there already streams at the memory's pace). `--int8-twins off` in generate/chat.
 """
 
 from __future__ import annotations

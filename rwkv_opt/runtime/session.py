@@ -103,7 +103,8 @@ class Session:
         is ~2x (1.5B cpu-int4: +2.52 vs +1.37 GiB), the memory after load the same.
         `int8_twins`: on the CPU EP, a 4-bit artifact's block MatMulNBits run as DynamicQuantizeMatMul over
         int8 twins of their weights, made at load (graph/int8_twins.py: prefill 1.35-1.93x on an Intel Xeon,
-        1.2-1.6x on an AMD EPYC; decode within noise on the Xeon, 2.5-5.5% slower on the EPYC; the files unchanged).
+        1.2-1.8x on an AMD EPYC; decode within noise on the Xeon, 2.5-15% slower on the EPYC; the files
+        unchanged).
         None (default): on unless `low_memory`. `self.int8_twins` is how many matrices got one."""
         self.path = model_path(Path(artifact))
         if verify:
