@@ -28,6 +28,7 @@ ORT's kernels get to numpy's.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -169,14 +170,19 @@ def gemv_table(threads: int) -> dict[str, float]:
 OURS = (DECODE_GRAPH_ENTRY, STEPPER_ENTRY, INT8_TWINS_ENTRY)
 
 
+@functools.cache
+def _ort_binaries() -> tuple[bytes, ...]:
+    import onnxruntime
+
+    capi = Path(onnxruntime.__file__).parent / "capi"
+    return tuple(f.read_bytes() for f in capi.glob("onnxruntime_pybind11_state*"))
+
+
 def ort_knows(key: str) -> bool:
     """Whether this onnxruntime build names session config entry `key` anywhere in its binary. ORT accepts any
     key and ignores the ones it does not know, so a misspelt entry would A/B nothing (session 8 timed
     "session.intra_op.dynamic_block_base", which is not a key; "session.dynamic_block_base" is)."""
-    import onnxruntime
-
-    capi = Path(onnxruntime.__file__).parent / "capi"
-    return any(key.encode() in f.read_bytes() for f in capi.glob("onnxruntime_pybind11_state*"))
+    return any(key.encode() in b for b in _ort_binaries())
 
 
 def parse_variant(spec: str) -> tuple[str, str, dict[str, str]]:

@@ -140,16 +140,15 @@ def _matmuls_session(artifact: str, threads: int):
     import onnxruntime as ort
 
     from rwkv_opt.artifact import model_path
-    from rwkv_opt.runtime.session import session_options
+    from rwkv_opt.runtime.session import in_memory_model_options, session_options
 
     path = model_path(Path(artifact))
     mm, arrays, nbytes = _matmuls_model(path)
     so = session_options(threads)
-    so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent.resolve()))
-    values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays.values()]  # alive until the session is made
-    if values:
-        so.add_external_initializers(list(arrays), values)
-    return nbytes, ort.InferenceSession(mm.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    values = in_memory_model_options(so, path.parent, arrays)
+    sess = ort.InferenceSession(mm.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    del values  # ORT has copied them now
+    return nbytes, sess
 
 
 def measure_matmuls(model: str, prompt_lens: list[int], decode: int, threads: int) -> dict:
@@ -316,7 +315,8 @@ LABELS = {
 # prefill tok/s at every prompt length and bit width; fp32 decode at most FLOOR_GOAL x the bandwidth floor
 DECODE_GOALS = (("ours", "theirs", 0.8), ("ours", "llama-f32", 0.85), ("ours-int8", "llama-q8_0", 0.8))
 DECODE_GOALS += (("ours-int4", "llama-q4_0", 0.8),)
-DECODE_LIMIT = {o: lim for o, p, lim in DECODE_GOALS if p.startswith("llama-")}  # ours -> its goal vs llama.cpp
+# ours -> (its llama.cpp peer, the decode goal against it)
+LLAMA_GOAL = {o: (p, lim) for o, p, lim in DECODE_GOALS if p.startswith("llama-")}
 # the runner timing each of our artifacts' weight GEMMs alone (_matmuls_session); "matmuls" is the fp32 one
 MATMULS = {"ours": "matmuls", "ours-int8": "matmuls-int8", "ours-int4": "matmuls-int4"}
 PREFILL_PAIRS = (("ours", "theirs"), ("ours", "llama-f32"), ("ours-int8", "llama-q8_0"), ("ours-int4", "llama-q4_0"))
@@ -577,7 +577,6 @@ GROUPS = (
     ("int8", ("ours-int8", "llama-q8_0")),
     ("int4", ("ours-int4", "llama-q4_0")),
 )
-GOAL_PEER = {"ours": "llama-f32", "ours-int8": "llama-q8_0", "ours-int4": "llama-q4_0"}
 
 
 def plot(path: Path, results: list[dict], summ: dict, lens: list[int]) -> bool:
@@ -614,9 +613,9 @@ def plot(path: Path, results: list[dict], summ: dict, lens: list[int]) -> bool:
                 else:
                     ax.bar(x, med, color=colors[n], edgecolor="black", linewidth=0.5)
                 ax.plot(x, best, "k.", ms=5)
-                peer = GOAL_PEER.get(n)
+                peer, limit = LLAMA_GOAL.get(n, (None, None))
                 if peer and (peer, key) in summ:
-                    goal = summ[peer, key][0] * (DECODE_LIMIT[n] if key == "decode_ms_p50" else PREFILL_GOAL)
+                    goal = summ[peer, key][0] * (limit if key == "decode_ms_p50" else PREFILL_GOAL)
                     ax.plot([x - 0.45, x + 0.45], [goal, goal], color="red", lw=1.5)
                 x += 1
             ticks.append(((start + x - 1) / 2, g))

@@ -64,6 +64,17 @@ def session_options(
     return so
 
 
+def in_memory_model_options(options, folder: Path, arrays: dict[str, np.ndarray]) -> list:
+    """Ready `options` for a model ORT gets as bytes: its external data is found in `folder` (not beside the
+    cwd), and `arrays` (name -> array, e.g. graph/int8_twins.py's) are its external initializers. Returns their
+    OrtValues, which ORT reads while the session is made (it copies them, then pre-packs): keep them until then."""
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder.resolve()))
+    values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays.values()]
+    if values:
+        options.add_external_initializers(list(arrays), values)
+    return values
+
+
 # what onnxruntime raises for a model it cannot load (a damaged file, a missing .data file, a bad graph)
 _ORT_LOAD_ERRORS = tuple(
     getattr(ort.capi.onnxruntime_pybind11_state, n)
@@ -156,18 +167,13 @@ class Session:
         path = with_decode_path(model if model is not None else proto) if proto is not None and decode else None
         model = path or model
         self.decode_path, self.int8_twins = path is not None, len(arrays)
-        # ORT reads these while the session is made (it copies them, then pre-packs): they must live until then
-        values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays.values()]
-        if values:
-            options.add_external_initializers(list(arrays), values)
         try:
             if model is None:
                 return ort.InferenceSession(str(self.path), options, providers=providers)
-            # built in memory: external data is found beside model.onnx, not beside the cwd
-            options.add_session_config_entry(
-                "session.model_external_initializers_file_folder_path", str(self.path.parent.resolve())
-            )
-            return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+            values = in_memory_model_options(options, self.path.parent, arrays)
+            sess = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+            del values  # ORT has copied them now
+            return sess
         except _ORT_LOAD_ERRORS as e:
             verify_recorded(self.path.parent)  # a missing or changed file is the better sentence
             reason = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", str(e).splitlines()[0] if str(e) else "")
